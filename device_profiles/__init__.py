@@ -1,0 +1,1 @@
+"""Device profiles: declarative YAML files that pick execution providers and the export recipe."""

@@ -1,0 +1,1 @@
+"""PyTorch / Hugging Face / GGUF -> ONNX with KV cache (needs the [export] extra)."""

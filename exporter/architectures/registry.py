@@ -1,0 +1,95 @@
+"""One small declarative spec per Hugging Face ``model_type``, in a registry.
+
+A spec says what is special about a family when exporting it: which HF ``model_type``
+values and GGUF ``general.architecture`` names it covers, the parity tolerance its
+export must meet, the end-of-turn tokens its chat models stop on, and any
+version-gated workaround (each in its own named place, with the error it fixes).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ClassVar
+
+from slmedge.runtimes.errors import UnsupportedArchitecture
+
+_REGISTRY: dict[str, type[ArchitectureSpec]] = {}
+_GGUF_TO_MODEL_TYPE: dict[str, str] = {}
+
+
+class ArchitectureSpec:
+    """Defaults shared by decoder-only families; subclasses override class attributes."""
+
+    #: HF ``config.model_type`` values this spec exports (filled by the decorator).
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Human name and example checkpoints, for help texts and errors.
+    family: ClassVar[str] = ""
+    examples: ClassVar[str] = ""
+    #: GGUF ``general.architecture`` names that load as this family.
+    gguf_architectures: ClassVar[tuple[str, ...]] = ()
+    #: Oldest transformers release whose modeling code exports with the KV-cache wrapper.
+    min_transformers: ClassVar[str] = "4.57"
+    #: Largest |ONNX - PyTorch| logit difference accepted for an fp32 export.
+    parity_atol: ClassVar[float] = 1e-4
+    #: End-of-turn tokens of the family's chat templates: generation stops on them too.
+    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def kv_layout(cls, config) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the KV cache."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return config.num_hidden_layers, kv_heads, head_dim
+
+    @classmethod
+    def export_patches(cls):
+        """A context manager active during ``torch.export``; none by default."""
+        return nullcontext()
+
+
+def register_architecture(*model_types: str):
+    """Class decorator: register a spec under one or more HF ``model_type`` values."""
+
+    def wrap(spec: type[ArchitectureSpec]) -> type[ArchitectureSpec]:
+        spec.model_types = tuple(model_types)
+        for mt in model_types:
+            if mt in _REGISTRY:
+                raise ValueError(f"model_type '{mt}' registered twice")
+            _REGISTRY[mt] = spec
+        for arch in spec.gguf_architectures:
+            _GGUF_TO_MODEL_TYPE[arch] = model_types[0]
+        return spec
+
+    return wrap
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def supported_gguf_architectures() -> list[str]:
+    return sorted(_GGUF_TO_MODEL_TYPE)
+
+
+def get_spec(model_type: str) -> type[ArchitectureSpec]:
+    """The spec of ``model_type``; an :class:`UnsupportedArchitecture` naming the supported ones."""
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        families = sorted({f"{s.family} ({', '.join(s.model_types)})" for s in _REGISTRY.values()})
+        raise UnsupportedArchitecture(
+            f"model_type '{model_type}' is not supported; supported architectures: "
+            f"{'; '.join(families)}. Open an issue with the model id to ask for it"
+        ) from None
+
+
+def model_type_for_gguf(architecture: str) -> str:
+    """The HF ``model_type`` a GGUF ``general.architecture`` loads as."""
+    try:
+        return _GGUF_TO_MODEL_TYPE[architecture]
+    except KeyError:
+        raise UnsupportedArchitecture(
+            f"GGUF architecture '{architecture}' is not supported; supported: "
+            f"{', '.join(supported_gguf_architectures())}"
+        ) from None

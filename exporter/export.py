@@ -1,0 +1,154 @@
+"""``slmedge export``: source -> ONNX with KV cache -> tokenizer + configs -> parity gate -> manifest.
+
+Everything is written into a staging directory that replaces ``--output`` only when
+every step, the parity gate included, has passed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmedge.runtimes.errors import ArtifactError, QualityGateFailed
+from slmedge.runtimes.tokenizer import TextTokenizer
+
+from .manifest import onnx_facts, write_manifest
+from .onnx_export import DEFAULT_OPSET, export_decoder
+from .parity import check_parity
+from .sources import DEFAULT_MODEL, load_source
+from .staging import check_output, staged_directory
+
+MODEL_FILE = "model.onnx"
+Progress = Callable[[str], None]
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class ExportConfig(BaseModel):
+    """Everything ``slmedge export`` needs; ``--dry-run`` prints it, ``--config`` reads it back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="HF directory, hub id, .gguf file or embedded:NAME")
+    output: Path = Field(..., description="artifact directory to write (replaced atomically)")
+    dtype: DType = Field(DType.fp32, description="weight and activation precision of the graph")
+    opset: int = Field(DEFAULT_OPSET, ge=17, le=23, description="ONNX opset of the default domain")
+    external_data: bool | None = Field(
+        None, description="weights in model.onnx.data; default: only when the model is over 2 GB"
+    )
+    overwrite: bool = Field(False, description="replace an existing non-empty output directory")
+    parity_atol: float | None = Field(
+        None, gt=0, description="override the architecture's logit tolerance for the parity gate"
+    )
+
+
+def _stop_token_ids(model, tokenizer, spec) -> list[int]:
+    """EOS ids from the generation config and tokenizer, plus the family's end-of-turn tokens
+    that this vocabulary has: a chat user expects generation to stop at the end of a turn."""
+    ids: set[int] = set()
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for token in spec.end_of_turn_tokens:
+        if token in vocab and (token in template or not template):
+            ids.add(vocab[token])
+    return sorted(ids)
+
+
+def _check_runtime_tokenizer(stage: Path, tokenizer) -> dict:
+    """The torch-free tokenizer must encode exactly as transformers does (text and chat)."""
+    runtime = TextTokenizer(stage)
+    sample = "The quick brown fox jumps over the lazy dog. 1234 naïve — ok?\n  Indented."
+    want = tokenizer(sample).input_ids
+    got = runtime.encode(sample)
+    if got != want:
+        raise ArtifactError(
+            f"the saved tokenizer.json encodes differently from transformers ({got[:8]}... vs "
+            f"{want[:8]}...); this tokenizer type is not supported yet"
+        )
+    report = {"encode_matches_transformers": True, "chat_template": bool(runtime.chat_template)}
+    if runtime.chat_template:
+        messages = [{"role": "user", "content": "Hi there"}]
+        want_chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        got_chat = runtime.apply_chat_template(messages)
+        if want_chat != got_chat:
+            raise ArtifactError(
+                f"the chat template renders differently without transformers: {got_chat!r} vs "
+                f"{want_chat!r}"
+            )
+        report["chat_template_matches_transformers"] = True
+    return report
+
+
+def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
+    """Export, verify and write an artifact; returns the manifest."""
+    say = progress or (lambda _msg: None)
+    check_output(config.output, config.overwrite)  # before minutes of work
+    t0 = time.perf_counter()
+    loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
+    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
+    layers, kv_heads, head_dim = spec.kv_layout(model.config)
+    load_s = time.perf_counter() - t0
+    with staged_directory(config.output, config.overwrite) as stage:
+        say(f"exporting {spec.family} ({layers} layers) to ONNX, {config.dtype.value}")
+        info = export_decoder(
+            model, spec, stage / MODEL_FILE, opset=config.opset, external_data=config.external_data
+        )
+        say("saving tokenizer and generation config")
+        tokenizer.save_pretrained(str(stage))
+        model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
+        model.generation_config.save_pretrained(str(stage))
+        model.config.save_pretrained(str(stage))
+        tokenizer_report = _check_runtime_tokenizer(stage, tokenizer)
+        say("checking parity with PyTorch")
+        atol = config.parity_atol or spec.parity_atol
+        parity = check_parity(
+            model, stage / MODEL_FILE, atol=atol, fp16=config.dtype is DType.fp16
+        )
+        if not parity.passed:
+            raise QualityGateFailed(
+                f"parity gate failed: ONNX logits differ from PyTorch by {parity.max_abs_diff:.3g} "
+                f"(allowed {parity.atol:.3g}); nothing was written",
+                parity.to_dict(),
+            )
+        model_files = {MODEL_FILE} | ({MODEL_FILE + ".data"} if info.external_data else set())
+        manifest = write_manifest(
+            stage,
+            {
+                "format": "onnx",
+                "model_file": MODEL_FILE,
+                "source": loaded.source.to_dict(),
+                "architecture": {
+                    "model_type": model.config.model_type,
+                    "family": spec.family,
+                    "num_layers": layers,
+                    "kv_heads": kv_heads,
+                    "head_dim": head_dim,
+                    "vocab_size": model.config.vocab_size,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                },
+                "recipe": {
+                    "dtype": config.dtype.value,
+                    "opset": info.opset,
+                    "external_data": info.external_data,
+                },
+                "io": {"inputs": info.input_names, "outputs": info.output_names},
+                "onnx": onnx_facts(stage / MODEL_FILE),
+                "stop_token_ids": model.generation_config.eos_token_id,
+                "verification": {"parity": parity.to_dict(), "tokenizer": tokenizer_report},
+                "timings_s": {"load": round(load_s, 2), "export": round(info.seconds, 2),
+                              "total": round(time.perf_counter() - t0, 2)},
+            },
+            model_files,
+        )
+    return manifest

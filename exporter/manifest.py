@@ -1,0 +1,74 @@
+"""Build ``manifest.json``: provenance, recipe, versions, graph facts and file hashes."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from slmedge.runtimes.artifact import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, sha256_file
+
+_VERSIONED = ("slmedge", "torch", "transformers", "onnx", "onnxscript", "onnx-ir",
+              "onnxruntime", "tokenizers", "gguf")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def onnx_facts(model_path: Path) -> dict:
+    """Opset, IR version and op counts of a graph (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    opsets = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
+    ops = Counter(
+        (f"{n.domain}." if n.domain and n.domain != "ai.onnx" else "") + n.op_type
+        for n in model.graph.node
+    )
+    return {
+        "opset": opsets.get("ai.onnx"),
+        "opset_imports": opsets,
+        "ir_version": model.ir_version,
+        "nodes": sum(ops.values()),
+        "ops": dict(sorted(ops.items())),
+        "contrib_ops": sorted(op for op in ops if op.startswith("com.microsoft.")),
+    }
+
+
+def file_table(root: Path, model_files: set[str]) -> dict[str, dict]:
+    """sha256 and size of every file under ``root`` except the manifest itself."""
+    table = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            rel = str(p.relative_to(root))
+            table[rel] = {
+                "sha256": sha256_file(p),
+                "size": p.stat().st_size,
+                "role": "model" if rel in model_files else "support",
+            }
+    return table
+
+
+def write_manifest(root: Path, fields: dict, model_files: set[str]) -> dict:
+    """Write ``manifest.json`` into ``root`` with the given fields plus hashes and versions."""
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        **fields,
+        "versions": package_versions(),
+        "files": file_table(root, model_files),
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

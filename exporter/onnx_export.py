@@ -1,0 +1,150 @@
+"""torch -> ONNX for a decoder with KV cache, through ``torch.onnx.export(dynamo=True)``.
+
+The Hugging Face model is wrapped so that the graph has flat, named tensors in and out
+(the contract in ``slmedge.runtimes.onnx_decoder``); the wrapper builds the
+transformers cache object inside ``forward`` so ``torch.export`` traces it like any
+other Python code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slmedge.runtimes.errors import SlmEdgeError
+
+from .architectures import ArchitectureSpec
+
+DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14; mobile builds of that age still load it
+TWO_GB = 2 * 1024**3
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def _cache_kwarg(model) -> str:
+    # transformers renamed the forward argument `past_key_values` to `cache` (5.x; the old
+    # name is deprecated and will go in 5.40). Use whichever this version takes.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+class KVCacheWrapper(torch.nn.Module):
+    """``(input_ids, attention_mask, position_ids, past...) -> (logits, present...)``."""
+
+    def __init__(self, model, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.cache_kwarg = _cache_kwarg(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
+        # A cache of full (non-sliding) layers for every family: sliding-window attention
+        # (Gemma 3) is applied by the mask, so every layer's cache has the same shape.
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+        )
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def example_inputs(spec: type[ArchitectureSpec], config, dtype, batch=2, seq=3, past=5):
+    """Inputs for tracing. No dimension is 0 or 1: torch.export would specialize those."""
+    layers, kv_heads, head_dim = spec.kv_layout(config)
+    vocab = config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, seq), dtype=torch.int64)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq, dtype=torch.int64).repeat(batch, 1)
+    kv = tuple(torch.randn(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers))
+    return input_ids, attention_mask, position_ids, kv
+
+
+@dataclass
+class OnnxExportInfo:
+    path: Path
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    external_data: bool
+    seconds: float
+
+
+class ExportFailed(SlmEdgeError):
+    """torch.export / ONNX translation failed."""
+
+
+def export_decoder(
+    model,
+    spec: type[ArchitectureSpec],
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> OnnxExportInfo:
+    """Export ``model`` (eval mode) to ``path``. ``external_data=None``: only above 2 GB."""
+    config = model.config
+    layers, _, _ = spec.kv_layout(config)
+    dtype = next(model.parameters()).dtype
+    wrapper = KVCacheWrapper(model, layers).eval()
+    args = example_inputs(spec, config, dtype)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence_length")
+    past = torch.export.Dim("past_sequence_length")
+    total = torch.export.Dim("total_sequence_length")
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past_key_values": tuple({0: batch, 2: past} for _ in range(2 * layers)),
+    }
+    inputs = ["input_ids", "attention_mask", "position_ids", *past_names(layers)]
+    outputs = ["logits", *present_names(layers)]
+    t0 = time.perf_counter()
+    # torch.onnx prints its step log with print(); keep stdout clean for --json.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), spec.export_patches():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+        except Exception as e:  # torch.export raises many types; report the first line
+            raise ExportFailed(
+                f"torch.onnx.export failed for {type(model).__name__}: "
+                f"{str(e).strip().splitlines()[-1][:400]}"
+            ) from e
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    use_external = size >= TWO_GB if external_data is None else external_data
+    program.save(str(path), external_data=use_external)
+    return OnnxExportInfo(path, opset, inputs, outputs, use_external, time.perf_counter() - t0)

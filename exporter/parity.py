@@ -1,0 +1,84 @@
+"""The parity gate: the exported graph must give PyTorch's logits.
+
+Same tokens through PyTorch (with its own KV cache) and through the artifact on ONNX
+Runtime (slmedge's runtime, so the gate tests what users run): a prefill and a few
+one-token decode steps; the largest absolute logit difference must stay within the
+architecture's tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+# fp16 keeps ~3 significant digits; logits are compared relative to their scale.
+FP16_RTOL_OF_SCALE = 2e-2
+
+
+@dataclass
+class ParityReport:
+    max_abs_diff: float
+    logit_scale: float
+    atol: float
+    prefill_tokens: int
+    decode_steps: int
+    argmax_agree: bool
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def torch_step_logits(model, token_ids: list[int], decode_steps: list[int]) -> list[np.ndarray]:
+    """PyTorch logits for a prefill and then each decode token, with HF's own cache."""
+    outs = []
+    with torch.no_grad():
+        ids = torch.tensor([token_ids])
+        out = model(input_ids=ids, use_cache=True)
+        outs.append(out.logits[0].float().numpy())
+        cache = out.past_key_values
+        for tok in decode_steps:
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            outs.append(out.logits[0].float().numpy())
+    return outs
+
+
+def check_parity(
+    model,
+    onnx_path: Path,
+    *,
+    atol: float,
+    fp16: bool = False,
+    prefill_tokens: int = 8,
+    decode_steps: int = 3,
+    seed: int = 0,
+) -> ParityReport:
+    """Compare PyTorch and ONNX Runtime logits on a prefill plus ``decode_steps`` steps."""
+    rng = np.random.default_rng(seed)
+    vocab = model.config.vocab_size
+    prompt = rng.integers(0, vocab, prefill_tokens).tolist()
+    steps = rng.integers(0, vocab, decode_steps).tolist()
+    ref = torch_step_logits(model, prompt, steps)
+    decoder = OnnxDecoder(onnx_path)
+    got = [decoder.step(prompt, all_logits=True).astype(np.float32)]
+    for tok in steps:
+        got.append(decoder.step([tok], all_logits=True).astype(np.float32))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
+    scale = max(float(np.abs(r).max()) for r in ref)
+    tol = max(atol, FP16_RTOL_OF_SCALE * scale) if fp16 else atol
+    agree = all(np.array_equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, ref))
+    return ParityReport(
+        max_abs_diff=diff,
+        logit_scale=scale,
+        atol=tol,
+        prefill_tokens=prefill_tokens,
+        decode_steps=decode_steps,
+        argmax_agree=agree,
+        passed=diff <= tol,
+    )

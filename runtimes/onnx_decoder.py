@@ -1,0 +1,181 @@
+"""A KV-cache decoder on an ONNX Runtime session (no torch).
+
+The graph contract (what ``slmedge export`` writes, and what Optimum's
+``text-generation-with-past`` exports also follow)::
+
+    inputs : input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64,
+             position_ids [batch, seq] int64 (optional),
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+    outputs: logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+
+The KV cache never leaves ONNX Runtime between steps: ``present`` outputs are bound
+as ``OrtValue`` and fed back as the next step's ``past`` through IOBinding, so no
+step copies the cache into numpy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ArtifactError, ProviderUnavailable
+
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+# ONNX Runtime raises these pybind exception types for unreadable or invalid models.
+_ORT_LOAD_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("InvalidProtobuf", "Fail", "InvalidGraph", "NoSuchFile", "InvalidArgument",
+                 "NotImplemented", "RuntimeException")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
+
+ProviderSpec = tuple[str, dict]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape facts of the KV cache, read from the graph's inputs."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: type
+
+
+def make_session(
+    model_path: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[ProviderSpec] | None = None,
+    session_options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """Create an ``InferenceSession`` with clear errors for a bad file or a missing provider."""
+    model_path = Path(model_path)
+    opts = session_options or ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = list(providers or [("CPUExecutionProvider", {})])
+    available = ort.get_available_providers()
+    missing = [name for name, _ in providers if name not in available]
+    if missing:
+        raise ProviderUnavailable(
+            f"asked to use {', '.join(missing)} as execution provider, but the available "
+            f"providers are {available}; install the matching onnxruntime package or pick "
+            "another device profile"
+        )
+    try:
+        return ort.InferenceSession(
+            str(model_path),
+            sess_options=opts,
+            providers=[name for name, _ in providers],
+            provider_options=[dict(o) for _, o in providers],
+        )
+    except _ORT_LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(
+            f"ONNX Runtime could not load {model_path}: {first[:300]} — the file is corrupt, "
+            "truncated or not an ONNX model; export it again"
+        ) from None
+
+
+class OnnxDecoder:
+    """Runs a decoder graph with a KV cache held in ORT values between calls."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[ProviderSpec] | None = None,
+        session_options: ort.SessionOptions | None = None,
+    ):
+        self.model_path = Path(model_path)
+        self.session = make_session(
+            model_path, threads=threads, providers=providers, session_options=session_options
+        )
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        for required in ("input_ids", "attention_mask"):
+            if required not in inputs:
+                raise ArtifactError(
+                    f"{model_path} has no '{required}' input (inputs: {sorted(inputs)}); "
+                    "it is not a decoder exported by slmedge or Optimum"
+                )
+        if "logits" not in outputs:
+            raise ArtifactError(f"{model_path} has no 'logits' output (outputs: {outputs})")
+        past = sorted(
+            (int(m.group(1)), m.group(2), n) for n in inputs if (m := _PAST_RE.match(n))
+        )
+        self.past_names = [n for _, _, n in past]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        absent = [n for n in self.present_names if n not in outputs]
+        if absent:
+            raise ArtifactError(f"{model_path} lacks KV-cache outputs {absent[:4]}")
+        self.has_position_ids = "position_ids" in inputs
+        if self.past_names:
+            shape = inputs[self.past_names[0]].shape
+            dtype = _ORT_TYPES.get(inputs[self.past_names[0]].type, np.float32)
+            self.kv = KVLayout(len(self.past_names) // 2, int(shape[1]), int(shape[3]), dtype)
+        else:
+            self.kv = KVLayout(0, 0, 0, np.float32)
+        vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else None
+        self._io = self.session.io_binding()
+        self._past: list[ort.OrtValue] = []
+        self._length = 0
+        self.reset()
+
+    @property
+    def length(self) -> int:
+        """Tokens held in the KV cache."""
+        return self._length
+
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def reset(self) -> None:
+        """Forget the cached sequence; the next :meth:`step` starts a new one."""
+        empty = np.zeros((1, self.kv.kv_heads, 0, self.kv.head_dim), dtype=self.kv.dtype)
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+        self._length = 0
+
+    def step(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Feed tokens after the cached ones; return the logits of the last one ``[vocab]``
+        (or of every fed token, ``[n, vocab]``, when ``all_logits``)."""
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("step() needs at least one token")
+        total = self._length + n
+        io = self._io
+        io.bind_cpu_input("input_ids", np.asarray(token_ids, dtype=np.int64).reshape(1, n))
+        io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if self.has_position_ids:
+            pos = np.arange(self._length, total, dtype=np.int64).reshape(1, n)
+            io.bind_cpu_input("position_ids", pos)
+        for name, value in zip(self.past_names, self._past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        self._past = list(outs[1:])
+        self._length = total
+        logits = outs[0].numpy()[0]
+        return logits if all_logits else logits[-1]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits ``[n, vocab]`` of a sequence from scratch (the cache is reset first)."""
+        self.reset()
+        try:
+            return self.step(token_ids, all_logits=True)
+        finally:
+            self.reset()

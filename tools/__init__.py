@@ -1,0 +1,1 @@
+"""The slmedge CLI and repository scripts."""

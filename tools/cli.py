@@ -1,0 +1,328 @@
+"""The ``slmedge`` command: flags -> config object -> library call.
+
+``--json`` prints exactly one JSON document on stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from slmedge.runtimes.errors import (
+    EXIT_CODES_HELP,
+    EXIT_ERROR,
+    EXIT_OK,
+    MissingDependency,
+    SlmEdgeError,
+    UsageError,
+)
+
+from .progress import Progress
+
+DESCRIPTION = """\
+slmedge: export small language models to phones, Raspberry Pis and NPUs, run them,
+and measure how they run there.
+
+  slmedge export  --model SRC --output DIR    PyTorch / HF / GGUF -> ONNX with KV cache
+  slmedge generate DIR --prompt TEXT          generate text (greedy unless --temperature)
+  slmedge eval DIR --text FILE                perplexity on a text file
+  slmedge bench DIR                           load time, TTFT, decode speed, memory, size
+"""
+
+
+def _print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _load_exporter():
+    try:
+        from slmedge.exporter import export as export_module
+    except ImportError as e:
+        raise MissingDependency(
+            f"slmedge export needs the [export] extra ({e.name or e} is not installed): "
+            "pip install 'slmedge[export]' torch==2.13.0"
+        ) from None
+    return export_module
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    exp = _load_exporter()
+    fields = {}
+    if args.config:
+        try:
+            fields = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--config {args.config}: cannot read it as JSON ({e})") from None
+    for name in ("model", "output", "dtype", "opset", "parity_atol"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    if args.overwrite:
+        fields["overwrite"] = True
+    if args.external_data:
+        fields["external_data"] = True
+    if "output" not in fields:
+        raise UsageError("slmedge export needs --output DIR (or a --config file that names one)")
+    from pydantic import ValidationError
+
+    try:
+        config = exp.ExportConfig(**fields)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
+        raise UsageError(f"invalid export config: {problems}") from None
+    if args.dry_run:
+        _print_json(json.loads(config.model_dump_json()))
+        return EXIT_OK
+    progress = Progress()
+    try:
+        manifest = exp.run_export(config, progress=progress.say)
+    finally:
+        progress.close()
+    if args.json:
+        _print_json({"output": str(config.output), **manifest})
+    else:
+        parity = manifest["verification"]["parity"]
+        size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
+        print(
+            f"exported {manifest['architecture']['family']} to {config.output} "
+            f"({size:.1f} MB, {manifest['recipe']['dtype']}); parity max |diff| "
+            f"{parity['max_abs_diff']:.2e} <= {parity['atol']:.0e}"
+        )
+    return EXIT_OK
+
+
+# -- generate ----------------------------------------------------------------------------
+
+
+def _open_decoder(path, threads):
+    from slmedge.runtimes.artifact import open_artifact
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    artifact = open_artifact(path)
+    return artifact, OnnxDecoder(artifact.model_path, threads=threads), TextTokenizer(artifact.root)
+
+
+def cmd_generate(args) -> int:
+    from slmedge.runtimes.generation import SamplingConfig, generate
+
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads)
+    if args.chat:
+        prompt_ids = tokenizer.encode_chat(args.prompt, system=args.system)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UsageError("the prompt encodes to no tokens; give some text")
+    stream = not args.json and not args.no_stream
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate(
+        decoder,
+        prompt_ids,
+        args.max_new_tokens,
+        sampling=sampling,
+        stop_ids=set() if args.ignore_eos else tokenizer.stop_ids,
+        tokenizer=tokenizer,
+        on_text=on_text if stream else None,
+    )
+    if args.json:
+        _print_json(
+            {
+                "prompt_tokens": result.prompt_tokens,
+                "prompt_ids": list(prompt_ids),
+                "tokens": result.tokens,
+                "text": tokenizer.decode(result.tokens),
+                "stop_reason": result.stop_reason,
+                "ttft_ms": round(result.ttft_s * 1000, 3),
+                "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+            }
+        )
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        print(tokenizer.decode(result.tokens))
+    return EXIT_OK
+
+
+# -- eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    from slmedge.runtimes.evaluate import perplexity
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise UsageError(f"--text {args.text}: no such file")
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads)
+    ids = tokenizer.encode(text)[: args.max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"--text {args.text} has fewer than 2 tokens; nothing to score")
+    progress = Progress()
+    try:
+        result = perplexity(
+            decoder.logits,
+            ids,
+            window=args.window,
+            stride=args.stride,
+            progress=lambda done, total: progress.count(done, total, "perplexity windows"),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        progress.close()
+    doc = {"text": str(text_path), **result.to_dict()}
+    if args.json:
+        _print_json(doc)
+    else:
+        print(
+            f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
+            f"({result.windows} windows of {result.window}, stride {result.stride})"
+        )
+    return EXIT_OK
+
+
+# -- bench ---------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    from slmedge.runtimes.bench import BenchConfig, run_bench
+
+    try:
+        config = BenchConfig(
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            threads=args.threads,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    progress = Progress()
+    try:
+        result = run_bench(args.artifact, config, progress=progress.say)
+    finally:
+        progress.close()
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        _print_json(result)
+    else:
+        print(
+            f"load {result['load_s']:.2f} s | TTFT {result['ttft_ms']:.1f} ms "
+            f"({result['prompt_tokens']} prompt tokens) | decode "
+            f"{result['decode_tokens_per_s']:.1f} tok/s (p50 {result['decode_ms_p50']:.1f} ms, "
+            f"p99 {result['decode_ms_p99']:.1f} ms) | peak RSS {result['peak_rss_mb']:.0f} MB | "
+            f"size {result['model_size_mb']:.1f} MB"
+        )
+    return EXIT_OK
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="slmedge", description=DESCRIPTION, epilog=EXIT_CODES_HELP,
+                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a model to ONNX with KV cache",
+                       epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    p.add_argument("--model", help="HF directory, hub id (owner/name), .gguf file, or "
+                   "embedded:smollm2-135m-instruct (the default)")
+    p.add_argument("--output", "-o", type=Path, help="artifact directory to write")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], help="precision (default fp32)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    p.add_argument("--parity-atol", type=float, help="override the parity tolerance")
+    p.add_argument("--external-data", action="store_true",
+                   help="store weights in model.onnx.data (automatic above 2 GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--config", help="read the export config from a JSON file (see --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_export)
+
+    def runtime_flags(p, threads_default=None):
+        p.add_argument("artifact", help="artifact directory written by slmedge export")
+        p.add_argument("--threads", type=int, default=threads_default,
+                       help="intra-op threads (default: ONNX Runtime's choice)"
+                       if threads_default is None else f"intra-op threads (default {threads_default})")
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    runtime_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn/EOS")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity on a text file",
+                       epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    runtime_flags(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=4096, help="score the first N tokens")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="measure load time, TTFT, decode speed, memory, size",
+                       epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    runtime_flags(p, threads_default=2)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output", help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SlmEdgeError as e:
+        print(f"slmedge {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"slmedge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `slmedge generate ... | head`: the reader went away; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
