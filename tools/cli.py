@@ -239,6 +239,11 @@ def cmd_bench(args) -> int:
 # -- parser --------------------------------------------------------------------------------
 
 
+#: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
+#: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="slmedge", description=DESCRIPTION, epilog=EXIT_CODES_HELP,
@@ -301,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", help="also write the JSON result to this file")
     p.set_defaults(func=cmd_bench)
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny HF checkpoints and their exported artifacts, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Offline and quiet: tests never reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(model_type)`` -> path of a tiny HF checkpoint (cached per session)."""
+    from tiny_models import save_tiny
+
+    cache: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in cache:
+            cache[model_type] = save_tiny(model_type, tmp_path_factory.mktemp(f"hf-{model_type}"))
+        return cache[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_dir):
+    """``tiny_artifact(model_type, dtype="fp32")`` -> exported artifact dir (cached per session)."""
+    from slmedge.exporter.export import ExportConfig, run_export
+
+    cache: dict[tuple, Path] = {}
+
+    def make(model_type: str, dtype: str = "fp32") -> Path:
+        key = (model_type, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"onnx-{model_type}-{dtype}") / "artifact"
+            run_export(ExportConfig(model=str(tiny_dir(model_type)), output=out, dtype=dtype))
+            cache[key] = out
+        return cache[key]
+
+    return make
