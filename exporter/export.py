@@ -19,6 +19,8 @@ from slmedge.runtimes.tokenizer import TextTokenizer
 from .manifest import onnx_facts, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_decoder
 from .parity import check_parity
+from .quantize.pipeline import QualityConfig, fp32_card, quantize_in_stage
+from .quantize.recipe import QuantRecipe
 from .sources import DEFAULT_MODEL, load_source
 from .staging import check_output, staged_directory
 
@@ -46,6 +48,12 @@ class ExportConfig(BaseModel):
     overwrite: bool = Field(False, description="replace an existing non-empty output directory")
     parity_atol: float | None = Field(
         None, gt=0, description="override the architecture's logit tolerance for the parity gate"
+    )
+    quant: QuantRecipe | None = Field(
+        None, description="quantize after the parity gate (onnxruntime.quantization); None: fp32"
+    )
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig, description="quality card inputs and the perplexity gate"
     )
 
 
@@ -121,6 +129,12 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
                 f"(allowed {parity.atol:.3g}); nothing was written",
                 parity.to_dict(),
             )
+        if config.quant is not None:
+            quant_fields = quantize_in_stage(stage, config.quant, config.quality, say)
+            info.external_data = False
+        else:
+            say("quality card: perplexity of the exported graph")
+            quant_fields = {"quality": fp32_card(stage / MODEL_FILE, stage, config.quality, say)}
         model_files = {MODEL_FILE} | ({MODEL_FILE + ".data"} if info.external_data else set())
         manifest = write_manifest(
             stage,
@@ -141,10 +155,12 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
                     "dtype": config.dtype.value,
                     "opset": info.opset,
                     "external_data": info.external_data,
+                    "quant": quant_fields.get("quantization", {}).get("label"),
                 },
                 "io": {"inputs": info.input_names, "outputs": info.output_names},
                 "onnx": onnx_facts(stage / MODEL_FILE),
                 "stop_token_ids": model.generation_config.eos_token_id,
+                **quant_fields,
                 "verification": {"parity": parity.to_dict(), "tokenizer": tokenizer_report},
                 "timings_s": {"load": round(load_s, 2), "export": round(info.seconds, 2),
                               "total": round(time.perf_counter() - t0, 2)},

@@ -70,6 +70,9 @@ def cmd_export(args) -> int:
         fields["external_data"] = True
     if "output" not in fields:
         raise UsageError("slmedge export needs --output DIR (or a --config file that names one)")
+    from slmedge.exporter.quantize.cli import quant_fields, summary_line
+
+    fields.update(quant_fields(args))
     from pydantic import ValidationError
 
     try:
@@ -97,6 +100,7 @@ def cmd_export(args) -> int:
             f"({size:.1f} MB, {manifest['recipe']['dtype']}); parity max |diff| "
             f"{parity['max_abs_diff']:.2e} <= {parity['atol']:.0e}"
         )
+        print(summary_line(manifest, config.output))
     return EXIT_OK
 
 
@@ -241,7 +245,7 @@ def cmd_bench(args) -> int:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="read the export config from a JSON file (see --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    from slmedge.exporter.quantize.cli import add_quant_flags
+
+    add_quant_flags(p)
     p.set_defaults(func=cmd_export)
 
     def runtime_flags(p, threads_default=None):

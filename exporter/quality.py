@@ -1,0 +1,245 @@
+"""The quality card: how much of the model survived an export or a quantization.
+
+Inputs are two decoders with the runtime's ``reset()`` / ``step(ids, all_logits)``
+protocol (``slmedge.runtimes.generation.Decoder``): a *reference* (the fp32 graph) and a
+*candidate* (the artifact under test, ONNX or LiteRT alike), plus token ids. The card:
+
+* perplexity of both on an evaluation text (windows 512 / stride 256, as ``slmedge
+  eval``) and the relative increase;
+* mean KL divergence KL(reference || candidate) of the next-token distributions and
+  top-1 agreement, over every scored position of the evaluation text;
+* greedy decoding on a set of prompts: the reference generates; the candidate is fed
+  the reference's tokens one decode step at a time (its KV-cache path, as in use) and
+  must predict each one. Top-1 agreement is the fraction it predicts; the first
+  divergence is the first position it misses (where free-running greedy decoding of
+  the candidate would leave the reference's text).
+
+With no reference (an fp32 export, whose reference is itself) the card holds the
+perplexity only. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slmedge.runtimes.errors import UsageError
+from slmedge.runtimes.evaluate import plan_windows, token_nll
+from slmedge.runtimes.generation import Decoder
+
+#: Evaluation text shipped in the workspace; calibration uses a different book.
+DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_mansfield_park.txt"
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "To make a cup of tea, first",
+    "def fibonacci(n):",
+    "The three primary colours are",
+    "Question: What is the largest planet in the solar system?\nAnswer:",
+)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """How much text and how many prompts the card uses."""
+
+    eval_text: Path | None = None  # None: DEFAULT_EVAL_TEXT
+    eval_tokens: int = 4096
+    window: int = 512
+    stride: int = 256
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    new_tokens: int = 64
+
+    def text_path(self) -> Path | None:
+        path = Path(self.eval_text) if self.eval_text else DEFAULT_EVAL_TEXT
+        if path.is_file():
+            return path
+        if self.eval_text:
+            raise UsageError(f"evaluation text '{self.eval_text}' not found; pass an existing UTF-8 file")
+        return None
+
+
+@dataclass
+class QualityCard:
+    """The figures; ``to_dict()`` is what the manifest stores under ``quality``."""
+
+    perplexity: float
+    eval: dict
+    reference_perplexity: float | None = None
+    ppl_increase_pct: float | None = None
+    kl_mean: float | None = None
+    kl_max_position: float | None = None
+    top1_agreement_eval: float | None = None
+    greedy: dict | None = None
+    reference: str = "self"
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def summary(self) -> str:
+        s = f"perplexity {self.perplexity:.3f}"
+        if self.reference_perplexity is not None:
+            s += (f" (reference {self.reference_perplexity:.3f}, {self.ppl_increase_pct:+.2f}%), "
+                  f"KL {self.kl_mean:.4f}, top-1 {self.top1_agreement_eval:.1%}")
+        if self.greedy:
+            s += (f", greedy agreement {self.greedy['top1_agreement']:.1%}, first divergence "
+                  f"{self.greedy['first_divergence']}")
+        return s
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kl_rows(ref_logits: np.ndarray, cand_logits: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """KL(softmax(ref) || softmax(cand)) per row, in float64, ``chunk`` rows at a time."""
+    out = np.empty(len(ref_logits), dtype=np.float64)
+    for i in range(0, len(ref_logits), chunk):
+        lp = _log_softmax(ref_logits[i : i + chunk])
+        lq = _log_softmax(cand_logits[i : i + chunk])
+        out[i : i + chunk] = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return np.maximum(out, 0.0)
+
+
+def _all_logits(decoder: Decoder, ids: Sequence[int]) -> np.ndarray:
+    decoder.reset()
+    try:
+        return np.asarray(decoder.step(list(ids), all_logits=True), dtype=np.float32)
+    finally:
+        decoder.reset()
+
+
+def _greedy(candidate: Decoder, reference: Decoder, prompts: Sequence[Sequence[int]],
+            new_tokens: int) -> dict:
+    agree = total = 0
+    firsts: list[int] = []
+    kls: list[float] = []
+    for prompt in prompts:
+        reference.reset()
+        candidate.reset()
+        ref_logits = np.asarray(reference.step(list(prompt)), dtype=np.float32)
+        cand_logits = np.asarray(candidate.step(list(prompt)), dtype=np.float32)
+        first = new_tokens
+        for pos in range(new_tokens):
+            token = int(np.argmax(ref_logits))
+            hit = int(np.argmax(cand_logits)) == token
+            agree += hit
+            total += 1
+            kls.append(float(kl_rows(ref_logits[None], cand_logits[None])[0]))
+            if not hit and first == new_tokens:
+                first = pos
+            if pos + 1 < new_tokens:
+                ref_logits = np.asarray(reference.step([token]), dtype=np.float32)
+                cand_logits = np.asarray(candidate.step([token]), dtype=np.float32)
+        firsts.append(first)
+    reference.reset()
+    candidate.reset()
+    return {
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "top1_agreement": agree / total if total else 1.0,
+        "first_divergence": firsts,
+        "first_divergence_min": min(firsts) if firsts else new_tokens,
+        "prompts_identical": sum(f == new_tokens for f in firsts),
+        "kl_mean": float(np.mean(kls)) if kls else 0.0,
+    }
+
+
+def quality_card(
+    candidate: Decoder,
+    eval_ids: Sequence[int],
+    *,
+    reference: Decoder | None = None,
+    prompt_ids: Sequence[Sequence[int]] = (),
+    window: int = 512,
+    stride: int = 256,
+    new_tokens: int = 64,
+    eval_info: dict | None = None,
+    progress: Progress | None = None,
+) -> QualityCard:
+    """Compute the card of ``candidate`` (against ``reference`` when given)."""
+    say = progress or (lambda _m: None)
+    ids = np.asarray(eval_ids, dtype=np.int64)
+    if len(ids) < 2:
+        raise UsageError(f"the evaluation text has {len(ids)} tokens; need at least 2")
+    t0 = time.perf_counter()
+    plans = plan_windows(len(ids), window, stride)
+    nll_c = nll_r = 0.0
+    count = agree = 0
+    kl_sum, kl_max = 0.0, 0.0
+    for k, w in enumerate(plans):
+        say(f"quality: window {k + 1}/{len(plans)}")
+        lo, hi = w.score_from - 1 - w.begin, w.end - 1 - w.begin
+        targets = ids[w.score_from : w.end]
+        rows_c = _all_logits(candidate, ids[w.begin : w.end].tolist())[lo:hi]
+        nll_c += float(token_nll(rows_c, targets).sum())
+        count += len(targets)
+        if reference is not None:
+            rows_r = _all_logits(reference, ids[w.begin : w.end].tolist())[lo:hi]
+            nll_r += float(token_nll(rows_r, targets).sum())
+            kl = kl_rows(rows_r, rows_c)
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max()))
+            agree += int((rows_r.argmax(-1) == rows_c.argmax(-1)).sum())
+    info = {"tokens": int(len(ids)), "window": window, "stride": stride, "windows": len(plans),
+            **(eval_info or {})}
+    card = QualityCard(perplexity=math.exp(nll_c / count), eval=info)
+    if reference is not None:
+        card.reference_perplexity = math.exp(nll_r / count)
+        card.ppl_increase_pct = (card.perplexity / card.reference_perplexity - 1.0) * 100.0
+        card.kl_mean = kl_sum / count
+        card.kl_max_position = kl_max
+        card.top1_agreement_eval = agree / count
+        if prompt_ids:
+            say(f"quality: greedy decoding on {len(prompt_ids)} prompts")
+            card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens)
+        card.reference = "fp32 graph"
+    card.seconds = round(time.perf_counter() - t0, 2)
+    return card
+
+
+def eval_token_ids(tokenizer, settings: QualitySettings) -> tuple[list[int], dict] | None:
+    """The first ``eval_tokens`` tokens of the evaluation text (None when there is none)."""
+    path = settings.text_path()
+    if path is None:
+        return None
+    raw = path.read_bytes()
+    ids = tokenizer.encode(raw.decode("utf-8", errors="replace"))[: settings.eval_tokens]
+    return ids, {"text": str(path), "text_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def artifact_card(
+    candidate_model: Path,
+    tokenizer_dir: Path,
+    settings: QualitySettings = QualitySettings(),
+    *,
+    reference_model: Path | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> QualityCard | None:
+    """The card of an ONNX graph against another (None when no evaluation text exists)."""
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(tokenizer_dir)
+    found = eval_token_ids(tokenizer, settings)
+    if found is None:
+        return None
+    ids, info = found
+    candidate = OnnxDecoder(candidate_model, threads=threads)
+    reference = OnnxDecoder(reference_model, threads=threads) if reference_model else None
+    prompts = [tokenizer.encode(p) for p in settings.prompts] if reference else []
+    return quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
+                        window=settings.window, stride=settings.stride,
+                        new_tokens=settings.new_tokens, eval_info=info, progress=progress)

@@ -1,0 +1,169 @@
+"""Flags of quantization and the quality gate, and the ``slmedge quantize`` subcommand.
+
+``add_quant_flags`` is shared by ``slmedge export`` and ``slmedge quantize``; flags map
+one-to-one onto :class:`QuantRecipe` / :class:`QualityConfig` fields (no key=value bags).
+Heavy imports happen inside the command, so building the parser stays torch- and
+onnx-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .recipe import CalibrationMethod, Int4Algorithm, Int8Format, QuantScheme, TensorPrecision
+
+
+def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    g = p.add_argument_group("quantization (onnxruntime.quantization)")
+    g.add_argument("--quant", choices=[s.value for s in QuantScheme], required=required,
+                   help="int4: MatMulNBits 4-bit weights; int8: int8 weights, dynamic activations; "
+                   "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)")
+    g.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="calibration text (static QDQ, gptq); default: the shared calib_emma.txt")
+    g.add_argument("--calib-method", choices=[m.value for m in CalibrationMethod],
+                   help="static range estimator (default minmax)")
+    g.add_argument("--calib-samples", type=int, metavar="N",
+                   help="calibration samples (a quarter prefill, the rest decode steps; default 32)")
+    g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256],
+                   help="weights per scale for MatMulNBits (default 32)")
+    g.add_argument("--symmetric", action="store_true", help="int4/nbits: no zero points")
+    g.add_argument("--algorithm", choices=[a.value for a in Int4Algorithm],
+                   help="int4 rounding: rtn (default), hqq, k_quant, gptq (calibrated)")
+    g.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute: 4 = int8 activations (default), 1 = fp32, 0 = unset")
+    g.add_argument("--int8-format", choices=[f.value for f in Int8Format],
+                   help="int8: nbits (MatMulNBits 8-bit, default) or qoperator (quantize_dynamic)")
+    g.add_argument("--lm-head", choices=[t.value for t in TensorPrecision],
+                   help="lm_head precision (default int8 for int4/int8, float for static)")
+    g.add_argument("--embedding", choices=["float", "int4"], help="embedding table (default float)")
+    g.add_argument("--keep-layers", type=lambda s: [int(x) for x in s.split(",") if x],
+                   metavar="I,J", help="decoder layers kept one precision step up")
+    q = p.add_argument_group("quality card and gate")
+    q.add_argument("--max-ppl-increase", type=float, metavar="PCT",
+                   help="refuse a quantized artifact whose perplexity rises more (default 5); exit 3")
+    q.add_argument("--auto", action="store_true",
+                   help="try recipes from the smallest up; keep the smallest inside the gate")
+    q.add_argument("--eval-text", type=Path, metavar="FILE",
+                   help="evaluation text (default: shared eval_mansfield_park.txt)")
+    q.add_argument("--eval-tokens", type=int, metavar="N", help="score the first N tokens (4096)")
+
+
+def quant_fields(args) -> dict:
+    """The ``quant`` (recipe) and ``quality`` dicts for the config objects, from the flags."""
+    out: dict = {}
+    recipe: dict = {}
+    for flag, key in (("block_size", "block_size"), ("algorithm", "algorithm"),
+                      ("accuracy_level", "accuracy_level"), ("int8_format", "int8_format"),
+                      ("lm_head", "lm_head"), ("embedding", "embedding"),
+                      ("keep_layers", "keep_layers")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            recipe[key] = value
+    if getattr(args, "symmetric", False):
+        recipe["symmetric"] = True
+    calib: dict = {}
+    if getattr(args, "calibration", None) is not None:
+        calib["text"] = str(args.calibration)
+    if getattr(args, "calib_method", None):
+        calib["method"] = args.calib_method
+    if getattr(args, "calib_samples", None):
+        n = args.calib_samples
+        calib["decode_samples"] = n - max(n // 4, 1)
+        calib["prefill_samples"] = max(n // 4, 1)
+    if calib:
+        recipe["calibration"] = calib
+    if getattr(args, "quant", None):
+        out["quant"] = {"scheme": args.quant, **recipe}
+    elif recipe:
+        from slmedge.runtimes.errors import UsageError
+
+        raise UsageError(f"quantization flags ({', '.join(sorted(recipe))}) need --quant")
+    quality: dict = {}
+    for flag in ("max_ppl_increase", "eval_text", "eval_tokens"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            quality[flag] = str(value) if isinstance(value, Path) else value
+    if getattr(args, "auto", False):
+        quality["auto"] = True
+    if quality:
+        out["quality"] = quality
+    return out
+
+
+def _validation_message(e) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+
+
+def cmd_quantize(args) -> int:
+    from pydantic import ValidationError
+
+    from slmedge.runtimes.errors import UsageError
+    from slmedge.tools.progress import Progress
+
+    from .pipeline import QualityConfig, quantize_artifact
+    from .recipe import QuantRecipe
+
+    fields = quant_fields(args)
+    try:
+        recipe = QuantRecipe(**fields["quant"])
+        quality = QualityConfig(**fields.get("quality", {}))
+    except ValidationError as e:
+        raise UsageError(f"invalid quantization settings: {_validation_message(e)}") from None
+    if args.dry_run:
+        doc = {"quant": recipe.model_dump(mode="json"), "quality": quality.model_dump(mode="json")}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    progress = Progress()
+    try:
+        manifest = quantize_artifact(Path(args.artifact), Path(args.output), recipe, quality,
+                                     overwrite=args.overwrite, say=progress.say)
+    finally:
+        progress.close()
+    if args.json:
+        sys.stdout.write(json.dumps({"output": str(args.output), **manifest}, indent=2) + "\n")
+    else:
+        print(summary_line(manifest, args.output))
+    return 0
+
+
+def summary_line(manifest: dict, output) -> str:
+    size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
+    q = manifest.get("quality", {})
+    label = manifest.get("quantization", {}).get("label", manifest.get("recipe", {}).get("dtype"))
+    line = f"wrote {output} ({size:.1f} MB, {label})"
+    if "perplexity" in q:
+        line += f"; perplexity {q['perplexity']:.3f}"
+        if "reference_perplexity" in q:
+            line += (f" vs fp32 {q['reference_perplexity']:.3f} ({q['ppl_increase_pct']:+.2f}%), "
+                     f"KL {q['kl_mean']:.4f}")
+            if q.get("greedy"):
+                line += f", greedy top-1 agreement {q['greedy']['top1_agreement']:.1%}"
+    gate = manifest.get("gate")
+    if gate and gate.get("auto"):
+        line += f"; --auto tried {len(gate['tried'])}: " + ", ".join(
+            f"{t['label']} {t['ppl_increase_pct']:+.2f}%{'' if t['passed'] else ' (over)'}"
+            for t in gate["tried"])
+    return line
+
+
+def register(sub) -> None:
+    """Add ``slmedge quantize`` (tools/cli.py COMMAND_MODULES hook)."""
+    from slmedge.runtimes.errors import EXIT_CODES_HELP
+
+    p = sub.add_parser(
+        "quantize", help="quantize an fp32 artifact (quality card + perplexity gate)",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize the graph of an fp32 artifact written by `slmedge export`, without "
+        "exporting again. The fp32 graph is the reference of the quality card; the new "
+        "manifest records where it came from (derived_from).",
+    )
+    p.add_argument("artifact", help="fp32 artifact directory")
+    p.add_argument("--output", "-o", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_quant_flags(p, required=True)
+    p.set_defaults(func=cmd_quantize)

@@ -1,0 +1,207 @@
+"""One entry point: ``quantize_model(src, dst, recipe)`` for every scheme.
+
+The scheme-specific work lives beside this file (:mod:`.weight_only`, :mod:`.static`);
+here the graph is prepared (Gemm -> MatMul + Add), analysed once, dispatched, and the
+result summarised for the manifest (which op types were quantized and which stayed
+float, with the reason).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .calibration import KVCacheCalibrationReader
+from .graph import analyze, split_gemms
+from .recipe import CalibrationConfig, QuantRecipe, QuantScheme, TensorPrecision
+from .static import quantize_static_qdq
+from .weight_only import quantize_weight_only
+
+Say = Callable[[str], None]
+TWO_GB = 2 * 1024**3
+
+
+@dataclass
+class QuantReport:
+    """What was done to the graph; goes into the manifest under ``quantization``."""
+
+    recipe: dict
+    label: str
+    weight_precision: dict[str, int]  # precision -> count of weight MatMuls
+    embedding: str
+    lm_head: str
+    op_decisions: dict  # op type -> {"quantized": n, "float": m, "reasons": [...]}
+    contrib_ops: list[str]
+    calibration: dict | None
+    seconds: float
+    ort_tools: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quiet_ort_logging() -> None:
+    """ORT's matmul_nbits_quantizer calls ``logging.basicConfig(level=INFO)`` on import, which
+    turns on INFO for the root logger: one line per node on stderr from then on. Import it
+    here, then put the root logger back to WARNING (our progress callback reports)."""
+    import logging
+
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+    root = logging.getLogger()
+    if root.level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> bool:
+    """Save ``model``; weights go to ``<name>.data`` only above 2 GB. Returns that choice."""
+    external = model.ByteSize() >= TWO_GB - (64 << 20)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=Path(path).name + ".data" if external else None)
+    return external
+
+
+def _weight_only_table(model: onnx.ModelProto, precision: dict[str, str]) -> dict:
+    table: dict[str, dict] = {}
+    for node in model.graph.node:
+        row = table.setdefault(node.op_type, {"quantized": 0, "float": 0, "reasons": []})
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul",
+                            "MatMulInteger", "DynamicQuantizeLinear"):
+            row["quantized"] += 1
+        else:
+            row["float"] += 1
+    for row in table.values():
+        if not row["quantized"]:
+            row["reasons"].append("weight-only scheme: activations and this op stay float")
+    return table
+
+
+def _tokens_for_calibration(tokenizer_dir: Path | None, calibration: CalibrationConfig,
+                            token_ids: Sequence[int] | None) -> list[int]:
+    if token_ids is not None:
+        return list(token_ids)
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    from .calibration import calibration_text
+
+    text = calibration_text(calibration).read_text(encoding="utf-8", errors="replace")
+    return TextTokenizer(tokenizer_dir).encode(text)
+
+
+def quantize_model(
+    src: str | Path,
+    dst: str | Path,
+    recipe: QuantRecipe,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    calibration_ids: Sequence[int] | None = None,
+    say: Say | None = None,
+) -> QuantReport:
+    """Quantize the decoder graph ``src`` into ``dst`` following ``recipe``.
+
+    Static schemes and GPTQ need calibration tokens: ``calibration_ids``, or the
+    recipe's calibration text tokenized with the tokenizer in ``tokenizer_dir`` (the
+    artifact directory).
+    """
+    say = say or (lambda _m: None)
+    src, dst = Path(src), Path(dst)
+    t0 = time.perf_counter()
+    _quiet_ort_logging()
+    model = onnx.load(str(src))
+    gemms = split_gemms(model)
+    if gemms:
+        say(f"{gemms} Gemm -> MatMul + Add (the weight-only quantizer takes MatMul)")
+    facts = analyze(model)
+    needs_calibration = recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) or (
+        recipe.scheme is QuantScheme.int4 and recipe.algorithm.value == "gptq"
+    )
+    calib_doc = None
+    reader = None
+    with tempfile.TemporaryDirectory(prefix="slmedge-quant-", dir=dst.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        if needs_calibration:
+            save_model(model, prepared)
+            ids = _tokens_for_calibration(Path(tokenizer_dir) if tokenizer_dir else src.parent,
+                                          recipe.calibration, calibration_ids)
+            reader = KVCacheCalibrationReader(prepared, ids, recipe.calibration)
+            calib_doc = {**recipe.calibration.model_dump(mode="json"), "tokens_available": len(ids),
+                         "samples": len(reader)}
+            if recipe.calibration.text is None and calibration_ids is None:
+                from .calibration import DEFAULT_CALIBRATION_TEXT
+
+                calib_doc["text"] = str(DEFAULT_CALIBRATION_TEXT)
+        if recipe.scheme in (QuantScheme.int4, QuantScheme.int8) and not (
+            recipe.scheme is QuantScheme.int8 and recipe.int8_format.value == "qoperator"
+        ):
+            bits = 4 if recipe.scheme is QuantScheme.int4 else 8
+            gptq_reader = reader.materialize() if reader is not None else None
+            model, precision = quantize_weight_only(model, facts, recipe, body_bits=bits,
+                                                    calibration_reader=gptq_reader, say=say)
+            save_model(model, dst)
+            table = _weight_only_table(model, precision)
+            tools = ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"]
+        elif recipe.scheme is QuantScheme.int8:
+            precision, table = _dynamic_int8(model, facts, recipe, Path(tmp), dst, say)
+            tools = ["onnxruntime.quantization.quantize_dynamic"]
+        else:
+            if not prepared.exists():
+                save_model(model, prepared)
+            table = quantize_static_qdq(prepared, dst, facts, recipe, reader, say=say)
+            keep = set(recipe.keep_layers)
+            head_float = recipe.lm_head_precision is TensorPrecision.float
+            precision = {
+                w.node: "float" if (w.layer in keep or (w.node == facts.lm_head and head_float))
+                else "int8" for w in facts.weight_matmuls
+            }
+            tools = ["onnxruntime.quantization.quantize_static (QDQ)"]
+    out = onnx.load(str(dst), load_external_data=False)
+    contrib = sorted({f"{n.domain}.{n.op_type}" for n in out.graph.node
+                      if n.domain not in ("", "ai.onnx")})
+    return QuantReport(
+        recipe=recipe.model_dump(mode="json"),
+        label=recipe.label(),
+        weight_precision=dict(Counter(precision.values())),
+        embedding=recipe.embedding.value if facts.embedding_gathers else "none",
+        lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
+        op_decisions=table,
+        contrib_ops=contrib,
+        calibration=calib_doc,
+        seconds=round(time.perf_counter() - t0, 2),
+        ort_tools=tools,
+    )
+
+
+def _dynamic_int8(model, facts, recipe: QuantRecipe, tmp: Path, dst: Path, say: Say):
+    """ORT ``quantize_dynamic``: int8 per-channel weights, activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    keep = set(recipe.keep_layers)
+    targets = [w.node for w in facts.body_matmuls() if w.layer not in keep]
+    if facts.lm_head and recipe.lm_head_precision is TensorPrecision.int8:
+        targets.append(facts.lm_head)
+    prepared = tmp / "dynamic-in.onnx"
+    save_model(model, prepared)
+    say(f"{len(targets)} MatMuls -> int8 dynamic (per-channel weights)")
+    quantize_dynamic(
+        str(prepared), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=targets,
+        per_channel=recipe.per_channel, weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    chosen = set(targets)
+    precision = {w.node: "int8" if w.node in chosen else "float" for w in facts.weight_matmuls}
+    out = onnx.load(str(dst), load_external_data=False)
+    return precision, _weight_only_table(out, {})
+
+
+def copy_support_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> None:
+    """Copy an artifact's tokenizer and config files (everything but the model and manifest)."""
+    for p in sorted(src_dir.iterdir()):
+        if p.is_file() and p.name not in skip:
+            shutil.copy2(p, dst_dir / p.name)

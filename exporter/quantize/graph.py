@@ -1,0 +1,203 @@
+"""What a decoder graph holds, as quantization needs to know it.
+
+Finds the weight MatMuls (constant ``B``) with their decoder layer and module name, the
+``lm_head`` (the weight MatMul that produces ``logits``), the embedding ``Gather``, the
+activation-by-activation MatMuls of attention, and the *mask path*: every node that the
+``attention_mask`` input reaches before a ``Softmax`` (mask arithmetic, the ``Add`` of
+the -3.4e38 mask to the scores, the Softmax itself). Module names come from the
+``pkg.torch.onnx.name_scopes`` metadata that ``torch.onnx.export(dynamo=True)`` writes
+on every node; graphs without it still work, only without layer numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+#: Ops through which the logits may pass after the lm_head MatMul (Gemma's soft-capping,
+#: casts of fp16 graphs, reshapes).
+_LOGIT_PASSTHROUGH = {"Cast", "Reshape", "Mul", "Div", "Tanh", "Add", "Identity", "Squeeze"}
+
+
+@dataclass(frozen=True)
+class WeightMatMul:
+    """A MatMul whose second input is a constant ``[K, N]`` weight."""
+
+    node: str
+    weight: str
+    k: int
+    n: int
+    layer: int | None
+    module: str  # e.g. "model.layers.3.mlp.down_proj", "" when unknown
+
+    @property
+    def params(self) -> int:
+        return self.k * self.n
+
+
+@dataclass
+class GraphFacts:
+    weight_matmuls: list[WeightMatMul] = field(default_factory=list)
+    lm_head: str | None = None  # node name
+    embedding_gathers: list[str] = field(default_factory=list)
+    activation_matmuls: list[str] = field(default_factory=list)
+    mask_path: set[str] = field(default_factory=set)
+    num_layers: int = 0
+    embedding_params: int = 0
+
+    def layer_of(self, node: str) -> int | None:
+        for w in self.weight_matmuls:
+            if w.node == node:
+                return w.layer
+        return None
+
+    def body_matmuls(self) -> list[WeightMatMul]:
+        """Weight MatMuls other than the lm_head."""
+        return [w for w in self.weight_matmuls if w.node != self.lm_head]
+
+
+def name_scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                value = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(v) for v in value] if isinstance(value, list) else []
+    return []
+
+
+def _module_and_layer(node: onnx.NodeProto) -> tuple[str, int | None]:
+    scopes = name_scopes(node)
+    module = scopes[-2] if len(scopes) >= 2 else ""
+    for scope in reversed(scopes):
+        m = _LAYER_RE.search(scope + ".")
+        if m:
+            return module, int(m.group(1))
+    return module, None
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` node outputs of the main graph, by name."""
+    consts = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    return consts
+
+
+def analyze(model: onnx.ModelProto) -> GraphFacts:
+    """Collect the facts above from a decoder graph (weights are read only for their shapes)."""
+    graph = model.graph
+    consts = constant_values(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    facts = GraphFacts()
+    for n in graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2:
+            b = consts.get(n.input[1])
+            if b is not None and len(b.dims) == 2:
+                module, layer = _module_and_layer(n)
+                facts.weight_matmuls.append(
+                    WeightMatMul(n.name, n.input[1], int(b.dims[0]), int(b.dims[1]), layer, module)
+                )
+            elif b is None and n.input[0] not in consts:
+                facts.activation_matmuls.append(n.name)
+        elif n.op_type == "Gather" and n.input[0] in consts:
+            table = consts[n.input[0]]
+            if len(table.dims) == 2 and table.dims[0] > 1:
+                facts.embedding_gathers.append(n.name)
+                facts.embedding_params += int(np.prod(table.dims))
+    facts.lm_head = _find_lm_head(graph, producer, consts)
+    layers = [w.layer for w in facts.weight_matmuls if w.layer is not None]
+    facts.num_layers = max(layers) + 1 if layers else 0
+    facts.mask_path = _mask_path(graph, consumers)
+    return facts
+
+
+def _find_lm_head(graph, producer, consts) -> str | None:
+    outputs = [o.name for o in graph.output if o.name == "logits"] or [graph.output[0].name]
+    name, hops = outputs[0], 0
+    while name in producer and hops < 8:
+        node = producer[name]
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in consts:
+            return node.name
+        if node.op_type not in _LOGIT_PASSTHROUGH:
+            return None
+        dynamic = [i for i in node.input if i and i not in consts]
+        if len(dynamic) != 1:
+            return None
+        name, hops = dynamic[0], hops + 1
+    return None
+
+
+def _mask_path(graph, consumers) -> set[str]:
+    """Nodes reached from ``attention_mask`` before (and including) a Softmax."""
+    seen: set[str] = set()
+    frontier = [i.name for i in graph.input if i.name == "attention_mask"]
+    visited_tensors: set[str] = set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in visited_tensors:
+            continue
+        visited_tensors.add(tensor)
+        for node in consumers.get(tensor, []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in ("Softmax", "MatMul", "MatMulNBits", "GroupQueryAttention",
+                                "MultiHeadAttention", "Attention"):
+                continue  # the mask ends here; what follows is ordinary activations
+            frontier.extend(o for o in node.output if o)
+    return seen
+
+
+def split_gemms(model: onnx.ModelProto) -> int:
+    """Rewrite ``Gemm(A, B, C)`` with constant 2-D ``B`` as ``MatMul`` + ``Add`` (in place).
+
+    ONNX Runtime's weight-only quantizer handles MatMul only; GPT-2's projections export
+    as Gemm. Returns how many were rewritten.
+    """
+    consts = {i.name: i for i in model.graph.initializer}
+    new_nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        b = consts.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if (
+            b is None or len(b.dims) != 2 or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+        ):
+            new_nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            arr = numpy_helper.to_array(b).T.copy()
+            weight = node.input[1] + "_T"
+            model.graph.initializer.append(numpy_helper.from_array(arr, weight))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        mm = onnx.helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name + "_mm")
+        mm.metadata_props.extend(node.metadata_props)
+        new_nodes.append(mm)
+        if has_bias:
+            new_nodes.append(onnx.helper.make_node(
+                "Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count

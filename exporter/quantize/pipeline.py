@@ -1,0 +1,196 @@
+"""Quantize inside an artifact's staging directory, measure it, and enforce the quality gate.
+
+Used by ``slmedge export --quant`` (after the fp32 graph passed the parity gate) and by
+``slmedge quantize ARTIFACT`` (from an existing fp32 artifact, no re-export). The fp32
+graph is the reference of the quality card; a candidate whose perplexity rises by more
+than ``max_ppl_increase`` percent is refused with :class:`QualityGateFailed` (exit 3),
+and since everything happens in the staging directory nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
+from slmedge.runtimes.errors import QualityGateFailed, UsageError
+
+from ..manifest import onnx_facts, write_manifest
+from ..quality import QualitySettings, artifact_card
+from ..staging import check_output, staged_directory
+from .auto import candidates
+from .core import copy_support_files, quantize_model
+from .graph import analyze, split_gemms
+from .recipe import QuantRecipe
+
+Say = Callable[[str], None]
+MODEL_FILE = "model.onnx"
+
+
+class QualityConfig(BaseModel):
+    """The quality card's inputs and the gate on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_ppl_increase: float = Field(5.0, ge=0, description="gate: allowed perplexity rise, percent")
+    auto: bool = Field(False, description="try recipes from the smallest up; keep the smallest "
+                       "inside the gate")
+    eval_text: Path | None = Field(None, description="evaluation text; default eval_mansfield_park.txt")
+    eval_tokens: int = Field(4096, ge=2, description="score the first N tokens of the text")
+    new_tokens: int = Field(64, ge=1, description="greedy tokens per prompt for agreement")
+    threads: int | None = Field(None, ge=1, description="ORT threads while measuring")
+
+    def settings(self) -> QualitySettings:
+        return QualitySettings(eval_text=self.eval_text, eval_tokens=self.eval_tokens,
+                               new_tokens=self.new_tokens)
+
+
+def fp32_card(model_path: Path, tokenizer_dir: Path, quality: QualityConfig,
+              say: Say = lambda _m: None) -> dict:
+    """The short card of an unquantized export: its perplexity (its reference is itself)."""
+    card = artifact_card(model_path, tokenizer_dir, quality.settings(), threads=quality.threads,
+                         progress=say)
+    if card is None:
+        return {"skipped": "no evaluation text found; pass --eval-text FILE"}
+    return card.to_dict()
+
+
+def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: QualityConfig,
+             out_name: str, say: Say) -> tuple[dict, dict, Path]:
+    out = stage / out_name
+    say(f"quantizing: {recipe.label()}")
+    report = quantize_model(reference, out, recipe, tokenizer_dir=stage, say=say)
+    card = artifact_card(out, stage, quality.settings(), reference_model=reference,
+                         threads=quality.threads, progress=say)
+    if card is None:
+        raise UsageError(
+            "a quantized artifact needs an evaluation text for its quality card and gate; "
+            "none was found: pass --eval-text FILE"
+        )
+    say(f"{recipe.label()}: {card.summary()}")
+    return report.to_dict(), card.to_dict(), out
+
+
+def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
+                      say: Say = lambda _m: None, reference: Path | None = None) -> dict:
+    """Replace ``stage/model.onnx`` (fp32) by its quantized form; return manifest fields.
+
+    ``reference``: the fp32 graph to quantize and compare with (default: the stage's own
+    model.onnx, which is then replaced).
+    """
+    reference = reference or stage / MODEL_FILE
+    limit = quality.max_ppl_increase
+    if quality.auto:
+        model = onnx.load(str(reference), load_external_data=False)
+        split_gemms(model)
+        ladder = candidates(recipe, analyze(model))
+        del model
+        say(f"--auto: {len(ladder)} candidate recipes, smallest first")
+    else:
+        ladder = [(recipe, None)]
+    tried = []
+    chosen = None
+    for i, (cand, estimate) in enumerate(ladder):
+        report, card, path = _attempt(reference, stage, cand, quality, f"candidate-{i}.onnx", say)
+        passed = card["ppl_increase_pct"] <= limit
+        tried.append({
+            "label": cand.label(),
+            "estimated_mb": round(estimate / 1e6, 2) if estimate is not None else None,
+            "size_mb": round(path.stat().st_size / 1e6, 2),
+            "perplexity": round(card["perplexity"], 4),
+            "ppl_increase_pct": round(card["ppl_increase_pct"], 3),
+            "kl_mean": round(card["kl_mean"], 5),
+            "passed": passed,
+        })
+        if passed:
+            chosen = (cand, report, card, path)
+            break
+        path.unlink()
+    if chosen is None:
+        last = tried[-1]
+        what = (f"none of the {len(tried)} recipes tried" if quality.auto
+                else f"recipe {last['label']}")
+        raise QualityGateFailed(
+            f"quality gate failed: {what} stays within +{limit:g}% perplexity "
+            f"(best: {min(t['ppl_increase_pct'] for t in tried):+.2f}%, last: "
+            f"{last['label']} perplexity {last['perplexity']:.3f}, {last['ppl_increase_pct']:+.2f}%); "
+            "nothing was written. Keep lm_head / more layers in higher precision, use a smaller "
+            "--block-size, try --auto, or raise --max-ppl-increase",
+            {"max_ppl_increase": limit, "tried": tried},
+        )
+    cand, report, card, path = chosen
+    final = stage / MODEL_FILE
+    if reference == final:
+        for stale in (final, final.with_name(MODEL_FILE + ".data")):
+            if stale.exists():
+                stale.unlink()
+    os.replace(path, final)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        raise UsageError("quantized graphs above 2 GB are not supported yet")
+    return {
+        "quantization": report,
+        "quality": card,
+        "gate": {"max_ppl_increase_pct": limit, "passed": True, "auto": quality.auto,
+                 "tried": tried},
+    }
+
+
+def quantize_artifact(
+    source: Path,
+    output: Path,
+    recipe: QuantRecipe,
+    quality: QualityConfig = QualityConfig(),
+    *,
+    overwrite: bool = False,
+    say: Say = lambda _m: None,
+) -> dict:
+    """``slmedge quantize``: a quantized artifact from an fp32 one; returns its manifest."""
+    art = open_artifact(source)
+    if not art.manifest:
+        raise UsageError(f"'{source}' is a bare model file; pass an artifact directory written by "
+                         "slmedge export")
+    src_recipe = art.manifest.get("recipe", {})
+    if src_recipe.get("quant"):
+        raise UsageError(
+            f"'{source}' is already quantized ({src_recipe['quant']}); quantize the fp32 "
+            "artifact it was made from"
+        )
+    check_output(Path(output), overwrite)
+    model_files = {MODEL_FILE}
+    with staged_directory(Path(output), overwrite) as stage:
+        copy_support_files(art.root, stage, skip={MANIFEST_NAME, art.model_path.name,
+                                                  art.model_path.name + ".data"})
+        fields = quantize_in_stage(stage, recipe, quality, say, reference=art.model_path)
+        m = art.manifest
+        manifest = write_manifest(stage, {
+            "format": "onnx",
+            "model_file": MODEL_FILE,
+            "source": m.get("source"),
+            "derived_from": {
+                "artifact": str(Path(source).resolve()),
+                "manifest_sha256": sha256_file(art.root / MANIFEST_NAME),
+                "model_sha256": sha256_file(art.model_path),
+                "recipe": src_recipe,
+                "quality": m.get("quality"),
+            },
+            "architecture": m.get("architecture"),
+            "recipe": {**src_recipe, "quant": fields["quantization"]["label"]},
+            "io": m.get("io"),
+            "onnx": onnx_facts(stage / MODEL_FILE),
+            "stop_token_ids": m.get("stop_token_ids"),
+            **fields,
+            "verification": {**(m.get("verification") or {}),
+                             "parity_note": "parity was checked on the fp32 source artifact; the "
+                             "quantized graph is measured by the quality card"},
+        }, model_files)
+    return manifest
+
+
+def load_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST_NAME).read_text())

@@ -1,0 +1,147 @@
+"""Quantization recipes: typed, validated, and written into the manifest as they were applied.
+
+A recipe says *what* to do (scheme, bits, block size, algorithm, which tensors keep a
+higher precision); :mod:`.weight_only`, :mod:`.dynamic` and :mod:`.static` turn it into
+calls of ``onnxruntime.quantization``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class QuantScheme(str, Enum):
+    """The four families ``--quant`` offers."""
+
+    int4 = "int4"  # weight-only MatMulNBits, 4-bit blocks
+    int8 = "int8"  # int8 weights, activations quantized at run time
+    int8_static = "int8-static"  # QDQ, activations calibrated on text
+    a16w8 = "a16w8"  # QDQ, 16-bit activations, 8-bit weights (NPUs such as QNN HTP)
+
+
+class Int4Algorithm(str, Enum):
+    """How 4-bit weights are chosen (all from ``onnxruntime.quantization.matmul_nbits_quantizer``)."""
+
+    rtn = "rtn"  # round to nearest, min/max per block (MLAS C++ kernel)
+    hqq = "hqq"  # half-quadratic quantization: optimizes scale/zero per block, no data
+    k_quant = "k_quant"  # llama.cpp-style search of the scale per block, no data
+    gptq = "gptq"  # Hessian-aware rounding from calibration activations (slow)
+
+
+class Int8Format(str, Enum):
+    """The int8 kernel family."""
+
+    nbits = "nbits"  # MatMulNBits bits=8, block-wise weights; int8 compute at accuracy level 4
+    qoperator = "qoperator"  # quantize_dynamic: DynamicQuantizeMatMul / MatMulInteger, per-channel
+
+
+class TensorPrecision(str, Enum):
+    """Precision of the embedding table or the ``lm_head`` weight."""
+
+    float = "float"  # as exported (fp32 / fp16)
+    int8 = "int8"
+    int4 = "int4"
+
+
+class CalibrationMethod(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class CalibrationConfig(BaseModel):
+    """Calibration text and how much of it the reader feeds (static QDQ and GPTQ)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Path | None = Field(None, description="UTF-8 text file; default: the shared calib_emma.txt")
+    method: CalibrationMethod = Field(CalibrationMethod.minmax, description="range estimator")
+    percentile: float = Field(99.999, gt=90, le=100, description="for method=percentile")
+    prefill_samples: int = Field(8, ge=1, description="prompt chunks fed with an empty cache")
+    decode_samples: int = Field(24, ge=0, description="one-token steps fed with a real cache")
+    prefill_tokens: int = Field(128, ge=2, description="length of each prompt chunk")
+    max_past: int = Field(384, ge=1, description="longest KV cache a decode sample carries")
+    seed: int = Field(0, description="picks the text offsets and cache lengths")
+
+
+class QuantRecipe(BaseModel):
+    """Everything one quantization run needs; recorded verbatim in the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: QuantScheme = Field(..., description="int4 | int8 | int8-static | a16w8")
+    # int4
+    block_size: int = Field(32, description="int4/nbits weights per scale (16/32/64/128/256)")
+    symmetric: bool = Field(False, description="int4: no zero point (signed 4-bit)")
+    algorithm: Int4Algorithm = Field(Int4Algorithm.rtn, description="int4 weight rounding")
+    accuracy_level: int = Field(
+        4, ge=0, le=4,
+        description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
+    )
+    # int8
+    int8_format: Int8Format = Field(Int8Format.nbits, description="int8 kernel family")
+    # tensors chosen separately
+    lm_head: TensorPrecision | None = Field(
+        None, description="lm_head weight precision; default: int8 (int4/int8), float (static)"
+    )
+    embedding: TensorPrecision = Field(
+        TensorPrecision.float, description="embedding table precision (int4: GatherBlockQuantized)"
+    )
+    keep_layers: list[int] = Field(
+        default_factory=list,
+        description="decoder layers whose weights stay at int8 (int4 scheme) or float (others)",
+    )
+    # static
+    per_channel: bool = Field(True, description="static: one weight scale per output channel")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        if self.scheme is not QuantScheme.int4:
+            if self.lm_head is TensorPrecision.int4:
+                raise ValueError(f"lm_head int4 needs scheme int4, not {self.scheme.value}")
+            if self.algorithm is not Int4Algorithm.rtn:
+                raise ValueError(f"algorithm {self.algorithm.value} applies to int4 only")
+        if self.algorithm is Int4Algorithm.hqq and self.symmetric:
+            raise ValueError("hqq computes a zero point per block: it cannot be symmetric")
+        if self.embedding is TensorPrecision.int8:
+            raise ValueError(
+                "embedding int8 is not offered: ONNX Runtime's GatherBlockQuantized quantizer "
+                "writes 4 bits; choose float or int4"
+            )
+        if self.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) and self.lm_head not in (
+            None, TensorPrecision.float, TensorPrecision.int8,
+        ):
+            raise ValueError("static schemes keep lm_head float or int8")
+        return self
+
+    @property
+    def lm_head_precision(self) -> TensorPrecision:
+        if self.lm_head is not None:
+            return self.lm_head
+        if self.scheme in (QuantScheme.int4, QuantScheme.int8):
+            return TensorPrecision.int8
+        return TensorPrecision.float
+
+    def label(self) -> str:
+        """A short human name, e.g. ``int4-rtn-b32-asym-head8``."""
+        parts = [self.scheme.value]
+        if self.scheme is QuantScheme.int4:
+            parts += [self.algorithm.value, f"b{self.block_size}",
+                      "sym" if self.symmetric else "asym"]
+        elif self.scheme is QuantScheme.int8:
+            parts.append(self.int8_format.value)
+        else:
+            parts.append(self.calibration.method.value)
+        head = self.lm_head_precision
+        parts.append({"float": "headf", "int8": "head8", "int4": "head4"}[head.value])
+        if self.embedding is not TensorPrecision.float:
+            parts.append(f"emb{self.embedding.value[3:]}")
+        if self.keep_layers:
+            parts.append("keep" + "_".join(map(str, self.keep_layers)))
+        return "-".join(parts)

@@ -1,0 +1,165 @@
+"""Static QDQ quantization (int8, and 16-bit activations for NPUs) with ONNX Runtime's tools.
+
+Which ops are quantized is decided per op type (``OP_POLICY``) plus one graph fact:
+the *mask path* (the ``attention_mask`` arithmetic, the Add of the -3.4e38 mask to the
+attention scores, and the Softmax) stays float in every scheme, because the mask
+constants stretch any integer range until the real scores round to one value
+(DESIGN.md: a tiny Llama with every op int8 fell to cosine 0.68; FC-only gave 0.998).
+The decisions are returned as a table that goes into the manifest.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from .graph import GraphFacts
+from .recipe import CalibrationMethod, QuantRecipe, QuantScheme, TensorPrecision
+
+Say = Callable[[str], None]
+
+#: op type -> (int8-static decision, a16w8 decision, why). "weights" = weight MatMuls only.
+OP_POLICY: dict[str, tuple[str, str, str]] = {
+    "MatMul": ("weights", "all",
+               "int8: weight MatMuls (per-channel weights, uint8 activations); attention "
+               "MatMuls stay float. a16w8: every MatMul, 16-bit activations"),
+    "Gather": ("float", "quantize", "int8: embedding stays float (lookup, no compute to save)"),
+    "Add": ("float", "quantize", "residual/bias adds: 16-bit in a16w8; the mask Add is on the mask path"),
+    "Mul": ("float", "quantize", "norm scale, rotary, gating: 16-bit in a16w8"),
+    "Sub": ("float", "quantize", ""),
+    "Div": ("float", "quantize", ""),
+    "Neg": ("float", "quantize", "rotary half-rotation"),
+    "Sigmoid": ("float", "quantize", "SiLU"),
+    "Tanh": ("float", "quantize", "GELU (tanh form)"),
+    "Pow": ("float", "quantize", "RMSNorm x^2: int8 ranges fail here (DESIGN.md), 16-bit kept"),
+    "ReduceMean": ("float", "quantize", "RMSNorm mean"),
+    "Sqrt": ("float", "quantize", "RMSNorm"),
+    "Reciprocal": ("float", "quantize", "RMSNorm"),
+    "LayerNormalization": ("float", "quantize", "norms never int8"),
+    "SimplifiedLayerNormalization": ("float", "float", "contrib op: no QDQ form"),
+    "Softmax": ("float", "float", "follows the mask Add; stays float (mask path)"),
+    "Concat": ("float", "quantize", "KV-cache concat: 16-bit in a16w8"),
+    "Transpose": ("float", "quantize", "data movement"),
+    "Reshape": ("float", "quantize", "data movement"),
+    "Slice": ("float", "quantize", "data movement"),
+    "Expand": ("float", "quantize", "data movement"),
+    "Unsqueeze": ("float", "quantize", "data movement"),
+    "Squeeze": ("float", "quantize", "data movement"),
+    "Split": ("float", "quantize", "data movement"),
+}
+MASK_PATH_REASON = "on the attention-mask path (mask arithmetic, mask Add, Softmax): float"
+
+
+def _calib_method(method: CalibrationMethod):
+    from onnxruntime.quantization import CalibrationMethod as OrtMethod
+
+    return {CalibrationMethod.minmax: OrtMethod.MinMax, CalibrationMethod.entropy: OrtMethod.Entropy,
+            CalibrationMethod.percentile: OrtMethod.Percentile}[method]
+
+
+def _calib_extra(recipe: QuantRecipe) -> dict:
+    cal = recipe.calibration
+    extra = {}
+    if cal.method is CalibrationMethod.percentile:
+        extra["CalibPercentile"] = cal.percentile
+    if cal.method is not CalibrationMethod.minmax:
+        extra["CalibTensorRangeSymmetric"] = False
+    return extra
+
+
+def plan_static(model: onnx.ModelProto, facts: GraphFacts, recipe: QuantRecipe) -> tuple[list[str], dict]:
+    """The nodes to quantize and the per-op-type decision table (for the manifest)."""
+    a16 = recipe.scheme is QuantScheme.a16w8
+    keep = set(recipe.keep_layers)
+    float_weights = {w.node for w in facts.body_matmuls() if w.layer in keep}
+    if facts.lm_head and recipe.lm_head_precision is TensorPrecision.float:
+        float_weights.add(facts.lm_head)
+    weight_nodes = {w.node for w in facts.weight_matmuls}
+    chosen: list[str] = []
+    table: dict[str, dict] = {}
+    for node in model.graph.node:
+        op = node.op_type
+        int8_rule, a16_rule, why = OP_POLICY.get(op, ("float", "float", "not in the policy: float"))
+        rule = a16_rule if a16 else int8_rule
+        if node.name in facts.mask_path:
+            decision, reason = "float", MASK_PATH_REASON
+        elif node.name in float_weights:
+            decision, reason = "float", "kept float by the recipe (lm_head / keep_layers)"
+        elif rule == "weights":
+            decision = "quantized" if node.name in weight_nodes else "float"
+            reason = why
+        elif rule in ("all", "quantize"):
+            decision, reason = "quantized", why
+        else:
+            decision, reason = "float", why
+        if decision == "quantized":
+            chosen.append(node.name)
+        row = table.setdefault(op, {"quantized": 0, "float": 0, "reasons": []})
+        row[decision] += 1
+        if reason and reason not in row["reasons"]:
+            row["reasons"].append(reason)
+    return chosen, table
+
+
+def quantize_static_qdq(
+    src: Path,
+    dst: Path,
+    facts: GraphFacts,
+    recipe: QuantRecipe,
+    reader,
+    *,
+    say: Say = lambda _m: None,
+) -> dict:
+    """int8-static or a16w8 QDQ quantization of ``src`` into ``dst``; returns the op table."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src), load_external_data=False)
+    nodes, table = plan_static(model, facts, recipe)
+    del model
+    a16 = recipe.scheme is QuantScheme.a16w8
+    extra = {
+        # Weight MatMuls: DQ(act) + DQ(weight) -> MatMul with a float output, which ORT's CPU
+        # provider turns into MatMulIntegerToFloat; a Q/DQ on the output would add error only.
+        "OpTypesToExcludeOutputQuantization": [] if a16 else ["MatMul"],
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        "MatMulConstBOnly": not a16,
+        "ForceQuantizeNoInputCheck": a16,
+        # 16-bit Q/DQ needs opset 21, or the com.microsoft Q/DQ ops below it.
+        "UseQDQContribOps": a16,
+        "ActivationSymmetric": False,
+        "WeightSymmetric": True,
+        **_calib_extra(recipe),
+    }
+    say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
+        f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
+    quantize_static(
+        str(src), str(dst), reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=sorted({op for op, row in table.items() if row["quantized"]}),
+        nodes_to_quantize=nodes,
+        per_channel=recipe.per_channel,
+        activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=_calib_method(recipe.calibration.method),
+        extra_options=extra,
+    )
+    return table
+
+
+def qdq_summary(model_path: Path) -> dict:
+    """Count Q/DQ nodes and which op types consume a dequantized input (for tests/manifest)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumed = Counter()
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+               for i in n.input):
+            consumed[n.op_type] += 1
+    ops = Counter(n.op_type for n in model.graph.node)
+    return {"quantize_linear": ops["QuantizeLinear"], "dequantize_linear": ops["DequantizeLinear"],
+            "ops_with_dq_inputs": dict(sorted(consumed.items()))}

@@ -1,0 +1,183 @@
+"""Weight-only quantization to ``MatMulNBits`` (4 or 8 bits) with ONNX Runtime's quantizer.
+
+Each group of nodes that needs a different setting (the body, the ``lm_head``, layers
+kept at a higher precision, the embedding) is one pass of
+``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` with every
+other MatMul excluded. The quantizer's own numerics are used as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import onnx
+
+from .graph import GraphFacts
+from .recipe import Int4Algorithm, QuantRecipe, TensorPrecision
+
+Say = Callable[[str], None]
+
+
+def _quiet_ort_quantizer() -> None:
+    # matmul_nbits_quantizer logs one INFO line per node through logging.basicConfig; keep
+    # stderr readable (our progress callback reports what matters).
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer",
+                 "onnxruntime.quantization.neural_compressor.weight_only"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _matmul_names(model: onnx.ModelProto) -> set[str]:
+    return {n.name for n in model.graph.node if n.op_type == "MatMul"}
+
+
+def _run_nbits(
+    model: onnx.ModelProto,
+    targets: set[str],
+    *,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    accuracy_level: int,
+    algorithm: Int4Algorithm = Int4Algorithm.rtn,
+    calibration_reader=None,
+) -> onnx.ModelProto:
+    """Quantize exactly the MatMul nodes in ``targets``; return the new model."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    if not targets:
+        return model
+    exclude = sorted(_matmul_names(model) - targets)
+    level = accuracy_level or None
+    if algorithm is Int4Algorithm.rtn or bits == 8:
+        algo = mnq.DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=symmetric, accuracy_level=level,
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=bits,
+        )
+    elif algorithm is Int4Algorithm.hqq:
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits,
+                                            op_types_to_quantize=("MatMul",))
+    elif algorithm is Int4Algorithm.k_quant:
+        algo = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    else:  # gptq
+        algo = mnq.GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=calibration_reader, block_size=128,
+            op_types_to_quantize=("MatMul",),
+        )
+    hidden = _hide_weights(model, exclude) if algorithm is Int4Algorithm.gptq else {}
+    quantizer = mnq.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=level,
+        nodes_to_exclude=exclude, algo_config=algo,
+    )
+    quantizer.process()
+    out = quantizer.model.model
+    _unhide_weights(out, hidden)
+    if level:
+        # HQQ does not write accuracy_level; the others do. Set it on every MatMulNBits so the
+        # recipe's compute type holds whichever algorithm made the weights.
+        for node in out.graph.node:
+            if node.op_type == "MatMulNBits" and not any(
+                a.name == "accuracy_level" for a in node.attribute
+            ):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    return out
+
+
+_HIDE = "_slmedge_hidden"
+
+
+def _hide_weights(model: onnx.ModelProto, nodes: list[str]) -> dict[str, str]:
+    """Route the weight of each excluded MatMul through an Identity.
+
+    ORT's GPTQ path ignores ``nodes_to_exclude`` (only its RTN path honours it) and
+    quantizes every MatMul whose ``B`` is an initializer; a weight behind an Identity is
+    not one. :func:`_unhide_weights` removes the Identities again.
+    """
+    wanted = set(nodes)
+    hidden = {}
+    for node in model.graph.node:
+        if node.name in wanted and node.op_type == "MatMul":
+            alias = node.input[1] + _HIDE + node.name
+            hidden[alias] = node.input[1]
+            node.input[1] = alias
+    nodes_now = list(model.graph.node)
+    del model.graph.node[:]
+    # Identities first: their inputs are initializers, so the order stays topological.
+    model.graph.node.extend(
+        onnx.helper.make_node("Identity", [src], [alias], name=alias) for alias, src in hidden.items()
+    )
+    model.graph.node.extend(nodes_now)
+    return hidden
+
+
+def _unhide_weights(model: onnx.ModelProto, hidden: dict[str, str]) -> None:
+    if not hidden:
+        return
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.name in hidden)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in hidden:
+                node.input[i] = hidden[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _quantize_embedding(model: onnx.ModelProto, facts: GraphFacts, recipe: QuantRecipe):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    algo = mnq.DefaultWeightOnlyQuantConfig(
+        block_size=recipe.block_size, is_symmetric=recipe.symmetric, op_types_to_quantize=("Gather",),
+        quant_axes=(("Gather", 1),), bits=4,
+    )
+    others = {n.name for n in model.graph.node if n.op_type == "Gather"} - set(facts.embedding_gathers)
+    quantizer = mnq.MatMulNBitsQuantizer(model, nodes_to_exclude=sorted(others), algo_config=algo)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_weight_only(
+    model: onnx.ModelProto,
+    facts: GraphFacts,
+    recipe: QuantRecipe,
+    *,
+    body_bits: int,
+    calibration_reader=None,
+    say: Say = lambda _m: None,
+) -> tuple[onnx.ModelProto, dict]:
+    """int4 (``body_bits=4``) or int8-nbits (``body_bits=8``) weight-only quantization.
+
+    Returns the model and a dict ``node -> precision`` for every weight MatMul.
+    """
+    _quiet_ort_quantizer()
+    keep = set(recipe.keep_layers)
+    head = facts.lm_head
+    body = {w.node for w in facts.body_matmuls() if w.layer not in keep}
+    kept = {w.node for w in facts.body_matmuls() if w.layer in keep}
+    head_prec = recipe.lm_head_precision
+    precision: dict[str, str] = {}
+    first = set(body)
+    if head and head_prec.value == f"int{body_bits}":
+        first.add(head)
+    common = dict(block_size=recipe.block_size, symmetric=recipe.symmetric,
+                  accuracy_level=recipe.accuracy_level)
+    say(f"{len(first)} MatMuls -> MatMulNBits {body_bits}-bit ({recipe.algorithm.value if body_bits == 4 else 'rtn'})")
+    model = _run_nbits(model, first, bits=body_bits, algorithm=recipe.algorithm,
+                       calibration_reader=calibration_reader, **common)
+    precision.update({n: f"int{body_bits}" for n in first})
+    second = set()
+    if body_bits == 4:
+        second |= kept  # sensitive layers one step up: int8
+    if head and head_prec is TensorPrecision.int8 and head not in first:
+        second.add(head)
+    if second:
+        say(f"{len(second)} MatMuls -> MatMulNBits 8-bit (lm_head / kept layers)")
+        model = _run_nbits(model, second, bits=8, **common)
+        precision.update({n: "int8" for n in second})
+    for w in facts.weight_matmuls:
+        precision.setdefault(w.node, "float")
+    if recipe.embedding is TensorPrecision.int4 and facts.embedding_gathers:
+        say(f"embedding -> GatherBlockQuantized int4 (block {recipe.block_size})")
+        model = _quantize_embedding(model, facts, recipe)
+        precision.update({g: "int4" for g in facts.embedding_gathers})
+    return model, precision
