@@ -210,6 +210,8 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from slmedge.runtimes.bench import BenchConfig, run_bench
 
+    from .cli_runner import bench_options, bench_text, run_on_target
+
     try:
         config = BenchConfig(
             prompt_tokens=args.prompt_tokens,
@@ -217,12 +219,16 @@ def cmd_bench(args) -> int:
             threads=args.threads,
             warmup=args.warmup,
             repeats=args.repeats,
+            **bench_options(args),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
     progress = Progress()
     try:
-        result = run_bench(args.artifact, config, progress=progress.say)
+        if args.target:
+            result = run_on_target(args, config, progress.say)
+        else:
+            result = run_bench(args.artifact, config, progress=progress.say)
     finally:
         progress.close()
     if args.output:
@@ -237,6 +243,7 @@ def cmd_bench(args) -> int:
             f"p99 {result['decode_ms_p99']:.1f} ms) | peak RSS {result['peak_rss_mb']:.0f} MB | "
             f"size {result['model_size_mb']:.1f} MB"
         )
+        print(bench_text(result))
     return EXIT_OK
 
 
@@ -245,7 +252,7 @@ def cmd_bench(args) -> int:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli"]
+COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli", "slmedge.tools.cli_runner"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", help="also write the JSON result to this file")
+    p.add_argument("--target", help="run there: ssh://[user@]host[:port][/dir] or "
+                   "adb://[SERIAL][/dir] (default: here); more flags: tools/cli_runner.py")
     p.set_defaults(func=cmd_bench)
 
     import importlib
