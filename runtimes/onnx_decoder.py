@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ArtifactError
+from .kv_buffer import SharedKVBuffer, shared_kv_max_length
 from .providers import create_session, placement_of
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -135,6 +136,15 @@ class OnnxDecoder:
         self._io = self.session.io_binding()
         self._past: list[ort.OrtValue] = []
         self._length = 0
+        # A fused graph (GroupQueryAttention) keeps its cache in one preallocated buffer
+        # bound as both past and present (runtimes.kv_buffer); it may also take
+        # `logits_to_keep` (0 = every position, 1 = the last one only).
+        self._shared = None
+        self.has_logits_to_keep = "logits_to_keep" in inputs
+        max_length = shared_kv_max_length(self.session) if self.past_names else None
+        if max_length is not None:
+            self._shared = SharedKVBuffer(self.past_names, self.present_names, self.kv.kv_heads,
+                                          self.kv.head_dim, self.kv.dtype, max_length)
         self.reset()
 
     @property
@@ -147,6 +157,9 @@ class OnnxDecoder:
 
     def reset(self) -> None:
         """Forget the cached sequence; the next :meth:`step` starts a new one."""
+        if self._shared is not None:  # stale entries past `length` are never read
+            self._length = 0
+            return
         empty = np.zeros((1, self.kv.kv_heads, 0, self.kv.head_dim), dtype=self.kv.dtype)
         self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
         self._length = 0
@@ -164,14 +177,21 @@ class OnnxDecoder:
         if self.has_position_ids:
             pos = np.arange(self._length, total, dtype=np.int64).reshape(1, n)
             io.bind_cpu_input("position_ids", pos)
-        for name, value in zip(self.past_names, self._past):
-            io.bind_ortvalue_input(name, value)
+        if self.has_logits_to_keep:
+            io.bind_cpu_input("logits_to_keep", np.array(0 if all_logits else 1, dtype=np.int64))
         io.bind_output("logits", "cpu")
-        for name in self.present_names:
-            io.bind_output(name, "cpu")
+        if self._shared is not None:
+            self._shared.ensure(total, self._length)
+            self._shared.bind(io)
+        else:
+            for name, value in zip(self.past_names, self._past):
+                io.bind_ortvalue_input(name, value)
+            for name in self.present_names:
+                io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
-        self._past = list(outs[1:])
+        if self._shared is None:
+            self._past = list(outs[1:])
         self._length = total
         logits = outs[0].numpy()[0]
         return logits if all_logits else logits[-1]

@@ -1,0 +1,497 @@
+"""Attention -> ``com.microsoft.GroupQueryAttention`` with a shareable KV buffer.
+
+The exporter's attention (transformers' SDPA path as ``torch.onnx`` writes it) is, per
+layer::
+
+      Xq [B,S,H,D]         Xk [B,S,Hkv,D]                Xv [B,S,Hkv,D]
+         |                    |                             |
+     Transpose            Transpose                     Transpose
+     [q_norm]             [k_norm]                          |
+     [rotary(cos,sin)]    [rotary(cos,sin)]                 |
+         |     past_k --> Concat --> present_k   past_v --> Concat --> present_v
+         |                    |                             |
+         |              [repeat_kv: Unsqueeze                |
+         |               Expand Reshape]              [repeat_kv]
+      Mul(c_q)          K^T (Transpose, or                  |
+         |              Reshape Transpose Reshape)          |
+         |              Mul(c_k)                            |
+          \              /                                  |
+            MatMul                                          |
+              |                                             |
+           [Add(mask)]                                      |
+              |                                             |
+           Softmax                                          |
+           [IsNaN -> Where(0)]                              |
+                    \                                      /
+                                 MatMul
+                                   |
+                     [Reshape] Transpose(0,2,1,3)
+                                   |
+                             Reshape [B,S,H*D]  --> out
+
+and becomes::
+
+   Reshape(Xq)  Reshape(Xk)  Reshape(Xv)  past_k  past_v  seqlens_k  total_len  cos  sin
+        \___________________________ GroupQueryAttention ___________________________/
+                                |            |            |
+                               out       present_k    present_v
+
+- rotary moves into GQA (``do_rotary=1``): its cos/sin caches are the graph's own cos/sin
+  subgraph evaluated at positions ``0..max_sequence_length-1``;
+- a q/k norm applied after the transpose (Gemma 3) is applied before it instead (it
+  normalizes the last axis, which the transpose does not move);
+- ``seqlens_k`` (total length - 1, int32) and ``total_sequence_length`` come from the
+  ``attention_mask`` input, so the graph's inputs stay the same as the plain graph's;
+- GQA's mask is causal (plus ``local_window_size`` for sliding-window layers), which is
+  what the exporter's mask is for an all-ones ``attention_mask`` (batch 1, no padding).
+
+With past and present bound to the same buffer (``[1, Hkv, capacity, D]``) GQA writes the
+new keys/values in place: the runtime keeps one preallocated cache and copies nothing
+between steps. With distinct buffers it concatenates, so the plain runtime still works.
+
+All layers are fused or none: a graph with some layers left unfused would need both
+cache contracts at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ._base import MS_DOMAIN, FusionPass, attr, constant, ints, make_initializer, producer, scalar
+
+_PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+
+
+class NoMatch(Exception):
+    """Why a candidate attention is not fused."""
+
+
+@dataclass
+class _Rotary:
+    x: ir.Value  # input of the rotary subgraph (BNSH)
+    cos: ir.Value  # [B,1,S,D] (or broadcastable) cos as the graph computes it
+    sin: ir.Value
+
+
+@dataclass
+class _Side:
+    """One of q / k / v, traced back to its [B,S,heads,D] tensor."""
+
+    x4: ir.Value  # [B,S,heads,D] before the transpose to BNSH
+    norm: ir.Node | None = None  # SimplifiedLayerNormalization applied after the transpose
+    rotary: _Rotary | None = None
+
+
+@dataclass
+class _Match:
+    layer: int
+    q: _Side
+    k: _Side
+    v: _Side
+    past_k: ir.Value
+    past_v: ir.Value
+    present_k: ir.Value
+    present_v: ir.Value
+    out: ir.Value  # [B,S,H*D]
+    mask: ir.Value | None
+    scale: float
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    anchor: ir.Node  # insert the new nodes after this one
+    nodes: list[ir.Node] = field(default_factory=list)
+
+
+def _single_consumer(value: ir.Value) -> ir.Node | None:
+    users = value.consumers()
+    return users[0] if len(users) == 1 and not value.is_graph_output() else None
+
+
+def _static_dims(value: ir.Value, rank: int) -> list:
+    shape = value.shape
+    if shape is None or shape.rank() != rank:
+        raise NoMatch(f"{value.name}: unknown shape or not of rank {rank}")
+    return [d if isinstance(d, int) else None for d in shape]
+
+
+def _through_transpose_bnsh(value: ir.Value, what: str) -> ir.Value:
+    node = producer(value, "Transpose")
+    if node is None or list(attr(node, "perm", [])) != [0, 2, 1, 3]:
+        raise NoMatch(f"{what}: expected Transpose(perm=[0,2,1,3]) before {value.name}")
+    return node.inputs[0]
+
+
+def _match_rotary(value: ir.Value) -> _Rotary | None:
+    """``x*cos + concat(-x[..., D/2:], x[..., :D/2])*sin`` (rotate_half, not interleaved)."""
+    add = producer(value, "Add")
+    if add is None:
+        return None
+    muls = [producer(v, "Mul") for v in add.inputs]
+    if any(m is None for m in muls):
+        return None
+    for rot_mul, plain_mul in (muls, muls[::-1]):
+        for i in (0, 1):
+            concat = producer(rot_mul.inputs[i], "Concat")
+            if concat is None or len(concat.inputs) != 2:
+                continue
+            neg = producer(concat.inputs[0], "Neg")
+            hi = producer(neg.inputs[0], "Slice") if neg else None
+            lo = producer(concat.inputs[1], "Slice")
+            if hi is None or lo is None or hi.inputs[0] is not lo.inputs[0]:
+                continue
+            x = lo.inputs[0]
+            if x not in plain_mul.inputs:
+                continue
+            lo_start, lo_end = ints(lo.inputs[1]), ints(lo.inputs[2])
+            hi_start = ints(hi.inputs[1])
+            if lo_start != [0] or hi_start is None or lo_end != hi_start:
+                return None
+            dims = x.shape
+            if dims is None or not isinstance(dims[-1], int) or dims[-1] != 2 * hi_start[0]:
+                return None  # partial rotary or unknown head size: not handled
+            cos = plain_mul.inputs[1 - plain_mul.inputs.index(x)]
+            sin = rot_mul.inputs[1 - i]
+            return _Rotary(x, cos, sin)
+    return None
+
+
+def _match_qk_side(value: ir.Value, what: str) -> _Side:
+    """From the q (or new k) tensor in BNSH back to [B,S,heads,D]."""
+    rotary = _match_rotary(value)
+    if rotary is not None:
+        value = rotary.x
+    norm = producer(value, "SimplifiedLayerNormalization")
+    if norm is not None and attr(norm, "axis", -1) in (-1, 3):
+        value = norm.inputs[0]
+    else:
+        norm = None
+    return _Side(_through_transpose_bnsh(value, what), norm, rotary)
+
+
+def _through_repeat_kv(value: ir.Value) -> ir.Value:
+    """``Reshape(Expand(Unsqueeze(x, 2)))`` (transformers' repeat_kv) -> x; else value."""
+    reshape = producer(value, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape else None
+    unsq = producer(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsq is None or ints(unsq.inputs[1]) not in ([2], [-3]):
+        return value
+    return unsq.inputs[0]
+
+
+def _present(value: ir.Value, graph: ir.Graph, what: str) -> tuple[ir.Value, ir.Value, int]:
+    """(past input, present output, layer) of the Concat that appends to the cache."""
+    value = _through_repeat_kv(value)
+    concat = producer(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or attr(concat, "axis") not in (-2, 2):
+        raise NoMatch(f"{what}: {value.name} is not Concat(past, new, axis=-2)")
+    past = concat.inputs[0]
+    m = _PRESENT_RE.match(value.name or "")
+    if not past.is_graph_input() or not value.is_graph_output() or m is None:
+        raise NoMatch(f"{what}: {value.name} is not a present.N.* output of a past input")
+    return past, value, int(m.group(1))
+
+
+def _key_transposed(value: ir.Value) -> ir.Value:
+    """K^T -> K: Transpose(perm=[0,1,3,2]) or torch's Reshape-Transpose(0,2,1)-Reshape."""
+    t = producer(value, "Transpose")
+    if t is not None and list(attr(t, "perm", [])) == [0, 1, 3, 2]:
+        return t.inputs[0]
+    r2 = producer(value, "Reshape")
+    t = producer(r2.inputs[0], "Transpose") if r2 else None
+    r1 = producer(t.inputs[0], "Reshape") if t else None
+    if r1 is None or list(attr(t, "perm", [])) != [0, 2, 1]:
+        raise NoMatch(f"{value.name}: K^T is neither Transpose(0,1,3,2) nor Reshape-Transpose-Reshape")
+    return r1.inputs[0]
+
+
+def _scaled(value: ir.Value) -> tuple[ir.Value, float]:
+    mul = producer(value, "Mul")
+    if mul is not None:
+        for i in (0, 1):
+            c = scalar(mul.inputs[1 - i])
+            if c is not None:
+                return mul.inputs[i], c
+    return value, 1.0
+
+
+def match_attention(softmax: ir.Node, graph: ir.Graph) -> _Match:
+    """Trace one exported attention from its Softmax; raises :class:`NoMatch` with the reason."""
+    if attr(softmax, "axis", -1) not in (-1, 3):
+        raise NoMatch("Softmax is not over the last axis")
+    scores = softmax.inputs[0]
+    mask = None
+    mm = producer(scores, "MatMul")
+    if mm is None:
+        add = producer(scores, "Add")
+        if add is None:
+            raise NoMatch("Softmax input is neither MatMul nor Add(MatMul, mask)")
+        for i in (0, 1):
+            if producer(add.inputs[i], "MatMul"):
+                mm, mask = add.inputs[i].producer(), add.inputs[1 - i]
+                break
+        if mm is None:
+            raise NoMatch("no MatMul(q, k^T) under the mask Add")
+    probs = softmax.outputs[0]
+    users = probs.consumers()
+    if len(users) == 2 and {u.op_type for u in users} == {"IsNaN", "Where"}:
+        where = next(u for u in users if u.op_type == "Where")
+        if where.inputs[2] is not probs:
+            raise NoMatch("unexpected Where after Softmax")
+        probs = where.outputs[0]
+    pv = _single_consumer(probs)
+    if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not probs:
+        raise NoMatch("attention probabilities do not feed one MatMul(p, v)")
+    q_scaled, c_q = _scaled(mm.inputs[0])
+    k_scaled, c_k = _scaled(mm.inputs[1])
+    q = _match_qk_side(q_scaled, "query")
+    past_k, present_k, layer = _present(_key_transposed(k_scaled), graph, "key")
+    past_v, present_v, layer_v = _present(pv.inputs[1], graph, "value")
+    if layer_v != layer:
+        raise NoMatch(f"key of layer {layer} but value of layer {layer_v}")
+    k = _match_qk_side(present_k.producer().inputs[1], "key")
+    v = _Side(_through_transpose_bnsh(present_v.producer().inputs[1], "value"))
+    # The output: [B,H,S,D] -> (Reshape no-op) -> Transpose -> Reshape [B,S,H*D].
+    o = pv.outputs[0]
+    node = _single_consumer(o)
+    if node is not None and node.op_type == "Reshape" and node.outputs[0].shape is not None \
+            and node.outputs[0].shape.rank() == 4:
+        o, node = node.outputs[0], _single_consumer(node.outputs[0])
+    if node is None or node.op_type != "Transpose" or list(attr(node, "perm", [])) != [0, 2, 1, 3]:
+        raise NoMatch("attention output is not transposed back to [B,S,H,D]")
+    final = _single_consumer(node.outputs[0])
+    if final is None or final.op_type != "Reshape" or final.outputs[0].shape is None \
+            or final.outputs[0].shape.rank() != 3:
+        raise NoMatch("attention output is not reshaped to [B,S,H*D]")
+    _, _, num_heads, head_dim = _static_dims(q.x4, 4)
+    _, _, kv_heads, kv_dim = _static_dims(k.x4, 4)
+    if None in (num_heads, head_dim, kv_heads) or kv_dim != head_dim or num_heads % kv_heads:
+        raise NoMatch(f"head layout q={q.x4.shape} k={k.x4.shape} is not static GQA")
+    if _static_dims(v.x4, 4)[2:] != [kv_heads, head_dim]:
+        raise NoMatch("value heads differ from key heads")
+    if (q.rotary is None) != (k.rotary is None):
+        raise NoMatch("rotary on only one of query and key")
+    return _Match(layer, q, k, v, past_k, past_v, present_k, present_v, final.outputs[0], mask,
+                  c_q * c_k, num_heads, kv_heads, head_dim, final)
+
+
+# -- cos/sin caches --------------------------------------------------------------------------
+
+
+def _cone(outputs: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value]]:
+    """Nodes computing ``outputs`` and the graph inputs they read."""
+    seen: set[int] = set()
+    nodes: list[ir.Node] = []
+    inputs: set[ir.Value] = set()
+    stack = list(outputs)
+    while stack:
+        v = stack.pop()
+        if v is None:
+            continue
+        node = v.producer()
+        if node is None:
+            if v.is_graph_input():
+                inputs.add(v)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        stack.extend(node.inputs)
+    return nodes, inputs
+
+
+def evaluate_cos_sin(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's cos/sin at positions ``0..length-1``, as ``[length, D]`` arrays."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes, inputs = _cone([cos, sin])
+    names = {v.name for v in inputs}
+    if names - {"position_ids"}:
+        raise NoMatch(f"cos/sin depend on {sorted(names)}, not only on position_ids")
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    nodes.sort(key=lambda n: order[id(n)])
+    inits = {}
+    for n in nodes:
+        for v in n.inputs:
+            if v is not None and v.const_value is not None and v.producer() is None:
+                inits[v.name] = ir.serde.serialize_tensor(v.const_value)
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in nodes], "cos_sin",
+        [onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, [1, length])],
+        [onnx.helper.make_tensor_value_info(cos.name, onnx.TensorProto.FLOAT, None),
+         onnx.helper.make_tensor_value_info(sin.name, onnx.TensorProto.FLOAT, None)],
+        list(inits.values()),
+    )
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    c, s = sess.run(None, {"position_ids": np.arange(length, dtype=np.int64)[None]})
+    c = np.asarray(c, dtype=np.float32).reshape(length, -1)
+    s = np.asarray(s, dtype=np.float32).reshape(length, -1)
+    half = c.shape[1] // 2
+    if not (np.array_equal(c[:, :half], c[:, half:]) and np.array_equal(s[:, :half], s[:, half:])):
+        raise NoMatch("cos/sin halves differ: not the rotate_half layout")
+    return c[:, :half], s[:, :half]
+
+
+# -- the pass --------------------------------------------------------------------------------
+
+
+class GroupQueryAttentionFusion(FusionPass):
+    """Fuse every layer's attention into one GroupQueryAttention node (all or none).
+
+    ``max_sequence_length``: positions the rotary caches cover (the runtime's KV capacity
+    limit). ``sliding_windows``: layer index -> window (tokens a query sees, itself
+    included) for sliding-window layers; required when layers use different masks.
+    """
+
+    name = "GroupQueryAttention"
+
+    def __init__(self, max_sequence_length: int = 4096, sliding_windows: dict[int, int] | None = None):
+        super().__init__()
+        self.max_sequence_length = max_sequence_length
+        self.sliding_windows = dict(sliding_windows or {})
+        self.rotary = 0
+
+    def fuse(self, model: ir.Model) -> int:
+        graph = model.graph
+        self.rotary = 0
+        softmaxes = [n for n in graph if n.op_type == "Softmax" and not n.domain]
+        if not softmaxes:
+            self.reasons.append("no Softmax: no attention to fuse")
+            return 0
+        matches: list[_Match] = []
+        for node in softmaxes:
+            try:
+                matches.append(match_attention(node, graph))
+            except NoMatch as e:
+                self.reasons.append(f"{node.name}: {e}")
+        if self.reasons:
+            self.reasons.insert(0, f"{len(softmaxes) - len(matches)} of {len(softmaxes)} "
+                                "attentions do not match; none fused")
+            return 0
+        masks = {id(m.mask) for m in matches}
+        if len(masks) > 1 and not self.sliding_windows:
+            self.reasons.append("layers use different attention masks (sliding windows?) and no "
+                                "sliding_windows were given; none fused")
+            return 0
+        if "attention_mask" not in {v.name for v in graph.inputs}:
+            self.reasons.append("no attention_mask input to derive seqlens_k from")
+            return 0
+        try:
+            caches = self._rotary_caches(model, matches)
+        except NoMatch as e:
+            self.reasons.append(str(e))
+            return 0
+        seqlens_k, total = self._lengths(graph)
+        for m in matches:
+            self._rewrite(graph, m, seqlens_k, total, caches)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        model.metadata_props["slmedge.kv_cache"] = "shared_buffer"
+        model.metadata_props["slmedge.max_sequence_length"] = str(self.max_sequence_length)
+        return len(matches)
+
+    def _rotary_caches(self, model, matches) -> dict:
+        caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        for m in matches:
+            for side in (m.q, m.k):
+                r = side.rotary
+                if r is None:
+                    continue
+                key = (id(r.cos), id(r.sin))
+                if key in caches:
+                    continue
+                cos, sin = evaluate_cos_sin(model, r.cos, r.sin, self.max_sequence_length)
+                caches[key] = (make_initializer(model.graph, "gqa.cos_cache", cos),
+                               make_initializer(model.graph, "gqa.sin_cache", sin))
+            if m.q.rotary is not None:
+                kq = (id(m.q.rotary.cos), id(m.q.rotary.sin))
+                kk = (id(m.k.rotary.cos), id(m.k.rotary.sin))
+                if kq != kk and not np.array_equal(caches[kq][0].const_value.numpy(),
+                                                   caches[kk][0].const_value.numpy()):
+                    raise NoMatch(f"layer {m.layer}: query and key use different rotary tables")
+        return caches
+
+    @staticmethod
+    def _lengths(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        mask = next(v for v in graph.inputs if v.name == "attention_mask")
+        one = make_initializer(graph, "gqa.one", np.array(1, dtype=np.int64))
+        axis = make_initializer(graph, "gqa.axis1", np.array([1], dtype=np.int64))
+        total_ix = make_initializer(graph, "gqa.one_index", np.array(1, dtype=np.int64))
+        nodes = [
+            ir.node("ReduceSum", [mask, axis], {"keepdims": 0}, name="gqa.mask_sum"),
+        ]
+        nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="gqa.mask_sum_minus_1"))
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT32}, name="gqa.seqlens_k"))
+        seqlens_k = nodes[-1].outputs[0]
+        nodes.append(ir.node("Shape", [mask], name="gqa.mask_shape"))
+        nodes.append(ir.node("Gather", [nodes[-1].outputs[0], total_ix], {"axis": 0}, name="gqa.total_len_i64"))
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT32}, name="gqa.total_sequence_length"))
+        total = nodes[-1].outputs[0]
+        seqlens_k.name, total.name = "seqlens_k", "total_sequence_length"
+        seqlens_k.dtype = total.dtype = ir.DataType.INT32
+        seqlens_k.shape, total.shape = ir.Shape(["batch"]), ir.Shape([])
+        first = next(iter(graph))
+        graph.insert_before(first, nodes)
+        return seqlens_k, total
+
+    def _as_bsh(self, graph: ir.Graph, side: _Side, heads: int, head_dim: int, prefix: str,
+                new: list[ir.Node]) -> ir.Value:
+        """[B,S,heads*D] for GQA: the pre-reshape 3-D tensor when there is one."""
+        x = side.x4
+        if side.norm is not None:
+            attrs = {k: a.value for k, a in side.norm.attributes.items()}
+            norm = ir.node("SimplifiedLayerNormalization", [x, *side.norm.inputs[1:]], attrs,
+                           name=f"{prefix}.norm", num_outputs=1)
+            new.append(norm)
+            x = norm.outputs[0]
+            x.dtype = side.x4.dtype
+        else:
+            reshape = producer(x, "Reshape")
+            if reshape is not None:
+                src = reshape.inputs[0]
+                if src.shape is not None and src.shape.rank() == 3 and src.shape[2] == heads * head_dim:
+                    return src
+        shape = make_initializer(graph, "gqa.bsh_shape", np.array([0, 0, heads * head_dim], dtype=np.int64))
+        node = ir.node("Reshape", [x, shape], name=f"{prefix}.to_bsh")
+        new.append(node)
+        out = node.outputs[0]
+        out.dtype = side.x4.dtype
+        return out
+
+    def _rewrite(self, graph, m: _Match, seqlens_k, total, caches) -> None:
+        prefix = f"layers.{m.layer}.attn"
+        new: list[ir.Node] = []
+        q = self._as_bsh(graph, m.q, m.num_heads, m.head_dim, f"{prefix}.q", new)
+        k = self._as_bsh(graph, m.k, m.kv_heads, m.head_dim, f"{prefix}.k", new)
+        v = self._as_bsh(graph, m.v, m.kv_heads, m.head_dim, f"{prefix}.v", new)
+        inputs = [q, k, v, m.past_k, m.past_v, seqlens_k, total]
+        attrs = {"num_heads": m.num_heads, "kv_num_heads": m.kv_heads, "scale": float(m.scale),
+                 "local_window_size": int(self.sliding_windows.get(m.layer, -1))}
+        if m.q.rotary is not None:
+            cos, sin = caches[(id(m.q.rotary.cos), id(m.q.rotary.sin))]
+            inputs += [cos, sin]
+            attrs.update(do_rotary=1, rotary_interleaved=0)
+            self.rotary += 1
+        gqa = ir.node("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3,
+                      name=f"{prefix}.GroupQueryAttention")
+        new.append(gqa)
+        out, pk, pv = gqa.outputs
+        out.dtype = m.out.dtype
+        out.shape = m.out.shape
+        graph.insert_after(m.anchor, new)
+        ir.convenience.replace_all_uses_with(m.out, out)
+        for old, fresh in ((m.present_k, pk), (m.present_v, pv)):
+            name = old.name
+            index = list(graph.outputs).index(old)
+            old.name = f"{name}.unfused"
+            fresh.name = name
+            fresh.dtype = old.dtype
+            fresh.shape = ir.Shape(["batch", m.kv_heads, "present_sequence_length", m.head_dim])
+            graph.outputs[index] = fresh

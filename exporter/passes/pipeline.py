@@ -1,0 +1,125 @@
+"""The fusion pipeline: cleanup, then each fusion in order; a count per fusion.
+
+Callable on any ONNX decoder file with the slmedge / Optimum KV-cache contract
+(:func:`fuse_onnx_file`), so that quantization can run on the fused graph afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from .attention_gqa import GroupQueryAttentionFusion
+from .cleanup import CleanupPass
+from .gelu import GeluFusion
+from .linear_3d import Linear3dFusion
+from .logits_last import LogitsToKeep
+from .rms_norm import RmsNormFusion
+from .skip_layer_norm import SkipLayerNormFusion
+from .skip_rms_norm import SkipRmsNormFusion
+
+
+@dataclass
+class FusionOptions:
+    """What the passes cannot read from the graph itself."""
+
+    #: positions covered by the rotary caches = longest sequence the fused graph runs
+    max_sequence_length: int = 4096
+    #: layer index -> sliding window (tokens a query attends to, itself included)
+    sliding_windows: dict[int, int] = field(default_factory=dict)
+    #: add the ``logits_to_keep`` input (last-position logits during generation)
+    logits_to_keep: bool = True
+
+    @classmethod
+    def from_hf_config(cls, config, **overrides) -> "FusionOptions":
+        """From a transformers config object or a config.json dict."""
+        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
+            (lambda k, d=None: getattr(config, k, d))
+        max_len = int(get("max_position_embeddings", None) or get("n_positions", None) or 4096)
+        windows: dict[int, int] = {}
+        window = get("sliding_window", None)
+        layer_types = get("layer_types", None)
+        if window and layer_types:
+            windows = {i: int(window) for i, t in enumerate(layer_types) if t == "sliding_attention"}
+        elif window and get("use_sliding_window", False):
+            windows = {i: int(window) for i in range(int(get("num_hidden_layers", 0)))}
+        return cls(max_sequence_length=max_len, sliding_windows=windows, **overrides)
+
+
+@dataclass
+class FusionReport:
+    counts: dict[str, int]
+    notes: dict[str, list[str]]
+    seconds: dict[str, float]
+    ops_before: int
+    ops_after: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fuse_model(model: ir.Model, options: FusionOptions | None = None) -> FusionReport:
+    """Run cleanup and every fusion on ``model`` in place; return what each one did."""
+    options = options or FusionOptions()
+    ops_before = sum(1 for _ in model.graph)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    CleanupPass()(model)
+    seconds["cleanup"] = time.perf_counter() - t
+    gqa = GroupQueryAttentionFusion(options.max_sequence_length, options.sliding_windows)
+    fusions = [Linear3dFusion(), RmsNormFusion(), gqa, SkipRmsNormFusion(), SkipLayerNormFusion(),
+               GeluFusion()]
+    if options.logits_to_keep:
+        fusions.append(LogitsToKeep())
+    counts: dict[str, int] = {}
+    notes: dict[str, list[str]] = {}
+    for fusion in fusions:
+        t = time.perf_counter()
+        fusion(model)
+        seconds[fusion.name] = time.perf_counter() - t
+        counts[fusion.name] = fusion.count
+        if fusion.reasons:
+            notes[fusion.name] = fusion.reasons[:8]
+    counts["RotaryEmbedding(in GroupQueryAttention)"] = gqa.rotary
+    counts["BiasGelu/FastGelu+bias"] = getattr(fusions[5], "bias", 0)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.TopologicalSortPass()(model)
+    return FusionReport(counts, notes, {k: round(v, 3) for k, v in seconds.items()},
+                        ops_before, sum(1 for _ in model.graph))
+
+
+def fuse_onnx_file(src: str | Path, dst: str | Path | None = None,
+                   options: FusionOptions | None = None, *, external_data: bool | None = None) -> FusionReport:
+    """Fuse an ONNX file (``dst`` defaults to overwriting ``src``).
+
+    Without ``options``, a ``config.json`` beside ``src`` (an artifact directory) supplies
+    the maximum length and sliding windows."""
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src
+    if options is None:
+        config = src.parent / "config.json"
+        options = FusionOptions.from_hf_config(json.loads(config.read_text())) if config.exists() \
+            else FusionOptions()
+    model = ir.load(str(src))
+    report = fuse_model(model, options)
+    data = src.with_name(src.name + ".data")
+    if external_data is None:
+        external_data = data.exists()
+    # Written beside dst first: the source's weights are read lazily while saving.
+    stage = dst.parent / f".{dst.name}.fusing"
+    stage.mkdir(exist_ok=True)
+    try:
+        if external_data:
+            ir.save(model, str(stage / dst.name), external_data=dst.name + ".data")
+            (stage / (dst.name + ".data")).replace(dst.with_name(dst.name + ".data"))
+        else:
+            ir.save(model, str(stage / dst.name))
+        (stage / dst.name).replace(dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
