@@ -1,0 +1,260 @@
+"""Static-shape export for NPUs (QNN HTP, NNAPI, CoreML): a prefill graph of a fixed chunk
+and a one-token decode graph over a fixed-size KV cache, sharing one weights file.
+
+NPU compilers want every shape fixed (QNN HTP rejects a dynamic one outright; NNAPI covered
+36% of a dynamic export's nodes against 87% with fixed shapes, DESIGN.md). The graph
+contract, for a context window ``C`` and a chunk ``S`` (``S = prefill_chunk`` or 1)::
+
+    inputs : input_ids      [1, S] int64
+             position_ids   [1, S] int64         true positions of the S tokens
+             attention_bias [1, 1, S, C+S] float  0 = attend, dtype-min = masked
+             (attention_bias_sliding: same, for sliding-window layers when a model mixes kinds)
+             past_key_values.{i}.key / .value [1, kv_heads, C, head_dim]   the whole cache
+    outputs: logits [1, S, vocab]
+             kv_new.{i}.key / .value [1, kv_heads, S, head_dim]   the S new entries only
+
+The cache is a fixed buffer whose slot ``j`` holds position ``j``; the runtime
+(``slmedge.runtimes.static_decoder``) writes the new entries into their slots and builds the
+additive bias from which slots are valid (the "validity mask"). Only new entries leave the
+graph, so no ScatterND (NPU-hostile) is needed, and the mask is an input, so no int64 mask
+arithmetic lands on the accelerator.
+
+            past (C slots)         new (S)
+    keys  [ 0 1 2 . . . . . . | n0 n1 .. ]   bias row q: 0 where slot < length
+                                             (and inside the sliding window), 0 for
+                                             new j <= q, dtype-min elsewhere
+
+Weights: both graphs are exported separately and their initializers deduplicated by
+content into one ``model.onnx.data``, so the weights are stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .architectures import ArchitectureSpec
+from .onnx_export import DEFAULT_OPSET, ExportFailed, _cache_kwarg, past_names
+
+PREFILL_FILE = "prefill.onnx"
+DECODE_FILE = "decode.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+INLINE_BYTES = 1024  # smaller tensors stay inside the graph files
+
+
+def kv_new_names(num_layers: int) -> list[str]:
+    return [f"kv_new.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def mask_inputs(config) -> dict[str, int | None]:
+    """Bias inputs of the graph -> sliding window they encode (None = full causal).
+
+    One input when every layer attends the same way; two when a model mixes full and
+    sliding-window layers (Gemma 3), whose masks transformers takes as a dict per kind."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if kinds == {"sliding_attention", "full_attention"}:
+        return {"attention_bias": None, "attention_bias_sliding": int(window)}
+    if kinds == {"sliding_attention"} or (not kinds and window is not None):
+        return {"attention_bias": int(window)}
+    return {"attention_bias": None}
+
+
+class StaticKVWrapper(torch.nn.Module):
+    """``(input_ids, position_ids, bias..., past...) -> (logits, kv_new...)``."""
+
+    def __init__(self, model, num_layers: int, context: int, masks: dict[str, int | None]):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.context = context
+        self.mask_names = list(masks)
+        self.cache_kwarg = _cache_kwarg(model)
+
+    def forward(self, input_ids, position_ids, biases, past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        if len(biases) == 2:  # transformers takes one 4-D mask per attention kind
+            mask = {"full_attention": biases[0], "sliding_attention": biases[1]}
+        else:
+            mask = biases[0]  # a 4-D mask is used as given (masking_utils)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+        )
+        new = []
+        for layer in out.past_key_values.layers:
+            new += [layer.keys[:, :, self.context:, :], layer.values[:, :, self.context:, :]]
+        return (out.logits, *new)
+
+
+def causal_bias(length: int, n_valid: int, chunk: int, context: int, window: int | None,
+                dtype=np.float32) -> np.ndarray:
+    """The additive bias ``[1, 1, chunk, context + chunk]`` for ``n_valid`` new tokens after
+    ``length`` cached ones (same rule as the runtime's; kept here for tracing inputs)."""
+    from slmedge.runtimes.static_decoder import build_bias
+
+    return build_bias(length, n_valid, chunk, context, window, dtype)
+
+
+def _example(config, spec, chunk: int, context: int, dtype, masks, length: int):
+    layers, kv_heads, head_dim = spec.kv_layout(config)
+    n = chunk
+    ids = torch.randint(0, config.vocab_size, (1, n), dtype=torch.int64)
+    pos = torch.arange(length, length + n, dtype=torch.int64).reshape(1, n)
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    biases = tuple(torch.from_numpy(causal_bias(length, n, chunk, context, w, np_dtype))
+                   for w in masks.values())
+    past = tuple(torch.randn(1, kv_heads, context, head_dim, dtype=dtype)
+                 for _ in range(2 * layers))
+    return ids, pos, biases, past
+
+
+@dataclass
+class StaticExportInfo:
+    context_length: int
+    prefill_chunk: int
+    files: list[str]
+    mask_inputs: dict[str, int | None]
+    input_names: dict[str, list[str]]
+    output_names: list[str]
+    weights_bytes: int
+    weights_shared_bytes: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_manifest(self) -> dict:
+        return {
+            "policy": "static",
+            "context_length": self.context_length,
+            "prefill_chunk": self.prefill_chunk,
+            "prefill_file": PREFILL_FILE,
+            "decode_file": DECODE_FILE,
+            "weights_file": WEIGHTS_FILE,
+            "mask_inputs": self.mask_inputs,
+            "kv_outputs": "kv_new.{i}.key/value: the chunk's new entries; slot j = position j",
+            "weights_bytes": self.weights_bytes,
+            "weights_bytes_saved_by_sharing": self.weights_shared_bytes,
+        }
+
+
+def _export_one(wrapper, args, inputs, outputs, opset) -> onnx.ModelProto:
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, input_names=inputs, output_names=outputs,
+                opset_version=opset, optimize=True, verbose=False, report=False,
+            )
+        except Exception as e:  # torch.export raises many types; report the last line
+            raise ExportFailed(
+                f"static-shape export failed: {str(e).strip().splitlines()[-1][:400]}"
+            ) from e
+    return program.model_proto
+
+
+def constants_second(model: onnx.ModelProto) -> int:
+    """Put the initializer operand of Mul / Add second; returns how many nodes changed.
+
+    Workaround for onnxruntime-qnn 2.7.0 (HTP, also on the x86 emulator): the RMSNorm
+    chain ``Mul(weight, x * rsqrt(mean(x^2) + eps))`` that torch exports fails with
+    "Failed to finalize QNN graph. Error: QNN_COMMON_ERROR_MEM_ALLOC" while
+    ``Mul(x * rsqrt(...), weight)`` runs (found by bisecting the decode graph; the same
+    numbers either way, Mul and Add commute)."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type in ("Mul", "Add") and len(node.input) == 2 and not node.domain \
+                and node.input[0] in constants and node.input[1] not in constants:
+            a, b = node.input
+            node.input[0], node.input[1] = b, a
+            changed += 1
+    return changed
+
+
+def share_weights(models: dict[str, onnx.ModelProto], directory: Path) -> tuple[int, int]:
+    """Move the initializers of ``models`` into one ``WEIGHTS_FILE``, each distinct tensor once
+    (matched by dtype, shape and bytes), and save every model beside it.
+    Returns (bytes written, bytes saved by sharing)."""
+    index: dict[tuple, tuple[int, int]] = {}
+    offset = saved = 0
+    with open(directory / WEIGHTS_FILE, "wb") as data:
+        for model in models.values():
+            for i, tensor in enumerate(model.graph.initializer):
+                array = numpy_helper.to_array(tensor)
+                raw = np.ascontiguousarray(array).tobytes()
+                if len(raw) < INLINE_BYTES:
+                    continue
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest())
+                if key in index:
+                    saved += len(raw)
+                else:
+                    pad = (-offset) % 64  # aligned for mmap
+                    data.write(b"\0" * pad)
+                    offset += pad
+                    data.write(raw)
+                    index[key] = (offset, len(raw))
+                    offset += len(raw)
+                at, length = index[key]
+                moved = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type,
+                                         dims=tensor.dims)
+                moved.data_location = onnx.TensorProto.EXTERNAL
+                for key_, value in (("location", WEIGHTS_FILE), ("offset", str(at)),
+                                    ("length", str(length))):
+                    entry = moved.external_data.add()
+                    entry.key, entry.value = key_, value
+                model.graph.initializer[i].CopyFrom(moved)
+    for name, model in models.items():
+        onnx.save(model, directory / name)
+    return offset, saved
+
+
+def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, context_length: int,
+                  prefill_chunk: int, opset: int = DEFAULT_OPSET) -> StaticExportInfo:
+    """Export the prefill and decode graphs of ``model`` into ``directory``."""
+    config = model.config
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                          None)
+    if max_pos and context_length > max_pos:
+        from slmedge.runtimes.errors import UsageError
+
+        raise UsageError(f"context_length {context_length} exceeds the model's "
+                         f"{max_pos} positions; pick a profile with a smaller context_length")
+    layers, _, _ = spec.kv_layout(config)
+    dtype = next(model.parameters()).dtype
+    masks = mask_inputs(config)
+    wrapper = StaticKVWrapper(model, layers, context_length, masks).eval()
+    inputs = ["input_ids", "position_ids", *masks, *past_names(layers)]
+    outputs = ["logits", *kv_new_names(layers)]
+    t0 = time.perf_counter()
+    protos = {}
+    with spec.export_patches():
+        for name, chunk in ((PREFILL_FILE, prefill_chunk), (DECODE_FILE, 1)):
+            args = _example(config, spec, chunk, context_length, dtype, masks,
+                            length=min(3, context_length - chunk))
+            protos[name] = _export_one(wrapper, args, inputs, outputs, opset)
+            constants_second(protos[name])
+    written, saved = share_weights(protos, directory)
+    return StaticExportInfo(
+        context_length=context_length, prefill_chunk=prefill_chunk,
+        files=[PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE], mask_inputs=masks,
+        input_names={"prefill": inputs, "decode": inputs}, output_names=outputs,
+        weights_bytes=written, weights_shared_bytes=saved, seconds=time.perf_counter() - t0,
+    )
