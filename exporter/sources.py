@@ -6,6 +6,7 @@ an unsupported model fails in a second with the list of supported ones.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -124,14 +125,24 @@ def read_model_type(kind: str, where: Path | str) -> str:
         from .architectures import model_type_for_gguf
 
         return model_type_for_gguf(read_gguf_architecture(Path(where)))
+    if kind == "hf-dir":
+        # Read the field directly: transformers refuses to parse a config whose model_type it
+        # does not know, and the user should hear which types slmedge supports instead.
+        try:
+            config_json = json.loads((Path(where) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelSourceError(f"{where}/config.json cannot be read as JSON: {e}") from None
+        if "model_type" not in config_json:
+            raise ModelSourceError(f"{where}/config.json has no model_type field")
+        return str(config_json["model_type"])
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(where), trust_remote_code=False)
     except ValueError as e:
-        # transformers' message for an unknown model_type: "...model of type X but Transformers
-        # does not recognize this architecture..."
-        match = re.search(r"model of type (\S+)", str(e))
+        # transformers' message for an unknown model_type: "...has model type `X` but
+        # Transformers does not recognize this architecture..."
+        match = re.search(r"model(?: of)? type [`'\"]?([\w.-]+)", str(e))
         if match:
             return match.group(1).strip("`'\"")
         raise ModelSourceError(f"could not read the config of '{where}': {e}") from None

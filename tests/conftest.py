@@ -49,3 +49,27 @@ def tiny_artifact(tmp_path_factory, tiny_dir):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct exported to ONNX fp32 (~4 min on 2 cores), once per
+    session. ``SLMEDGE_SMOLLM2_ARTIFACT=DIR`` reuses an existing export (a local convenience;
+    CI exports from scratch)."""
+    reuse = os.environ.get("SLMEDGE_SMOLLM2_ARTIFACT")
+    if reuse:
+        return Path(reuse)
+    from slmedge.exporter.export import ExportConfig, run_export
+
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    run_export(ExportConfig(model="embedded:smollm2-135m-instruct", output=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """(model, tokenizer) of the embedded SmolLM2 GGUF dequantized in PyTorch fp32."""
+    from slmedge.exporter.sources import load_source
+
+    loaded = load_source("embedded:smollm2-135m-instruct")
+    return loaded.model, loaded.tokenizer
