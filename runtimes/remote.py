@@ -398,9 +398,15 @@ def _ensure_python(transport, plan: RemotePlan, say: Say) -> str:
     return python
 
 
-def _lost_message(target: Target, phase: str, rc: int, stderr: str, kept: str) -> str:
-    return (f"lost the connection to {target.describe()} during the benchmark ({phase}; "
-            f"exit {rc}: {_tail(stderr, 2) or 'no message'}); {kept}; the runner on the target "
+def _lost_message(target: Target, partial: dict | None, rc: int, stderr: str, kept: str) -> str:
+    if partial is None:
+        when = "before the model loaded"
+    else:
+        when = (f"after load and {partial.get('rounds_done', 0)} of "
+                f"{partial.get('repeats', '?')} measured rounds")
+    how = f"signal {-rc}" if rc < 0 else f"exit {rc}"
+    return (f"lost the connection to {target.describe()} during the benchmark ({when}; "
+            f"{how}: {_tail(stderr, 2) or 'no message'}); {kept}; the runner on the target "
             "stops by itself when its connection closes")
 
 
@@ -507,7 +513,7 @@ def _stream_run(transport, command: str, target: Target, say: Say, partial_path,
         path = Path(partial_path or f"slmedge-bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json")
         kept = f"partial results ({partial.get('rounds_done', 0)} measured rounds) written to {path}"
         why = (f"the runner crashed: {_tail(stderr, 1)}" if crashed
-               else _lost_message(target, phase, rc, stderr, "partial results kept"))
+               else _lost_message(target, partial, rc, stderr, "partial results kept"))
         partial = dict(partial, status="partial", target=target.describe(), error=why)
         path.write_text(json.dumps(partial, indent=2) + "\n")
     else:
@@ -517,4 +523,4 @@ def _stream_run(transport, command: str, target: Target, say: Say, partial_path,
                           f"{_tail(stderr, 3)}; {kept}", partial)
     # ssh: 255 (its own error), EXIT_HANGUP (the runner saw its stdin close), a signal;
     # adb: 1 when the device goes away. Without a result or an error event, the link went.
-    raise ConnectionLost(_lost_message(target, phase, rc, stderr, kept), partial)
+    raise ConnectionLost(_lost_message(target, partial, rc, stderr, kept), partial)

