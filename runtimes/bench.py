@@ -403,7 +403,9 @@ def run_bench(
     from .sysinfo import thermal_snapshot
 
     run = _Run(path, config)
-    run.plan(max_context(run.artifact.root))
+    # a static KV cache (TFLite) fixes the window
+    run.plan((run.artifact.manifest.get("tflite") or {}).get("context_length")
+             or max_context(run.artifact.root))
     say = progress or (lambda _msg: None)
     rss_before = rss_mb()
     say(f"loading {run.artifact.model_path.name}")
@@ -413,8 +415,13 @@ def run_bench(
         session_flags["strict"] = True
     if not allow_cpu_fallback:
         session_flags["allow_cpu_fallback"] = False
-    decoder = OnnxDecoder(run.artifact.model_path, threads=config.threads, providers=providers,
-                          **session_flags)
+    if run.artifact.format == "tflite":  # LiteRT: static KV cache, no providers to pick
+        from .litert_decoder import open_litert_decoder
+
+        decoder = open_litert_decoder(run.artifact, threads=config.threads)
+    else:
+        decoder = OnnxDecoder(run.artifact.model_path, threads=config.threads,
+                              providers=providers, **session_flags)
     load_s = time.perf_counter() - t0
     run.load = {"load_s": round(load_s, 4), "rss_before_mb": round(rss_before, 1),
                 "rss_after_mb": round(rss_mb(), 1)}

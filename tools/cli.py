@@ -53,6 +53,10 @@ def _load_exporter():
 
 
 def cmd_export(args) -> int:
+    from slmedge.exporter.tflite_options import cmd_export_tflite, wants_tflite
+
+    if wants_tflite(args):  # --format tflite: its own config, recipes and venv
+        return cmd_export_tflite(args)
     exp = _load_exporter()
     fields = {}
     if args.config:
@@ -113,6 +117,10 @@ def _open_decoder(path, threads):
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     artifact = open_artifact(path)
+    if artifact.format == "tflite":
+        from slmedge.runtimes.litert_decoder import open_litert_decoder
+
+        return artifact, open_litert_decoder(artifact, threads=threads), TextTokenizer(artifact.root)
     return artifact, OnnxDecoder(artifact.model_path, threads=threads), TextTokenizer(artifact.root)
 
 
@@ -278,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slmedge.exporter.quantize.cli import add_quant_flags
 
     add_quant_flags(p)
+    from slmedge.exporter.tflite_options import add_tflite_flags
+
+    add_tflite_flags(p)  # --format, --context-length, --prefill-chunks; TFLite --quant names
     p.set_defaults(func=cmd_export)
 
     def runtime_flags(p, threads_default=None):

@@ -1,0 +1,361 @@
+"""``slmedge export --format tflite``: source -> TFLite (prefill/decode signatures, static KV
+cache) -> optional ai-edge-quantizer recipe -> parity gate -> quality card -> manifest.
+
+Same staging and manifest as the ONNX path: everything is written into a staging
+directory that replaces ``--output`` only when every step, the gates included, passed.
+Needs the ``[tflite]`` extra (litert-torch, tensorflow-cpu, ai-edge-litert), which lives in
+its own venv (``tools/setup_tflite.sh``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from slmedge.runtimes.errors import QualityGateFailed
+from slmedge.runtimes.litert_decoder import LiteRTDecoder, parity_fixture
+from slmedge.runtimes.tokenizer import TextTokenizer
+
+from .export import _check_runtime_tokenizer, _stop_token_ids
+from .manifest import write_manifest
+from .parity import torch_step_logits
+from .sources import classify, load_source, read_model_type
+from .staging import check_output, staged_directory
+from .tflite_graph import TfliteGraphInfo, check_family, convert_decoder
+from .tflite_options import TfliteExportConfig, TfliteQuant, require_tflite_extra
+from .tflite_quant import quantize_tflite
+
+MODEL_FILE = "model.tflite"
+REFERENCE_FILE = ".reference-fp32.tflite"  # the fp32 graph, removed before the manifest
+Progress = Callable[[str], None]
+_STACK = (
+    "litert-torch",
+    "ai-edge-litert",
+    "ai-edge-quantizer",
+    "litert-converter",
+    "tensorflow-cpu",
+    "torchao",
+)
+#: Weight bits of each scheme: the size of one quantization step of the logits (see _tolerance).
+WEIGHT_BITS = {
+    TfliteQuant.fp16: 11,
+    TfliteQuant.int8_weight: 8,
+    TfliteQuant.int8_dynamic: 8,
+    TfliteQuant.int8_static: 8,
+    TfliteQuant.int4_block32: 4,
+}
+
+
+@dataclass
+class TfliteParity:
+    """The TFLite graph against PyTorch on a prefill (multi-chunk) and decode steps."""
+
+    max_abs_diff: float
+    logit_range: float
+    atol: float
+    tolerance: str  # how atol was derived
+    prefill_tokens: int
+    decode_steps: int
+    argmax_agree: float  # fraction of positions whose top-1 token matches
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parity_inputs(
+    vocab: int, context_length: int, chunks: list[int], decode_steps: int = 3, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """A prompt that spans a full largest chunk plus a padded tail, then decode tokens."""
+    rng = np.random.default_rng(seed)
+    length = chunks[-1] + 3 if chunks[-1] + 3 + decode_steps <= context_length else 8
+    return rng.integers(0, vocab, length).tolist(), rng.integers(0, vocab, decode_steps).tolist()
+
+
+def tolerance(
+    scheme: TfliteQuant, ref: list[np.ndarray], fp32_atol: float, steps: float
+) -> tuple[float, str]:
+    """The parity tolerance: the family's fp32 atol, or ``steps`` quantization steps of the
+    reference logits' range at the scheme's weight bits (ExecuTorch's tester does the same)."""
+    if scheme is TfliteQuant.fp32:
+        return fp32_atol, "architecture fp32 atol"
+    bits = WEIGHT_BITS[scheme]
+    span = float(max(r.max() for r in ref) - min(r.min() for r in ref))
+    step = span / (2**bits - 1)
+    return max(fp32_atol, steps * step), f"{steps:g} steps of (logit range / (2^{bits} - 1))"
+
+
+def check_tflite_parity(
+    model, decoder: LiteRTDecoder, scheme: TfliteQuant, *, atol: float, steps: float, seed: int = 0
+) -> TfliteParity:
+    """PyTorch and LiteRT logits on the same prefill (full chunk + padded tail) and decode steps."""
+    prompt, decode = parity_inputs(
+        model.config.vocab_size, decoder.context_length, decoder.prefill_chunks or [8], seed=seed
+    )
+    ref = torch_step_logits(model, prompt, decode)
+    decoder.reset()
+    got = [decoder.step(prompt, all_logits=True)]
+    got += [decoder.step([tok], all_logits=True) for tok in decode]
+    decoder.reset()
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref, strict=True))
+    tol, how = tolerance(scheme, ref, atol, steps)
+    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(got, ref, strict=True)])
+    span = float(max(r.max() for r in ref) - min(r.min() for r in ref))
+    return TfliteParity(
+        max_abs_diff=diff,
+        logit_range=span,
+        atol=tol,
+        tolerance=how,
+        prefill_tokens=len(prompt),
+        decode_steps=len(decode),
+        argmax_agree=float(agree.mean()),
+        passed=diff <= tol,
+    )
+
+
+def _stack_versions() -> dict[str, str]:
+    out = {}
+    for name in _STACK:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _quality(
+    config: TfliteExportConfig,
+    stage: Path,
+    candidate: LiteRTDecoder,
+    reference: LiteRTDecoder | None,
+    say: Progress,
+) -> dict:
+    """The quality card of the candidate (against the fp32 graph when quantized)."""
+    from .quality import QualitySettings, eval_token_ids, quality_card
+
+    settings = QualitySettings(
+        eval_text=config.eval_text,
+        eval_tokens=config.eval_tokens,
+        window=min(512, candidate.context_length),
+        stride=min(256, candidate.context_length // 2),
+        new_tokens=config.greedy_tokens,
+    )
+    tokenizer = TextTokenizer(stage)
+    found = eval_token_ids(tokenizer, settings)
+    if found is None:
+        return {"skipped": "no evaluation text found; pass --eval-text FILE"}
+    ids, info = found
+    prompts = [p for p in (tokenizer.encode(t) for t in settings.prompts) if p]
+    room = candidate.context_length - settings.new_tokens
+    prompts = [p for p in prompts if len(p) <= room]
+    card = quality_card(
+        candidate,
+        ids,
+        reference=reference,
+        prompt_ids=prompts if reference is not None else [],
+        window=settings.window,
+        stride=settings.stride,
+        new_tokens=settings.new_tokens,
+        eval_info=info,
+        progress=say,
+    )
+    out = card.to_dict()
+    if reference is not None:
+        out["reference"] = "fp32 TFLite graph of the same export"
+    return out
+
+
+def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = None) -> dict:
+    """Export, quantize, verify and write a TFLite artifact; returns the manifest."""
+    say = progress or (lambda _msg: None)
+    require_tflite_extra()
+    check_output(config.output, config.overwrite)  # before minutes of work
+    kind, where = classify(config.model)
+    check_family(read_model_type(kind, where))  # exit 4 before any weight is read
+    t0 = time.perf_counter()
+    loaded = load_source(config.model, dtype="fp32", progress=say)
+    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
+    check_family(model.config.model_type, model.config)
+    layers, kv_heads, head_dim = spec.kv_layout(model.config)
+    load_s = time.perf_counter() - t0
+    scheme = config.quant
+    with staged_directory(config.output, config.overwrite) as stage:
+        sigs = ", ".join(f"prefill_{t}" for t in config.prefill_chunks) + ", decode"
+        say(
+            f"converting {spec.family} ({layers} layers) to TFLite: {sigs}; "
+            f"KV cache {config.context_length} rows"
+        )
+        if config.from_artifact is not None:
+            fp32, graph = _reuse_fp32(config, loaded.source.to_dict())
+            say(f"reusing the fp32 graph of {config.from_artifact}: {sigs}")
+        else:
+            fp32, graph = convert_decoder(
+                model,
+                spec,
+                context_length=config.context_length,
+                prefill_chunks=config.prefill_chunks,
+            )
+        fp32_path = stage / (MODEL_FILE if scheme is TfliteQuant.fp32 else REFERENCE_FILE)
+        fp32_path.write_bytes(fp32)
+        say("saving tokenizer and generation config")
+        tokenizer.save_pretrained(str(stage))
+        model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
+        model.generation_config.save_pretrained(str(stage))
+        model.config.save_pretrained(str(stage))
+        tokenizer_report = _check_runtime_tokenizer(stage, tokenizer)
+
+        say("checking fp32 parity with PyTorch (LiteRT)")
+        atol = config.parity_atol or spec.parity_atol
+        reference = LiteRTDecoder(fp32_path, threads=config.threads)
+        parity_fp32 = check_tflite_parity(
+            model, reference, TfliteQuant.fp32, atol=atol, steps=config.quant_steps
+        )
+        if not parity_fp32.passed:
+            raise QualityGateFailed(
+                f"parity gate failed: fp32 TFLite logits differ from PyTorch by "
+                f"{parity_fp32.max_abs_diff:.3g} (allowed {parity_fp32.atol:.3g}); nothing was "
+                "written",
+                parity_fp32.to_dict(),
+            )
+        quant_report = None
+        if scheme is TfliteQuant.fp32:
+            candidate, parity = reference, parity_fp32
+        else:
+            calib_ids: list[int] = []
+            if scheme is TfliteQuant.int8_static:
+                calib_ids = _calibration_ids(stage)
+            data, quant_report = quantize_tflite(
+                fp32,
+                scheme,
+                fp32_path=fp32_path,
+                calib_ids=calib_ids,
+                calib_samples=config.calib_samples,
+                threads=config.threads,
+                say=say,
+            )
+            (stage / MODEL_FILE).write_bytes(data)
+            candidate = LiteRTDecoder(stage / MODEL_FILE, threads=config.threads)
+            say(f"checking {scheme.value} parity with PyTorch")
+            parity = check_tflite_parity(
+                model, candidate, scheme, atol=atol, steps=config.quant_steps
+            )
+            if not parity.passed:
+                raise QualityGateFailed(
+                    f"parity gate failed: {scheme.value} TFLite logits differ from PyTorch by "
+                    f"{parity.max_abs_diff:.3g}, more than {parity.tolerance} = "
+                    f"{parity.atol:.3g}; nothing was written",
+                    parity.to_dict(),
+                )
+        quality: dict = {"skipped": "quality card turned off (quality=false)"}
+        if config.quality:
+            say("quality card")
+            quality = _quality(
+                config, stage, candidate, reference if scheme is not TfliteQuant.fp32 else None, say
+            )
+        fixture_prompt, fixture_steps = parity_inputs(
+            model.config.vocab_size, candidate.context_length, [8], seed=1
+        )
+        fixture = parity_fixture(candidate, fixture_prompt[:8], fixture_steps)
+        del reference, candidate
+        if scheme is not TfliteQuant.fp32:
+            fp32_path.unlink()
+        manifest = write_manifest(
+            stage,
+            {
+                "format": "tflite",
+                "model_file": MODEL_FILE,
+                "source": loaded.source.to_dict(),
+                "architecture": {
+                    "model_type": model.config.model_type,
+                    "family": spec.family,
+                    "num_layers": layers,
+                    "kv_heads": kv_heads,
+                    "head_dim": head_dim,
+                    "vocab_size": model.config.vocab_size,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                },
+                "recipe": {
+                    "quant": scheme.value,
+                    "context_length": config.context_length,
+                    "prefill_chunks": config.prefill_chunks,
+                    "profile": config.profile,
+                },
+                "tflite": {
+                    **graph.to_dict(),
+                    "quantization": quant_report.to_dict() if quant_report else None,
+                    "runtime": "ai-edge-litert (tflite-runtime only after parity_fixture passes)",
+                    "parity_fixture": fixture,
+                    # top-k values are rounded to 1e-5; kernels of another runtime may differ
+                    # within the quantization noise of the recipe
+                    "fixture_atol": max(1e-3, parity.atol),
+                    "versions": _stack_versions(),
+                },
+                "stop_token_ids": model.generation_config.eos_token_id,
+                "quality": quality,
+                "verification": {
+                    "parity": parity.to_dict(),
+                    "parity_fp32": parity_fp32.to_dict(),
+                    "tokenizer": tokenizer_report,
+                },
+                "timings_s": {
+                    "load": round(load_s, 2),
+                    "convert": graph.seconds,
+                    "total": round(time.perf_counter() - t0, 2),
+                },
+            },
+            {MODEL_FILE},
+        )
+    return manifest
+
+
+def _reuse_fp32(config: TfliteExportConfig, source: dict) -> tuple[bytes, TfliteGraphInfo]:
+    """The fp32 flatbuffer of an earlier export, when it is of the same source and sizes."""
+    from slmedge.runtimes.artifact import open_artifact
+    from slmedge.runtimes.errors import UsageError
+
+    artifact = open_artifact(config.from_artifact)
+    m = artifact.manifest
+    recipe = m.get("recipe", {})
+    problems = []
+    if artifact.format != "tflite" or recipe.get("quant") != "fp32":
+        problems.append(
+            f"it is a {artifact.format} {recipe.get('quant', '?')} artifact, not an fp32 TFLite one"
+        )
+    if recipe.get("context_length") != config.context_length:
+        problems.append(f"context_length {recipe.get('context_length')} != {config.context_length}")
+    if recipe.get("prefill_chunks") != config.prefill_chunks:
+        problems.append(f"prefill_chunks {recipe.get('prefill_chunks')} != {config.prefill_chunks}")
+    if m.get("source") != source:
+        problems.append("its source model differs (location or file hashes)")
+    if problems:
+        raise UsageError(f"--from-artifact {config.from_artifact}: {'; '.join(problems)}")
+    problems = artifact.verify_hashes()
+    if problems:
+        raise UsageError(f"--from-artifact {config.from_artifact}: {'; '.join(problems)}")
+    info = m["tflite"]
+    graph = TfliteGraphInfo(
+        signatures=info["signatures"],
+        context_length=info["context_length"],
+        prefill_chunks=info["prefill_chunks"],
+        kv_shape=info["kv_shape"],
+        kv_dtype=info["kv_dtype"],
+        prefill_logits=info["prefill_logits"],
+        seconds=0.0,
+    )
+    return artifact.model_path.read_bytes(), graph
+
+
+def _calibration_ids(stage: Path) -> list[int]:
+    """Token ids of the shared calibration text (a different book from the evaluation one)."""
+    from .quality import DEFAULT_EVAL_TEXT
+
+    path = DEFAULT_EVAL_TEXT.parent / "calib_emma.txt"
+    if not path.is_file():
+        from slmedge.runtimes.errors import UsageError
+
+        raise UsageError(f"int8-static needs calibration text; {path} is missing")
+    return TextTokenizer(stage).encode(path.read_text(encoding="utf-8", errors="replace"))[:8192]

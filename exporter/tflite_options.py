@@ -1,0 +1,336 @@
+"""``slmedge export --format tflite``: its typed config and its flags (no torch, no LiteRT).
+
+The TFLite path has its own ``--quant`` vocabulary, validated here and not by the ONNX
+quantization recipe: the LiteRT kernels are different ones (ai-edge-quantizer recipes).
+The ONNX names ``int8`` and ``int4`` are accepted as aliases of ``int8-dynamic`` and
+``int4-block32``, so one device profile or script can name either format.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slmedge.runtimes.errors import UsageError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"  # same default as the ONNX path (sources.py)
+DEFAULT_CONTEXT = 1024
+DEFAULT_CHUNKS = (32, 128)
+
+
+class TfliteQuant(str, Enum):
+    """What ``--quant`` means for a ``.tflite`` (ai-edge-quantizer recipes)."""
+
+    fp32 = "fp32"  # no quantization
+    fp16 = "fp16"  # fp16 weights, fp32 compute (weights cast up when the model loads)
+    int8_dynamic = "int8-dynamic"  # int8 channel-wise weights, activations quantized per run
+    int8_weight = "int8-weight"  # int8 channel-wise weights, dequantized: float compute
+    int4_block32 = "int4-block32"  # int4 weights in blocks of 32, int8 dynamic activations
+    int8_static = "int8-static"  # int8 weights and calibrated int8 activations, FC/BMM only
+
+
+#: Names of the ONNX path (``--quant`` of exporter.quantize) that mean the same here.
+QUANT_ALIASES = {
+    "int8": TfliteQuant.int8_dynamic,
+    "int4": TfliteQuant.int4_block32,
+    "none": TfliteQuant.fp32,
+}
+TFLITE_QUANT_CHOICES = [q.value for q in TfliteQuant]
+
+
+def parse_quant(value: str | TfliteQuant | None) -> TfliteQuant:
+    """A ``--quant`` value of the TFLite path; a :class:`UsageError` naming the choices."""
+    if value is None:
+        return TfliteQuant.fp32
+    if isinstance(value, TfliteQuant):
+        return value
+    if value in QUANT_ALIASES:
+        return QUANT_ALIASES[value]
+    try:
+        return TfliteQuant(value)
+    except ValueError:
+        raise UsageError(
+            f"--format tflite does not offer --quant {value}; choose one of "
+            f"{', '.join(TFLITE_QUANT_CHOICES)} (int8 = int8-dynamic, int4 = int4-block32)"
+        ) from None
+
+
+class TfliteExportConfig(BaseModel):
+    """Everything ``slmedge export --format tflite`` needs; ``--dry-run`` prints it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field("tflite", pattern="^tflite$", description="always tflite here")
+    model: str = Field(
+        DEFAULT_MODEL, description="HF directory, hub id, .gguf file or embedded:NAME"
+    )
+    output: Path = Field(..., description="artifact directory to write (replaced atomically)")
+    quant: TfliteQuant = Field(TfliteQuant.fp32, description="ai-edge-quantizer recipe")
+    context_length: int = Field(
+        DEFAULT_CONTEXT,
+        ge=8,
+        le=131072,
+        description="KV-cache rows (prompt + generated tokens) of the static cache",
+    )
+    prefill_chunks: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_CHUNKS),
+        description="tokens per prefill signature; one signature per size",
+    )
+    profile: str | None = Field(None, description="device profile that set the sizes and recipe")
+    from_artifact: Path | None = Field(
+        None,
+        description="an fp32 TFLite artifact of the same model and sizes: quantize its "
+        "graph instead of converting again (the parity gate still compares with PyTorch)",
+    )
+    threads: int | None = Field(None, ge=1, description="LiteRT threads for parity and quality")
+    overwrite: bool = Field(False, description="replace an existing non-empty output directory")
+    parity_atol: float | None = Field(
+        None, gt=0, description="fp32 logit tolerance of the parity gate (default: the family's)"
+    )
+    quant_steps: float = Field(
+        4.0, gt=0, description="quantized parity tolerance, in quantization steps of the logits"
+    )
+    calib_samples: int = Field(16, ge=1, description="int8-static: calibration samples")
+    quality: bool = Field(True, description="compute the quality card (perplexity, agreement)")
+    eval_text: Path | None = Field(
+        None, description="evaluation text; default eval_mansfield_park.txt"
+    )
+    eval_tokens: int = Field(4096, ge=2, description="score the first N tokens of the text")
+    greedy_tokens: int = Field(64, ge=1, description="greedy tokens per prompt for agreement")
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _alias(cls, value):
+        return parse_quant(value)
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        chunks = sorted(set(self.prefill_chunks))
+        if not chunks:
+            raise ValueError("prefill_chunks needs at least one size")
+        if chunks[0] < 2 or chunks[-1] > self.context_length:
+            raise ValueError(
+                f"prefill_chunks {chunks} must lie in [2, context_length="
+                f"{self.context_length}] (decode covers 1 token)"
+            )
+        self.prefill_chunks = chunks
+        return self
+
+
+def _profile_fields(name: str) -> dict:
+    """Sizes, recipe and threads a device profile gives the TFLite export."""
+    from slmedge.device_profiles.loader import load_profile
+
+    profile = load_profile(name)
+    fields: dict = {"profile": profile.name}
+    formats = {f.value for f in profile.artifact.formats}
+    if "tflite" not in formats:
+        raise UsageError(
+            f"--profile {name} writes {', '.join(sorted(formats))}, not tflite; pick a profile "
+            "whose runtime.engine is litert, or drop --format tflite"
+        )
+    shapes = profile.shapes
+    if shapes.context_length:
+        fields["context_length"] = shapes.context_length
+    if shapes.prefill_chunk:
+        fields["prefill_chunks"] = [shapes.prefill_chunk]
+    recipe = profile.recipe
+    if recipe.quantization.value != "none":
+        if recipe.quantization.value == "a16w8":
+            raise UsageError(f"--profile {name}: a16w8 has no TFLite recipe here; use int8-static")
+        fields["quant"] = parse_quant(recipe.quantization.value).value
+    elif recipe.precision.value == "fp16":
+        fields["quant"] = TfliteQuant.fp16.value
+    if profile.runtime.threads:
+        fields["threads"] = profile.runtime.threads
+    return fields
+
+
+def config_from_args(args) -> TfliteExportConfig:
+    """Flags (and ``--profile`` / ``--config``) -> :class:`TfliteExportConfig`."""
+    import json
+
+    from pydantic import ValidationError
+
+    fields: dict = {}
+    if getattr(args, "config", None):
+        try:
+            fields = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--config {args.config}: cannot read it as JSON ({e})") from None
+    if getattr(args, "profile", None):
+        fields.update(_profile_fields(args.profile))
+    for name in (
+        "model",
+        "output",
+        "parity_atol",
+        "context_length",
+        "prefill_chunks",
+        "eval_text",
+        "eval_tokens",
+        "from_artifact",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = str(value) if isinstance(value, Path) else value
+    if getattr(args, "quant", None):
+        fields["quant"] = parse_quant(args.quant).value
+    if getattr(args, "overwrite", False):
+        fields["overwrite"] = True
+    dtype = getattr(args, "dtype", None)
+    if dtype == "fp16":
+        if fields.get("quant", "fp32") not in ("fp32", "fp16"):
+            raise UsageError("--dtype fp16 and --quant exclude each other with --format tflite")
+        fields["quant"] = "fp16"
+    for onnx_only in ("opset", "external_data"):
+        if getattr(args, onnx_only, None):
+            raise UsageError(f"--{onnx_only.replace('_', '-')} applies to --format onnx only")
+    if "output" not in fields:
+        raise UsageError("slmedge export needs --output DIR (or a --config file that names one)")
+    fields["format"] = "tflite"
+    try:
+        return TfliteExportConfig(**fields)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
+        raise UsageError(f"invalid TFLite export config: {problems}") from None
+
+
+def add_tflite_flags(parser) -> None:
+    """``--format`` and the TFLite-only flags of ``slmedge export``; the TFLite ``--quant`` names."""
+    g = parser.add_argument_group("TFLite (--format tflite)")
+    g.add_argument(
+        "--format",
+        choices=["onnx", "tflite"],
+        help="artifact format (default onnx, or what --profile writes); tflite needs "
+        "the [tflite] venv: tools/setup_tflite.sh",
+    )
+    g.add_argument(
+        "--context-length",
+        type=int,
+        metavar="N",
+        help=f"static KV-cache rows (default {DEFAULT_CONTEXT})",
+    )
+    g.add_argument(
+        "--prefill-chunks",
+        metavar="T,T",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help=f"prefill signature sizes (default {','.join(map(str, DEFAULT_CHUNKS))})",
+    )
+    g.add_argument(
+        "--from-artifact",
+        type=Path,
+        metavar="DIR",
+        help="quantize the graph of this fp32 TFLite artifact (same model and sizes) "
+        "instead of converting again",
+    )
+    for action in parser._actions:  # --quant is defined by the ONNX quantization flags
+        if "--quant" in action.option_strings and action.choices is not None:
+            action.choices = list(dict.fromkeys([*action.choices, *TFLITE_QUANT_CHOICES]))
+            action.help = (
+                (action.help or "") + "; with --format tflite: " + ", ".join(TFLITE_QUANT_CHOICES)
+            )
+
+
+def require_tflite_extra() -> None:
+    """A clear :class:`MissingDependency` (exit 2) before any work when [tflite] is absent."""
+    import importlib.util
+
+    from slmedge.runtimes.errors import MissingDependency
+
+    missing = [
+        name
+        for name, module in (
+            ("litert-torch", "litert_torch"),
+            ("ai-edge-litert", "ai_edge_litert"),
+            ("ai-edge-quantizer", "ai_edge_quantizer"),
+            ("torch", "torch"),
+            ("tensorflow-cpu", "tensorflow"),
+        )
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise MissingDependency(
+            f"--format tflite needs the [tflite] extra ({', '.join(missing)} not installed); it "
+            "clashes with the main venv's pins (typing-extensions), so it has its own venv: "
+            "tools/setup_tflite.sh, then .venv-tflite/bin/slmedge export --format tflite ..."
+        )
+
+
+def wants_tflite(args) -> bool:
+    """Whether ``slmedge export`` takes the TFLite path: ``--format tflite``, or a profile that
+    writes tflite only. TFLite-only flags with the ONNX path are a usage error."""
+    fmt = getattr(args, "format", None)
+    if fmt is None and getattr(args, "profile", None):
+        from slmedge.device_profiles.loader import load_profile
+
+        formats = {f.value for f in load_profile(args.profile).artifact.formats}
+        fmt = "tflite" if formats == {"tflite"} else "onnx"
+    if fmt == "tflite":
+        return True
+    given = [
+        flag
+        for flag, name in (
+            ("--context-length", "context_length"),
+            ("--prefill-chunks", "prefill_chunks"),
+            ("--from-artifact", "from_artifact"),
+        )
+        if getattr(args, name, None) is not None
+    ]
+    quant = getattr(args, "quant", None)
+    if quant in TFLITE_QUANT_CHOICES and quant not in QUANT_ALIASES and quant != "int8-static":
+        given.append(f"--quant {quant}")
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to --format tflite only; add --format tflite")
+    return False
+
+
+def cmd_export_tflite(args) -> int:
+    """``slmedge export --format tflite``: build the config, run the export, print a summary."""
+    import json
+    import sys
+
+    config = config_from_args(args)
+    if getattr(args, "dry_run", False):
+        sys.stdout.write(json.dumps(json.loads(config.model_dump_json()), indent=2) + "\n")
+        return 0
+    require_tflite_extra()
+    from slmedge.tools.progress import Progress
+
+    from .tflite_export import run_tflite_export
+
+    progress = Progress()
+    try:
+        manifest = run_tflite_export(config, progress=progress.say)
+    finally:
+        progress.close()
+    if getattr(args, "json", False):
+        sys.stdout.write(
+            json.dumps({"output": str(config.output), **manifest}, indent=2, default=str) + "\n"
+        )
+    else:
+        print(summary_line(manifest, config.output))
+    return 0
+
+
+def summary_line(manifest: dict, output) -> str:
+    size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
+    parity = manifest["verification"]["parity"]
+    line = (
+        f"exported {manifest['architecture']['family']} to {output} ({size:.1f} MB TFLite, "
+        f"{manifest['recipe']['quant']}); parity max |diff| {parity['max_abs_diff']:.2e} <= "
+        f"{parity['atol']:.2e}"
+    )
+    card = manifest.get("quality", {})
+    if "perplexity" in card:
+        line += f"; perplexity {card['perplexity']:.3f}"
+        if card.get("reference_perplexity") is not None:
+            line += (
+                f" vs fp32 {card['reference_perplexity']:.3f} ({card['ppl_increase_pct']:+.2f}%)"
+            )
+        if card.get("greedy"):
+            line += f", greedy agreement {card['greedy']['top1_agreement']:.1%}"
+    return line
