@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .recipe import (
     CalibrationConfig,
@@ -24,6 +25,9 @@ from .recipe import (
     QuantScheme,
     TensorPrecision,
 )
+
+if TYPE_CHECKING:
+    from .core import QuantReport
 
 __all__ = [
     "CalibrationConfig", "CalibrationMethod", "Int4Algorithm", "Int8Format", "QuantRecipe",
@@ -52,7 +56,7 @@ def quantize_a16w8(
     per_channel: bool = True,
     samples: int = 32,
     progress: Callable[[str], None] | None = None,
-) -> "QuantReport":
+) -> QuantReport:
     """QDQ with uint16 activations and int8 weights, for NPUs (QNN HTP).
 
     Weight MatMuls, norms, residual adds and data movement get 16-bit activations; the

@@ -87,7 +87,7 @@ class KVCacheCalibrationReader(CalibrationDataReader):
         if past is None:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
             past = [empty] * len(self.past_names)
-        feed.update(dict(zip(self.past_names, past)))
+        feed.update(dict(zip(self.past_names, past, strict=False)))
         return feed
 
     def samples(self) -> Iterator[dict]:

@@ -31,7 +31,8 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    help="weights per scale for MatMulNBits (default 32)")
     g.add_argument("--symmetric", action="store_true", help="int4/nbits: no zero points")
     g.add_argument("--algorithm", choices=[a.value for a in Int4Algorithm],
-                   help="int4 rounding: rtn (default), hqq, k_quant, gptq (calibrated)")
+                   help="int4 rounding: hqq (default; rtn with --symmetric), rtn, k_quant, gptq "
+                   "(calibrated)")
     g.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 4 = int8 activations (default), 1 = fp32, 0 = unset")
     g.add_argument("--int8-format", choices=[f.value for f in Int8Format],

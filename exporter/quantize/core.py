@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from .calibration import KVCacheCalibrationReader
-from .graph import analyze, split_gemms
+from .graph import analyze, fold_weight_transposes, split_gemms
 from .recipe import CalibrationConfig, QuantRecipe, QuantScheme, TensorPrecision
 from .static import quantize_static_qdq
 from .weight_only import quantize_weight_only
@@ -118,9 +118,12 @@ def quantize_model(
     gemms = split_gemms(model)
     if gemms:
         say(f"{gemms} Gemm -> MatMul + Add (the weight-only quantizer takes MatMul)")
+    folded = fold_weight_transposes(model)
+    if folded:
+        say(f"{folded} MatMul weights behind a Transpose folded (tied lm_head)")
     facts = analyze(model)
     needs_calibration = recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) or (
-        recipe.scheme is QuantScheme.int4 and recipe.algorithm.value == "gptq"
+        recipe.scheme is QuantScheme.int4 and recipe.int4_algorithm.value == "gptq"
     )
     calib_doc = None
     reader = None

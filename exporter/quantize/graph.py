@@ -201,3 +201,39 @@ def split_gemms(model: onnx.ModelProto) -> int:
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
     return count
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Give ``MatMul(x, Transpose(W))`` its own constant ``W.T`` (in place).
+
+    Tied embeddings export as ``lm_head = MatMul(h, Transpose(embed_tokens.weight))``; ORT
+    folds that at load time, but the quantizers only see constant ``B`` inputs, so the
+    lm_head would stay fp32. Returns how many MatMuls now read a folded weight.
+    """
+    consts = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    folded: dict[str, str] = {}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        t = producer.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in consts:
+            continue
+        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+        if len(consts[t.input[0]].dims) != 2 or (perm and perm[0] != [1, 0]):
+            continue
+        if t.output[0] not in folded:
+            name = t.input[0] + "_T"
+            arr = numpy_helper.to_array(consts[t.input[0]]).T.copy()
+            model.graph.initializer.append(numpy_helper.from_array(arr, name))
+            folded[t.output[0]] = name
+        node.input[1] = folded[t.output[0]]
+        count += 1
+    if count:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        keep = [n for n in model.graph.node
+                if not (n.op_type == "Transpose" and n.output[0] in folded and n.output[0] not in used)]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return count

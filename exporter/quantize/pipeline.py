@@ -25,7 +25,7 @@ from ..quality import QualitySettings, artifact_card
 from ..staging import check_output, staged_directory
 from .auto import candidates
 from .core import copy_support_files, quantize_model
-from .graph import analyze, split_gemms
+from .graph import analyze, fold_weight_transposes, split_gemms
 from .recipe import QuantRecipe
 
 Say = Callable[[str], None]
@@ -88,6 +88,7 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     if quality.auto:
         model = onnx.load(str(reference), load_external_data=False)
         split_gemms(model)
+        fold_weight_transposes(model)
         ladder = candidates(recipe, analyze(model))
         del model
         say(f"--auto: {len(ladder)} candidate recipes, smallest first")
@@ -113,10 +114,10 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
         path.unlink()
     if chosen is None:
         last = tried[-1]
-        what = (f"none of the {len(tried)} recipes tried" if quality.auto
-                else f"recipe {last['label']}")
+        what = (f"none of the {len(tried)} recipes tried stays" if quality.auto
+                else f"recipe {last['label']} does not stay")
         raise QualityGateFailed(
-            f"quality gate failed: {what} stays within +{limit:g}% perplexity "
+            f"quality gate failed: {what} within +{limit:g}% perplexity "
             f"(best: {min(t['ppl_increase_pct'] for t in tried):+.2f}%, last: "
             f"{last['label']} perplexity {last['perplexity']:.3f}, {last['ppl_increase_pct']:+.2f}%); "
             "nothing was written. Keep lm_head / more layers in higher precision, use a smaller "
@@ -145,12 +146,13 @@ def quantize_artifact(
     source: Path,
     output: Path,
     recipe: QuantRecipe,
-    quality: QualityConfig = QualityConfig(),
+    quality: QualityConfig | None = None,
     *,
     overwrite: bool = False,
     say: Say = lambda _m: None,
 ) -> dict:
     """``slmedge quantize``: a quantized artifact from an fp32 one; returns its manifest."""
+    quality = quality or QualityConfig()
     art = open_artifact(source)
     if not art.manifest:
         raise UsageError(f"'{source}' is a bare model file; pass an artifact directory written by "

@@ -161,8 +161,9 @@ def quantize_weight_only(
         first.add(head)
     common = dict(block_size=recipe.block_size, symmetric=recipe.symmetric,
                   accuracy_level=recipe.accuracy_level)
-    say(f"{len(first)} MatMuls -> MatMulNBits {body_bits}-bit ({recipe.algorithm.value if body_bits == 4 else 'rtn'})")
-    model = _run_nbits(model, first, bits=body_bits, algorithm=recipe.algorithm,
+    algorithm = recipe.int4_algorithm if body_bits == 4 else Int4Algorithm.rtn
+    say(f"{len(first)} MatMuls -> MatMulNBits {body_bits}-bit ({algorithm.value})")
+    model = _run_nbits(model, first, bits=body_bits, algorithm=algorithm,
                        calibration_reader=calibration_reader, **common)
     precision.update({n: f"int{body_bits}" for n in first})
     second = set()

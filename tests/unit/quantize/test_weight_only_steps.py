@@ -50,8 +50,8 @@ def test_rtn_error_within_half_a_step_per_weight(block, symmetric):
     model = _one_matmul(w)
     facts = analyze(model)
     # The lone MatMul is the lm_head here; quantize it at 4 bits like the body.
-    recipe = QuantRecipe(scheme="int4", block_size=block, symmetric=symmetric, accuracy_level=1,
-                         lm_head="int4")
+    recipe = QuantRecipe(scheme="int4", algorithm="rtn", block_size=block, symmetric=symmetric,
+                         accuracy_level=1, lm_head="int4")
     q, precision = quantize_weight_only(model, facts, recipe, body_bits=4)
     assert precision == {"proj": "int4"}
     step, attrs = _scales(q)
@@ -69,7 +69,8 @@ def test_int8_activations_add_at_most_half_an_activation_step():
     w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
     x = rng.normal(0, 1, (3, K)).astype(np.float32)
     model = _one_matmul(w)
-    recipe = QuantRecipe(scheme="int4", block_size=32, accuracy_level=4, lm_head="int4")
+    recipe = QuantRecipe(scheme="int4", algorithm="rtn", block_size=32, accuracy_level=4,
+                         lm_head="int4")
     q, _ = quantize_weight_only(model, analyze(model), recipe, body_bits=4)
     step, attrs = _scales(q)
     assert attrs["accuracy_level"] == 4
@@ -81,6 +82,24 @@ def test_int8_activations_add_at_most_half_an_activation_step():
     w_abs_max = np.abs(w) + np.abs(step)  # |dequantized weight| <= |w| + one step
     bound = np.abs(x) @ (np.abs(step) / 2) + (a_step / 2) @ w_abs_max + 1e-4
     assert np.all(np.abs(got - want) <= bound)
+
+
+def test_hqq_is_the_default_and_writes_float_zero_points():
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    model = _one_matmul(w)
+    recipe = QuantRecipe(scheme="int4", block_size=32, lm_head="int4", accuracy_level=1)
+    assert recipe.int4_algorithm.value == "hqq" and recipe.label().startswith("int4-hqq-b32")
+    q, _ = quantize_weight_only(model, analyze(model), recipe, body_bits=4)
+    node = next(n for n in q.graph.node if n.op_type == "MatMulNBits")
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    assert inits[node.input[3]].dtype == np.float32  # HQQ: zero points in float
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["accuracy_level"] == 1
+    x = rng.normal(0, 1, (4, K)).astype(np.float32)
+    step, _ = _scales(q)
+    # Float zero points: each weight sits within one step of the grid it was rounded to.
+    assert np.all(np.abs(_run(q, x) - x @ w) <= np.abs(x) @ np.abs(step) + 1e-5)
+    assert QuantRecipe(scheme="int4", symmetric=True).int4_algorithm.value == "rtn"
 
 
 def test_lm_head_int8_and_body_int4_in_one_graph():

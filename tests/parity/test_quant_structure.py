@@ -1,0 +1,196 @@
+"""Quantized tiny decoders: structure (what is quantized, what stayed float) and numerics.
+
+Numerics, ExecuTorch-style: the int4 graph is compared with the fp32 graph *carrying the
+same quantized weights* (dequantized back into its MatMuls), so the only difference
+left is the kernel's arithmetic, which must be tiny; the fp32-vs-int4 error itself is
+bounded in quantization steps by tests/unit/quantize/test_weight_only_steps.py.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader
+from slmedge.exporter.quantize.core import quantize_model
+from slmedge.exporter.quantize.graph import analyze
+from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
+from slmedge.exporter.quantize.static import qdq_summary
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+SMALL_CALIB = {"prefill_samples": 2, "decode_samples": 6, "prefill_tokens": 32, "max_past": 64}
+IDS = list(range(6, 40))
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def dequantize_nbits(node, inits) -> np.ndarray:
+    """[K, N] float weights of a MatMulNBits node (a test reference, not a quantizer)."""
+    a = _attrs(node)
+    k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    packed = inits[node.input[1]].reshape(n, -1)
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, -1) if bits == 4 else packed
+    q = q.astype(np.float32)
+    blocks = q.shape[1] // block
+    scales = inits[node.input[2]].reshape(n, blocks)
+    if len(node.input) > 3 and node.input[3] and inits[node.input[3]].dtype != np.uint8:
+        zp = inits[node.input[3]].reshape(n, blocks).astype(np.float32)  # HQQ: float zero points
+    elif len(node.input) > 3 and node.input[3]:
+        zp = inits[node.input[3]].reshape(n, -1)
+        if bits == 4:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+        zp = zp.astype(np.float32)
+    else:
+        zp = np.full((n, blocks), 8.0 if bits == 4 else 128.0, np.float32)
+    w = (q.reshape(n, blocks, block) - zp[:, :, None]) * scales[:, :, None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_artifact):
+    return tiny_artifact("llama")
+
+
+def _quantize(art, tmp_path, **recipe):
+    out = tmp_path / "q.onnx"
+    report = quantize_model(art / "model.onnx", out, QuantRecipe(**recipe), tokenizer_dir=art)
+    return out, report
+
+
+@pytest.mark.parametrize("block,symmetric", [(32, False), (64, True)])
+def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path, block, symmetric):
+    out, report = _quantize(llama, tmp_path, scheme="int4", block_size=block, symmetric=symmetric,
+                            accuracy_level=1)
+    q = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    deq = {}
+    for node in q.graph.node:
+        if node.op_type == "MatMulNBits":
+            deq[node.name.rsplit("_Q", 1)[0]] = dequantize_nbits(node, inits)
+    ref = onnx.load(str(llama / "model.onnx"))
+    facts = analyze(ref)
+    assert set(deq) == {w.node for w in facts.weight_matmuls}
+    for node in ref.graph.node:
+        if node.name in deq:
+            name = node.input[1] + "_dq"
+            ref.graph.initializer.append(numpy_helper.from_array(deq[node.name], name))
+            node.input[1] = name
+    ref_path = tmp_path / "ref.onnx"
+    onnx.save(ref, str(ref_path))
+    want = OnnxDecoder(ref_path).logits(IDS)
+    got = OnnxDecoder(out).logits(IDS)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+    # and the quantization did change the model
+    assert np.abs(got - OnnxDecoder(llama / "model.onnx").logits(IDS)).max() > 1e-3
+
+
+def test_int4_structure_and_lm_head_precision(llama, tmp_path):
+    out, report = _quantize(llama, tmp_path, scheme="int4", block_size=32, embedding="int4")
+    q = onnx.load(str(out), load_external_data=False)
+    facts = analyze(onnx.load(str(llama / "model.onnx")))
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    bits = sorted(_attrs(n)["bits"] for n in nbits)
+    assert bits == [4] * (len(facts.weight_matmuls) - 1) + [8]  # lm_head int8 by default
+    assert all(_attrs(n)["accuracy_level"] == 4 and _attrs(n)["block_size"] == 32 for n in nbits)
+    head = next(n for n in nbits if n.name.startswith(facts.lm_head))
+    assert _attrs(head)["bits"] == 8 and head.output[0] == "logits"
+    # attention's activation x activation MatMuls stay float MatMul
+    assert sum(n.op_type == "MatMul" for n in q.graph.node) == len(facts.activation_matmuls)
+    assert [n.op_type for n in q.graph.node].count("GatherBlockQuantized") == 1
+    assert report.weight_precision == {"int4": len(facts.weight_matmuls) - 1, "int8": 1}
+    assert report.lm_head == "int8" and report.embedding == "int4"
+
+
+def test_keep_layers_go_one_step_up(llama, tmp_path):
+    out, report = _quantize(llama, tmp_path, scheme="int4", keep_layers=[0], lm_head="float")
+    q = onnx.load(str(out), load_external_data=False)
+    by_bits = [_attrs(n)["bits"] for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert by_bits.count(8) == 7 and by_bits.count(4) == 7  # 7 projections per Llama layer
+    assert report.lm_head == "float"
+
+
+def test_static_int8_quantizes_weight_matmuls_only_and_keeps_the_mask_path_float(llama, tmp_path):
+    out, report = _quantize(llama, tmp_path, scheme="int8-static", calibration=SMALL_CALIB)
+    summary = qdq_summary(out)
+    consumers = summary["ops_with_dq_inputs"]
+    facts = analyze(onnx.load(str(llama / "model.onnx")))
+    assert consumers == {"MatMul": len(facts.weight_matmuls) - 1}  # lm_head float by default
+    table = report.op_decisions
+    assert table["Softmax"]["quantized"] == 0
+    assert any("mask" in r for r in table["Softmax"]["reasons"])
+    for op in ("Add", "Pow", "ReduceMean", "Sqrt", "Mul"):
+        assert table[op]["quantized"] == 0, op
+    assert report.calibration["samples"] == 8
+    got = OnnxDecoder(out).logits(IDS)
+    want = OnnxDecoder(llama / "model.onnx").logits(IDS)
+    cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.95
+
+
+def test_a16w8_uses_16_bit_activations_and_leaves_softmax_and_mask_add_float(llama, tmp_path):
+    out, report = _quantize(llama, tmp_path, scheme="a16w8", calibration=SMALL_CALIB)
+    q = onnx.load(str(out), load_external_data=False)
+    inits = {i.name: i for i in q.graph.initializer}
+    zp_types = {inits[n.input[2]].data_type for n in q.graph.node
+                if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+    assert onnx.TensorProto.UINT16 in zp_types
+    consumers = qdq_summary(out)["ops_with_dq_inputs"]
+    assert "Softmax" not in consumers
+    assert {"MatMul", "Pow", "ReduceMean", "Mul"} <= set(consumers)  # norms at 16 bits
+    facts = analyze(onnx.load(str(llama / "model.onnx")))
+    mask_adds = [n for n in facts.mask_path if n.startswith("node_add") or "Add" in n]
+    producer = {o: n for n in q.graph.node for o in n.output}
+    for node in q.graph.node:
+        if node.name in facts.mask_path:
+            assert not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                           for i in node.input), node.name
+    assert mask_adds or facts.mask_path  # the mask path was found at all
+    assert report.op_decisions["Softmax"]["quantized"] == 0
+    got = OnnxDecoder(out).logits(IDS)
+    want = OnnxDecoder(llama / "model.onnx").logits(IDS)
+    cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.99
+
+
+def test_int8_dynamic_qoperator(llama, tmp_path):
+    out, report = _quantize(llama, tmp_path, scheme="int8", int8_format="qoperator", lm_head="float")
+    ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+    assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
+    assert report.lm_head == "float"
+
+
+def test_gemm_models_are_split_for_weight_only(tiny_artifact, tmp_path):
+    art = tiny_artifact("gpt2")
+    out, report = _quantize(art, tmp_path, scheme="int4")
+    ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
+    assert "Gemm" not in ops and ops.count("MatMulNBits") == 9  # 8 projections + lm_head
+    assert np.isfinite(OnnxDecoder(out).logits(IDS)).all()
+
+
+def test_calibration_reader_feeds_the_fp32_models_own_cache(llama):
+    import onnxruntime as ort
+
+    ids = list(range(5, 125))  # unique tokens: a sample's token tells where it sits
+    cfg = CalibrationConfig(**SMALL_CALIB)
+    reader = KVCacheCalibrationReader(llama / "model.onnx", ids, cfg)
+    samples = list(reader.samples())
+    assert len(samples) == len(reader) == 8
+    prefill, decode = samples[:2], samples[2:]
+    assert all(s["input_ids"].shape == (1, 32) and s["past_key_values.0.key"].shape[2] == 0
+               for s in prefill)
+    lengths = [s["past_key_values.0.key"].shape[2] for s in decode]
+    assert all(1 <= p <= 64 for p in lengths) and len(set(lengths)) > 1
+    session = ort.InferenceSession(str(llama / "model.onnx"), providers=["CPUExecutionProvider"])
+    for s, p in zip(decode, lengths, strict=False):
+        assert s["attention_mask"].shape == (1, p + 1) and s["position_ids"].tolist() == [[p]]
+        pos = ids.index(int(s["input_ids"][0, 0]))
+        prefix = np.array([ids[pos - p : pos]], dtype=np.int64)
+        empty = np.zeros((1, *s["past_key_values.0.key"].shape[1:2], 0,
+                          s["past_key_values.0.key"].shape[3]), np.float32)
+        feed = {"input_ids": prefix, "attention_mask": np.ones_like(prefix),
+                "position_ids": np.arange(p, dtype=np.int64)[None]}
+        feed |= {n: empty for n in s if n.startswith("past_key_values")}
+        present = session.run(["present.1.value"], feed)[0]
+        np.testing.assert_allclose(s["past_key_values.1.value"], present, atol=1e-5)

@@ -1,0 +1,207 @@
+"""Quantized slmedge artifacts vs ONNX Runtime GenAI's builder, side by side (issue 3).
+
+    python tools/bench_quant.py --fp32 artifacts/bench/slmedge-fp32 \
+        [--variants int4 int8] [--rounds 2] [--json out.json]
+
+For each variant (slmedge recipe vs the builder's same precision, built from the same HF
+weights in ``artifacts/bench/smollm2-135m-hf``):
+
+1. ``slmedge quantize`` of the fp32 artifact (quality card + gate in its manifest);
+   ``onnxruntime_genai.models.builder -p int4|int8`` for GenAI (reused when present);
+2. speed: each model in its own subprocess, tools alternating round after round, the same
+   prompt ids (``bench_prompt_ids``), 128 prompt + 128 new tokens, 2 threads, no early stop;
+   slmedge through its runtime loop, GenAI through ``onnxruntime_genai``'s generator;
+3. quality: perplexity on the first 4096 tokens of the evaluation text for every model,
+   GenAI's graph included (run by slmedge's ORT decoder: same inputs/outputs contract),
+   KL and greedy agreement vs the slmedge fp32 graph (``slmedge.exporter.quality``).
+
+Only ratios taken in the same run mean anything: the CPU is shared (DESIGN.md: +-15%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "artifacts" / "bench"
+
+#: variant -> (slmedge quantize flags, GenAI builder precision)
+VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "fp32": ((), "fp32"),
+    "int4": (("--quant", "int4"), "int4"),
+    "int4-hqq": (("--quant", "int4", "--algorithm", "hqq"), "int4"),
+    "int8": (("--quant", "int8"), "int8"),
+}
+
+
+def say(msg: str) -> None:
+    print(f"[bench_quant] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    say("$ " + " ".join(map(str, cmd)))
+    subprocess.run(cmd, check=True)
+
+
+def prepare_slmedge(fp32: Path, name: str, flags: tuple[str, ...], max_ppl: float) -> Path:
+    if not flags:
+        return fp32
+    out = WORK / f"slmedge-q-{name}"
+    if not (out / "manifest.json").exists():
+        run([sys.executable, "-m", "slmedge.tools.cli", "quantize", str(fp32), "-o", str(out),
+             "--overwrite", "--max-ppl-increase", str(max_ppl), *flags])
+    return out
+
+
+def prepare_genai(hf_dir: Path, precision: str, threads: int) -> Path:
+    out = WORK / f"genai-{precision}"
+    config = out / "genai_config.json"
+    if not config.exists():
+        run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o",
+             str(out), "-p", precision, "-e", "cpu", "-c", str(WORK / "genai-cache")])
+    doc = json.loads(config.read_text())
+    opts = doc["model"]["decoder"].setdefault("session_options", {})
+    opts.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    config.write_text(json.dumps(doc, indent=4))
+    return out
+
+
+# -- speed, one model per subprocess -----------------------------------------------------
+
+_SLMEDGE_SPEED = """
+import json, sys, time
+from slmedge.runtimes.bench import bench_prompt_ids
+from slmedge.runtimes.generation import generate
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
+path, threads, n_prompt, n_new, reps, vocab = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
+dec = OnnxDecoder(path + "/model.onnx", threads=threads)
+prompt = bench_prompt_ids(vocab, n_prompt)
+out = []
+for i in range(reps + 1):
+    r = generate(dec, prompt, n_new)
+    if i:
+        out.append({"ttft_ms": r.ttft_s * 1000, "tps": r.decode_tokens_per_s})
+print(json.dumps(out))
+"""
+
+_GENAI_SPEED = """
+import json, sys, time
+import onnxruntime_genai as og
+from slmedge.runtimes.bench import bench_prompt_ids
+path, threads, n_prompt, n_new, reps, vocab = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
+model = og.Model(path)
+prompt = bench_prompt_ids(vocab, n_prompt)
+out = []
+for i in range(reps + 1):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=n_prompt + n_new, min_length=n_prompt + n_new,
+                              do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    steps = 0
+    while not gen.is_done() and steps < n_new - 1:
+        gen.generate_next_token()
+        steps += 1
+    t2 = time.perf_counter()
+    if i:
+        out.append({"ttft_ms": (t1 - t0) * 1000, "tps": steps / (t2 - t1)})
+    del gen
+print(json.dumps(out))
+"""
+
+
+def speed(tool: str, path: Path, threads: int, prompt: int, new: int, reps: int,
+          vocab: int) -> list[dict]:
+    code = _SLMEDGE_SPEED if tool == "slmedge" else _GENAI_SPEED
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(prompt),
+                          str(new), str(reps), str(vocab)], check=True, capture_output=True,
+                         text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# -- quality ----------------------------------------------------------------------------
+
+
+def quality(path: Path, reference: Path, tokenizer_dir: Path, eval_tokens: int) -> dict:
+    from slmedge.exporter.quality import QualitySettings, artifact_card
+
+    card = artifact_card(path, tokenizer_dir, QualitySettings(eval_tokens=eval_tokens),
+                         reference_model=reference, threads=2)
+    return card.to_dict()
+
+
+def model_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.iterdir() if p.name.startswith("model.onnx")) / 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fp32", type=Path, default=WORK / "slmedge-fp32", help="fp32 slmedge artifact")
+    ap.add_argument("--hf-dir", type=Path, default=WORK / "smollm2-135m-hf")
+    ap.add_argument("--variants", nargs="+", default=["fp32", "int4", "int8"], choices=list(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed generations per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--max-ppl-increase", type=float, default=5.0)
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    models: list[tuple[str, str, Path]] = []
+    for name in args.variants:
+        flags, precision = VARIANTS[name]
+        models.append((name, "slmedge", prepare_slmedge(args.fp32, name, flags, args.max_ppl_increase)))
+        models.append((name, "genai", prepare_genai(args.hf_dir, precision, args.threads)))
+    vocab = json.loads((args.fp32 / "manifest.json").read_text())["architecture"]["vocab_size"]
+    timings: dict[tuple, list[dict]] = {(n, t): [] for n, t, _ in models}
+    for rnd in range(args.rounds):
+        order = models if rnd % 2 == 0 else [m for pair in zip(models[1::2], models[0::2], strict=False) for m in pair]
+        for name, tool, path in order:
+            say(f"round {rnd + 1}/{args.rounds}: {tool} {name}")
+            timings[(name, tool)] += speed(tool, path, args.threads, args.prompt_tokens,
+                                           args.new_tokens, args.repeats, vocab)
+    rows = []
+    for name, tool, path in models:
+        t = timings[(name, tool)]
+        row = {"variant": name, "tool": tool, "path": str(path), "size_mb": round(model_size_mb(path), 1),
+               "decode_tok_s": round(statistics.median(x["tps"] for x in t), 2),
+               "ttft_ms": round(statistics.median(x["ttft_ms"] for x in t), 1),
+               "runs": len(t)}
+        if not args.skip_quality:
+            say(f"quality: {tool} {name}")
+            q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
+            row.update(perplexity=round(q["perplexity"], 3),
+                       ppl_increase_pct=round(q["ppl_increase_pct"], 2),
+                       kl_mean=round(q["kl_mean"], 4),
+                       top1_agreement_eval=round(q["top1_agreement_eval"], 4),
+                       greedy_agreement=round(q["greedy"]["top1_agreement"], 4),
+                       first_divergence=q["greedy"]["first_divergence"])
+        rows.append(row)
+    by = {(r["variant"], r["tool"]): r for r in rows}
+    print("| variant | tool | decode tok/s | TTFT ms | size MB | perplexity | vs fp32 | KL | greedy agree | decode ratio | TTFT ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        g = by.get((r["variant"], "genai"))
+        ratio = f"{r['decode_tok_s'] / g['decode_tok_s']:.2f}x" if r["tool"] == "slmedge" and g else ""
+        tratio = f"{r['ttft_ms'] / g['ttft_ms']:.2f}x" if r["tool"] == "slmedge" and g else ""
+        print(f"| {r['variant']} | {r['tool']} | {r['decode_tok_s']} | {r['ttft_ms']} | {r['size_mb']} | "
+              f"{r.get('perplexity', '')} | {r.get('ppl_increase_pct', '')}% | {r.get('kl_mean', '')} | "
+              f"{r.get('greedy_agreement', '')} | {ratio} | {tratio} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
