@@ -55,6 +55,10 @@ class ExportConfig(BaseModel):
     quality: QualityConfig = Field(
         default_factory=QualityConfig, description="quality card inputs and the perplexity gate"
     )
+    profile: str | None = Field(
+        None, description="device profile (built-in name or YAML file): its recipe sets dtype, "
+        "quantization, static shapes and formats unless given explicitly (profile_export.py)"
+    )
 
 
 def _stop_token_ids(model, tokenizer, spec) -> list[int]:
@@ -100,6 +104,10 @@ def _check_runtime_tokenizer(stage: Path, tokenizer) -> dict:
 
 def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
     """Export, verify and write an artifact; returns the manifest."""
+    if config.profile:  # the device profile's recipe decides the rest
+        from .profile_export import run_profile_export
+
+        return run_profile_export(config, progress)
     say = progress or (lambda _msg: None)
     check_output(config.output, config.overwrite)  # before minutes of work
     t0 = time.perf_counter()

@@ -398,14 +398,15 @@ def run_bench(
     and after every round (``status == "partial"``), so a caller that loses the process
     keeps what was measured.
     """
-    from .onnx_decoder import OnnxDecoder
+    from .providers import decoder_report
+    from .static_decoder import open_decoder
     from .sysinfo import environment as collect_environment
     from .sysinfo import thermal_snapshot
 
     run = _Run(path, config)
-    # a static KV cache (TFLite) fixes the window
-    run.plan((run.artifact.manifest.get("tflite") or {}).get("context_length")
-             or max_context(run.artifact.root))
+    # a static artifact's window is fixed (ONNX static shapes, or a TFLite KV cache)
+    static = run.artifact.manifest.get("static") or run.artifact.manifest.get("tflite") or {}
+    run.plan(static.get("context_length") or max_context(run.artifact.root))
     say = progress or (lambda _msg: None)
     rss_before = rss_mb()
     say(f"loading {run.artifact.model_path.name}")
@@ -420,14 +421,15 @@ def run_bench(
 
         decoder = open_litert_decoder(run.artifact, threads=config.threads)
     else:
-        decoder = OnnxDecoder(run.artifact.model_path, threads=config.threads,
-                              providers=providers, **session_flags)
+        # the dynamic KV-cache graph, or the prefill + decode graphs of a static one
+        decoder = open_decoder(run.artifact, threads=config.threads, providers=providers,
+                               **session_flags)
     load_s = time.perf_counter() - t0
     run.load = {"load_s": round(load_s, 4), "rss_before_mb": round(rss_before, 1),
                 "rss_after_mb": round(rss_mb(), 1)}
     run.env = collect_environment(config.threads, decoder.providers())
-    placement = getattr(decoder, "placement", None)  # set by device-profile aware decoders
-    run.env["node_placement"] = placement.to_dict() if hasattr(placement, "to_dict") else None
+    # per session: providers asked/used/skipped, nodes per provider, ops left on CPU
+    run.env["node_placement"] = decoder_report(decoder)
     vocab = decoder.vocab_size or int(decoder.step([0]).shape[-1])
     prompt = bench_prompt_ids(vocab, max(run.config.lengths()), config.seed)
     lengths = sorted({*run.buckets, *run.depths})

@@ -293,10 +293,7 @@ def create_session(
 
 def _looks_like_provider_failure(e: Exception) -> bool:
     """EP failures (EPFail, a provider rejecting the graph) versus a bad model file."""
-    kind = type(e).__name__
-    if kind in ("InvalidProtobuf", "NoSuchFile"):
-        return False
-    return True
+    return type(e).__name__ not in ("InvalidProtobuf", "NoSuchFile")
 
 
 def _cpu_fallback_error(model_path, usable, make_options) -> UnsupportedOp:
@@ -317,3 +314,14 @@ def _cpu_fallback_error(model_path, usable, make_options) -> UnsupportedOp:
         f"{Path(model_path).name} and CPU fallback is disabled: {ops}; run `slmedge check` for "
         "the node table, export with the profile's recipe, or allow CPU fallback"
     )
+
+
+def decoder_report(decoder) -> dict | None:
+    """:func:`session_report` of every session of a decoder (``model``, or ``prefill`` and
+    ``decode`` for static-shape artifacts); None for a decoder without ORT sessions."""
+    sessions = getattr(decoder, "sessions", None)
+    if sessions is None and getattr(decoder, "session", None) is not None:
+        sessions = {"model": decoder.session}
+    if not sessions:
+        return None
+    return {kind: session_report(s) for kind, s in sessions.items()}

@@ -108,9 +108,9 @@ class StaticDecoder:
         feed = {"input_ids": ids, "position_ids": pos.reshape(1, chunk).astype(np.int64)}
         for name, window in self.masks.items():
             feed[name] = build_bias(self._length, n, chunk, self.context, window, self.bias_dtype)
-        feed.update(zip(self.past_names, self._cache))
+        feed.update(zip(self.past_names, self._cache, strict=True))
         outs = self.sessions[kind].run(None, feed)
-        for cache, new in zip(self._cache, outs[1:]):
+        for cache, new in zip(self._cache, outs[1:], strict=True):
             cache[:, :, self._length:self._length + n, :] = new[:, :, :n, :]
         self._length += n
         return outs[0][0, :n]

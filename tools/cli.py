@@ -64,7 +64,7 @@ def cmd_export(args) -> int:
             fields = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"--config {args.config}: cannot read it as JSON ({e})") from None
-    for name in ("model", "output", "dtype", "opset", "parity_atol"):
+    for name in ("model", "output", "dtype", "opset", "parity_atol", "profile"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -111,17 +111,20 @@ def cmd_export(args) -> int:
 # -- generate ----------------------------------------------------------------------------
 
 
-def _open_decoder(path, threads):
+def _open_decoder(path, threads, args=None):
     from slmedge.runtimes.artifact import open_artifact
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.static_decoder import open_decoder
     from slmedge.runtimes.tokenizer import TextTokenizer
+
+    from .cli_profiles import runtime_kwargs  # --profile / --strict -> providers
 
     artifact = open_artifact(path)
     if artifact.format == "tflite":
         from slmedge.runtimes.litert_decoder import open_litert_decoder
 
         return artifact, open_litert_decoder(artifact, threads=threads), TextTokenizer(artifact.root)
-    return artifact, OnnxDecoder(artifact.model_path, threads=threads), TextTokenizer(artifact.root)
+    decoder = open_decoder(artifact, **runtime_kwargs(args, threads))
+    return artifact, decoder, TextTokenizer(artifact.root)
 
 
 def cmd_generate(args) -> int:
@@ -133,7 +136,7 @@ def cmd_generate(args) -> int:
         raise UsageError(str(e)) from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads)
+    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads, args)
     if args.chat:
         prompt_ids = tokenizer.encode_chat(args.prompt, system=args.system)
     else:
@@ -184,7 +187,7 @@ def cmd_eval(args) -> int:
     if not text_path.is_file():
         raise UsageError(f"--text {args.text}: no such file")
     text = text_path.read_text(encoding="utf-8", errors="replace")
-    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads)
+    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads, args)
     ids = tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"--text {args.text} has fewer than 2 tokens; nothing to score")
@@ -236,7 +239,10 @@ def cmd_bench(args) -> int:
         if args.target:
             result = run_on_target(args, config, progress.say)
         else:
-            result = run_bench(args.artifact, config, progress=progress.say)
+            from .cli_profiles import bench_session_kwargs
+
+            result = run_bench(args.artifact, config, progress=progress.say,
+                               **bench_session_kwargs(args))
     finally:
         progress.close()
     if args.output:
@@ -260,7 +266,7 @@ def cmd_bench(args) -> int:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli", "slmedge.tools.cli_runner"]
+COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true",
                    help="store weights in model.onnx.data (automatic above 2 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--profile", help="device profile (name or YAML): its recipe sets dtype, "
+                   "quantization, static shapes, formats (slmedge profiles list)")
     p.add_argument("--config", help="read the export config from a JSON file (see --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -297,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="intra-op threads (default: ONNX Runtime's choice)"
                        if threads_default is None else f"intra-op threads (default {threads_default})")
         p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.add_argument("--profile", help="device profile (name or YAML): execution providers "
+                       "in order, with options (slmedge profiles list)")
+        p.add_argument("--strict", action="store_true", help="any provider fallback or CPU "
+                       "fallback is an error (exit 4)")
 
     p = sub.add_parser("generate", help="generate text from a prompt",
                        epilog=EXIT_CODES_HELP, formatter_class=fmt)

@@ -10,7 +10,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from slmedge.runtimes.errors import EXIT_UNSUPPORTED, ArtifactError, ProviderUnavailable, UnsupportedOp
+from slmedge.runtimes.errors import (
+    EXIT_UNSUPPORTED,
+    ArtifactError,
+    ProviderUnavailable,
+    UnsupportedOp,
+)
 from slmedge.runtimes.onnx_decoder import make_session
 from slmedge.runtimes.providers import availability, placement_of, selection_of, session_report
 
@@ -154,17 +159,46 @@ def test_qnn_leaves_dynamic_shapes_to_cpu_visibly(dynamic_model, capsys):
         make_session(dynamic_model, providers=[QNN, CPU], strict=True)
 
 
+def _rms_norm_model(tmp_path, weight_first: bool):
+    """torch's RMSNorm chain; ``Mul(weight, x)`` makes QNN 2.7.0 fail to finalize its graph."""
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [64], np.linspace(0.5, 1.5, 64).tolist()),
+             helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+             helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [-1])]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["p"], name="pow"),
+             helper.make_node("ReduceMean", ["p", "axes"], ["m"], name="mean", keepdims=1),
+             helper.make_node("Add", ["m", "eps"], ["a"], name="add"),
+             helper.make_node("Sqrt", ["a"], ["s"], name="sqrt"),
+             helper.make_node("Reciprocal", ["s"], ["r"], name="rsqrt"),
+             helper.make_node("Mul", ["x", "r"], ["n"], name="norm"),
+             helper.make_node("Mul", ["w", "n"] if weight_first else ["n", "w"], ["y"],
+                              name="scale")]
+    return _save(tmp_path, nodes, [1, 1, 64], f"rms{int(weight_first)}.onnx", inits=inits)
+
+
 @pytest.mark.qnn
 @needs_qnn
-def test_qnn_session_failure_falls_back_or_fails_strict(tiny_artifact, capsys):
-    """The dynamic-shape decoder export makes QNN's session creation fail (EP_FAIL)."""
-    model = tiny_artifact("llama") / "model.onnx"
+def test_qnn_session_failure_falls_back_or_fails_strict(tmp_path, capsys):
+    model = _rms_norm_model(tmp_path, weight_first=True)
     s = make_session(model, providers=[QNN, CPU])
     assert s.get_providers() == ["CPUExecutionProvider"]
-    assert "Dynamic shape is not supported" in capsys.readouterr().err
-    assert "Dynamic shape" in selection_of(s).skipped[0]["reason"]
-    with pytest.raises(ProviderUnavailable, match="Dynamic shape"):
+    assert "Failed to finalize QNN graph" in capsys.readouterr().err
+    assert "finalize" in selection_of(s).skipped[0]["reason"]
+    with pytest.raises(ProviderUnavailable, match="finalize"):
         make_session(model, providers=[QNN, CPU], strict=True)
+
+
+@pytest.mark.qnn
+@needs_qnn
+def test_constants_second_workaround_lets_qnn_take_rms_norm(tmp_path):
+    from slmedge.exporter.static_shapes import constants_second
+
+    path = _rms_norm_model(tmp_path, weight_first=True)
+    model = onnx.load(path)
+    assert constants_second(model) == 1  # only Mul(w, n); Add(m, eps) is already in order
+    onnx.save(model, path)
+    s = make_session(path, providers=[QNN, CPU], strict=True)
+    assert placement_of(s).nodes_by_provider == {"QNNExecutionProvider": 7}
 
 
 @pytest.mark.qnn

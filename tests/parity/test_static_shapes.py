@@ -1,0 +1,144 @@
+"""Static-shape export (prefill + decode graphs over a fixed KV cache) vs PyTorch, and the
+same graphs on the QNN HTP emulator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from static_fixtures import static_artifact_path
+
+from slmedge.runtimes.artifact import open_artifact
+from slmedge.runtimes.errors import UsageError
+from slmedge.runtimes.static_decoder import StaticDecoder, build_bias, open_decoder
+
+HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
+ATOL = 1e-4  # fp32
+
+
+@pytest.fixture(scope="module")
+def static_llama(tmp_path_factory, tiny_dir):
+    return static_artifact_path(tmp_path_factory, tiny_dir, "llama")
+
+
+def _torch_logits(hf_dir, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def _static_logits(decoder, ids, n_prompt):
+    out = [decoder.step(ids[:n_prompt], all_logits=True)]
+    out += [decoder.step([t], all_logits=True) for t in ids[n_prompt:]]
+    return np.concatenate(out)
+
+
+def test_bias_marks_valid_slots_causal_new_tokens_and_window():
+    b = build_bias(length=3, n_valid=2, chunk=4, context=6, window=None)
+    allowed = b[0, 0] == 0
+    assert allowed.shape == (4, 10)
+    # query 0: cache slots 0-2 and itself; query 1: also new token 0
+    assert allowed[0].tolist() == [1, 1, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert allowed[1].tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 0, 0]
+    # padded queries see only themselves; nobody sees padded keys
+    assert allowed[2].tolist() == [0] * 8 + [1, 0] and allowed[3].tolist() == [0] * 9 + [1]
+    w = build_bias(length=5, n_valid=1, chunk=1, context=6, window=3)[0, 0, 0] == 0
+    assert w.tolist() == [0, 0, 0, 1, 1, 0, 1]  # positions 3, 4 and itself (5) within 3
+    assert build_bias(0, 1, 1, 4, None, np.float16).dtype == np.float16
+
+
+def test_static_llama_matches_pytorch(static_llama, tiny_dir):
+    artifact = open_artifact(static_llama)
+    decoder = open_decoder(artifact)
+    assert isinstance(decoder, StaticDecoder) and decoder.context == 32 and decoder.chunk == 8
+    ids = np.random.default_rng(1).integers(0, 128, 19).tolist()
+    got = _static_logits(decoder, ids, n_prompt=13)  # chunks of 8 + 5 (padded), 6 decodes
+    ref = _torch_logits(tiny_dir("llama"), ids)
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    # logits() restarts from an empty cache
+    np.testing.assert_allclose(decoder.logits(ids[:9]), ref[:9], atol=ATOL, rtol=0)
+
+
+def test_graph_structure_and_shared_weights(static_llama):
+    manifest = json.loads((static_llama / "manifest.json").read_text())
+    static = manifest["static"]
+    assert static["context_length"] == 32 and static["prefill_chunk"] == 8
+    prefill = onnx.load(str(static_llama / "prefill.onnx"), load_external_data=False)
+    decode = onnx.load(str(static_llama / "decode.onnx"), load_external_data=False)
+
+    def dims(model, name):
+        vi = {v.name: v for v in [*model.graph.input, *model.graph.output]}[name]
+        return [d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    assert dims(prefill, "input_ids") == [1, 8] and dims(decode, "input_ids") == [1, 1]
+    assert dims(prefill, "attention_bias") == [1, 1, 8, 40]
+    assert dims(decode, "past_key_values.0.key") == [1, 2, 32, 16]
+    assert dims(decode, "kv_new.1.value") == [1, 2, 1, 16]
+    for model in (prefill, decode):  # every shape fixed: what NPUs need
+        for vi in [*model.graph.input, *model.graph.output]:
+            assert all(d.dim_value > 0 for d in vi.type.tensor_type.shape.dim), vi.name
+        assert not [n for n in model.graph.node if n.op_type == "ScatterND"]
+
+    def locations(model):
+        return {t.name: {e.key: e.value for e in t.external_data}
+                for t in model.graph.initializer if t.external_data}
+
+    shared = locations(prefill)
+    assert shared and {k: v for k, v in locations(decode).items() if k in shared} == {
+        k: v for k, v in shared.items() if k in locations(decode)}
+    data = (static_llama / "model.onnx.data").stat().st_size
+    assert static["weights_bytes_saved_by_sharing"] >= 0.9 * data  # stored once, not twice
+
+
+def test_context_window_overflow_is_a_usage_error(static_llama):
+    decoder = open_decoder(open_artifact(static_llama))
+    decoder.step(list(range(30)))
+    with pytest.raises(UsageError, match="holds 32 tokens"):
+        decoder.step([1, 2, 3])
+
+
+def test_sliding_window_family_matches_pytorch(tmp_path, tiny_dir):
+    """Gemma 3 mixes sliding (window 8) and full layers: two bias inputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmedge.exporter.architectures.registry import get_spec
+    from slmedge.exporter.static_shapes import export_static
+
+    hf = tiny_dir("gemma3_text")
+    model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa").eval()
+    info = export_static(model, get_spec(model.config.model_type), tmp_path,
+                         context_length=24, prefill_chunk=8)
+    assert info.mask_inputs == {"attention_bias": None, "attention_bias_sliding": 8}
+    decoder = StaticDecoder(tmp_path, info.to_manifest())
+    ids = np.random.default_rng(2).integers(0, 128, 20).tolist()
+    got = _static_logits(decoder, ids, n_prompt=11)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.qnn
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed here "
+                    "(wheels: Linux x86_64 / Windows, Python >= 3.11)")
+def test_static_graphs_run_fully_on_qnn_htp_emulator(static_llama):
+    from slmedge.device_profiles import load_profile
+
+    profile = load_profile("android-qnn-htp")
+    artifact = open_artifact(static_llama)
+    htp = open_decoder(artifact, providers=profile.provider_specs(), strict=True,
+                       allow_cpu_fallback=profile.runtime.allow_cpu_fallback)
+    for kind, place in htp.placement.items():
+        assert place.nodes_by_provider == {"QNNExecutionProvider": place.total_nodes}, kind
+    cpu = open_decoder(artifact)
+    ids = np.random.default_rng(3).integers(0, 128, 14).tolist()
+    a, b = _static_logits(htp, ids, 10), _static_logits(cpu, ids, 10)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.min() > 0.9999  # HTP computes fp32 graphs in fp16
+    assert (a.argmax(-1) == b.argmax(-1)).all()
