@@ -155,7 +155,7 @@ def calibration_data(
         start = int(rng.integers(0, len(ids) - past))
         decoder.reset()
         decoder.step(ids[start : start + past].tolist())
-        kv = {n: decoder._kv[n].copy() for n in decoder.kv_names}  # noqa: SLF001
+        kv = decoder.cache_arrays()
         decode_rows.append(
             {
                 "tokens": ids[None, start + past : start + past + 1],

@@ -8,7 +8,7 @@ logits of every position) and ``decode`` (one token), with a static KV cache of
 A prompt is fed in the largest prefill chunks that fit; the tail is padded up to the
 smallest chunk that holds it (padding rows are masked and later overwritten), or fed
 one token at a time through ``decode`` when no padded chunk fits the cache. The decoder
-keeps the cache as numpy arrays between calls, so ``reset()`` costs nothing: rows past
+keeps the cache inside LiteRT between calls, so ``reset()`` costs nothing: rows past
 the current length are never attended to.
 
 ``tflite-runtime`` (2023, the only wheel on 32-bit Raspberry Pi OS) is accepted as a
@@ -67,46 +67,162 @@ def load_interpreter_class(backend: str = "auto"):
 class _Signature:
     name: str
     tokens: int
-    runner: object
+
+
+def _load_error(path: Path, e: Exception) -> ArtifactError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ArtifactError(
+        f"LiteRT could not load {path}: {first[:300]} — the file is corrupt, truncated or uses "
+        "ops this runtime lacks; export it again"
+    )
+
+
+class _InterpreterEngine:
+    """The classic ``Interpreter`` signature runners (the API tflite-runtime also has): the
+    cache goes through numpy on every call (set_tensor / get_tensor copies)."""
+
+    def __init__(self, path: Path, threads: int | None, interpreter_cls):
+        try:
+            self.interpreter = interpreter_cls(model_path=str(path), num_threads=threads or None)
+        except (ValueError, RuntimeError) as e:
+            raise _load_error(path, e) from None
+        self.signatures = self.interpreter.get_signature_list()
+        self._runners = {n: self.interpreter.get_signature_runner(n) for n in self.signatures}
+        self.kv: dict[str, np.ndarray] = {}
+
+    def input_details(self, sig: str) -> dict:
+        return {
+            k: {"shape": tuple(int(x) for x in v["shape"]), "dtype": np.dtype(v["dtype"])}
+            for k, v in self._runners[sig].get_input_details().items()
+        }
+
+    def vocab_size(self) -> int:
+        return int(self._runners[DECODE_SIGNATURE].get_output_details()["logits"]["shape"][-1])
+
+    def init_cache(self, names: list[str], shape: tuple, dtype) -> None:
+        self.kv = {n: np.zeros(shape, dtype=dtype) for n in names}
+
+    def run(self, sig: str, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        out = self._runners[sig](tokens=tokens, input_pos=positions, **self.kv)
+        self.kv = {name: out[name] for name in self.kv}
+        return out["logits"][0]
+
+    def cache_arrays(self) -> dict[str, np.ndarray]:
+        return {n: a.copy() for n, a in self.kv.items()}
+
+
+class _CompiledEngine:
+    """ai-edge-litert's ``CompiledModel``: the cache lives in LiteRT tensor buffers, two sets
+    used in turn (this call's output is the next call's input), so it never crosses into
+    Python; only token ids, positions and logits are copied."""
+
+    def __init__(self, path: Path, threads: int | None):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.options import CpuOptions, Options
+
+        options = Options(cpu_options=CpuOptions(num_threads=threads or 0))
+        try:
+            self.model = CompiledModel.from_file(str(path), options=options)
+        except (ValueError, RuntimeError) as e:
+            raise _load_error(path, e) from None
+        self.signatures = self.model.get_signature_list()
+        self._io: dict[str, tuple] = {}
+        self._cur: dict = {}
+        self._next: dict = {}
+        self._shape: tuple = ()
+
+    def input_details(self, sig: str) -> dict:
+        return {
+            k: {"shape": tuple(int(x) for x in v["shape"]), "dtype": np.dtype(v["dtype"])}
+            for k, v in self.model.get_input_tensor_details(sig).items()
+        }
+
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_tensor_details(DECODE_SIGNATURE)["logits"]["shape"][-1])
+
+    def init_cache(self, names: list[str], shape: tuple, dtype) -> None:
+        m = self.model
+        self._cur = {n: m.create_input_buffer_by_name(DECODE_SIGNATURE, n) for n in names}
+        self._next = {n: m.create_output_buffer_by_name(DECODE_SIGNATURE, n) for n in names}
+        self._shape, self._dtype = shape, dtype
+        zeros = np.zeros(shape, dtype=dtype)
+        for buf in (*self._cur.values(), *self._next.values()):
+            buf.write(zeros)
+        for sig in self.signatures:
+            logits = self.model.get_output_tensor_details(sig)["logits"]["shape"]
+            self._io[sig] = (
+                m.create_input_buffer_by_name(sig, "tokens"),
+                m.create_input_buffer_by_name(sig, "input_pos"),
+                m.create_output_buffer_by_name(sig, "logits"),
+                (int(logits[-2]), int(logits[-1])),
+            )
+
+    def run(self, sig: str, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        tok, pos, logits, shape = self._io[sig]
+        tok.write(tokens)
+        pos.write(positions)
+        self.model.run_by_name(
+            sig, {"tokens": tok, "input_pos": pos, **self._cur}, {"logits": logits, **self._next}
+        )
+        self._cur, self._next = self._next, self._cur
+        return logits.read(shape[0] * shape[1], np.float32).reshape(shape)
+
+    def cache_arrays(self) -> dict[str, np.ndarray]:
+        n = int(np.prod(self._shape))
+        return {k: b.read(n, self._dtype).reshape(self._shape) for k, b in self._cur.items()}
 
 
 class LiteRTDecoder:
-    """Runs a prefill/decode ``.tflite`` with a static KV cache held as numpy arrays."""
+    """Runs a prefill/decode ``.tflite`` with a static KV cache kept inside LiteRT.
+
+    ``engine``: ``compiled`` (ai-edge-litert's CompiledModel, the cache stays in LiteRT
+    buffers) or ``interpreter`` (signature runners; the only API of tflite-runtime);
+    ``auto`` picks compiled where it exists.
+    """
 
     def __init__(
-        self, model_path: str | Path, *, threads: int | None = None, backend: str = "auto"
+        self,
+        model_path: str | Path,
+        *,
+        threads: int | None = None,
+        backend: str = "auto",
+        engine: str = "auto",
     ):
         self.model_path = Path(model_path)
         self.backend, self.backend_version, interpreter_cls = load_interpreter_class(backend)
         if not self.model_path.is_file():
             raise ArtifactError(f"{self.model_path}: no such .tflite file")
-        try:
-            self.interpreter = interpreter_cls(
-                model_path=str(self.model_path), num_threads=threads or None
+        if engine == "auto":
+            engine = "compiled" if self.backend == "ai-edge-litert" else "interpreter"
+        if engine not in ("compiled", "interpreter"):
+            raise UsageError(f"unknown LiteRT engine '{engine}'; choose compiled or interpreter")
+        if engine == "compiled" and self.backend != "ai-edge-litert":
+            raise ProviderUnavailable(
+                f"the compiled engine needs ai-edge-litert, not {self.backend}"
             )
-        except (ValueError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ArtifactError(
-                f"LiteRT could not load {self.model_path}: {first[:300]} — the file is corrupt, "
-                "truncated or uses ops this runtime lacks; export it again"
-            ) from None
+        self.engine_name = engine
         self.threads = threads
-        signatures = self.interpreter.get_signature_list()
+        self._engine = (
+            _CompiledEngine(self.model_path, threads)
+            if engine == "compiled"
+            else _InterpreterEngine(self.model_path, threads, interpreter_cls)
+        )
+        signatures = self._engine.signatures
         if DECODE_SIGNATURE not in signatures:
             raise ArtifactError(
                 f"{self.model_path} has no '{DECODE_SIGNATURE}' signature (it has "
                 f"{sorted(signatures)}); it was not written by slmedge export --format tflite"
             )
-        self._decode = self._signature(DECODE_SIGNATURE, 1)
+        self._decode = _Signature(DECODE_SIGNATURE, 1)
         self._prefill = sorted(
             (
-                self._signature(name, int(m.group(1)))
+                _Signature(name, int(m.group(1)))
                 for name in signatures
                 if (m := _PREFILL_RE.match(name))
             ),
             key=lambda s: s.tokens,
         )
-        inputs = self._decode.runner.get_input_details()
+        inputs = self._engine.input_details(DECODE_SIGNATURE)
         kv = sorted((int(m.group(2)), m.group(1), n) for n in inputs if (m := _KV_RE.match(n)))
         if not kv or "tokens" not in inputs or "input_pos" not in inputs:
             raise ArtifactError(
@@ -115,17 +231,13 @@ class LiteRTDecoder:
             )
         self.kv_names = [n for _, _, n in kv]
         first = inputs[self.kv_names[0]]
-        self.kv_shape = tuple(int(d) for d in first["shape"])
+        self.kv_shape = first["shape"]
         self.kv_dtype = first["dtype"]
         self.context_length = self.kv_shape[2]
         self.num_layers = len(self.kv_names) // 2
-        logits = self._decode.runner.get_output_details()["logits"]
-        self.vocab_size = int(logits["shape"][-1])
-        self._kv = {n: np.zeros(self.kv_shape, dtype=self.kv_dtype) for n in self.kv_names}
+        self.vocab_size = self._engine.vocab_size()
+        self._engine.init_cache(self.kv_names, self.kv_shape, self.kv_dtype)
         self._length = 0
-
-    def _signature(self, name: str, tokens: int) -> _Signature:
-        return _Signature(name, tokens, self.interpreter.get_signature_runner(name))
 
     @property
     def length(self) -> int:
@@ -138,7 +250,11 @@ class LiteRTDecoder:
 
     def providers(self) -> list[str]:
         """What runs the graph, for the bench record."""
-        return [f"{self.backend} {self.backend_version} (CPU, XNNPACK)"]
+        return [f"{self.backend} {self.backend_version} ({self.engine_name}, CPU, XNNPACK)"]
+
+    def cache_arrays(self) -> dict[str, np.ndarray]:
+        """A copy of the KV cache (rows past :attr:`length` are stale), e.g. for calibration."""
+        return self._engine.cache_arrays()
 
     def reset(self) -> None:
         """Forget the cached sequence. The cache rows stay: past the length they are masked."""
@@ -182,13 +298,11 @@ class LiteRTDecoder:
         plan = self._plan(self._length, n)
         for k, (sig, real) in enumerate(plan):
             chunk = ids[done : done + real] + [0] * (sig.tokens - real)
-            out = sig.runner(
-                tokens=np.asarray([chunk], dtype=np.int32),
-                input_pos=np.arange(self._length, self._length + sig.tokens, dtype=np.int32),
-                **self._kv,
+            logits = self._engine.run(
+                sig.name,
+                np.asarray([chunk], dtype=np.int32),
+                np.arange(self._length, self._length + sig.tokens, dtype=np.int32),
             )
-            self._kv = {name: out[name] for name in self.kv_names}
-            logits = out["logits"][0]
             if all_logits:
                 rows.append(logits[:real])
             elif k == len(plan) - 1:
