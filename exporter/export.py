@@ -19,6 +19,7 @@ from slmedge.runtimes.tokenizer import TextTokenizer
 from .manifest import onnx_facts, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_decoder
 from .parity import check_parity
+from .passes import FusionOptions, fuse_onnx_file
 from .quantize.pipeline import QualityConfig, fp32_card, quantize_in_stage
 from .quantize.recipe import QuantRecipe
 from .sources import DEFAULT_MODEL, load_source
@@ -54,6 +55,10 @@ class ExportConfig(BaseModel):
     )
     quality: QualityConfig = Field(
         default_factory=QualityConfig, description="quality card inputs and the perplexity gate"
+    )
+    fuse: bool = Field(
+        True, description="fuse the fp32 graph for ONNX Runtime (GroupQueryAttention with a shared "
+        "KV buffer, norms, GELU, last-position logits); False keeps standard ONNX ops"
     )
     profile: str | None = Field(
         None, description="device profile (built-in name or YAML file): its recipe sets dtype, "
@@ -120,6 +125,12 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
         info = export_decoder(
             model, spec, stage / MODEL_FILE, opset=config.opset, external_data=config.external_data
         )
+        fusion = None
+        if config.fuse and config.dtype is DType.fp32:
+            say("fusing the graph for ONNX Runtime (GroupQueryAttention, norms, GELU)")
+            fusion = fuse_onnx_file(
+                stage / MODEL_FILE, options=FusionOptions.from_hf_config(model.config)
+            ).to_dict()
         say("saving tokenizer and generation config")
         tokenizer.save_pretrained(str(stage))
         model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
@@ -168,6 +179,7 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
                 "io": {"inputs": info.input_names, "outputs": info.output_names},
                 "onnx": onnx_facts(stage / MODEL_FILE),
                 "stop_token_ids": model.generation_config.eos_token_id,
+                "fusion": fusion,
                 **quant_fields,
                 "verification": {"parity": parity.to_dict(), "tokenizer": tokenizer_report},
                 "timings_s": {"load": round(load_s, 2), "export": round(info.seconds, 2),

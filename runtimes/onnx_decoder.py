@@ -137,7 +137,7 @@ class OnnxDecoder:
         self._past: list[ort.OrtValue] = []
         self._length = 0
         # A fused graph (GroupQueryAttention) keeps its cache in one preallocated buffer
-        # bound as both past and present (runtimes.kv_buffer); it may also take
+        # bound as both past and present (runtimes.kv_buffer); it also takes
         # `logits_to_keep` (0 = every position, 1 = the last one only).
         self._shared = None
         self.has_logits_to_keep = "logits_to_keep" in inputs

@@ -70,6 +70,8 @@ def cmd_export(args) -> int:
             fields[name] = value
     if args.overwrite:
         fields["overwrite"] = True
+    if getattr(args, "no_fuse", False):
+        fields["fuse"] = False
     if args.external_data:
         fields["external_data"] = True
     if "output" not in fields:
@@ -286,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true",
                    help="store weights in model.onnx.data (automatic above 2 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep standard ONNX ops (default: fuse attention into GroupQueryAttention "
+                   "with a shared KV buffer, norms, GELU; fp32 only)")
     p.add_argument("--profile", help="device profile (name or YAML): its recipe sets dtype, "
                    "quantization, static shapes, formats (slmedge profiles list)")
     p.add_argument("--config", help="read the export config from a JSON file (see --dry-run)")

@@ -106,3 +106,15 @@ def make_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` reads ``new``; a graph output keeps its name and position."""
+    if old.is_graph_output():
+        name = old.name
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[i] = new
+        old.name = f"{name}.replaced"
+        new.name = name
+    ir.convenience.replace_all_uses_with(old, new)

@@ -323,16 +323,15 @@ def evaluate_cos_sin(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int)
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(n) for n in nodes], "cos_sin",
         [onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, [1, length])],
-        [onnx.helper.make_tensor_value_info(cos.name, onnx.TensorProto.FLOAT, None),
-         onnx.helper.make_tensor_value_info(sin.name, onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info(cos.name, (cos.dtype or ir.DataType.FLOAT).value, None),
+         onnx.helper.make_tensor_value_info(sin.name, (sin.dtype or ir.DataType.FLOAT).value, None)],
         list(inits.values()),
     )
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     c, s = sess.run(None, {"position_ids": np.arange(length, dtype=np.int64)[None]})
-    c = np.asarray(c, dtype=np.float32).reshape(length, -1)
-    s = np.asarray(s, dtype=np.float32).reshape(length, -1)
+    c, s = np.asarray(c).reshape(length, -1), np.asarray(s).reshape(length, -1)
     half = c.shape[1] // 2
     if not (np.array_equal(c[:, :half], c[:, half:]) and np.array_equal(s[:, :half], s[:, half:])):
         raise NoMatch("cos/sin halves differ: not the rotate_half layout")
@@ -384,6 +383,8 @@ class GroupQueryAttentionFusion(FusionPass):
             self.reasons.append("no attention_mask input to derive seqlens_k from")
             return 0
         try:
+            if any(m.q.rotary is not None for m in matches):
+                self._position_ids(graph)
             caches = self._rotary_caches(model, matches)
         except NoMatch as e:
             self.reasons.append(str(e))
@@ -391,6 +392,7 @@ class GroupQueryAttentionFusion(FusionPass):
         seqlens_k, total = self._lengths(graph)
         for m in matches:
             self._rewrite(graph, m, seqlens_k, total, caches)
+        self._past_length_from_mask(graph, [m.past_k for m in matches] + [m.past_v for m in matches])
         ir.passes.common.RemoveUnusedNodesPass()(model)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         model.metadata_props["slmedge.kv_cache"] = "shared_buffer"
@@ -420,19 +422,24 @@ class GroupQueryAttentionFusion(FusionPass):
 
     @staticmethod
     def _lengths(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        """``seqlens_k = total - 1`` for every row and ``total_sequence_length``, int32.
+
+        Every row is treated as full length: padding is masked by ``attention_bias`` (the
+        exporter's own mask), as in the plain graph."""
         mask = next(v for v in graph.inputs if v.name == "attention_mask")
         one = make_initializer(graph, "gqa.one", np.array(1, dtype=np.int64))
-        axis = make_initializer(graph, "gqa.axis1", np.array([1], dtype=np.int64))
-        total_ix = make_initializer(graph, "gqa.one_index", np.array(1, dtype=np.int64))
-        nodes = [
-            ir.node("ReduceSum", [mask, axis], {"keepdims": 0}, name="gqa.mask_sum"),
-        ]
-        nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="gqa.mask_sum_minus_1"))
+        zero_ix = make_initializer(graph, "gqa.batch_index", np.array([0], dtype=np.int64))
+        nodes = [ir.node("Shape", [mask], name="gqa.mask_shape")]
+        shape = nodes[0].outputs[0]
+        nodes.append(ir.node("Gather", [shape, one], {"axis": 0}, name="gqa.total_len_i64"))
+        total64 = nodes[-1].outputs[0]
+        nodes.append(ir.node("Gather", [shape, zero_ix], {"axis": 0}, name="gqa.batch"))
+        batch = nodes[-1].outputs[0]
+        nodes.append(ir.node("Sub", [total64, one], name="gqa.last_index"))
+        nodes.append(ir.node("Expand", [nodes[-1].outputs[0], batch], name="gqa.last_index_per_row"))
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT32}, name="gqa.seqlens_k"))
         seqlens_k = nodes[-1].outputs[0]
-        nodes.append(ir.node("Shape", [mask], name="gqa.mask_shape"))
-        nodes.append(ir.node("Gather", [nodes[-1].outputs[0], total_ix], {"axis": 0}, name="gqa.total_len_i64"))
-        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT32}, name="gqa.total_sequence_length"))
+        nodes.append(ir.node("Cast", [total64], {"to": ir.DataType.INT32}, name="gqa.total_sequence_length"))
         total = nodes[-1].outputs[0]
         seqlens_k.name, total.name = "seqlens_k", "total_sequence_length"
         seqlens_k.dtype = total.dtype = ir.DataType.INT32
@@ -465,20 +472,55 @@ class GroupQueryAttentionFusion(FusionPass):
         out.dtype = side.x4.dtype
         return out
 
+    @staticmethod
+    def _past_length_from_mask(graph: ir.Graph, pasts: list[ir.Value]) -> None:
+        """The mask subgraph reads the past length from ``past_key_values.*`` shapes; with a
+        shared buffer that axis is the buffer's capacity, so read it as
+        ``attention_mask`` length - ``input_ids`` length instead."""
+        shapes = [n for p in pasts for n in p.consumers() if n.op_type == "Shape"]
+        if not shapes:
+            return
+        mask = next(v for v in graph.inputs if v.name == "attention_mask")
+        ids = next(v for v in graph.inputs if v.name == "input_ids")
+        nodes = [ir.node("Shape", [mask], {"start": 1, "end": 2}, name="gqa.total_len_1d"),
+                 ir.node("Shape", [ids], {"start": 1, "end": 2}, name="gqa.new_len_1d")]
+        nodes.append(ir.node("Sub", [nodes[0].outputs[0], nodes[1].outputs[0]], name="gqa.past_len_1d"))
+        past_len = nodes[-1].outputs[0]
+        past_len.dtype, past_len.shape = ir.DataType.INT64, ir.Shape([1])
+        graph.insert_before(next(iter(graph)), nodes)
+        for node in shapes:
+            start, end = attr(node, "start", 0), attr(node, "end", None)
+            if (start, end) in ((2, 3), (-2, -1)):
+                ir.convenience.replace_all_uses_with(node.outputs[0], past_len)
+            elif (start, end) in ((0, 1), (1, 2), (3, 4), (-1, None), (3, None)):
+                continue  # batch, heads, head size: the same in the buffer
+            else:
+                raise NoMatch(f"{node.name} reads the whole past shape; cannot rewire it")
+
+    @staticmethod
+    def _position_ids(graph: ir.Graph) -> ir.Value:
+        pos = next((v for v in graph.inputs if v.name == "position_ids"), None)
+        if pos is None:
+            raise NoMatch("rotary without a position_ids input")
+        return pos
+
     def _rewrite(self, graph, m: _Match, seqlens_k, total, caches) -> None:
         prefix = f"layers.{m.layer}.attn"
         new: list[ir.Node] = []
         q = self._as_bsh(graph, m.q, m.num_heads, m.head_dim, f"{prefix}.q", new)
         k = self._as_bsh(graph, m.k, m.kv_heads, m.head_dim, f"{prefix}.k", new)
         v = self._as_bsh(graph, m.v, m.kv_heads, m.head_dim, f"{prefix}.v", new)
-        inputs = [q, k, v, m.past_k, m.past_v, seqlens_k, total]
+        inputs: list[ir.Value | None] = [q, k, v, m.past_k, m.past_v, seqlens_k, total, None, None,
+                                         None, m.mask]
         attrs = {"num_heads": m.num_heads, "kv_num_heads": m.kv_heads, "scale": float(m.scale),
                  "local_window_size": int(self.sliding_windows.get(m.layer, -1))}
         if m.q.rotary is not None:
             cos, sin = caches[(id(m.q.rotary.cos), id(m.q.rotary.sin))]
-            inputs += [cos, sin]
+            inputs[7:10] = [cos, sin, self._position_ids(graph)]
             attrs.update(do_rotary=1, rotary_interleaved=0)
             self.rotary += 1
+        while inputs[-1] is None:
+            inputs.pop()
         gqa = ir.node("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3,
                       name=f"{prefix}.GroupQueryAttention")
         new.append(gqa)

@@ -93,7 +93,7 @@ class CleanupPass(ir.passes.InPlacePass):
             common_passes.InlinePass(),
             inner,
             common_passes.RemoveUnusedFunctionsPass(),
-            common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             common_passes.DeduplicateInitializersPass(),
             common_passes.CommonSubexpressionEliminationPass(),
             common_passes.RemoveUnusedNodesPass(),

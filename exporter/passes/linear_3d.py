@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._base import FusionPass, attr, constant, make_initializer, producer
+from ._base import FusionPass, attr, constant, make_initializer, producer, replace_value
 
 
 def _same_leading_dims(a: ir.Value, b: ir.Value) -> bool:
@@ -58,9 +58,7 @@ class Linear3dFusion(FusionPass):
                 node.outputs[0].dtype = y.dtype
                 node.outputs[0].shape = y.shape
             graph.insert_after(out_reshape, new)
-            ir.convenience.replace_all_uses_with(y, new[-1].outputs[0])
-            if y.is_graph_output():
-                continue
+            replace_value(graph, y, new[-1].outputs[0])
             count += 1
         if count:
             ir.passes.common.RemoveUnusedNodesPass()(model)

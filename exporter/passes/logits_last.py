@@ -6,16 +6,17 @@ prompt position is wasted work at prefill (SmolLM2: a 576 x 49152 MatMul per tok
 
     hidden [B,S,E] ----------------------------> MatMul(lm_head) --> logits [B,S,V]
                           =>
-    logits_to_keep (int64 scalar, default 0)
+    logits_to_keep (int64 scalar input)
         |
     Unsqueeze -- Neg --> starts = [-k]
                             |
     hidden [B,S,E] --> Slice(starts, [INT64_MAX], axes=[1]) --> MatMul(lm_head)
                                                    --> logits [B, k or S, V]
 
-``logits_to_keep = 0`` (the default, an initializer: runtimes that do not know the input
-get every position) keeps all positions (``Slice`` from ``-0 = 0``); ``k`` keeps the last
-``k``, as transformers' ``logits_to_keep``.
+``logits_to_keep = 0`` keeps all positions (``Slice`` from ``-0 = 0``); ``k`` keeps the
+last ``k``, as transformers' ``logits_to_keep``. It is a required input: an optional one
+(an initializer listed as input) cannot be bound through IOBinding in ONNX Runtime, and
+ORT warns about it at every session creation.
 """
 
 from __future__ import annotations
@@ -46,10 +47,8 @@ class LogitsToKeep(FusionPass):
         if hidden.shape is None or hidden.shape.rank() != 3:
             self.reasons.append("the lm_head input is not [batch, sequence, hidden]")
             return 0
-        keep = ir.Value(name="logits_to_keep", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
-                        const_value=ir.tensor(np.array(0, dtype=np.int64), name="logits_to_keep"))
+        keep = ir.Value(name="logits_to_keep", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(keep)
-        graph.register_initializer(keep)
         axes0 = make_initializer(graph, "logits_to_keep.axes0", np.array([0], dtype=np.int64))
         end = make_initializer(graph, "logits_to_keep.end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
         axis1 = make_initializer(graph, "logits_to_keep.axis1", np.array([1], dtype=np.int64))

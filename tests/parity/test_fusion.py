@@ -1,0 +1,165 @@
+"""Fused graphs (the default export) vs PyTorch, per architecture, on the tiny models.
+
+For each of the six families: the fused ops are there in the expected numbers, logits
+match PyTorch within 1e-4 for a prefill + 3 decode steps (and a 2-token chunk after
+them) through the shared, preallocated KV buffer, 20 greedy tokens equal transformers'
+``generate``, and the buffer is written in place. ``--no-fuse`` keeps standard ops.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import TINY_MODEL_TYPES, tiny_config
+from transformers import AutoModelForCausalLM
+
+from slmedge.runtimes.generation import generate
+from slmedge.runtimes.kv_buffer import SharedKVBuffer
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+ATOL = 1e-4
+ROTARY = {"llama", "qwen2", "qwen3", "gemma3_text", "phi3"}
+# RMSNorms that stay unfused-with-a-residual: the first input norm (no residual before it)
+# plus per-head q/k norms (Qwen3, Gemma 3: 2 per layer).
+PLAIN_RMS = {"llama": 1, "qwen2": 1, "phi3": 1, "qwen3": 1 + 2 * 2, "gemma3_text": 1 + 2 * 2 + 2 * 2}
+
+
+def _torch(tiny_dir, model_type):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir(model_type), dtype=torch.float32).eval()
+
+
+def _op_counts(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_fused_ops_are_present_and_counted_in_the_manifest(model_type, tiny_artifact):
+    artifact = tiny_artifact(model_type)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    layers = manifest["architecture"]["num_layers"]
+    counts = manifest["fusion"]["counts"]
+    ops = _op_counts(artifact / "model.onnx")
+    assert ops["GroupQueryAttention"] == counts["GroupQueryAttention"] == layers
+    assert counts["RotaryEmbedding(in GroupQueryAttention)"] == (layers if model_type in ROTARY else 0)
+    assert counts["logits_to_keep"] == 1
+    # Nothing of the unfused attention is left: no Softmax, no transposes, no rotary
+    # arithmetic, and the cache is read by GroupQueryAttention only (no Concat, no repeat_kv).
+    for gone in ("Softmax", "Transpose", "Cos", "Sin"):
+        assert gone not in ops, (gone, ops)
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    readers = {n.op_type for n in graph.node for i in n.input if i.startswith("past_key_values")}
+    assert readers == {"GroupQueryAttention"}
+    if model_type == "gpt2":
+        assert ops["SkipLayerNormalization"] == 2 * layers + 1 == counts["SkipLayerNormalization"]
+        assert ops["FastGelu"] == layers and counts["BiasGelu/FastGelu+bias"] == layers
+        assert "LayerNormalization" not in ops and "Gemm" not in ops
+    else:
+        # Per layer: the post-attention norm and the next layer's (or the final) input norm
+        # take the residual Add; Gemma 3 has 4 norms per layer, two of them after a residual.
+        assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+        assert ops.get("SimplifiedLayerNormalization", 0) == PLAIN_RMS[model_type]
+        assert "Pow" not in ops and "ReduceMean" not in ops
+    if model_type == "gemma3_text":
+        assert ops["FastGelu"] == layers
+        model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+        windows = [next(a.i for a in n.attribute if a.name == "local_window_size")
+                   for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        config = tiny_config(model_type)
+        assert windows == [config.sliding_window if t == "sliding_attention" else -1
+                           for t in config.layer_types]
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_fused_logits_match_pytorch_through_the_shared_kv_buffer(model_type, tiny_dir, tiny_artifact):
+    model = _torch(tiny_dir, model_type)
+    decoder = OnnxDecoder(tiny_artifact(model_type) / "model.onnx")
+    assert decoder._shared is not None and decoder.has_logits_to_keep
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, 128, 12).tolist()  # longer than Gemma's sliding window (8)
+    steps = rng.integers(0, 128, 3).tolist()
+    chunk = rng.integers(0, 128, 2).tolist()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        np.testing.assert_allclose(decoder.step(prompt, all_logits=True), out.logits[0].numpy(),
+                                   atol=ATOL, rtol=0)
+        cache = out.past_key_values
+        for tok in steps:
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            np.testing.assert_allclose(decoder.step([tok]), out.logits[0, -1].numpy(), atol=ATOL, rtol=0)
+        # A chunk of 2 after decode steps (GQA's "subsequent prompt" path).
+        out = model(input_ids=torch.tensor([chunk]), past_key_values=cache, use_cache=True)
+        np.testing.assert_allclose(decoder.step(chunk, all_logits=True), out.logits[0].numpy(),
+                                   atol=ATOL, rtol=0)
+    assert decoder.length == len(prompt) + len(steps) + len(chunk)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_fused_greedy_tokens_equal_transformers_generate(model_type, tiny_dir, tiny_artifact):
+    model = _torch(tiny_dir, model_type)
+    prompt = [9, 44, 3, 17, 60, 21, 8, 100, 5]
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt):].tolist()
+    decoder = OnnxDecoder(tiny_artifact(model_type) / "model.onnx")
+    assert generate(decoder, prompt, 20).tokens == ref
+    assert len(set(ref)) > 1
+    # Again on the same decoder: reset() reuses the buffer, stale entries are never read.
+    assert generate(decoder, prompt, 20).tokens == ref
+
+
+def test_kv_buffer_is_written_in_place_and_grows_without_changing_results(tiny_artifact):
+    path = tiny_artifact("llama") / "model.onnx"
+    reference = OnnxDecoder(path)
+    ids = list(range(3, 23))
+    want = reference.step(ids, all_logits=True)
+
+    decoder = OnnxDecoder(path)
+    shared = decoder._shared
+    decoder._shared = shared = SharedKVBuffer(shared.past_names, shared.present_names,
+                                              shared.kv_heads, shared.head_dim, shared.dtype,
+                                              shared.max_length, initial_capacity=4)
+    first = shared.arrays[0]
+    got = [decoder.step(ids[:3], all_logits=True)]
+    assert shared.arrays[0] is first and shared.capacity == 4
+    assert np.abs(first[0, :, :3]).sum() > 0 and not first[0, :, 3:].any()  # written in place
+    got.append(decoder.step(ids[3:4], all_logits=True))
+    assert shared.arrays[0] is first  # no copy while it fits
+    for i in range(4, len(ids)):  # grows 4 -> 8 -> 16 -> 32, keeping what was cached
+        got.append(decoder.step([ids[i]], all_logits=True))
+    assert shared.capacity == 32
+    np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5, rtol=0)
+
+
+def test_a_sequence_longer_than_the_graph_supports_is_a_clear_error(tiny_artifact):
+    from slmedge.runtimes.errors import UsageError
+
+    decoder = OnnxDecoder(tiny_artifact("llama") / "model.onnx")
+    too_long = decoder._shared.max_length + 1
+    with pytest.raises(UsageError, match="at most"):
+        decoder.step([1] * too_long)
+
+
+def test_no_fuse_export_keeps_standard_ops(tiny_dir, tiny_artifact, tmp_path):
+    from slmedge.exporter.export import ExportConfig, run_export
+
+    out = tmp_path / "plain"
+    manifest = run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, fuse=False))
+    assert manifest["fusion"] is None
+    assert manifest["verification"]["parity"]["passed"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {n.domain for n in model.graph.node} <= {""}
+    ops = {n.op_type for n in model.graph.node}
+    assert "Softmax" in ops and "GroupQueryAttention" not in ops
+    decoder = OnnxDecoder(out / "model.onnx")
+    assert decoder._shared is None and not decoder.has_logits_to_keep
+    prompt = [9, 44, 3, 17, 60, 21]
+    fused = OnnxDecoder(tiny_artifact("llama") / "model.onnx")
+    assert generate(decoder, prompt, 12).tokens == generate(fused, prompt, 12).tokens
