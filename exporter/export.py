@@ -126,7 +126,9 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
             model, spec, stage / MODEL_FILE, opset=config.opset, external_data=config.external_data
         )
         fusion = None
-        if config.fuse and config.dtype is DType.fp32:
+        # Static QDQ (int8-static, a16w8) targets NPUs, which need standard ops.
+        static_qdq = config.quant is not None and config.quant.scheme.value in ("int8-static", "a16w8")
+        if config.fuse and config.dtype is DType.fp32 and not static_qdq:
             say("fusing the graph for ONNX Runtime (GroupQueryAttention, norms, GELU)")
             fusion = fuse_onnx_file(
                 stage / MODEL_FILE, options=FusionOptions.from_hf_config(model.config)
