@@ -24,7 +24,7 @@ import numpy as np
 from slmedge.device_profiles import load_profile
 from slmedge.device_profiles.schema import ArtifactFormat, DeviceProfile, ShapePolicy
 from slmedge.runtimes.artifact import MANIFEST_NAME
-from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError
+from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError, UsageError
 
 from .manifest import file_table, onnx_facts, write_manifest
 from .parity import FP16_RTOL_OF_SCALE
@@ -155,15 +155,10 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     layers, kv_heads, head_dim = spec.kv_layout(model.config)
     context, chunk = profile.shapes.context_length, profile.shapes.prefill_chunk
-    quant_note = None
-    if config.quant is not None:
-        # The static QDQ of issue 3 calibrates the dynamic KV-cache contract; a reader for
-        # the static graphs is not written yet, so the graphs stay in float (said loudly).
-        quant_note = {"requested": config.quant.scheme.value, "applied": None,
-                      "reason": "static-shape graphs are exported in float; QDQ for them "
-                                "needs a calibration reader of the static contract (todo)"}
-        say(f"notice: {config.quant.scheme.value} is not applied to static-shape graphs yet; "
-            f"exporting {config.dtype.value}")
+    if config.quant is not None and config.quant.scheme.value not in ("a16w8", "int8-static"):
+        raise UsageError(
+            f"quantization {config.quant.scheme.value} uses CPU-only contrib ops; a static-shape "
+            "(NPU) export takes a16w8, int8-static or none")
     with staged_directory(config.output, config.overwrite) as stage:
         say(f"exporting {spec.family} ({layers} layers) as static graphs: context {context}, "
             f"prefill chunk {chunk}, {config.dtype.value}")
@@ -184,6 +179,9 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 f"parity gate failed: static graphs differ from PyTorch by "
                 f"{parity['max_abs_diff']:.3g} (allowed {parity['atol']:.3g}); nothing was written",
                 parity)
+        quant = None
+        if config.quant is not None:
+            quant = _quantize_static(stage, info.to_manifest(), config, profile, say)
         manifest = write_manifest(
             stage,
             {
@@ -197,8 +195,9 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                     "parameters": sum(p.numel() for p in model.parameters()),
                 },
                 "recipe": {"dtype": config.dtype.value, "opset": config.opset,
-                           "external_data": True, "quant": None, "shapes": "static"},
-                **({"quantization": quant_note} if quant_note else {}),
+                           "external_data": True, "shapes": "static",
+                           "quant": quant["label"] if quant else None},
+                **({"quantization": quant} if quant else {}),
                 "static": info.to_manifest(),
                 "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
                 "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
@@ -212,6 +211,61 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
         )
         manifest = _finish(stage, profile, say)
     return manifest
+
+
+#: Gate for quantized static graphs: mean cosine of the logits vs the float graphs, on the
+#: target when it can be run here (QNN HTP emulator), else on CPU.
+MIN_QDQ_COSINE = 0.99
+
+
+def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, say) -> dict:
+    """QDQ the static graphs (issue 3's quantizer), then a quality card vs the float graphs on
+    CPU and, for a QNN profile with onnxruntime-qnn here, on the HTP emulator; gate on it."""
+    import shutil
+
+    from slmedge.runtimes.providers import availability
+    from slmedge.runtimes.static_decoder import StaticDecoder
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    from .quantize.calibration import DEFAULT_CALIBRATION_TEXT, calibration_text
+    from .static_quant import quantize_static_graphs, static_quality
+
+    tokenizer = TextTokenizer(stage)
+    calib = tokenizer.encode(calibration_text(config.quant.calibration).read_text(
+        encoding="utf-8", errors="replace")[:200_000])
+    reference = stage.parent / (stage.name + ".float")
+    shutil.copytree(stage, reference)
+    try:
+        report = quantize_static_graphs(stage, static, config.quant, calib,
+                                        float_ops=list(profile.recipe.float_ops), say=say)
+        text_path = Path(config.quality.eval_text or
+                         DEFAULT_CALIBRATION_TEXT.with_name("eval_mansfield_park.txt"))
+        if not text_path.is_file():  # no evaluation text here: score the calibration text
+            text_path = calibration_text(config.quant.calibration)
+        ids = tokenizer.encode(text_path.read_text(encoding="utf-8", errors="replace")[:50_000])
+        ref = StaticDecoder(reference, static)
+        say("quality card of the QDQ graphs vs the float graphs (CPU)")
+        cards = {"cpu": static_quality(ref, StaticDecoder(stage, static), ids, window=256)}
+        if profile.accelerator == "QNNExecutionProvider" and availability(
+                "QNNExecutionProvider") is None:
+            say("quality card on the QNN HTP emulator")
+            htp = StaticDecoder(stage, static, providers=profile.provider_specs(),
+                                allow_cpu_fallback=True)
+            cards["qnn_htp_emulator"] = static_quality(ref, htp, ids, window=256)
+            cards["qnn_htp_emulator"]["nodes_by_provider"] = {
+                k: v.nodes_by_provider for k, v in htp.placement.items() if v is not None}
+    finally:
+        shutil.rmtree(reference, ignore_errors=True)
+    report["quality"] = cards
+    judged = "qnn_htp_emulator" if "qnn_htp_emulator" in cards else "cpu"
+    if cards[judged]["cosine_mean"] < MIN_QDQ_COSINE:
+        raise QualityGateFailed(
+            f"quality gate failed: {report['label']} static graphs diverge from the float graphs "
+            f"on {judged} (mean logit cosine {cards[judged]['cosine_mean']:.3f} < "
+            f"{MIN_QDQ_COSINE}, greedy agreement {cards[judged]['greedy_agreement']:.0%}); "
+            "nothing was written. Export without quantization (a profile that extends this one "
+            "with recipe.quantization none), or keep more op types in recipe.float_ops", report)
+    return report
 
 
 def static_parity(model, root: Path, static: dict, *, atol: float, fp16: bool = False,

@@ -142,3 +142,37 @@ def test_static_graphs_run_fully_on_qnn_htp_emulator(static_llama):
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cosine.min() > 0.9999  # HTP computes fp32 graphs in fp16
     assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_a16w8_qdq_of_static_graphs_tracks_float_on_cpu(static_llama, tmp_path):
+    """Issue 3's static QDQ with a calibration reader of the static contract: the bias path
+    and the profile's float_ops stay float, weights stay shared between the two graphs."""
+    import shutil
+
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+    from slmedge.exporter.static_quant import quantize_static_graphs, static_quality
+
+    work = tmp_path / "q"
+    shutil.copytree(static_llama, work)
+    static = json.loads((work / "manifest.json").read_text())["static"]
+    ids = np.random.default_rng(4).integers(6, 128, 400).tolist()
+    report = quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), ids,
+                                    float_ops=["Softmax", "ReduceMean", "Pow", "Sqrt"])
+    assert report["weights_bytes_saved_by_sharing"] > 0
+    for table in report["tables"].values():
+        assert table["Softmax"]["quantized"] == 0 and table["MatMul"]["quantized"] > 0
+    decode = onnx.load(str(work / "decode.onnx"), load_external_data=False)
+    assert any(n.op_type == "DequantizeLinear" for n in decode.graph.node)
+    card = static_quality(StaticDecoder(static_llama, static), StaticDecoder(work, static),
+                          ids, window=32, prompts=2, prompt_tokens=8, new_tokens=8)
+    assert card["cosine_mean"] > 0.98, card  # 16-bit activations: close to float
+    if HAS_QNN:  # the same file on the HTP emulator: placed there, its card is measurable
+        from slmedge.device_profiles import load_profile
+
+        htp = StaticDecoder(work, static, allow_cpu_fallback=True,
+                            providers=load_profile("android-qnn-htp").provider_specs())
+        place = htp.placement["decode"]
+        assert place.nodes_by_provider["QNNExecutionProvider"] > 0.9 * place.total_nodes
+        htp_card = static_quality(StaticDecoder(static_llama, static), htp, ids, window=32,
+                                  prompts=1, prompt_tokens=8, new_tokens=4)
+        assert np.isfinite(htp_card["cosine_mean"])
