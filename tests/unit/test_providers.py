@@ -220,3 +220,23 @@ def test_qnn_by_name_alone_would_run_on_cpu(mixed_model):
     assert register_plugin_provider("QNNExecutionProvider") is None
     s = ort.InferenceSession(str(mixed_model), providers=[QNN, "CPUExecutionProvider"])
     assert s.get_providers() == ["CPUExecutionProvider"]
+
+
+# -- real NNAPI / CoreML: only on a device that has them ---------------------------------------
+
+
+@pytest.mark.parametrize("profile_name, provider", [
+    pytest.param("android-nnapi", "NnapiExecutionProvider", marks=pytest.mark.nnapi),
+    pytest.param("ios-coreml", "CoreMLExecutionProvider", marks=pytest.mark.coreml),
+    pytest.param("macos-coreml", "CoreMLExecutionProvider", marks=pytest.mark.coreml),
+])
+def test_device_provider_takes_the_graph(mixed_model, profile_name, provider):
+    from slmedge.device_profiles import load_profile
+
+    reason = availability(provider)
+    if reason is not None:
+        pytest.skip(f"needs a device with {provider}: {reason}")
+    profile = load_profile(profile_name)
+    s = make_session(mixed_model, providers=profile.provider_specs())
+    assert placement_of(s).nodes_by_provider.get(provider, 0) >= 1
+    np.testing.assert_allclose(_run(s), _run(make_session(mixed_model)), atol=1e-2)
