@@ -36,6 +36,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import open_artifact
-from .errors import SlmEdgeError, UsageError
+from .errors import EXIT_ERROR, SlmEdgeError, UsageError
 from .generation import generate
 
 BENCH_SCHEMA_VERSION = 2
@@ -523,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-buckets", type=_parse_lengths)
     p.add_argument("--decode-depths", type=_parse_lengths)
     p.add_argument("--providers-json", help='e.g. [["CPUExecutionProvider", {}]]')
+    p.add_argument("--strict", action="store_true", help="any provider fallback is an error")
+    p.add_argument("--no-cpu-fallback", action="store_true",
+                   help="nodes the accelerator cannot take fail the session")
     p.add_argument("--output", help="write the JSON result here too")
     p.add_argument("--events", action="store_true",
                    help=f"stream progress/partial/result as '{EVENT_PREFIX.strip()} {{json}}' lines")
@@ -549,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         providers = json.loads(args.providers_json) if args.providers_json else None
         result = run_bench(
-            args.artifact, config, providers=providers,
+            args.artifact, config, providers=providers, strict=args.strict,
+            allow_cpu_fallback=not args.no_cpu_fallback,
             progress=lambda msg: (events.emit("progress", message=msg) if args.events
                                   else print(msg, file=sys.stderr, flush=True)),
             on_partial=lambda doc: events.emit("partial", result=doc),
@@ -558,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("error", message=str(e), exit_code=e.exit_code)
         print(f"slmedge bench runner: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a bug or a runtime failure: the driver gets it as an event too
+        traceback.print_exc()
+        events.emit("error", message=f"{type(e).__name__}: {e}", exit_code=EXIT_ERROR)
+        return EXIT_ERROR
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import tarfile
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -140,6 +139,15 @@ def q(path: str) -> str:
 
 
 # -- transports -------------------------------------------------------------------------------
+
+
+def _exception_line(stderr: str) -> str:
+    """The ``SomeError: message`` line of a Python traceback (else the last lines)."""
+    for line in reversed(stderr.splitlines()):
+        head = line.split(":", 1)[0].strip()
+        if head and " " not in head and head.endswith(("Error", "Exception", "Interrupt")):
+            return line.strip()[:500]
+    return _tail(stderr, 3)
 
 
 def _tail(text: str, lines: int = 6) -> str:
@@ -416,6 +424,8 @@ def run_remote_bench(
     config: BenchConfig | None = None,
     *,
     providers=None,
+    strict: bool = False,
+    allow_cpu_fallback: bool = True,
     progress: Say | None = None,
     partial_path: str | Path | None = None,
     max_seconds: float = DEFAULT_MAX_SECONDS,
@@ -423,8 +433,11 @@ def run_remote_bench(
 ) -> dict:
     """Run the benchmark on ``target_url``; return the result document (``target`` set).
 
-    On a lost connection, writes the partial result to ``partial_path`` (default
-    ``./slmedge-bench-partial-<time>.json``) and raises :class:`ConnectionLost`.
+    ``providers`` / ``strict`` / ``allow_cpu_fallback`` are handed to the runner's session
+    on the target, as :func:`~slmedge.runtimes.bench.run_bench` takes them locally.
+
+    On a lost connection, raises :class:`ConnectionLost` whose ``partial`` is the result
+    as measured so far (status ``partial``), also written to ``partial_path`` if given.
     """
     say = progress or (lambda _msg: None)
     config = config or BenchConfig()
@@ -456,6 +469,10 @@ def run_remote_bench(
             "--max-seconds", str(max_seconds), "--output", plan.result_file]
     if providers:
         args += ["--providers-json", json.dumps([list(p) for p in providers])]
+    if strict:
+        args.append("--strict")
+    if not allow_cpu_fallback:
+        args.append("--no-cpu-fallback")
     command = (f"cd {q(target.root)} && PYTHONPATH={q(plan.lib_dir)} exec "
                + " ".join(q(a) for a in args))
     say(f"running the benchmark on {target.describe()}")
@@ -504,23 +521,26 @@ def _stream_run(transport, command: str, target: Target, say: Say, partial_path,
     if result is not None:
         result["target"] = target.describe()
         return result
-    if failure is not None:
-        raise RemoteError(f"the benchmark on {target.describe()} failed: {failure.get('message')}",
-                          exit_code=int(failure.get("exit_code", EXIT_ERROR)))
-    crashed = "Traceback (most recent call last)" in stderr
-    phase = partial.get("phase", "load") if partial else "before the model loaded"
+    failed = failure is not None or "Traceback (most recent call last)" in stderr
+    reason = failure.get("message") if failure else _exception_line(stderr)
     if partial is not None:
-        path = Path(partial_path or f"slmedge-bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        kept = f"partial results ({partial.get('rounds_done', 0)} measured rounds) written to {path}"
-        why = (f"the runner crashed: {_tail(stderr, 1)}" if crashed
+        kept = f"partial results ({partial.get('rounds_done', 0)} measured rounds) kept"
+        why = (f"the runner failed: {reason}" if failed
                else _lost_message(target, partial, rc, stderr, "partial results kept"))
         partial = dict(partial, status="partial", target=target.describe(), error=why)
-        path.write_text(json.dumps(partial, indent=2) + "\n")
+        if partial_path:
+            Path(partial_path).write_text(json.dumps(partial, indent=2) + "\n")
+            kept += f" in {partial_path}"
     else:
         kept = "nothing was measured yet"
-    if crashed:
+    if failure is not None:
+        raise RemoteError(f"the benchmark on {target.describe()} failed: {reason}"
+                          + (f"; {kept}" if partial else ""), partial,
+                          exit_code=int(failure.get("exit_code", EXIT_ERROR)))
+    if failed:
+        phase = partial.get("phase", "load") if partial else "before the model loaded"
         raise RemoteError(f"the runner on {target.describe()} crashed during {phase} (exit {rc}): "
-                          f"{_tail(stderr, 3)}; {kept}", partial)
+                          f"{reason}; {kept}", partial)
     # ssh: 255 (its own error), EXIT_HANGUP (the runner saw its stdin close), a signal;
     # adb: 1 when the device goes away. Without a result or an error event, the link went.
     raise ConnectionLost(_lost_message(target, partial, rc, stderr, kept), partial)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from slmedge.runtimes.errors import EXIT_CODES_HELP, EXIT_OK
@@ -51,12 +52,18 @@ def bench_options(args) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def run_on_target(args, config, say) -> dict:
-    """``slmedge bench --target URL``: run on a Pi (ssh://) or a phone (adb://)."""
+def run_on_target(args, config, say, *, providers=None, strict: bool = False,
+                  allow_cpu_fallback: bool = True) -> dict:
+    """``slmedge bench --target URL``: run on a Pi (ssh://) or a phone (adb://); the session
+    options are those ``run_bench`` takes (e.g. from ``--profile`` / ``--strict``)."""
     from slmedge.runtimes.remote import run_remote_bench
 
-    return run_remote_bench(args.target, args.artifact, config, progress=say,
-                            partial_path=getattr(args, "output", None))
+    # a lost connection keeps what was measured: in --output, else in a file named here
+    partial = (getattr(args, "output", None)
+               or f"slmedge-bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    return run_remote_bench(args.target, args.artifact, config, providers=providers,
+                            strict=strict, allow_cpu_fallback=allow_cpu_fallback, progress=say,
+                            partial_path=partial)
 
 
 def bench_text(result: dict) -> str:

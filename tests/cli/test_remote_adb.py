@@ -117,10 +117,27 @@ def test_adb_bench_commands_are_quoted_and_the_json_comes_back(fake_adb, spaced_
     assert not list(root.rglob("*.partial"))
     assert list((root / "results").glob("*.json"))
 
-    # second run: nothing pushed again
+    # second run, with session options: nothing pushed again; the options reach the runner
     before = len(calls)
-    run_remote_bench(_device_url(root, "emulator-5554"), spaced_artifact, FAST)
-    assert not any(c[2:3] == ["push"] for c in fake_adb()[before:])
+    again = run_remote_bench(_device_url(root, "emulator-5554"), spaced_artifact, FAST,
+                             providers=[("CPUExecutionProvider", {})], strict=True)
+    assert again["environment"]["providers"] == ["CPUExecutionProvider"]
+    later = fake_adb()[before:]
+    assert not any(c[2:3] == ["push"] for c in later)
+    words = shlex.split(next(c[3] for c in later if "slmedge.runtimes.bench" in c[3]))
+    assert "--strict" in words
+    assert json.loads(words[words.index("--providers-json") + 1]) == [["CPUExecutionProvider", {}]]
+
+
+def test_a_failure_on_the_device_comes_back_as_the_runners_error(fake_adb, spaced_artifact,
+                                                                 tmp_path):
+    broken = tmp_path / "broken model"
+    shutil.copytree(spaced_artifact, broken)
+    model = broken / "model.onnx"
+    model.write_bytes(b"\0" * model.stat().st_size)  # same size: only loading it tells
+    with pytest.raises(RemoteError, match=r"failed: ONNX Runtime could not load") as err:
+        run_remote_bench(_device_url(tmp_path / "device"), broken, FAST)
+    assert err.value.exit_code == 1 and err.value.partial is None
 
 
 def test_adb_device_selection_errors(fake_adb, spaced_artifact, tmp_path, monkeypatch):
@@ -167,3 +184,17 @@ def test_on_a_real_device(spaced_artifact):
                     "set SLMEDGE_ADB_URL=adb://SERIAL/DIR?python=PATH and put adb on PATH")
     r = validate_result(run_remote_bench(url, spaced_artifact, FAST))
     assert r.status == "complete" and r.environment.android
+
+
+def test_cli_bench_target_adb_passes_strict_to_the_device(fake_adb, spaced_artifact, tmp_path):
+    from slmedge.tools.cli import main
+
+    out = tmp_path / "r.json"
+    rc = main(["bench", str(spaced_artifact), "--target", _device_url(tmp_path / "dev ice"),
+               "--strict", "--prompt-tokens", "8", "--new-tokens", "4", "--warmup", "0",
+               "--repeats", "1", "--prompt-buckets", "8", "--depths", "8", "--output", str(out)])
+    assert rc == 0
+    run_line = next(c[3] for c in reversed(fake_adb()) if c[2:3] == ["shell"]
+                    and "slmedge.runtimes.bench" in c[3])
+    assert "--strict" in shlex.split(run_line)
+    assert validate_result(json.loads(out.read_text())).target == "adb://emulator-5554"

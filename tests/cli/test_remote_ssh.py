@@ -257,3 +257,18 @@ def test_unreachable_target_is_a_clear_error(ssh_env, spaced_artifact, tmp_path)
     closed = _free_port()
     with pytest.raises(RemoteError, match=r"cannot reach ssh://nobody@127\.0\.0\.1:\d+"):
         run_remote_bench(f"ssh://nobody@127.0.0.1:{closed}/x", spaced_artifact, FAST)
+
+
+def test_cli_maps_a_lost_connection_to_exit_code_1(monkeypatch, capsys, spaced_artifact):
+    from slmedge.tools.cli import main
+
+    def lost(*_a, **_k):
+        raise ConnectionLost("lost the connection to ssh://pi during the benchmark (after load "
+                             "and 1 of 3 measured rounds; exit 255: ...); partial results "
+                             "written to p.json", {"rounds_done": 1})
+
+    monkeypatch.setattr("slmedge.runtimes.remote.run_remote_bench", lost)
+    assert main(["bench", str(spaced_artifact), "--target", "ssh://pi", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no half JSON document on stdout
+    assert "slmedge bench: error: lost the connection to ssh://pi" in captured.err
