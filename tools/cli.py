@@ -238,11 +238,11 @@ def cmd_bench(args) -> int:
         raise UsageError(str(e)) from None
     progress = Progress()
     try:
-        if args.target:
-            result = run_on_target(args, config, progress.say)
-        else:
-            from .cli_profiles import bench_session_kwargs
+        from .cli_profiles import bench_session_kwargs
 
+        if args.target:  # the profile's providers and --strict apply on the target too
+            result = run_on_target(args, config, progress.say, **bench_session_kwargs(args))
+        else:
             result = run_bench(args.artifact, config, progress=progress.say,
                                **bench_session_kwargs(args))
     finally:
