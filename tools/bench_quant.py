@@ -11,9 +11,10 @@ weights in ``artifacts/bench/smollm2-135m-hf``):
 2. speed: each model in its own subprocess, tools alternating round after round, the same
    prompt ids (``bench_prompt_ids``), 128 prompt + 128 new tokens, 2 threads, no early stop;
    slmedge through its runtime loop, GenAI through ``onnxruntime_genai``'s generator;
-3. quality: perplexity on the first 4096 tokens of the evaluation text for every model,
-   GenAI's graph included (run by slmedge's ORT decoder: same inputs/outputs contract),
-   KL and greedy agreement vs the slmedge fp32 graph (``slmedge.exporter.quality``).
+3. quality: slmedge artifacts carry their quality card (perplexity on the first 4096
+   tokens of the evaluation text, KL and greedy agreement vs the fp32 graph); GenAI's
+   graphs get the same card here (run by slmedge's ORT decoder: same inputs/outputs
+   contract), unless ``--skip-quality``.
 
 Only ratios taken in the same run mean anything: the CPU is shared (DESIGN.md: +-15%).
 """
@@ -172,15 +173,21 @@ def main(argv=None) -> int:
             timings[(name, tool)] += speed(tool, path, args.threads, args.prompt_tokens,
                                            args.new_tokens, args.repeats, vocab)
     rows = []
+    fp32_ppl = None
     for name, tool, path in models:
         t = timings[(name, tool)]
         row = {"variant": name, "tool": tool, "path": str(path), "size_mb": round(model_size_mb(path), 1),
                "decode_tok_s": round(statistics.median(x["tps"] for x in t), 2),
                "ttft_ms": round(statistics.median(x["ttft_ms"] for x in t), 1),
                "runs": len(t)}
-        if not args.skip_quality:
+        q = None
+        if tool == "slmedge" and name != "fp32":
+            q = json.loads((path / "manifest.json").read_text()).get("quality")  # its own card
+        elif tool == "genai" and not args.skip_quality:
             say(f"quality: {tool} {name}")
             q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
+        if q and "reference_perplexity" in q:
+            fp32_ppl = q["reference_perplexity"]
             row.update(perplexity=round(q["perplexity"], 3),
                        ppl_increase_pct=round(q["ppl_increase_pct"], 2),
                        kl_mean=round(q["kl_mean"], 4),
@@ -188,6 +195,9 @@ def main(argv=None) -> int:
                        greedy_agreement=round(q["greedy"]["top1_agreement"], 4),
                        first_divergence=q["greedy"]["first_divergence"])
         rows.append(row)
+    for row in rows:  # the fp32 graph is the reference of every card
+        if row["variant"] == "fp32" and row["tool"] == "slmedge" and fp32_ppl is not None:
+            row.update(perplexity=round(fp32_ppl, 3), ppl_increase_pct=0.0)
     by = {(r["variant"], r["tool"]): r for r in rows}
     print("| variant | tool | decode tok/s | TTFT ms | size MB | perplexity | vs fp32 | KL | greedy agree | decode ratio | TTFT ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

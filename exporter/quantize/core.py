@@ -122,6 +122,15 @@ def quantize_model(
     if folded:
         say(f"{folded} MatMul weights behind a Transpose folded (tied lm_head)")
     facts = analyze(model)
+    fused = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+    if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) and fused:
+        from slmedge.runtimes.errors import UsageError
+
+        raise UsageError(
+            f"{recipe.scheme.value} is QDQ for NPUs and needs a graph of standard ONNX ops; this "
+            f"one is fused for ONNX Runtime's CPU provider ({', '.join(fused)}). Export with "
+            "--no-fuse (NPU device profiles do) and quantize that artifact"
+        )
     needs_calibration = recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) or (
         recipe.scheme is QuantScheme.int4 and recipe.int4_algorithm.value == "gptq"
     )
@@ -170,7 +179,7 @@ def quantize_model(
     return QuantReport(
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
-        weight_precision=dict(Counter(precision.values())),
+        weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
         embedding=recipe.embedding.value if facts.embedding_gathers else "none",
         lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
         op_decisions=table,

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from slmedge.exporter.quantize.graph import analyze
+from slmedge.exporter.quantize.graph import analyze, fold_weight_transposes
 from slmedge.runtimes.artifact import sha256_file
 
 SLMEDGE = [sys.executable, "-m", "slmedge.tools.cli"]
@@ -27,18 +27,19 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def sharp(tiny_artifact, tmp_path_factory):
-    """(artifact dir, eval text) of the sharpened tiny Llama."""
-    import shutil
-
+def sharp(tiny_dir, tmp_path_factory):
+    """(artifact dir, eval text) of the sharpened tiny Llama (unfused export)."""
+    from slmedge.exporter.export import ExportConfig, run_export
     from slmedge.runtimes.generation import SamplingConfig, generate
     from slmedge.runtimes.onnx_decoder import OnnxDecoder
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("sharp")
     art = root / "fp32"
-    shutil.copytree(tiny_artifact("llama"), art)
+    run_export(ExportConfig(model=str(tiny_dir("llama")), output=art, fuse=False,
+                            quality={"eval_tokens": 256}))
     model = onnx.load(str(art / "model.onnx"))
+    fold_weight_transposes(model)  # a tied lm_head gets its own weight to scale
     head = next(n for n in model.graph.node if n.name == analyze(model).lm_head)
     for init in model.graph.initializer:
         if init.name == head.input[1]:

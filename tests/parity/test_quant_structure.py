@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader
 from slmedge.exporter.quantize.core import quantize_model
-from slmedge.exporter.quantize.graph import analyze
+from slmedge.exporter.quantize.graph import analyze, fold_weight_transposes, split_gemms
 from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
 from slmedge.exporter.quantize.static import qdq_summary
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
@@ -49,8 +49,38 @@ def dequantize_nbits(node, inits) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_artifact):
-    return tiny_artifact("llama")
+def llama(tiny_dir, tmp_path_factory):
+    """The tiny Llama exported without fusion: standard ONNX ops, as NPU recipes need."""
+    from slmedge.exporter.export import ExportConfig, run_export
+
+    out = tmp_path_factory.mktemp("plain-llama") / "artifact"
+    run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, fuse=False,
+                            quality={"eval_tokens": 256}))
+    return out
+
+
+def _facts(path):
+    model = onnx.load(str(path))
+    split_gemms(model)
+    fold_weight_transposes(model)
+    return analyze(model)
+
+
+def test_int4_on_the_fused_graph(tiny_artifact, tmp_path):
+    art = tiny_artifact("llama")  # fused by default: GroupQueryAttention, fused norms
+    out, report = _quantize(art, tmp_path, scheme="int4", algorithm="rtn")
+    ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops and "MatMul" not in ops
+    got = OnnxDecoder(out).logits(IDS)
+    want = OnnxDecoder(art / "model.onnx").logits(IDS)
+    assert np.isfinite(got).all() and (got.argmax(-1) == want.argmax(-1)).mean() > 0.5
+
+
+def test_static_qdq_refuses_a_fused_graph(tiny_artifact, tmp_path):
+    from slmedge.runtimes.errors import UsageError
+
+    with pytest.raises(UsageError, match="--no-fuse"):
+        _quantize(tiny_artifact("llama"), tmp_path, scheme="a16w8", calibration=SMALL_CALIB)
 
 
 def _quantize(art, tmp_path, **recipe):
@@ -70,6 +100,7 @@ def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path,
         if node.op_type == "MatMulNBits":
             deq[node.name.rsplit("_Q", 1)[0]] = dequantize_nbits(node, inits)
     ref = onnx.load(str(llama / "model.onnx"))
+    fold_weight_transposes(ref)
     facts = analyze(ref)
     assert set(deq) == {w.node for w in facts.weight_matmuls}
     for node in ref.graph.node:
@@ -87,9 +118,10 @@ def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path,
 
 
 def test_int4_structure_and_lm_head_precision(llama, tmp_path):
-    out, report = _quantize(llama, tmp_path, scheme="int4", block_size=32, embedding="int4")
+    out, report = _quantize(llama, tmp_path, scheme="int4", algorithm="rtn", block_size=32,
+                            embedding="int4")
     q = onnx.load(str(out), load_external_data=False)
-    facts = analyze(onnx.load(str(llama / "model.onnx")))
+    facts = _facts(llama / "model.onnx")
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     bits = sorted(_attrs(n)["bits"] for n in nbits)
     assert bits == [4] * (len(facts.weight_matmuls) - 1) + [8]  # lm_head int8 by default
@@ -104,7 +136,8 @@ def test_int4_structure_and_lm_head_precision(llama, tmp_path):
 
 
 def test_keep_layers_go_one_step_up(llama, tmp_path):
-    out, report = _quantize(llama, tmp_path, scheme="int4", keep_layers=[0], lm_head="float")
+    out, report = _quantize(llama, tmp_path, scheme="int4", algorithm="rtn", keep_layers=[0],
+                            lm_head="float")
     q = onnx.load(str(out), load_external_data=False)
     by_bits = [_attrs(n)["bits"] for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert by_bits.count(8) == 7 and by_bits.count(4) == 7  # 7 projections per Llama layer
@@ -115,7 +148,7 @@ def test_static_int8_quantizes_weight_matmuls_only_and_keeps_the_mask_path_float
     out, report = _quantize(llama, tmp_path, scheme="int8-static", calibration=SMALL_CALIB)
     summary = qdq_summary(out)
     consumers = summary["ops_with_dq_inputs"]
-    facts = analyze(onnx.load(str(llama / "model.onnx")))
+    facts = _facts(llama / "model.onnx")
     assert consumers == {"MatMul": len(facts.weight_matmuls) - 1}  # lm_head float by default
     table = report.op_decisions
     assert table["Softmax"]["quantized"] == 0
@@ -139,7 +172,7 @@ def test_a16w8_uses_16_bit_activations_and_leaves_softmax_and_mask_add_float(lla
     consumers = qdq_summary(out)["ops_with_dq_inputs"]
     assert "Softmax" not in consumers
     assert {"MatMul", "Pow", "ReduceMean", "Mul"} <= set(consumers)  # norms at 16 bits
-    facts = analyze(onnx.load(str(llama / "model.onnx")))
+    facts = _facts(llama / "model.onnx")
     mask_adds = [n for n in facts.mask_path if n.startswith("node_add") or "Add" in n]
     producer = {o: n for n in q.graph.node for o in n.output}
     for node in q.graph.node:
@@ -163,9 +196,10 @@ def test_int8_dynamic_qoperator(llama, tmp_path):
 
 def test_gemm_models_are_split_for_weight_only(tiny_artifact, tmp_path):
     art = tiny_artifact("gpt2")
-    out, report = _quantize(art, tmp_path, scheme="int4")
+    out, report = _quantize(art, tmp_path, scheme="int4", algorithm="rtn")
     ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
-    assert "Gemm" not in ops and ops.count("MatMulNBits") == 9  # 8 projections + lm_head
+    assert "Gemm" not in ops and "MatMul" not in ops
+    assert ops.count("MatMulNBits") == sum(report.weight_precision.values()) >= 9
     assert np.isfinite(OnnxDecoder(out).logits(IDS)).all()
 
 
