@@ -11,6 +11,12 @@ The graph contract (what ``slmedge export`` writes, and what Optimum's
 The KV cache never leaves ONNX Runtime between steps: ``present`` outputs are bound
 as ``OrtValue`` and fed back as the next step's ``past`` through IOBinding, so no
 step copies the cache into numpy.
+
+A fused graph (``slmedge export`` default: ``com.microsoft.GroupQueryAttention``, metadata
+``slmedge.kv_cache = shared_buffer``) has the same inputs plus ``logits_to_keep`` (int64
+scalar: 0 = logits of every fed position, k = the last k); its cache is one preallocated
+buffer per layer bound as both past and present (``runtimes.kv_buffer``), which GQA
+writes in place.
 """
 
 from __future__ import annotations

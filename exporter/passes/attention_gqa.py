@@ -319,7 +319,9 @@ def evaluate_cos_sin(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int)
     for n in nodes:
         for v in n.inputs:
             if v is not None and v.const_value is not None and v.producer() is None:
-                inits[v.name] = ir.serde.serialize_tensor(v.const_value)
+                proto = ir.serde.serialize_tensor(v.const_value)
+                proto.name = v.name  # a lifted constant's tensor may carry no name
+                inits[v.name] = proto
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(n) for n in nodes], "cos_sin",
         [onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, [1, length])],
@@ -329,8 +331,11 @@ def evaluate_cos_sin(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int)
     )
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    c, s = sess.run(None, {"position_ids": np.arange(length, dtype=np.int64)[None]})
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        c, s = sess.run(None, {"position_ids": np.arange(length, dtype=np.int64)[None]})
+    except Exception as e:  # ORT raises its own pybind types; the fusion is then skipped
+        raise NoMatch(f"could not evaluate the cos/sin subgraph: {str(e).splitlines()[0][:200]}") from e
     c, s = np.asarray(c).reshape(length, -1), np.asarray(s).reshape(length, -1)
     half = c.shape[1] // 2
     if not (np.array_equal(c[:, :half], c[:, half:]) and np.array_equal(s[:, :half], s[:, half:])):
