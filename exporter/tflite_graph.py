@@ -301,12 +301,12 @@ def convert_decoder(
         warnings.simplefilter("ignore")
         try:
             edge = converter.convert()
+            flatbuffer = bytes(edge.model_content())  # prints its progress too
         except Exception as e:  # torch.export / lowering raise many types; keep the last line
             lines = str(e).strip().splitlines() or [type(e).__name__]
             raise TfliteConversionFailed(
                 f"litert-torch could not convert {type(model).__name__}: {lines[-1][:400]}"
             ) from e
-    flatbuffer = bytes(edge.model_content())
     shape = [1, wrapper.kv_heads, context_length, wrapper.head_dim]
     sigs = {f"{PREFILL_PREFIX}{t}": {"tokens": t} for t in chunks}
     sigs[DECODE_SIGNATURE] = {"tokens": 1}

@@ -34,12 +34,15 @@ MAIN = REPO / ".venv" / "bin" / "slmedge"
 TFL = REPO / ".venv-tflite" / "bin" / "slmedge"
 TFL_PY = REPO / ".venv-tflite" / "bin" / "python"
 
+#: One prefill signature of 128 tokens (the bench prompt) and a 1024-row cache: every extra
+#: signature is another torch.export + lowering (~40 min for SmolLM2 on a loaded 2-core box).
+TFL_SIZES = ["--prefill-chunks", "128", "--context-length", "1024"]
 #: name -> (format, recipe label, slmedge of the venv, command that builds it (None: export))
 VARIANTS = {
     "onnx-fp32": ("onnx", "fp32", MAIN, ["export"]),
     "onnx-int8": ("onnx", "int8", MAIN, ["quantize", "{out}/onnx-fp32", "--quant", "int8"]),
     "onnx-int4": ("onnx", "int4", MAIN, ["quantize", "{out}/onnx-fp32", "--quant", "int4"]),
-    "tflite-fp32": ("tflite", "fp32", TFL, ["export", "--format", "tflite"]),
+    "tflite-fp32": ("tflite", "fp32", TFL, ["export", "--format", "tflite", *TFL_SIZES]),
     "tflite-int8-dynamic": (
         "tflite",
         "int8-dynamic",
