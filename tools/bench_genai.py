@@ -226,15 +226,24 @@ def table(results: dict, variants: list[Variant]) -> str:
     def med(key, values):
         return statistics.median(v[key] for v in values)
 
-    rows = ["| variant | slmedge decode tok/s | GenAI decode tok/s | decode ratio | slmedge TTFT ms "
-            "| GenAI TTFT ms | TTFT ratio (GenAI/slmedge) | slmedge MB | GenAI MB |",
+    def paired(key, s_runs, g_runs, invert=False):
+        # Ratio within each round (same minutes, same neighbours), then the median.
+        ratios = [(g[key] / s[key]) if invert else (s[key] / g[key]) for s, g in zip(s_runs, g_runs)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    rows = ["| variant | slmedge decode tok/s | GenAI decode tok/s | decode ratio slmedge/GenAI "
+            "(per-round median [min-max]) | slmedge TTFT ms | GenAI TTFT ms | TTFT ratio GenAI/slmedge "
+            "(per-round median [min-max]) | slmedge MB | GenAI MB |",
             "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         s, g = results["slmedge"][v.name], results["genai"][v.genai_precision]
         sd, gd = med("decode_tokens_per_s", s["runs"]), med("decode_tokens_per_s", g["runs"])
         st, gt = med("ttft_ms", s["runs"]), med("ttft_ms", g["runs"])
-        rows.append(f"| {v.name} | {sd:.1f} | {gd:.1f} (GenAI {v.genai_precision}) | {sd / gd:.2f}x "
-                    f"| {st:.0f} | {gt:.0f} | {gt / st:.2f}x | {s['size_mb']} | {g['size_mb']} |")
+        dr = paired("decode_tokens_per_s", s["runs"], g["runs"])
+        tr = paired("ttft_ms", s["runs"], g["runs"], invert=True)
+        rows.append(f"| {v.name} | {sd:.1f} | {gd:.1f} (GenAI {v.genai_precision}) "
+                    f"| {dr[0]:.2f}x [{dr[1]:.2f}-{dr[2]:.2f}] | {st:.0f} | {gt:.0f} "
+                    f"| {tr[0]:.2f}x [{tr[1]:.2f}-{tr[2]:.2f}] | {s['size_mb']} | {g['size_mb']} |")
     return "\n".join(rows)
 
 

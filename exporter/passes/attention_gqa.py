@@ -356,15 +356,18 @@ class GroupQueryAttentionFusion(FusionPass):
 
     name = "GroupQueryAttention"
 
-    def __init__(self, max_sequence_length: int = 4096, sliding_windows: dict[int, int] | None = None):
+    def __init__(self, max_sequence_length: int = 4096, sliding_windows: dict[int, int] | None = None,
+                 pack_qkv: bool = True):
         super().__init__()
         self.max_sequence_length = max_sequence_length
         self.sliding_windows = dict(sliding_windows or {})
+        self.pack_qkv = pack_qkv
         self.rotary = 0
+        self.packed = 0
 
     def fuse(self, model: ir.Model) -> int:
         graph = model.graph
-        self.rotary = 0
+        self.rotary = self.packed = 0
         softmaxes = [n for n in graph if n.op_type == "Softmax" and not n.domain]
         if not softmaxes:
             self.reasons.append("no Softmax: no attention to fuse")
@@ -503,6 +506,69 @@ class GroupQueryAttentionFusion(FusionPass):
                 raise NoMatch(f"{node.name} reads the whole past shape; cannot rewire it")
 
     @staticmethod
+    def _packed_qkv(graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, prefix: str,
+                    new: list[ir.Node]) -> ir.Value | None:
+        """One [B,S,(H+2Hkv)D] tensor for GQA's packed-QKV mode, or None.
+
+        Three projections of the same input (``MatMul(x, W)`` [+ ``Add(b)``], constant W and
+        b) become one MatMul on the concatenated weights (one larger GEMV per decode step
+        instead of three, as ONNX Runtime GenAI's builder does). Contiguous ``Slice`` s of
+        one tensor (Phi-3's fused qkv_proj) are that tensor.
+
+            x --MatMul(Wq)--+            x --MatMul([Wq|Wk|Wv])--[Add([bq|bk|bv])]--> qkv
+            x --MatMul(Wk)--+--> GQA  =>
+            x --MatMul(Wv)--+
+        """
+        slices = [producer(t, "Slice") for t in (q, k, v)]
+        if all(slices) and len({id(sl.inputs[0]) for sl in slices}) == 1:
+            src = slices[0].inputs[0]
+            bounds = [(ints(sl.inputs[1]), ints(sl.inputs[2]),
+                       ints(sl.inputs[3]) if len(sl.inputs) > 3 and sl.inputs[3] is not None else None)
+                      for sl in slices]
+            last = src.shape[-1] if src.shape is not None else None
+            if all(ax in ([-1], [2]) and st is not None and en is not None for st, en, ax in bounds) \
+                    and bounds[0][0] == [0] and bounds[0][1] == bounds[1][0] \
+                    and bounds[1][1] == bounds[2][0] and isinstance(last, int) \
+                    and bounds[2][1][0] >= last \
+                    and all(len(sl.inputs) < 5 or ints(sl.inputs[4]) == [1] for sl in slices):
+                return src
+            return None
+        split = producer(q, "Split")
+        if split is not None and [o for o in split.outputs] == [q, k, v] \
+                and attr(split, "axis", 0) in (-1, 2):
+            return split.inputs[0]  # GPT-2's c_attn output split into q, k, v
+        parts = []
+        for t in (q, k, v):
+            bias = None
+            add = producer(t, "Add")
+            if add is not None:
+                consts = [i for i in (0, 1) if constant(add.inputs[i]) is not None]
+                if len(consts) != 1:
+                    return None
+                bias, t = constant(add.inputs[consts[0]]), add.inputs[1 - consts[0]]
+            mm = producer(t, "MatMul")
+            w = constant(mm.inputs[1]) if mm is not None else None
+            if w is None or w.ndim != 2 or (bias is not None and bias.ndim != 1):
+                return None
+            parts.append((mm.inputs[0], w, bias))
+        if len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1:
+            return None
+        x = parts[0][0]
+        weight = make_initializer(graph, f"{prefix}.qkv_proj.weight",
+                                  np.concatenate([w for _, w, _ in parts], axis=1))
+        node = ir.node("MatMul", [x, weight], name=f"{prefix}.qkv_proj")
+        new.append(node)
+        out = node.outputs[0]
+        if parts[0][2] is not None:
+            bias = make_initializer(graph, f"{prefix}.qkv_proj.bias",
+                                    np.concatenate([b for _, _, b in parts]))
+            node = ir.node("Add", [out, bias], name=f"{prefix}.qkv_proj.bias_add")
+            new.append(node)
+            out = node.outputs[0]
+        out.dtype = q.dtype
+        return out
+
+    @staticmethod
     def _position_ids(graph: ir.Graph) -> ir.Value:
         pos = next((v for v in graph.inputs if v.name == "position_ids"), None)
         if pos is None:
@@ -515,6 +581,10 @@ class GroupQueryAttentionFusion(FusionPass):
         q = self._as_bsh(graph, m.q, m.num_heads, m.head_dim, f"{prefix}.q", new)
         k = self._as_bsh(graph, m.k, m.kv_heads, m.head_dim, f"{prefix}.k", new)
         v = self._as_bsh(graph, m.v, m.kv_heads, m.head_dim, f"{prefix}.v", new)
+        packed = self._packed_qkv(graph, q, k, v, prefix, new) if self.pack_qkv else None
+        if packed is not None:
+            q, k, v = packed, None, None
+            self.packed += 1
         inputs: list[ir.Value | None] = [q, k, v, m.past_k, m.past_v, seqlens_k, total, None, None,
                                          None, m.mask]
         attrs = {"num_heads": m.num_heads, "kv_num_heads": m.kv_heads, "scale": float(m.scale),

@@ -86,6 +86,7 @@ def fuse_model(model: ir.Model, options: FusionOptions | None = None) -> FusionR
         if fusion.reasons:
             notes[fusion.name] = fusion.reasons[:8]
     counts["RotaryEmbedding(in GroupQueryAttention)"] = gqa.rotary
+    counts["packed QKV (GroupQueryAttention)"] = gqa.packed
     counts["BiasGelu/FastGelu+bias"] = getattr(fusions[5], "bias", 0)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)

@@ -47,6 +47,10 @@ def test_fused_ops_are_present_and_counted_in_the_manifest(model_type, tiny_arti
     assert ops["GroupQueryAttention"] == counts["GroupQueryAttention"] == layers
     assert counts["RotaryEmbedding(in GroupQueryAttention)"] == (layers if model_type in ROTARY else 0)
     assert counts["logits_to_keep"] == 1
+    # q/k/v projections packed into one MatMul (or Phi-3's / GPT-2's fused qkv used as is),
+    # except where a per-head q/k norm sits between projection and attention.
+    packed = 0 if model_type in ("qwen3", "gemma3_text") else layers
+    assert counts["packed QKV (GroupQueryAttention)"] == packed
     # Nothing of the unfused attention is left: no Softmax, no transposes, no rotary
     # arithmetic, and the cache is read by GroupQueryAttention only (no Concat, no repeat_kv).
     for gone in ("Softmax", "Transpose", "Cos", "Sin"):
