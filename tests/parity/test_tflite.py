@@ -115,27 +115,36 @@ def test_fp32_logits_and_greedy_match_pytorch(model_type, tflite_artifact):
     assert result.tokens == want
 
 
+def teacher_forced_agreement(decoder, prompt, tokens) -> float:
+    """Fraction of ``tokens`` (PyTorch's greedy continuation) the decoder predicts when fed
+    the same tokens one decode step at a time (as the quality card measures it)."""
+    decoder.reset()
+    logits = decoder.step(prompt)
+    hits = 0
+    for tok in tokens:
+        hits += int(np.argmax(logits)) == tok
+        logits = decoder.step([tok])
+    decoder.reset()
+    return hits / len(tokens)
+
+
 @pytest.mark.parametrize(
-    "scheme",
+    "scheme, floor",
     [
-        TfliteQuant.fp16,
-        TfliteQuant.int8_weight,
-        TfliteQuant.int8_dynamic,
-        TfliteQuant.int4_block32,
-        TfliteQuant.int8_static,
+        (TfliteQuant.fp16, 1.0),
+        (TfliteQuant.int8_weight, 1.0),
+        (TfliteQuant.int8_dynamic, 0.8),
+        (TfliteQuant.int4_block32, 0.5),
     ],
 )
-def test_quantized_logits_within_quantization_steps(scheme, tflite_artifact, tmp_path):
+def test_quantized_logits_within_quantization_steps(scheme, floor, tflite_artifact, tmp_path):
     """Each recipe on the fp32 flatbuffer stays within ``quant_steps`` steps of the logit range
-    at its weight bits, and keeps most greedy tokens (all of them for float compute)."""
+    at its weight bits, and predicts PyTorch's greedy tokens (all of them for float compute)."""
     from tiny_models import tiny_model
 
     out, _ = tflite_artifact("llama")
     fp32_path = out / "model.tflite"
-    calib = np.random.default_rng(3).integers(0, 128, 400).tolist()
-    data, report = quantize_tflite(
-        fp32_path.read_bytes(), scheme, fp32_path=fp32_path, calib_ids=calib, calib_samples=8
-    )
+    data, report = quantize_tflite(fp32_path.read_bytes(), scheme)
     assert report.size_bytes < report.size_fp32_bytes
     path = tmp_path / "q.tflite"
     path.write_bytes(data)
@@ -144,15 +153,41 @@ def test_quantized_logits_within_quantization_steps(scheme, tflite_artifact, tmp
     parity = check_tflite_parity(model, decoder, scheme, atol=1e-4, steps=4.0)
     assert parity.passed, parity
     assert parity.max_abs_diff > 1e-6  # the recipe did change the weights
-    if scheme is TfliteQuant.int8_static:
-        assert report.static_int8_ops == ["FULLY_CONNECTED", "BATCH_MATMUL"]
-        assert "SOFTMAX" in report.float_ops_reason
     prompt = [5, 9, 17, 33, 65]
     want = torch_greedy(model, prompt, 20)
-    got = generate(decoder, prompt, 20).tokens
-    agree = np.mean([a == b for a, b in zip(got, want, strict=True)])
-    floor = {TfliteQuant.fp16: 1.0, TfliteQuant.int8_weight: 1.0}.get(scheme, 0.5)
-    assert agree >= floor, (scheme, got, want)
+    assert teacher_forced_agreement(decoder, prompt, want) >= floor
+
+
+def test_int8_static_is_limited_to_fc_and_bmm_and_judged_by_the_gate(tflite_artifact, tmp_path):
+    """int8-static calibrates int8 activations for FULLY_CONNECTED and BATCH_MATMUL only and
+    says why the rest stays float. Measured here: on the random tiny Llama (weights widened
+    4x) even that does not hold (max |diff| ~1.0 on a logit range of ~4.7, top-1 ~70%), so the
+    parity gate must refuse it: an export with this recipe would exit 3."""
+    from tiny_models import tiny_model
+
+    out, _ = tflite_artifact("llama")
+    fp32_path = out / "model.tflite"
+    calib = np.random.default_rng(3).integers(0, 128, 400).tolist()
+    data, report = quantize_tflite(
+        fp32_path.read_bytes(),
+        TfliteQuant.int8_static,
+        fp32_path=fp32_path,
+        calib_ids=calib,
+        calib_samples=8,
+    )
+    assert report.static_int8_ops == ["FULLY_CONNECTED", "BATCH_MATMUL"]
+    assert "SOFTMAX" in report.float_ops_reason and "mask" in report.float_ops_reason
+    assert report.calibration["samples"]["decode"] >= 1
+    path = tmp_path / "s.tflite"
+    path.write_bytes(data)
+    parity = check_tflite_parity(
+        tiny_model("llama"),
+        LiteRTDecoder(path, threads=1),
+        TfliteQuant.int8_static,
+        atol=1e-4,
+        steps=4.0,
+    )
+    assert parity.max_abs_diff > parity.atol and not parity.passed
 
 
 def test_manifest_records_the_export(tflite_artifact):
