@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from slmedge.runtimes.errors import ArtifactError, QualityGateFailed
 from slmedge.runtimes.tokenizer import TextTokenizer
 
-from .manifest import onnx_facts, write_manifest
+from .manifest import graph_io, onnx_facts, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_decoder
 from .parity import check_parity
 from .passes import FusionOptions, fuse_onnx_file
+from .quiet import quiet_libraries
 from .quantize.pipeline import QualityConfig, fp32_card, quantize_in_stage
 from .quantize.recipe import QuantRecipe
 from .sources import DEFAULT_MODEL, load_source
@@ -107,12 +108,21 @@ def _check_runtime_tokenizer(stage: Path, tokenizer) -> dict:
     return report
 
 
-def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
-    """Export, verify and write an artifact; returns the manifest."""
+def run_export(
+    config: ExportConfig, progress: Progress | None = None, command: str | None = None
+) -> dict:
+    """Export, verify and write an artifact; returns the manifest.
+
+    ``command`` is recorded in the manifest (default: this process's ``sys.argv``)."""
     if config.profile:  # the device profile's recipe decides the rest
         from .profile_export import run_profile_export
 
         return run_profile_export(config, progress)
+    with quiet_libraries():
+        return _run_export(config, progress, command)
+
+
+def _run_export(config: ExportConfig, progress: Progress | None, command: str | None) -> dict:
     say = progress or (lambda _msg: None)
     check_output(config.output, config.overwrite)  # before minutes of work
     t0 = time.perf_counter()
@@ -140,9 +150,11 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
         model.config.save_pretrained(str(stage))
         tokenizer_report = _check_runtime_tokenizer(stage, tokenizer)
         say("checking parity with PyTorch")
+        # An explicit --parity-atol is the whole tolerance; the spec's adds a relative part.
         atol = config.parity_atol or spec.parity_atol
+        rtol = 0.0 if config.parity_atol else spec.parity_rtol
         parity = check_parity(
-            model, stage / MODEL_FILE, atol=atol, fp16=config.dtype is DType.fp16
+            model, stage / MODEL_FILE, atol=atol, rtol=rtol, fp16=config.dtype is DType.fp16
         )
         if not parity.passed:
             raise QualityGateFailed(
@@ -160,6 +172,7 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
         manifest = write_manifest(
             stage,
             {
+                **({"command": command} if command else {}),
                 "format": "onnx",
                 "model_file": MODEL_FILE,
                 "source": loaded.source.to_dict(),
@@ -178,7 +191,7 @@ def run_export(config: ExportConfig, progress: Progress | None = None) -> dict:
                     "external_data": info.external_data,
                     "quant": quant_fields.get("quantization", {}).get("label"),
                 },
-                "io": {"inputs": info.input_names, "outputs": info.output_names},
+                "io": graph_io(stage / MODEL_FILE),
                 "onnx": onnx_facts(stage / MODEL_FILE),
                 "stop_token_ids": model.generation_config.eos_token_id,
                 "fusion": fusion,

@@ -46,6 +46,18 @@ def onnx_facts(model_path: Path) -> dict:
     }
 
 
+def graph_io(model_path: Path) -> dict:
+    """Input and output names of the final graph (fusion adds ``logits_to_keep``)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return {
+        "inputs": [i.name for i in graph.input if i.name not in initializers],
+        "outputs": [o.name for o in graph.output],
+    }
+
+
 def file_table(root: Path, model_files: set[str]) -> dict[str, dict]:
     """sha256 and size of every file under ``root`` except the manifest itself."""
     table = {}

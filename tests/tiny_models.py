@@ -104,6 +104,9 @@ def save_tiny(model_type: str, directory: Path) -> Path:
     directory = Path(directory)
     model = tiny_model(model_type)
     model.generation_config.eos_token_id = EOS
-    model.save_pretrained(directory)
+    from slmedge.exporter.quiet import quiet_libraries
+
+    with quiet_libraries():  # no "Writing model shards" bar in the CLI tests' stderr
+        model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def cmd_export(args) -> int:
         return EXIT_OK
     progress = Progress()
     try:
-        manifest = exp.run_export(config, progress=progress.say)
+        manifest = exp.run_export(config, progress=progress.say, command=args.command_line)
     finally:
         progress.close()
     if args.json:
@@ -185,11 +186,11 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from slmedge.runtimes.evaluate import perplexity
 
+    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads, args)
     text_path = Path(args.text)
     if not text_path.is_file():
         raise UsageError(f"--text {args.text}: no such file")
     text = text_path.read_text(encoding="utf-8", errors="replace")
-    _, decoder, tokenizer = _open_decoder(args.artifact, args.threads, args)
     ids = tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"--text {args.text} has fewer than 2 tokens; nothing to score")
@@ -360,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["slmedge", *argv])
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
