@@ -141,8 +141,17 @@ def _find_lm_head(graph, producer, consts) -> str | None:
     return None
 
 
+# Ops whose inputs after the first are shapes, indices or sizes rather than data.
+_SHAPE_ARGUMENT_OPS = frozenset({
+    "Reshape", "Expand", "Slice", "Tile", "Pad", "Unsqueeze", "Squeeze", "ConstantOfShape",
+    "Range", "Resize", "TopK", "Split", "ReduceMean", "ReduceSum", "ReduceMax",
+})
+
+
 def _mask_path(graph, consumers) -> set[str]:
-    """Nodes reached from ``attention_mask`` before (and including) a Softmax."""
+    """Nodes reached from ``attention_mask``'s values (not its shape: a mask-derived size
+    that reshapes o_proj's input does not make o_proj part of it), up to and including a
+    Softmax."""
     seen: set[str] = set()
     frontier = [i.name for i in graph.input if i.name == "attention_mask"]
     visited_tensors: set[str] = set()
@@ -154,6 +163,10 @@ def _mask_path(graph, consumers) -> set[str]:
         for node in consumers.get(tensor, []):
             if node.name in seen:
                 continue
+            if node.op_type in ("Shape", "Size") or (
+                node.op_type in _SHAPE_ARGUMENT_OPS and tensor not in node.input[:1]
+            ):
+                continue  # the mask's shape, not its values: sizes other tensors
             seen.add(node.name)
             if node.op_type in ("Softmax", "MatMul", "MatMulNBits", "GroupQueryAttention",
                                 "MultiHeadAttention", "Attention"):
