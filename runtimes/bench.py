@@ -138,20 +138,26 @@ def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
         return False
+    # Some kernels (sandboxes such as gVisor) accept the write and keep the old mark.
+    hwm, rss = _vm_hwm_mb(), _status_mb("VmRSS:")
+    return hwm is None or rss is None or hwm <= rss + 16
 
 
-def _vm_hwm_mb() -> float | None:
+def _status_mb(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6  # kB (KiB) in /proc
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024 / 1e6
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _vm_hwm_mb() -> float | None:
+    return _status_mb("VmHWM:")  # kB (KiB) in /proc
 
 
 def peak_rss_mb() -> float:
