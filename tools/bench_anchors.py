@@ -8,18 +8,22 @@ size and each one's ratio to slmedge's.
 
 How it measures (DESIGN.md: +-15% noise between passes here, so compare within a run):
 - every measurement is a process of its own (load, ``--warmup`` untimed generations, one
-  timed generation), so peak RSS (``ru_maxrss``) is that tool's alone;
+  timed generation); its peak RSS is that process's ``ru_maxrss``, read by this script
+  from ``wait4`` for every tool alike (each tool's own figure is kept in the JSON too);
 - the tools alternate in rounds (A B C, A B C, ...), ``--repeats`` rounds; median and
   min/max over the rounds are reported;
 - ``--threads`` intra-op threads everywhere, the prompt ids of
   ``slmedge.runtimes.bench.bench_prompt_ids``, exactly ``--new-tokens`` new tokens with
   no early stop; TTFT = call -> first new token, decode = later tokens / their time;
-- the greedy tokens of each tool are compared with PyTorch's (identical leading tokens).
+- the greedy tokens of each tool are compared with PyTorch's (identical leading tokens);
+  ``slmedge bench`` does not report its tokens, so an untimed ``slmedge_tokens.py`` run
+  on the same artifact and prompt provides them (and checks the prompt is the same).
 
 Everything is built on first use and cached under ``--cache-dir``: the GGUF as a plain
 HF directory (``tools/anchors/prepare_hf.py``), the slmedge export, the venv for
 Optimum (``.venv-optimum``: optimum-onnx 0.1.0 pins transformers<4.58, slmedge uses 5.x)
-and Optimum's export.
+and Optimum's export. ``--slmedge-artifact DIR`` benchmarks an existing artifact instead
+(e.g. one exported with other flags).
 
     python tools/bench_anchors.py                      # 3 rounds, 128 + 128 tokens, 2 threads
     python tools/bench_anchors.py --repeats 1 --new-tokens 16 --tools slmedge,pytorch --json
