@@ -269,7 +269,7 @@ def cmd_bench(args) -> int:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles"]
+COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,344 @@
+"""``slmedge bundle`` / ``slmedge verify``: the tiny fused Llama bundled, loaded in
+onnxruntime-genai, and broken on purpose for verify. One thread everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from slmedge.device_profiles import load_profile
+from slmedge.exporter.bundle import render_snippets
+from slmedge.tools.cli import main
+
+PROMPT = [1, 10, 20, 30, 40, 50]
+NEW_TOKENS = 20
+# x86-cpu with one thread: the GenAI session must not take both cores of the CI machine.
+ONE_THREAD_PROFILE = "name: x86-cpu-1t\nextends: x86-cpu\nruntime:\n  threads: 1\n"
+
+
+def run(capsys, *argv):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(err: str, *fragments: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_artifact, tmp_path_factory) -> Path:
+    """The tiny fused Llama bundled for x86-cpu (1 thread), with --zip."""
+    root = tmp_path_factory.mktemp("bundle")
+    profile = root / "x86-cpu-1t.yaml"
+    profile.write_text(ONE_THREAD_PROFILE)
+    out = root / "tiny-bundle"
+    assert main(["bundle", str(tiny_artifact("llama")), "--profile", str(profile), "-o", str(out),
+                 "--zip", "--json"]) == 0
+    return out
+
+
+def manifest_of(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path) -> Path:
+    """A copy to break on purpose."""
+    return Path(shutil.copytree(bundle, tmp_path / "copy"))
+
+
+# -- GenAI loads the bundle and agrees with slmedge ---------------------------------------------
+
+
+def test_bundle_runs_in_onnxruntime_genai_with_slmedge_greedy_tokens(bundle, tiny_artifact):
+    og = pytest.importorskip("onnxruntime_genai")
+    from slmedge.runtimes.generation import generate
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+    config = json.loads((bundle / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True  # GQA shared KV buffer
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
+    manifest = manifest_of(bundle)
+    assert any("logits_to_keep -> initializer 0" in c for c in manifest["graph_changes"])
+    assert "logits_to_keep" not in manifest["genai_config_reason"]
+
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    genai_tokens = []
+    while not generator.is_done() and len(genai_tokens) < NEW_TOKENS:
+        generator.generate_next_token()
+        genai_tokens.append(int(generator.get_next_tokens()[0]))
+
+    # slmedge's runtime on the *source* graph (logits_to_keep fed, shared KV buffer).
+    decoder = OnnxDecoder(tiny_artifact("llama") / "model.onnx", threads=1)
+    assert decoder.has_logits_to_keep
+    ours = generate(decoder, PROMPT, NEW_TOKENS).tokens
+    assert len(genai_tokens) == NEW_TOKENS  # no stop token in this seed's 20 tokens
+    assert genai_tokens == ours
+
+
+def test_bundle_manifest_lists_every_file_and_runtime_facts(bundle, tiny_artifact):
+    manifest = manifest_of(bundle)
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    for rel, meta in manifest["files"].items():
+        data = (bundle / rel).read_bytes()
+        assert meta["size"] == len(data) and meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert {"model.onnx", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "genai_config.json"} <= set(manifest["files"])
+    facts = manifest["onnx"]["model.onnx"]
+    assert facts["opset"] == 18 and facts["ir_version"] == 10
+    assert "com.microsoft.GroupQueryAttention" in facts["contrib_ops"]
+    assert "SimplifiedLayerNormalization" in facts["contrib_ops"]  # ORT-only, default domain
+    assert manifest["onnxruntime"]["minimum"] == "1.22"
+    assert any("GroupQueryAttention" in b for b in manifest["onnxruntime"]["because"])
+    source = manifest_of(tiny_artifact("llama"))
+    assert manifest["profile"]["name"] == "x86-cpu-1t"
+    assert manifest["quality"] == source["quality"] and manifest["recipe"] == source["recipe"]
+    assert len(manifest["parity"]["greedy_tokens"]) == 8
+
+
+def test_zip_matches_the_manifest(bundle):
+    manifest = manifest_of(bundle)
+    zip_path = bundle.parent / f"{bundle.name}.zip"
+    with zipfile.ZipFile(zip_path) as z:
+        names = set(z.namelist())
+        assert names == set(manifest["files"]) | {"manifest.json"}
+        for rel, meta in manifest["files"].items():
+            data = z.read(rel)
+            assert len(data) == meta["size"]
+            assert hashlib.sha256(data).hexdigest() == meta["sha256"], rel
+        assert json.loads(z.read("manifest.json")) == manifest
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def test_verify_passes_on_a_fresh_bundle(capsys, bundle):
+    code, out, err = run(capsys, "verify", bundle, "--runtime-version", "1.22", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and report["files_checked"] == len(manifest_of(bundle)["files"])
+    assert report["parity"]["tokens_match"] and report["parity"]["max_abs_diff"] <= 1e-5
+
+
+def test_verify_catches_a_truncated_model_file(capsys, bundle_copy):
+    model = bundle_copy / "model.onnx"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    code, _, err = run(capsys, "verify", bundle_copy)
+    assert code == 1
+    one_line_error(err, "model.onnx", "truncated")
+
+
+def test_verify_catches_a_flipped_byte(capsys, bundle_copy):
+    model = bundle_copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    code, _, err = run(capsys, "verify", bundle_copy)
+    assert code == 1
+    one_line_error(err, "model.onnx", "sha256")
+
+
+def test_verify_catches_a_missing_tokenizer(capsys, bundle_copy):
+    (bundle_copy / "tokenizer.json").unlink()
+    code, _, err = run(capsys, "verify", bundle_copy)
+    assert code == 1
+    one_line_error(err, "tokenizer.json: missing")
+
+
+def test_verify_refuses_a_runtime_older_than_the_opset(capsys, bundle):
+    code, _, err = run(capsys, "verify", bundle, "--runtime-version", "1.13", "--no-parity")
+    assert code == 4
+    line = one_line_error(err, "ONNX Runtime 1.13", "opset 18", "implements up to opset 17")
+    assert "needs ONNX Runtime >= 1.22" in line
+
+
+def test_verify_names_a_contrib_op_too_new_for_the_runtime(capsys, bundle):
+    code, _, err = run(capsys, "verify", bundle, "--runtime-version", "1.20", "--no-parity")
+    assert code == 4
+    line = one_line_error(err, "com.microsoft.GroupQueryAttention")
+    assert "opset" not in line.split("cannot run this bundle:")[1].split("—")[0]
+
+
+def test_verify_rejects_a_bad_runtime_version(capsys, bundle):
+    code, _, err = run(capsys, "verify", bundle, "--runtime-version", "latest")
+    assert code == 2
+    one_line_error(err, "MAJOR.MINOR")
+
+
+def test_verify_of_an_artifact_says_it_is_not_a_bundle(capsys, tiny_artifact):
+    code, _, err = run(capsys, "verify", tiny_artifact("llama"))
+    assert code == 1
+    one_line_error(err, "not a bundle", "slmedge bundle")
+
+
+# -- refusals, atomic output -----------------------------------------------------------------
+
+
+def test_static_profile_refuses_a_dynamic_artifact_and_writes_nothing(capsys, tiny_artifact,
+                                                                       tmp_path):
+    out = tmp_path / "b"
+    code, _, err = run(capsys, "bundle", tiny_artifact("llama"), "--profile", "ios-coreml",
+                       "-o", out)
+    assert code == 2
+    one_line_error(err, "ios-coreml", "static", "slmedge export")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bundle_refuses_an_altered_artifact(capsys, tiny_artifact, tmp_path):
+    src = Path(shutil.copytree(tiny_artifact("llama"), tmp_path / "art"))
+    (src / "tokenizer.json").write_text("{}")
+    out = tmp_path / "b"
+    code, _, err = run(capsys, "bundle", src, "--profile", "x86-cpu", "-o", out)
+    assert code == 1
+    one_line_error(err, "tokenizer.json", "export it again")
+    assert not out.exists()
+
+
+# -- snippets: parsed, compared with the profile object ------------------------------------------
+
+_KOTLIN_CALL = r"options\.{call}\((.*?)\)\n"
+
+
+def _kotlin_map(text: str, call: str) -> dict[str, str]:
+    m = re.search(_KOTLIN_CALL.format(call=call), text, re.S)
+    assert m, f"no options.{call}(...) in the Kotlin snippet"
+    return dict(re.findall(r'"([^"]+)" to "([^"]*)"', m.group(1)))
+
+
+def _swift_map(text: str, call: str) -> dict[str, str]:
+    m = re.search(re.escape(call) + r"\[(.*?)\]\)", text, re.S)
+    assert m, f"no {call} in the Swift snippet"
+    return dict(re.findall(r'"([^"]+)": "([^"]*)"', m.group(1)))
+
+
+def _render(name: str) -> tuple[dict, dict[str, str]]:
+    profile = load_profile(name)
+    snippets = render_snippets(profile, "model.onnx", ["model.onnx", "tokenizer.json"],
+                               "1.32.0", "1.22")
+    return dict(profile.provider_specs()), snippets
+
+
+def test_kotlin_snippet_carries_the_qnn_profile_options():
+    specs, snippets = _render("android-qnn-htp")
+    kotlin = snippets["snippets/android/SlmEdgeModel.kt"]
+    assert _kotlin_map(kotlin, "addQnn") == specs["QNNExecutionProvider"]
+    assert specs["QNNExecutionProvider"]["soc_model"] == "43"
+    assert 'addConfigEntry("session.disable_cpu_ep_fallback", "1")' in kotlin  # no fallback
+    gradle = snippets["snippets/android/build.gradle.kts"]
+    assert re.search(r'implementation\("com\.microsoft\.onnxruntime:onnxruntime-android-qnn:'
+                     r'1\.32\.0"\)', gradle)
+    assert json.loads(snippets["snippets/session.json"])["providers"][0]["options"] == \
+        specs["QNNExecutionProvider"]
+
+
+def test_kotlin_snippet_carries_xnnpack_and_nnapi_options():
+    specs, snippets = _render("android-cpu")
+    kotlin = snippets["snippets/android/SlmEdgeModel.kt"]
+    assert _kotlin_map(kotlin, "addXnnpack") == specs["XnnpackExecutionProvider"] == \
+        {"intra_op_num_threads": "4"}
+    assert "setIntraOpNumThreads(4)" in kotlin and "disable_cpu_ep_fallback" not in kotlin
+    assert re.search(r'onnxruntime:onnxruntime-android:1\.32\.0"',
+                     snippets["snippets/android/build.gradle.kts"])
+    specs, snippets = _render("android-nnapi")
+    kotlin = snippets["snippets/android/SlmEdgeModel.kt"]
+    call = re.search(r"options\.addNnapi\((.*)\)\n", kotlin).group(1)
+    flags = {f"NNAPI_FLAG_{f}": "1" for f in re.findall(r"NNAPIFlags\.(\w+)", call)}
+    assert flags == specs["NnapiExecutionProvider"] == {"NNAPI_FLAG_CPU_DISABLED": "1"}
+
+
+def test_swift_snippet_carries_the_coreml_profile_options():
+    specs, snippets = _render("ios-coreml")
+    swift = snippets["snippets/ios/SlmEdgeModel.swift"]
+    assert _swift_map(swift, "appendCoreMLExecutionProvider(withOptionsV2: ") == \
+        specs["CoreMLExecutionProvider"]
+    assert specs["CoreMLExecutionProvider"]["ModelFormat"] == "MLProgram"
+    assert 'exact: "1.32.0"' in swift and "pod 'onnxruntime-objc', '1.32.0'" in swift
+    assert "setIntraOpNumThreads(2)" in swift
+
+
+def test_android_bundle_of_the_tiny_model_has_kotlin_snippets(capsys, tiny_artifact, tmp_path):
+    out = tmp_path / "android"
+    code, stdout, err = run(capsys, "bundle", tiny_artifact("llama"), "--profile", "android-cpu",
+                            "-o", out)
+    assert code == 0, err
+    assert "ONNX Runtime >= 1.22" in stdout
+    assert "has no .ort files" in err  # the profile wants .ort; a default export has none
+    manifest = manifest_of(out)
+    assert manifest["files"]["snippets/android/SlmEdgeModel.kt"]["role"] == "snippet"
+    kotlin = (out / "snippets/android/SlmEdgeModel.kt").read_text()
+    assert _kotlin_map(kotlin, "addXnnpack") == \
+        dict(load_profile("android-cpu").provider_specs())["XnnpackExecutionProvider"]
+    listed = re.search(r"ASSET_FILES = listOf\((.*?)\)", kotlin, re.S).group(1)
+    assert set(re.findall(r'"([^"]+)"', listed)) == {
+        rel for rel, m in manifest["files"].items() if m["role"] != "snippet"}
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [
+        {"XNNPACK": {"intra_op_num_threads": "4"}}]
+
+
+# -- static-shape (NPU) artifacts: no genai_config, said so; verify still replays them ----------
+
+
+def test_static_artifact_bundle_has_no_genai_config_and_verifies(capsys, tmp_path_factory,
+                                                                 tiny_dir, tmp_path):
+    from static_fixtures import static_artifact_path
+
+    artifact = static_artifact_path(tmp_path_factory, tiny_dir)
+    profile = artifact.parent / "test-npu.yaml"  # static 32 / 8, extends android-nnapi
+    out = tmp_path / "npu"
+    code, _, err = run(capsys, "bundle", artifact, "--profile", profile, "-o", out, "--json")
+    assert code == 0, err
+    manifest = manifest_of(out)
+    assert manifest["genai_config"] is None and not (out / "genai_config.json").exists()
+    assert "static-shape prefill/decode" in manifest["genai_config_reason"]
+    static = manifest["static"]
+    assert set(manifest["onnx"]) == {static["prefill_file"], static["decode_file"]}
+    source_files = manifest_of(artifact)["files"]
+    assert {f for f in source_files if f.endswith(".ort")} and \
+        set(source_files) <= set(manifest["files"])  # .ort + required-operators config kept
+    kotlin = (out / "snippets/android/SlmEdgeModel.kt").read_text()
+    assert "NNAPIFlags.CPU_DISABLED" in kotlin
+    code, stdout, err = run(capsys, "verify", out, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["parity"]["tokens_match"]
+
+
+def test_verify_fails_parity_when_the_recorded_tokens_differ(capsys, bundle_copy):
+    manifest = manifest_of(bundle_copy)
+    manifest["parity"]["greedy_tokens"][3] = (manifest["parity"]["greedy_tokens"][3] + 1) % 128
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", bundle_copy)
+    assert code == 3
+    one_line_error(err, "parity check failed", "differ from token 3")
+
+
+def test_verify_runs_without_onnx_torch_or_transformers(bundle):
+    """verify is for phones and Pis: onnxruntime + numpy only."""
+    code = ("import sys\nfrom slmedge.tools.cli import main\n"
+            f"assert main(['verify', {str(bundle)!r}]) == 0\n"
+            "loaded = [m for m in ('onnx', 'torch', 'transformers', 'onnxruntime_genai') "
+            "if m in sys.modules]\nassert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr

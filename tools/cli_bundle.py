@@ -1,0 +1,105 @@
+"""``slmedge bundle`` and ``slmedge verify``: an artifact made ready for an app, and checked.
+
+Registered through ``COMMAND_MODULES`` in ``tools/cli.py``; thin: flags -> library call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from slmedge.runtimes.errors import EXIT_CODES_HELP, EXIT_OK, MissingDependency
+
+
+def _print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_bundle(args) -> int:
+    from slmedge.device_profiles import load_profile
+
+    profile = load_profile(args.profile)
+    try:
+        import onnx  # noqa: F401  (bundle reads and rewrites graphs; verify does not need it)
+    except ImportError:
+        raise MissingDependency(
+            "slmedge bundle needs the onnx package, which is not installed: "
+            "pip install 'slmedge[export]' (slmedge verify runs without it)") from None
+    from slmedge.exporter.bundle import build_bundle
+
+    say = (lambda m: print(m, file=sys.stderr)) if not args.json else None
+    manifest = build_bundle(args.artifact, profile, args.output, make_zip=args.zip,
+                            overwrite=args.overwrite, command=args.command_line, say=say)
+    out = Path(args.output)
+    if args.json:
+        _print_json({"output": str(out), **({"zip": f"{out}.zip"} if args.zip else {}),
+                     **manifest})
+        return EXIT_OK
+    size = sum(f["size"] for f in manifest["files"].values()) / 1e6
+    genai = manifest["genai_config"] or f"none ({manifest['genai_config_reason']})"
+    print(f"bundled {args.artifact} for {profile.name} in {out} ({len(manifest['files'])} files, "
+          f"{size:.1f} MB); ONNX Runtime >= {manifest['onnxruntime']['minimum']}; "
+          f"genai_config: {genai}")
+    if args.zip:
+        print(f"zip: {out}.zip")
+    for note in manifest["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from slmedge.runtimes.verify import verify_bundle
+
+    report = verify_bundle(args.bundle, runtime_version=args.runtime_version,
+                           parity=not args.no_parity)
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    parity = report.parity
+    line = f"{args.bundle}: {report.files_checked} files match the manifest"
+    if report.runtime_version:
+        line += f"; runs on ONNX Runtime {report.runtime_version} (needs >= " \
+                f"{report.minimum_onnxruntime})"
+    if parity and "skipped" not in parity:
+        line += (f"; parity: {parity['tokens']} greedy tokens match, first-step logits max "
+                 f"|diff| {parity['max_abs_diff']:.1e}")
+    print(line)
+    return EXIT_OK
+
+
+def register(sub) -> None:
+    """Add ``bundle`` and ``verify`` to the ``slmedge`` parser."""
+    import argparse
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "bundle", help="package an artifact for an app (model, tokenizer, genai_config, snippets)",
+        description="Copy an exported artifact into OUT with a genai_config.json for ONNX "
+        "Runtime GenAI, Android/iOS integration snippets rendered from the profile, and a "
+        "manifest (sha256 of every file, opset / IR / contrib ops, minimum ONNX Runtime "
+        "version, parity reference) that slmedge verify checks. Written atomically.",
+        epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    p.add_argument("artifact", help="artifact directory written by slmedge export")
+    p.add_argument("--profile", required=True, help="built-in profile name or a YAML file")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--zip", action="store_true", help="also write OUTPUT.zip")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--json", action="store_true", help="print one JSON document (the manifest)")
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser(
+        "verify", help="re-check a bundle: hashes, runtime version, parity",
+        description="Re-hash every file against the bundle manifest (exit 1 naming a missing, "
+        "truncated or altered file), check opset / IR version / contrib ops against "
+        "--runtime-version (exit 4 naming the op or opset), then replay the recorded prompt "
+        "and compare greedy tokens and logits (exit 3 if they differ). Needs only onnxruntime "
+        "and numpy.",
+        epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    p.add_argument("bundle", help="bundle directory written by slmedge bundle")
+    p.add_argument("--runtime-version", metavar="X.Y",
+                   help="ONNX Runtime version of the app, e.g. 1.20")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity run")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_verify)
