@@ -21,6 +21,7 @@ writes in place.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -134,7 +135,8 @@ class OnnxDecoder:
         if self.past_names:
             shape = inputs[self.past_names[0]].shape
             dtype = _ORT_TYPES.get(inputs[self.past_names[0]].type, np.float32)
-            self.kv = KVLayout(len(self.past_names) // 2, int(shape[1]), int(shape[3]), dtype)
+            heads, head_dim = _kv_dims(shape, Path(model_path))
+            self.kv = KVLayout(len(self.past_names) // 2, heads, head_dim, dtype)
         else:
             self.kv = KVLayout(0, 0, 0, np.float32)
         vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
@@ -209,3 +211,31 @@ class OnnxDecoder:
             return self.step(token_ids, all_logits=True)
         finally:
             self.reset()
+
+
+def _kv_dims(shape, model_path: Path) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a past input [batch, heads, past, head_dim]. Graphs that name
+    these dims symbolically (ONNX Runtime GenAI 0.18's builder: ``kv_cache_dim``) are
+    resolved from the ``config.json`` (or GenAI's ``genai_config.json``) beside the model."""
+    heads, head_dim = shape[1], shape[3]
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        return heads, head_dim
+    config_path = model_path.parent / "config.json"
+    genai_path = model_path.parent / "genai_config.json"
+    try:
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+            size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        else:  # a GenAI model directory
+            decoder = json.loads(genai_path.read_text())["model"]["decoder"]
+            kv_heads, size = decoder["num_key_value_heads"], decoder["head_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(
+            f"{model_path}: the KV-cache inputs name their sizes symbolically ({shape}) and "
+            f"neither {config_path.name} nor {genai_path.name} beside it gives them ({e!r}); "
+            "put the model's config.json beside it"
+        ) from None
+    heads = heads if isinstance(heads, int) else int(kv_heads)
+    head_dim = head_dim if isinstance(head_dim, int) else int(size)
+    return heads, head_dim
