@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from .calibration import KVCacheCalibrationReader
+from .fold_zero_points import fold_float_zero_points
 from .graph import analyze, fold_weight_transposes, split_gemms
 from .recipe import CalibrationConfig, QuantRecipe, QuantScheme, TensorPrecision
 from .static import quantize_static_qdq
@@ -42,6 +43,9 @@ class QuantReport:
     calibration: dict | None
     seconds: float
     ort_tools: list[str] = field(default_factory=list)
+    # "folded": HQQ's float zero points rewritten as default zero point + blocksum(x) @ M
+    # (fold_zero_points.py), so MatMulNBits runs its fast kernels; None: nothing to fold
+    zero_points: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +140,7 @@ def quantize_model(
     )
     calib_doc = None
     reader = None
+    zero_points = None
     with tempfile.TemporaryDirectory(prefix="slmedge-quant-", dir=dst.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         if needs_calibration:
@@ -156,6 +161,11 @@ def quantize_model(
             gptq_reader = reader.materialize() if reader is not None else None
             model, precision = quantize_weight_only(model, facts, recipe, body_bits=bits,
                                                     calibration_reader=gptq_reader, say=say)
+            n_folded = fold_float_zero_points(model)
+            if n_folded:
+                zero_points = "folded"
+                say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
+                    "correction (fast integer kernels)")
             save_model(model, dst)
             table = _weight_only_table(model, precision)
             tools = ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"]
@@ -187,6 +197,7 @@ def quantize_model(
         calibration=calib_doc,
         seconds=round(time.perf_counter() - t0, 2),
         ort_tools=tools,
+        zero_points=zero_points,
     )
 
 

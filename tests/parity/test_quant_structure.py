@@ -26,8 +26,23 @@ def _attrs(node):
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def dequantize_nbits(node, inits) -> np.ndarray:
-    """[K, N] float weights of a MatMulNBits node (a test reference, not a quantizer)."""
+def zero_point_correction(node, graph, inits) -> np.ndarray | None:
+    """``M`` [K / block, N] of a node whose float zero points were folded: its output feeds
+    an ``Add`` with ``MatMul(blocksum(x), M)`` (fold_zero_points.py); None if not folded."""
+    made_by = {o: n for n in graph.node for o in n.output}
+    for add in graph.node:
+        if add.op_type == "Add" and node.output[0] in add.input:
+            other = made_by.get(next(i for i in add.input if i != node.output[0]))
+            if other is not None and other.op_type == "MatMul" and other.input[1] in inits:
+                return inits[other.input[1]]
+    return None
+
+
+def dequantize_nbits(node, inits, correction=None) -> np.ndarray:
+    """[K, N] float weights of a MatMulNBits node (a test reference, not a quantizer).
+
+    ``correction``: the folded zero points' ``M``; ``x @ W + blocksum(x) @ M`` is
+    ``x @ (W + M repeated block times along K)``, so it is added to each block's rows."""
     a = _attrs(node)
     k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
     packed = inits[node.input[1]].reshape(n, -1)
@@ -45,6 +60,8 @@ def dequantize_nbits(node, inits) -> np.ndarray:
     else:
         zp = np.full((n, blocks), 8.0 if bits == 4 else 128.0, np.float32)
     w = (q.reshape(n, blocks, block) - zp[:, :, None]) * scales[:, :, None]
+    if correction is not None:
+        w = w + correction.T.reshape(n, blocks, 1)
     return w.reshape(n, -1)[:, :k].T
 
 
@@ -98,7 +115,8 @@ def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path,
     deq = {}
     for node in q.graph.node:
         if node.op_type == "MatMulNBits":
-            deq[node.name.rsplit("_Q", 1)[0]] = dequantize_nbits(node, inits)
+            fix = zero_point_correction(node, q.graph, inits)
+            deq[node.name.rsplit("_Q", 1)[0]] = dequantize_nbits(node, inits, fix)
     ref = onnx.load(str(llama / "model.onnx"))
     fold_weight_transposes(ref)
     facts = analyze(ref)
