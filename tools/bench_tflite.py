@@ -53,6 +53,7 @@ VARIANTS = {
             "tflite",
             "--from-artifact",
             "{out}/tflite-fp32",
+            *TFL_SIZES,  # --from-artifact checks they match the fp32 graph's
             "--quant",
             "int8-dynamic",
         ],
@@ -67,6 +68,7 @@ VARIANTS = {
             "tflite",
             "--from-artifact",
             "{out}/tflite-fp32",
+            *TFL_SIZES,  # --from-artifact checks they match the fp32 graph's
             "--quant",
             "int4-block32",
         ],
