@@ -92,6 +92,10 @@ class TfliteExportConfig(BaseModel):
     quant_steps: float = Field(
         4.0, gt=0, description="quantized parity tolerance, in quantization steps of the logits"
     )
+    max_ppl_increase: float = Field(
+        5.0, gt=0, description="quantized recipes: largest perplexity increase (%) over the fp32 "
+        "graph; the gate when the quality card is on (the logit-step parity is then recorded)"
+    )
     calib_samples: int = Field(16, ge=1, description="int8-static: calibration samples")
     quality: bool = Field(True, description="compute the quality card (perplexity, agreement)")
     eval_text: Path | None = Field(
@@ -171,6 +175,7 @@ def config_from_args(args) -> TfliteExportConfig:
         "eval_text",
         "eval_tokens",
         "from_artifact",
+        "max_ppl_increase",
     ):
         value = getattr(args, name, None)
         if value is not None:

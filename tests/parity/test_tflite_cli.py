@@ -241,3 +241,28 @@ def test_a_litert_profile_sets_sizes_recipe_and_format(capsys, tmp_path):
     assert doc["format"] == "tflite" and doc["profile"] == "pixel-litert"
     assert doc["context_length"] == 256 and doc["prefill_chunks"] == [64]
     assert doc["quant"] == "int4-block32" and doc["threads"] == 4
+
+
+@needs_tflite
+def test_quantized_export_is_gated_on_perplexity(tmp_path, tiny_dir, monkeypatch):
+    """Quantized recipes with the quality card on: the perplexity rise over the fp32 graph
+    decides (exit 3, nothing written); the logit-step parity is recorded, not gating."""
+    from slmedge.exporter import tflite_export
+    from slmedge.exporter.tflite_options import TfliteExportConfig
+
+    real = tflite_export._quality
+
+    def worse(*args, **kw):  # the real card, with a rise beyond the limit
+        card = real(*args, **kw)
+        return {**card, "ppl_increase_pct": 12.5}
+
+    monkeypatch.setattr(tflite_export, "_quality", worse)
+    out = tmp_path / "q"
+    config = TfliteExportConfig(
+        model=str(tiny_dir("llama")), output=out, context_length=32, prefill_chunks=[8],
+        quant="int8-dynamic", eval_tokens=120, max_ppl_increase=5.0,
+    )
+    with pytest.raises(QualityGateFailed, match=r"\+12.50% over the fp32 graph.*\+5%") as err:
+        tflite_export.run_tflite_export(config)
+    assert err.value.exit_code == EXIT_QUALITY_GATE
+    assert not out.exists() and not list(tmp_path.glob(".q*"))
