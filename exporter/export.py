@@ -20,9 +20,9 @@ from .manifest import graph_io, onnx_facts, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_decoder
 from .parity import check_parity
 from .passes import FusionOptions, fuse_onnx_file
-from .quiet import quiet_libraries
 from .quantize.pipeline import QualityConfig, fp32_card, quantize_in_stage
 from .quantize.recipe import QuantRecipe
+from .quiet import quiet_libraries
 from .sources import DEFAULT_MODEL, load_source
 from .staging import check_output, staged_directory
 
@@ -108,6 +108,30 @@ def _check_runtime_tokenizer(stage: Path, tokenizer) -> dict:
     return report
 
 
+def save_support_files(stage: Path, model, tokenizer, spec) -> dict:
+    """Tokenizer, generation config (stop ids) and model config beside the graph; returns
+    the check that the runtime tokenizer encodes as transformers does."""
+    tokenizer.save_pretrained(str(stage))
+    model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
+    model.generation_config.save_pretrained(str(stage))
+    model.config.save_pretrained(str(stage))
+    return _check_runtime_tokenizer(stage, tokenizer)
+
+
+def architecture_facts(model, spec) -> dict:
+    """The manifest's ``architecture`` block (what the runtimes size the KV cache from)."""
+    layers, kv_heads, head_dim = spec.kv_layout(model.config)
+    return {
+        "model_type": model.config.model_type,
+        "family": spec.family,
+        "num_layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": model.config.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
 def run_export(
     config: ExportConfig, progress: Progress | None = None, command: str | None = None
 ) -> dict:
@@ -128,7 +152,7 @@ def _run_export(config: ExportConfig, progress: Progress | None, command: str | 
     t0 = time.perf_counter()
     loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    layers, kv_heads, head_dim = spec.kv_layout(model.config)
+    layers = spec.kv_layout(model.config)[0]
     load_s = time.perf_counter() - t0
     with staged_directory(config.output, config.overwrite) as stage:
         say(f"exporting {spec.family} ({layers} layers) to ONNX, {config.dtype.value}")
@@ -144,11 +168,7 @@ def _run_export(config: ExportConfig, progress: Progress | None, command: str | 
                 stage / MODEL_FILE, options=FusionOptions.from_hf_config(model.config)
             ).to_dict()
         say("saving tokenizer and generation config")
-        tokenizer.save_pretrained(str(stage))
-        model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
-        model.generation_config.save_pretrained(str(stage))
-        model.config.save_pretrained(str(stage))
-        tokenizer_report = _check_runtime_tokenizer(stage, tokenizer)
+        tokenizer_report = save_support_files(stage, model, tokenizer, spec)
         say("checking parity with PyTorch")
         # An explicit --parity-atol is the whole tolerance; the spec's adds a relative part.
         atol = config.parity_atol or spec.parity_atol
@@ -176,15 +196,7 @@ def _run_export(config: ExportConfig, progress: Progress | None, command: str | 
                 "format": "onnx",
                 "model_file": MODEL_FILE,
                 "source": loaded.source.to_dict(),
-                "architecture": {
-                    "model_type": model.config.model_type,
-                    "family": spec.family,
-                    "num_layers": layers,
-                    "kv_heads": kv_heads,
-                    "head_dim": head_dim,
-                    "vocab_size": model.config.vocab_size,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                },
+                "architecture": architecture_facts(model, spec),
                 "recipe": {
                     "dtype": config.dtype.value,
                     "opset": info.opset,

@@ -147,13 +147,13 @@ def convert_to_ort(root: Path, graphs: list[str], say, *, runtime_style: bool = 
 
 
 def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
-    from .export import _check_runtime_tokenizer, _stop_token_ids
+    from .export import architecture_facts, save_support_files
 
     check_output(config.output, config.overwrite)
     t0 = time.perf_counter()
     loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    layers, kv_heads, head_dim = spec.kv_layout(model.config)
+    layers = spec.kv_layout(model.config)[0]
     context, chunk = profile.shapes.context_length, profile.shapes.prefill_chunk
     if config.quant is not None and config.quant.scheme.value not in ("a16w8", "int8-static"):
         raise UsageError(
@@ -165,11 +165,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
         info = export_static(model, spec, stage, context_length=context, prefill_chunk=chunk,
                              opset=config.opset)
         say("saving tokenizer and generation config")
-        tokenizer.save_pretrained(str(stage))
-        model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
-        model.generation_config.save_pretrained(str(stage))
-        model.config.save_pretrained(str(stage))
-        tokenizer_report = _check_runtime_tokenizer(stage, tokenizer)
+        tokenizer_report = save_support_files(stage, model, tokenizer, spec)
         say("checking parity of the prefill and decode graphs with PyTorch")
         # As the dynamic gate: an explicit --parity-atol is the whole tolerance, else the
         # architecture's atol plus its relative part (logit scale grows with the model).
@@ -191,12 +187,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 "format": "onnx-static",
                 "model_file": DECODE_FILE,
                 "source": loaded.source.to_dict(),
-                "architecture": {
-                    "model_type": model.config.model_type, "family": spec.family,
-                    "num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
-                    "vocab_size": model.config.vocab_size,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                },
+                "architecture": architecture_facts(model, spec),
                 "recipe": {"dtype": config.dtype.value, "opset": config.opset,
                            "external_data": True, "shapes": "static",
                            "quant": quant["label"] if quant else None},

@@ -22,7 +22,7 @@ from slmedge.runtimes.errors import QualityGateFailed
 from slmedge.runtimes.litert_decoder import LiteRTDecoder, parity_fixture
 from slmedge.runtimes.tokenizer import TextTokenizer
 
-from .export import _check_runtime_tokenizer, _stop_token_ids
+from .export import architecture_facts, save_support_files
 from .manifest import write_manifest
 from .parity import torch_step_logits
 from .sources import classify, load_source, read_model_type
@@ -188,7 +188,7 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
     loaded = load_source(config.model, dtype="fp32", progress=say)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     check_family(model.config.model_type, model.config)
-    layers, kv_heads, head_dim = spec.kv_layout(model.config)
+    layers = spec.kv_layout(model.config)[0]
     load_s = time.perf_counter() - t0
     scheme = config.quant
     with staged_directory(config.output, config.overwrite) as stage:
@@ -210,11 +210,7 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
         fp32_path = stage / (MODEL_FILE if scheme is TfliteQuant.fp32 else REFERENCE_FILE)
         fp32_path.write_bytes(fp32)
         say("saving tokenizer and generation config")
-        tokenizer.save_pretrained(str(stage))
-        model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
-        model.generation_config.save_pretrained(str(stage))
-        model.config.save_pretrained(str(stage))
-        tokenizer_report = _check_runtime_tokenizer(stage, tokenizer)
+        tokenizer_report = save_support_files(stage, model, tokenizer, spec)
 
         say("checking fp32 parity with PyTorch (LiteRT)")
         atol = config.parity_atol or spec.parity_atol
@@ -292,15 +288,7 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
                 "format": "tflite",
                 "model_file": MODEL_FILE,
                 "source": loaded.source.to_dict(),
-                "architecture": {
-                    "model_type": model.config.model_type,
-                    "family": spec.family,
-                    "num_layers": layers,
-                    "kv_heads": kv_heads,
-                    "head_dim": head_dim,
-                    "vocab_size": model.config.vocab_size,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                },
+                "architecture": architecture_facts(model, spec),
                 "recipe": {
                     "quant": scheme.value,
                     "context_length": config.context_length,
