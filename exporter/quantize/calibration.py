@@ -68,6 +68,9 @@ class KVCacheCalibrationReader(CalibrationDataReader):
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.has_position_ids = "position_ids" in inputs
+        # A fused graph takes `logits_to_keep`; 0 keeps every position, so the lm_head sees
+        # as many activations as in an unfused graph.
+        self.has_logits_to_keep = "logits_to_keep" in inputs
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_heads = int(first.shape[1]) if first is not None else 0
         self.head_dim = int(first.shape[3]) if first is not None else 0
@@ -84,6 +87,8 @@ class KVCacheCalibrationReader(CalibrationDataReader):
         }
         if self.has_position_ids:
             feed["position_ids"] = np.arange(start, start + n, dtype=np.int64).reshape(1, n)
+        if self.has_logits_to_keep:
+            feed["logits_to_keep"] = np.array(0, dtype=np.int64)
         if past is None:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
             past = [empty] * len(self.past_names)

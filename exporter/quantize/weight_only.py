@@ -62,7 +62,7 @@ def _run_nbits(
         algo = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
     else:  # gptq
         algo = mnq.GPTQWeightOnlyQuantConfig(
-            calibration_data_reader=calibration_reader, block_size=128,
+            calibration_data_reader=calibration_reader, block_size=block_size,
             op_types_to_quantize=("MatMul",),
         )
     hidden = _hide_weights(model, exclude) if algorithm is Int4Algorithm.gptq else {}
