@@ -219,17 +219,16 @@ def eval_token_ids(tokenizer, settings: QualitySettings) -> tuple[list[int], dic
     return ids, {"text": str(path), "text_sha256": hashlib.sha256(raw).hexdigest()}
 
 
-def artifact_card(
-    candidate_model: Path,
+def decoder_card(
+    candidate: Decoder,
     tokenizer_dir: Path,
     settings: QualitySettings = QualitySettings(),
     *,
-    reference_model: Path | None = None,
-    threads: int | None = None,
+    reference: Decoder | None = None,
     progress: Progress | None = None,
 ) -> QualityCard | None:
-    """The card of an ONNX graph against another (None when no evaluation text exists)."""
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    """The card of an open decoder (any runtime, provider or shape contract) against an open
+    reference, on the settings' text and prompts (None when no evaluation text exists)."""
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(tokenizer_dir)
@@ -237,9 +236,39 @@ def artifact_card(
     if found is None:
         return None
     ids, info = found
-    candidate = OnnxDecoder(candidate_model, threads=threads)
-    reference = OnnxDecoder(reference_model, threads=threads) if reference_model else None
     prompts = [tokenizer.encode(p) for p in settings.prompts] if reference else []
     return quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
                         window=settings.window, stride=settings.stride,
                         new_tokens=settings.new_tokens, eval_info=info, progress=progress)
+
+
+def artifact_card(
+    candidate_model: Path,
+    tokenizer_dir: Path,
+    settings: QualitySettings = QualitySettings(),
+    *,
+    reference_model: Path | None = None,
+    threads: int | None = None,
+    providers=None,
+    allow_cpu_fallback: bool = True,
+    progress: Progress | None = None,
+) -> QualityCard | None:
+    """The card of an ONNX graph against another (None when no evaluation text exists).
+
+    ``candidate_model``: an ``.onnx`` file, or an artifact directory (a static-shape one runs
+    through its prefill / decode graphs). ``providers`` / ``allow_cpu_fallback`` build the
+    candidate's sessions (e.g. a profile's QNN HTP with CPU fallback off); the reference
+    always runs on CPU."""
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+    candidate_model = Path(candidate_model)
+    kwargs = dict(threads=threads, providers=providers, allow_cpu_fallback=allow_cpu_fallback)
+    if candidate_model.is_dir():
+        from slmedge.runtimes.artifact import open_artifact
+        from slmedge.runtimes.static_decoder import open_decoder
+
+        candidate = open_decoder(open_artifact(candidate_model), **kwargs)
+    else:
+        candidate = OnnxDecoder(candidate_model, **kwargs)
+    reference = OnnxDecoder(reference_model, threads=threads) if reference_model else None
+    return decoder_card(candidate, tokenizer_dir, settings, reference=reference, progress=progress)

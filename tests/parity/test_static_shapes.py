@@ -176,3 +176,39 @@ def test_a16w8_qdq_of_static_graphs_tracks_float_on_cpu(static_llama, tmp_path):
         htp_card = static_quality(StaticDecoder(static_llama, static), htp, ids, window=32,
                                   prompts=1, prompt_tokens=8, new_tokens=4)
         assert np.isfinite(htp_card["cosine_mean"])
+
+
+def _card(candidate, reference, tiny_dir, tmp_path, **kwargs):
+    from slmedge.exporter.quality import QualitySettings, artifact_card
+
+    text = tmp_path / "eval.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the park " * 20)
+    settings = QualitySettings(eval_text=text, eval_tokens=64, window=32, stride=16,
+                               prompts=("the cat sat", "a dog ran"), new_tokens=6)
+    return artifact_card(candidate, tiny_dir("llama"), settings, reference_model=reference,
+                         **kwargs)
+
+
+def test_quality_card_of_a_static_artifact_directory(static_llama, tiny_artifact, tiny_dir,
+                                                     tmp_path):
+    """artifact_card opens an artifact directory with its own decoder (static graphs here)
+    and compares it with the dynamic fp32 graph of the same checkpoint."""
+    card = _card(static_llama, tiny_artifact("llama") / "model.onnx", tiny_dir, tmp_path)
+    assert card.eval["windows"] == 3 and card.greedy["prompts"] == 2
+    assert abs(card.ppl_increase_pct) < 0.01 and card.kl_mean < 1e-8
+    assert card.greedy["top1_agreement"] == 1.0
+
+
+@pytest.mark.qnn
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed here")
+def test_quality_card_on_the_qnn_htp_emulator_without_cpu_fallback(static_llama, tiny_artifact,
+                                                                   tiny_dir, tmp_path):
+    """The card's candidate on the profile's providers with CPU fallback off (what
+    tools/bench_qnn.py measures on SmolLM2); the reference stays on CPU."""
+    from slmedge.device_profiles import load_profile
+
+    profile = load_profile("android-qnn-htp")
+    card = _card(static_llama, tiny_artifact("llama") / "model.onnx", tiny_dir, tmp_path,
+                 providers=profile.provider_specs(), allow_cpu_fallback=False)
+    assert abs(card.ppl_increase_pct) < 1.0  # HTP computes the fp32 graph in fp16
+    assert card.greedy["top1_agreement"] >= 0.9
