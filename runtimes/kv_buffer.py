@@ -43,6 +43,7 @@ class SharedKVBuffer:
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.max_length = max_length
         self.capacity = 0
+        self.generation = 0  # bumped on every (re)allocation: bindings made before are stale
         self.arrays: list[np.ndarray] = []
         self.values: list[ort.OrtValue] = []
         self._allocate(min(initial_capacity, max_length), keep=0)
@@ -60,6 +61,7 @@ class SharedKVBuffer:
         # writes into the bound present output is in self.arrays.
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         self.capacity = capacity
+        self.generation += 1
 
     def ensure(self, total: int, length: int) -> None:
         """Make room for ``total`` tokens, keeping the first ``length`` cached ones."""

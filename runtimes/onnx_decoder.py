@@ -148,6 +148,7 @@ class OnnxDecoder:
         # bound as both past and present (runtimes.kv_buffer); it also takes
         # `logits_to_keep` (0 = every position, 1 = the last one only).
         self._shared = None
+        self._bound_kv: tuple[int, int] | None = None  # the SharedKVBuffer allocation bound
         self.has_logits_to_keep = "logits_to_keep" in inputs
         max_length = shared_kv_max_length(self.session) if self.past_names else None
         if max_length is not None:
@@ -190,7 +191,12 @@ class OnnxDecoder:
         io.bind_output("logits", "cpu")
         if self._shared is not None:
             self._shared.ensure(total, self._length)
-            self._shared.bind(io)
+            allocation = (id(self._shared), self._shared.generation)
+            if self._bound_kv != allocation:
+                # An IOBinding keeps its bindings between runs: 2 x layers bind calls per
+                # token cost more than the small ops of a decode step.
+                self._shared.bind(io)
+                self._bound_kv = allocation
         else:
             for name, value in zip(self.past_names, self._past):
                 io.bind_ortvalue_input(name, value)
