@@ -12,7 +12,9 @@ where ``z0 = 2**(bits - 1)`` is the zero point MatMulNBits assumes when none is 
 So ``y = x @ W`` is the same node without ``zero_points`` plus
 ``blocksum(x) @ M`` with ``blocksum(x)[..., b] = sum(x[..., b*bs:(b+1)*bs])`` and
 ``M[b, n] = scale[n, b] * (z0 - zp[n, b])``, a ``[K / bs, N]`` float matrix. The weights
-(``q``, ``scale``) are untouched; the correction is one ReduceSum and a small MatMul.
+(``q``, ``scale``) are untouched. ``blocksum(x)`` is itself a MatMul with a 0/1 ``[K, K / bs]``
+matrix, shared by the nodes that read the same ``x``; so the correction costs two small
+MatMuls and an Add per node, with no shape ops (every op is a kernel launch per decode step).
 """
 
 from __future__ import annotations
@@ -26,13 +28,6 @@ _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Te
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 13
 
 
 def _unique(base: str, taken: set[str]) -> str:
@@ -57,7 +52,6 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         names.update(node.output)
         if node.name:
             names.add(node.name)
-    opset = _opset(model)
 
     plans = {}
     for idx, node in enumerate(graph.node):
@@ -82,14 +76,9 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
     if not plans:
         return 0
 
-    def const(base: str, values) -> str:
-        name = _unique(base, names)
-        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
-
     new_nodes: list[onnx.NodeProto] = []
     sums: dict[tuple[str, int, int], str] = {}  # (x, blocks, bs) -> blocksum output
-    lead_dims: dict[str, str] = {}  # x -> its shape without the last axis
+    indicators: dict[tuple[int, int, int], str] = {}  # (blocks, bs, dtype) -> [K, blocks] 0/1
     dropped_zp: list[str] = []
     for idx, node in enumerate(graph.node):
         if idx not in plans:
@@ -100,29 +89,17 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         base = node.name or node.output[0]
         key = (x, blocks, bs)
         if key not in sums:
-            if x not in lead_dims:
-                shape = _unique(f"{base}/zp_fold/x_shape", names)
-                lead = _unique(f"{base}/zp_fold/x_lead", names)
-                new_nodes.append(helper.make_node("Shape", [x], [shape], name=shape))
-                new_nodes.append(helper.make_node(
-                    "Slice", [shape, const(f"{base}/zp_fold/zero", [0]),
-                              const(f"{base}/zp_fold/minus1", [-1]),
-                              const(f"{base}/zp_fold/axis0", [0])], [lead], name=lead))
-                lead_dims[x] = lead
-            shape = _unique(f"{base}/zp_fold/blocked_shape", names)
-            new_nodes.append(helper.make_node(
-                "Concat", [lead_dims[x], const(f"{base}/zp_fold/blocks", [blocks, bs])], [shape],
-                name=shape, axis=0))
-            blocked = _unique(f"{base}/zp_fold/x_blocked", names)
-            new_nodes.append(helper.make_node("Reshape", [x, shape], [blocked], name=blocked))
+            # blocksum(x) = x @ S with S[k, b] = 1 when k // bs == b: one MatMul, any rank of
+            # x, no Shape/Reshape ops (each op is a kernel launch per decode step).
+            ind_key = (blocks, bs, corr.dtype.num)
+            if ind_key not in indicators:
+                ind = np.kron(np.eye(blocks, dtype=corr.dtype), np.ones((bs, 1), corr.dtype))
+                name = _unique(f"zp_fold/block_indicator_{blocks}x{bs}", names)
+                graph.initializer.append(numpy_helper.from_array(ind, name))
+                indicators[ind_key] = name
             total = _unique(f"{base}/zp_fold/blocksum", names)
-            if opset >= 13:
-                new_nodes.append(helper.make_node(
-                    "ReduceSum", [blocked, const(f"{base}/zp_fold/last", [-1])], [total],
-                    name=total, keepdims=0))
-            else:
-                new_nodes.append(helper.make_node("ReduceSum", [blocked], [total], name=total,
-                                                  axes=[-1], keepdims=0))
+            new_nodes.append(helper.make_node("MatMul", [x, indicators[ind_key]], [total],
+                                              name=total))
             sums[key] = total
         dropped_zp.append(node.input[3])
         if len(node.input) > 4:
