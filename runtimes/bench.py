@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import open_artifact
+from .artifact import MANIFEST_NAME, open_artifact
 from .errors import EXIT_ERROR, SlmEdgeError, UsageError
 from .generation import generate
 
@@ -459,6 +459,31 @@ def run_bench(
     run.phase = "done"
     run.env["at_end"] = thermal_snapshot()
     return run.document("complete")
+
+
+# -- the last result, kept beside the artifact -----------------------------------------------
+
+#: The latest complete ``slmedge bench DIR`` result, written into DIR. It is not in the
+#: artifact's file table (a bench does not change the artifact; re-exporting replaces the
+#: directory and so drops it); ``slmedge bundle`` carries it as the manifest's ``last_bench``.
+LAST_BENCH_NAME = "bench.json"
+
+
+def record_last_bench(artifact: str | Path, result: dict) -> Path | None:
+    """Write ``result`` to ``artifact/bench.json`` (atomically) when ``artifact`` is an
+    artifact directory and the run completed; returns the path, or None when nothing was
+    written. An OSError (read-only directory) is the caller's to report."""
+    root = Path(artifact)
+    if result.get("status") != "complete" or not (root / MANIFEST_NAME).is_file():
+        return None
+    target = root / LAST_BENCH_NAME
+    partial = root / f".{LAST_BENCH_NAME}.partial-{os.getpid()}"
+    try:
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 # -- the program run on targets --------------------------------------------------------------

@@ -250,6 +250,8 @@ def cmd_bench(args) -> int:
         progress.close()
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_record:
+        _record_last_bench(args.artifact, result)
     if args.json:
         _print_json(result)
     else:
@@ -262,6 +264,21 @@ def cmd_bench(args) -> int:
         )
         print(bench_text(result))
     return EXIT_OK
+
+
+def _record_last_bench(artifact: str, result: dict) -> None:
+    """Keep the result as ARTIFACT/bench.json for ``slmedge bundle`` (a notice, not an error,
+    where the directory is read-only)."""
+    from slmedge.runtimes.bench import record_last_bench
+
+    try:
+        written = record_last_bench(artifact, result)
+    except OSError as e:
+        print(f"notice: could not record the result in {artifact} ({e.strerror}); "
+              "slmedge bundle will not carry it", file=sys.stderr)
+        return
+    if written:
+        print(f"recorded as {written} (the bundle's last_bench)", file=sys.stderr)
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -348,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", help="also write the JSON result to this file")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not keep the result as ARTIFACT/bench.json (what slmedge bundle "
+                   "carries as last_bench)")
     p.add_argument("--target", help="run there: ssh://[user@]host[:port][/dir] or "
                    "adb://[SERIAL][/dir] (default: here); more flags: tools/cli_runner.py")
     p.set_defaults(func=cmd_bench)
