@@ -5,9 +5,11 @@ Three checks, in order, each a clear error:
 1. every file the bundle manifest lists is there, with its size and sha256
    (missing / truncated / altered -> :class:`ArtifactError`, exit 1, naming the file);
 2. the graphs' ONNX IR version, opset and contrib ops are ones the named ONNX Runtime
-   version runs (too new -> :class:`UnsupportedOp`, exit 4, naming the opset or op);
+   version runs (too new -> :class:`UnsupportedOp`, exit 4, naming the opset or op; a TFLite
+   bundle has no ONNX graphs, so ``--runtime-version`` is a usage error there);
 3. a short parity check: the prompt recorded at bundle time through slmedge's own
-   runtime gives the same greedy tokens and first-step logits as were recorded then.
+   runtime (ONNX Runtime, or LiteRT via ai-edge-litert for a ``.tflite``) gives the same
+   greedy tokens and first-step logits as were recorded then.
 
 The version table below is what :mod:`slmedge.exporter.bundle` uses to write the bundle's
 ``minimum_onnxruntime``; keeping both in this torch-free module means bundle and verify
@@ -203,23 +205,41 @@ def check_files(root: Path, manifest: dict) -> int:
     return len(manifest.get("files", {}))
 
 
+def open_bundle_decoder(artifact, threads: int = 1):
+    """``(decoder, runtime description)`` for a bundle or artifact: LiteRT for a ``.tflite``,
+    else ONNX Runtime (the static prefill/decode graphs or the dynamic KV-cache graph), on CPU.
+    Bundle time and verify time use this one loader, so they replay the same way."""
+    if artifact.format == "tflite":
+        from .litert_decoder import open_litert_decoder
+
+        decoder = open_litert_decoder(artifact, threads=threads)
+        return decoder, f"slmedge LiteRTDecoder, {decoder.backend} {decoder.backend_version}"
+    import onnxruntime as ort
+
+    from .static_decoder import open_decoder
+
+    return (open_decoder(artifact, threads=threads),
+            f"slmedge OnnxDecoder, onnxruntime {ort.__version__}")
+
+
 def check_parity(root: Path, manifest: dict, threads: int = 1) -> dict:
     """Run the recorded prompt through slmedge's runtime; compare with the recorded tokens."""
     ref = manifest.get("parity")
     if not ref:
         return {"skipped": "the bundle manifest records no parity reference"}
     from .generation import generate
-    from .static_decoder import open_decoder
 
-    decoder = open_decoder(open_artifact(root), threads=threads)
+    decoder, runtime = open_bundle_decoder(open_artifact(root), threads=threads)
     first = np.asarray(decoder.logits(ref["prompt_ids"])[-1], dtype=np.float64)
+    if hasattr(decoder, "reset"):  # LiteRT keeps the KV cache between calls
+        decoder.reset()
     ids = np.asarray(ref["first_step"]["top_ids"])
     got = first[ids]
     diff = float(np.max(np.abs(got - np.asarray(ref["first_step"]["top_logits"]))))
     tokens = generate(decoder, ref["prompt_ids"], len(ref["greedy_tokens"])).tokens
     result = {"prompt_tokens": len(ref["prompt_ids"]), "tokens": len(tokens),
               "tokens_match": tokens == ref["greedy_tokens"], "max_abs_diff": diff,
-              "atol": ref["atol"]}
+              "atol": ref["atol"], "runtime": runtime}
     if not result["tokens_match"] or diff > ref["atol"]:
         pairs = zip(tokens, ref["greedy_tokens"], strict=False)
         where = next((i for i, (a, b) in enumerate(pairs) if a != b),
@@ -241,6 +261,11 @@ def verify_bundle(path: str | Path, runtime_version: str | None = None,
     report.files_checked = check_files(root, manifest)
     graphs = manifest.get("onnx", {})
     report.minimum_onnxruntime = minimum_onnxruntime(graphs)["version"] if graphs else None
+    if runtime_version and manifest.get("format") == "tflite":
+        raise UsageError(
+            f"--runtime-version names an ONNX Runtime release, and {root} is a TFLite bundle "
+            f"(LiteRT {(manifest.get('litert') or {}).get('verified_with', '?')}); "
+            "verify it without --runtime-version")
     if runtime_version:
         wanted = parse_version(runtime_version)
         report.runtime_version = format_version(wanted)

@@ -19,14 +19,17 @@ def _print_json(doc) -> None:
 
 def cmd_bundle(args) -> int:
     from slmedge.device_profiles import load_profile
+    from slmedge.runtimes.artifact import open_artifact
 
     profile = load_profile(args.profile)
-    try:
-        import onnx  # noqa: F401  (bundle reads and rewrites graphs; verify does not need it)
-    except ImportError:
-        raise MissingDependency(
-            "slmedge bundle needs the onnx package, which is not installed: "
-            "pip install 'slmedge[export]' (slmedge verify runs without it)") from None
+    if open_artifact(args.artifact).format != "tflite":
+        try:
+            import onnx  # noqa: F401  (bundle reads and rewrites graphs; verify does not need it)
+        except ImportError:
+            raise MissingDependency(
+                "slmedge bundle needs the onnx package for an ONNX artifact, which is not "
+                "installed: pip install 'slmedge[export]' (slmedge verify runs without it)"
+            ) from None
     from slmedge.exporter.bundle import build_bundle
 
     say = (lambda m: print(m, file=sys.stderr)) if not args.json else None
@@ -38,10 +41,16 @@ def cmd_bundle(args) -> int:
                      **manifest})
         return EXIT_OK
     size = sum(f["size"] for f in manifest["files"].values()) / 1e6
+    if manifest["onnxruntime"]:
+        runtime = f"ONNX Runtime >= {manifest['onnxruntime']['minimum']}"
+    else:
+        runtime = f"LiteRT (checked with {manifest['litert']['verified_with']})"
     genai = manifest["genai_config"] or f"none ({manifest['genai_config_reason']})"
+    bench = manifest["last_bench"]
+    bench = (f"{bench['decode_tokens_per_s']} tok/s decode, {bench['ttft_ms']} ms TTFT "
+             f"({bench['target']}, {bench['started_at']})" if bench else "none")
     print(f"bundled {args.artifact} for {profile.name} in {out} ({len(manifest['files'])} files, "
-          f"{size:.1f} MB); ONNX Runtime >= {manifest['onnxruntime']['minimum']}; "
-          f"genai_config: {genai}")
+          f"{size:.1f} MB); {runtime}; genai_config: {genai}; last bench: {bench}")
     if args.zip:
         print(f"zip: {out}.zip")
     for note in manifest["notes"]:
@@ -79,7 +88,9 @@ def register(sub) -> None:
         description="Copy an exported artifact into OUT with a genai_config.json for ONNX "
         "Runtime GenAI, Android/iOS integration snippets rendered from the profile, and a "
         "manifest (sha256 of every file, opset / IR / contrib ops, minimum ONNX Runtime "
-        "version, parity reference) that slmedge verify checks. Written atomically.",
+        "version, last slmedge bench result, parity reference) that slmedge verify checks. "
+        "A profile with artifact.formats [tflite] (engine litert) takes a TFLite artifact "
+        "(slmedge export --format tflite). Written atomically.",
         epilog=EXIT_CODES_HELP, formatter_class=fmt)
     p.add_argument("artifact", help="artifact directory written by slmedge export")
     p.add_argument("--profile", required=True, help="built-in profile name or a YAML file")
@@ -95,7 +106,7 @@ def register(sub) -> None:
         "truncated or altered file), check opset / IR version / contrib ops against "
         "--runtime-version (exit 4 naming the op or opset), then replay the recorded prompt "
         "and compare greedy tokens and logits (exit 3 if they differ). Needs only onnxruntime "
-        "and numpy.",
+        "and numpy (ai-edge-litert for a TFLite bundle).",
         epilog=EXIT_CODES_HELP, formatter_class=fmt)
     p.add_argument("bundle", help="bundle directory written by slmedge bundle")
     p.add_argument("--runtime-version", metavar="X.Y",

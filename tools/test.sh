@@ -27,6 +27,7 @@ if [ "$tflite" = 1 ]; then
   fi
   tflite_status=0
   .venv-tflite/bin/python -m pytest tests/parity/test_tflite.py tests/parity/test_tflite_cli.py \
+    tests/parity/test_tflite_bundle.py \
     || tflite_status=$?
   [ "$status" -ne 0 ] || status=$tflite_status
 fi

@@ -342,3 +342,115 @@ def test_verify_runs_without_onnx_torch_or_transformers(bundle):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
+
+
+# -- last bench: slmedge bench records DIR/bench.json, the bundle carries it -------------------
+
+
+def test_bundle_carries_the_last_bench_or_says_there_is_none(capsys, tiny_artifact, tmp_path):
+    src = Path(shutil.copytree(tiny_artifact("llama"), tmp_path / "art"))
+    (src / "bench.json").unlink(missing_ok=True)  # other tests bench the shared artifact
+    profile = tmp_path / "x86-cpu-1t.yaml"
+    profile.write_text(ONE_THREAD_PROFILE)
+    out = tmp_path / "b"
+    code, _, err = run(capsys, "bundle", src, "--profile", profile, "-o", out)
+    assert code == 0, err
+    manifest = manifest_of(out)
+    assert manifest["last_bench"] is None
+    assert f"slmedge bench {src}" in manifest["last_bench_note"]
+    assert manifest["last_bench_note"] in manifest["notes"] and "slmedge bench" in err
+
+    bench = ["bench", src, "--prompt-tokens", "8", "--new-tokens", "4", "--prompt-buckets", "8",
+             "--depths", "8", "--warmup", "0", "--repeats", "1", "--threads", "1"]
+    code, _, err = run(capsys, *bench, "--no-record")
+    assert code == 0, err
+    assert not (src / "bench.json").exists()
+    code, stdout, err = run(capsys, *bench, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    recorded = json.loads((src / "bench.json").read_text())
+    assert recorded == result and "bench.json" in err
+    assert "bench.json" not in manifest_of(src)["files"]  # the artifact itself is unchanged
+
+    code, stdout, err = run(capsys, "bundle", src, "--profile", profile, "-o", out, "--overwrite")
+    assert code == 0, err
+    last = manifest_of(out)["last_bench"]
+    for key in ("decode_tokens_per_s", "ttft_ms", "peak_rss_mb", "started_at", "target",
+                "prompt_tokens", "new_tokens"):
+        assert last[key] == result[key], key
+    assert last["environment"]["threads"] == 1
+    assert last["file"]["sha256"] == hashlib.sha256((src / "bench.json").read_bytes()).hexdigest()
+    assert manifest_of(out)["last_bench_note"] is None
+    assert f"{result['decode_tokens_per_s']} tok/s decode" in stdout
+
+
+def test_an_invalid_bench_json_is_noted_not_carried(capsys, tiny_artifact, tmp_path):
+    src = Path(shutil.copytree(tiny_artifact("llama"), tmp_path / "art"))
+    (src / "bench.json").write_text(json.dumps({"schema_version": 2, "kind": "slmedge.bench"}))
+    out = tmp_path / "b"
+    code, _, err = run(capsys, "bundle", src, "--profile", "x86-cpu", "-o", out, "--json")
+    assert code == 0, err
+    manifest = manifest_of(out)
+    assert manifest["last_bench"] is None and "not a usable bench result" in \
+        manifest["last_bench_note"]
+
+
+# -- Gradle: the ONNX Runtime AAR and the GenAI release AAR, parsed --------------------------------
+
+_GRADLE_DEP = r'implementation\("([\w.-]+):([\w.-]+):([\w.-]+)"\)'
+_GRADLE_FILE = r'implementation\(files\("libs/([^"]+)"\)\)'
+
+
+def test_gradle_snippet_depends_on_ort_and_the_genai_aar_of_the_bundle(capsys, tiny_artifact,
+                                                                       tmp_path):
+    import onnxruntime as ort
+
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "android"
+    code, _, err = run(capsys, "bundle", tiny_artifact("llama"), "--profile", "android-cpu",
+                       "-o", out)
+    assert code == 0, err
+    gradle = (out / "snippets/android/build.gradle.kts").read_text()
+    assert re.findall(_GRADLE_DEP, gradle) == [
+        ("com.microsoft.onnxruntime", "onnxruntime-android", ort.__version__)]
+    assert re.findall(_GRADLE_FILE, gradle) == [f"onnxruntime-genai-android-{og.__version__}.aar"]
+    urls = re.findall(r"https://\S+\.aar", gradle)
+    assert urls == [f"https://github.com/microsoft/onnxruntime-genai/releases/download/"
+                    f"v{og.__version__}/onnxruntime-genai-android-{og.__version__}.aar"]
+    manifest = manifest_of(out)
+    assert manifest["onnxruntime_genai"]["version"] == og.__version__
+    needs = manifest["onnxruntime_genai"]["needs_onnxruntime"]  # from the wheel's metadata
+    assert needs and needs.startswith(">=") and f"onnxruntime {needs}" in gradle
+    session = json.loads((out / "snippets/session.json").read_text())
+    assert session["onnxruntime"] == ort.__version__ and session["onnxruntime_genai"] == \
+        og.__version__
+
+
+def test_gradle_snippet_of_a_bundle_without_genai_config_has_no_genai_aar():
+    profile = load_profile("android-qnn-htp")
+    gradle = render_snippets(profile, "prefill.onnx", ["prefill.onnx"], "1.32.0", "1.22",
+                             genai_reason="static-shape prefill/decode graphs")[
+        "snippets/android/build.gradle.kts"]
+    assert re.findall(_GRADLE_DEP, gradle) == [
+        ("com.microsoft.onnxruntime", "onnxruntime-android-qnn", "1.32.0")]
+    assert re.findall(_GRADLE_FILE, gradle) == []
+    assert "No ONNX Runtime GenAI AAR" in gradle and "static-shape" in gradle
+
+
+def test_an_onnx_artifact_is_refused_for_a_litert_profile(capsys, tiny_artifact, tmp_path):
+    profile = tmp_path / "pixel-litert.yaml"
+    profile.write_text(LITERT_PROFILE)
+    out = tmp_path / "b"
+    code, _, err = run(capsys, "bundle", tiny_artifact("llama"), "--profile", profile, "-o", out)
+    assert code == 2
+    one_line_error(err, "pixel-litert", ".tflite", "--format tflite")
+    assert not out.exists()
+
+
+#: An Android LiteRT profile (the schema: engine litert loads tflite only).
+LITERT_PROFILE = (
+    "name: pixel-litert\nextends: android-cpu\n"
+    "runtime:\n  engine: litert\n  threads: 1\n  providers:\n    - name: CPUExecutionProvider\n"
+    "shapes:\n  policy: static\n  context_length: 32\n  prefill_chunk: 8\n"
+    "recipe:\n  precision: fp32\n  quantization: none\n"
+    "artifact:\n  formats: [tflite]\n  required_operators_config: false\n")
