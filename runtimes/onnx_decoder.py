@@ -139,8 +139,11 @@ class OnnxDecoder:
             self.kv = KVLayout(len(self.past_names) // 2, heads, head_dim, dtype)
         else:
             self.kv = KVLayout(0, 0, 0, np.float32)
-        vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
+        logits_info = self.session.get_outputs()[outputs.index("logits")]
+        vocab = logits_info.shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
+        self._logits_dtype = _ORT_TYPES.get(logits_info.type, np.float32)
+        self._logits: tuple[np.ndarray, ort.OrtValue] | None = None  # bound logits buffer
         self._io = self.session.io_binding()
         self._past: list[ort.OrtValue] = []
         self._length = 0
@@ -188,7 +191,19 @@ class OnnxDecoder:
             io.bind_cpu_input("position_ids", pos)
         if self.has_logits_to_keep:
             io.bind_cpu_input("logits_to_keep", np.array(0 if all_logits else 1, dtype=np.int64))
-        io.bind_output("logits", "cpu")
+        own_logits = self._shared is not None and self.vocab_size is not None
+        if own_logits:
+            # Logits land in an array of ours: no io.get_outputs(), which wraps every output
+            # (the whole KV cache) in new OrtValues on each call. The one-position buffer of a
+            # decode step is reused and stays bound; longer ones are made per call.
+            rows = 1 if self.has_logits_to_keep and not all_logits else n
+            if self._logits is None or self._logits[0].shape[1] != rows or rows != 1:
+                array = np.empty((1, rows, self.vocab_size), dtype=self._logits_dtype)
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                io.bind_ortvalue_output("logits", value)
+                self._logits = (array, value)
+        else:
+            io.bind_output("logits", "cpu")
         if self._shared is not None:
             self._shared.ensure(total, self._length)
             allocation = (id(self._shared), self._shared.generation)
@@ -203,10 +218,15 @@ class OnnxDecoder:
             for name in self.present_names:
                 io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
+        self._length = total
+        if own_logits:
+            logits = self._logits[0][0]
+            if rows == 1:  # the reused buffer: the caller gets its own copy
+                return logits.copy() if all_logits else logits[-1].copy()
+            return logits if all_logits else logits[-1]
         outs = io.get_outputs()
         if self._shared is None:
             self._past = list(outs[1:])
-        self._length = total
         logits = outs[0].numpy()[0]
         return logits if all_logits else logits[-1]
 
