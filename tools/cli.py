@@ -391,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SlmEdgeError as e:
         print(f"slmedge {args.command}: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            # --json promises one document on stdout: on failure it is the error, so a
+            # script reads the exit code's reason (and a gate's figures) without parsing stderr.
+            _print_json({"error": {"command": args.command, "exit_code": e.exit_code,
+                                   "type": type(e).__name__, "message": str(e),
+                                   **({"figures": e.figures} if getattr(e, "figures", None) else {})}})
         return e.exit_code
     except KeyboardInterrupt:
         print(f"slmedge {args.command}: interrupted", file=sys.stderr)

@@ -62,10 +62,15 @@ def test_gate_refuses_a_bad_recipe_and_writes_nothing(sharp, tmp_path):
     art, text = sharp
     out = tmp_path / "int4"
     r = _cli("quantize", art, "-o", out, "--quant", "int4", "--algorithm", "rtn",
-             "--eval-text", text, "--eval-tokens", 1024, "--max-ppl-increase", 5)
+             "--eval-text", text, "--eval-tokens", 1024, "--max-ppl-increase", 5, "--json")
     assert r.returncode == 3, r.stderr
     assert "quality gate failed" in r.stderr and "perplexity" in r.stderr
     assert "+5%" in r.stderr  # the limit is in the message, with the figures
+    error = json.loads(r.stdout)["error"]  # --json: the failure is the one document on stdout
+    assert error["exit_code"] == 3 and error["type"] == "QualityGateFailed"
+    assert error["command"] == "quantize" and "+5%" in error["message"]
+    assert error["figures"]["max_ppl_increase"] == 5
+    assert [t["ppl_increase_pct"] > 5 for t in error["figures"]["tried"]] == [True]
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging or candidate files left behind
 
