@@ -8,7 +8,9 @@ other MatMul excluded. The quantizer's own numerics are used as they are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from collections.abc import Callable
 
 import onnx
@@ -70,7 +72,10 @@ def _run_nbits(
         model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=level,
         nodes_to_exclude=exclude, algo_config=algo,
     )
-    quantizer.process()
+    # k_quant and GPTQ draw a progress bar with print(): on stdout it would break `--json`'s
+    # one document there; progress belongs on stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantizer.process()
     out = quantizer.model.model
     _unhide_weights(out, hidden)
     if level:

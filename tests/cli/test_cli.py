@@ -263,3 +263,15 @@ def test_console_script_prints_no_traceback(tmp_path):
     help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True).stdout
     for line in ("0  ok", "1  error", "2  usage", "3  quality gate", "4  unsupported"):
         assert line in help_text
+
+
+def test_quantize_json_stays_one_document_when_ort_draws_progress(capsys, tiny_artifact, tmp_path):
+    """ORT's k_quant (and GPTQ) print a progress bar; it must go to stderr, not into --json."""
+    out = tmp_path / "kq"
+    code, stdout, err = run(capsys, "quantize", tiny_artifact("llama"), "-o", out, "--quant",
+                            "int4", "--algorithm", "k_quant", "--max-ppl-increase", "1000",
+                            "--eval-tokens", "256", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["quantization"]["weight_precision"]["int4"] > 0
+    assert "Progress" in err and "Progress" not in stdout
