@@ -159,26 +159,47 @@ def _check_qnn(file: Path, profile, report: CheckReport) -> None:
     _flag_quantized_sensitive_ops(file, report)
 
 
+#: Op types of RMSNorm / LayerNorm and attention whose quantization diverged on the HTP.
+SENSITIVE_OPS = ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Div",
+                 "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+SENSITIVE_WHY = ("quantized RMSNorm and Softmax diverged on the HTP emulator (8-bit QDQ: logit "
+                 "cosine 0.52 vs 0.97 for the same file on CPU)")
+
+
 def _flag_quantized_sensitive_ops(file: Path, report: CheckReport) -> None:
-    """QDQ around Softmax / norm ops in 8 bits: measured to diverge on HTP (cosine 0.52)."""
+    """QDQ graphs: an 8-bit quantized input of a norm / Softmax op is a row (measured to
+    diverge on HTP); the op types the recipe kept in float or 16-bit get a note saying why."""
     try:
         import onnx
     except ImportError:
         return
     model = onnx.load(str(file), load_external_data=False)
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        return  # a float graph: nothing quantized to diverge
     producers = {o: n for n in model.graph.node for o in n.output}
     int8 = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    int16 = {onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
     zero_point_types = {t.name: t.data_type for t in model.graph.initializer}
+    kept: dict[str, Counter] = {"float": Counter(), "16-bit": Counter()}
     for node in model.graph.node:
-        if node.op_type not in ("Softmax", "ReduceMean", "Pow", "Sqrt", "LayerNormalization",
-                                "SimplifiedLayerNormalization", "RMSNormalization"):
+        if node.op_type not in SENSITIVE_OPS:
             continue
         src = producers.get(node.input[0])
-        if src is not None and src.op_type == "DequantizeLinear" and len(src.input) > 2 \
-                and zero_point_types.get(src.input[2]) in int8:
+        bits = None
+        if src is not None and src.op_type == "DequantizeLinear" and len(src.input) > 2:
+            bits = zero_point_types.get(src.input[2])
+        if bits in int8:
             report.rows.append(Row(file.name, node.name, node.op_type,
-                                   "8-bit QDQ input: quantized Softmax / RMSNorm diverged on HTP "
-                                   "(cosine 0.52 vs 0.97 on CPU); keep it in 16-bit or float"))
+                                   f"8-bit QDQ input: {SENSITIVE_WHY}; keep it in 16-bit or "
+                                   "float (recipe.float_ops, or a16w8)"))
+        elif bits in int16:
+            kept["16-bit"][node.op_type] += 1
+        elif node.op_type in ("Softmax", "ReduceMean", "Pow", "Sqrt"):
+            kept["float"][node.op_type] += 1
+    for how, ops in kept.items():
+        if ops:
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+            report.notes.append(f"{file.name}: {listed} kept in {how} by the recipe: {SENSITIVE_WHY}")
 
 
 # -- NNAPI / CoreML: ORT's mobile usability checker ------------------------------------------

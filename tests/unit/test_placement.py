@@ -83,3 +83,33 @@ def test_static_manifest_records_profile_placement_and_ort(static_llama):
     for name in ("decode.ort", "prefill.ort", "model.onnx.data", "required_operators.config"):
         assert name in manifest["files"], name
     assert manifest["verification"]["parity"]["passed"]
+
+
+@pytest.mark.qnn
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed here")
+def test_qnn_check_says_why_norm_and_softmax_are_not_8_bit(static_llama, tmp_path):
+    """a16w8 with the profile's float_ops: no 8-bit row, and a note says which norm / Softmax
+    ops stay float or 16-bit, and why."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+    from slmedge.exporter.static_quant import quantize_static_graphs
+
+    work = tmp_path / "q"
+    shutil.copytree(static_llama, work)
+    static = json.loads((work / "manifest.json").read_text())["static"]
+    ids = np.random.default_rng(5).integers(6, 128, 200).tolist()
+    profile = load_profile("android-qnn-htp")
+    quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), ids,
+                           float_ops=list(profile.recipe.float_ops))
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["files"] = {}  # the sizes recorded for the float graphs
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    doc = check_artifact(work, profile).to_dict()
+    assert not [r for r in doc["rows"] if "8-bit QDQ" in r["reason"]], doc["rows"]
+    kept = [n for n in doc["notes"] if "diverged on the HTP emulator" in n]
+    assert any("Softmax x" in n and "kept in float" in n for n in kept), doc["notes"]
+    assert any("Reciprocal x" in n and "kept in 16-bit" in n for n in kept), doc["notes"]
