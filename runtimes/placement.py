@@ -157,6 +157,7 @@ def _check_qnn(file: Path, profile, report: CheckReport) -> None:
         report.rows.append(Row(file.name, name, op, "QNN HTP has no kernel for this op with "
                                "these types/shapes: runs on CPU (an error with CPU fallback off)"))
     _flag_quantized_sensitive_ops(file, report)
+    _flag_fp16_norms(file, profile, report)
 
 
 #: Op types of RMSNorm / LayerNorm and attention whose quantization diverged on the HTP.
@@ -200,6 +201,29 @@ def _flag_quantized_sensitive_ops(file: Path, report: CheckReport) -> None:
         if ops:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
             report.notes.append(f"{file.name}: {listed} kept in {how} by the recipe: {SENSITIVE_WHY}")
+
+
+def _flag_fp16_norms(file: Path, profile, report: CheckReport) -> None:
+    """Float RMSNorm (``Pow(x, 2)`` -> ``ReduceMean``) runs in fp16 on the HTP: it overflows on
+    models with large residual activations. A note, since the graph alone cannot tell."""
+    qnn = next((p for p in profile.runtime.providers if p.name == QNN), None)
+    if qnn is None or not getattr(qnn.options, "enable_htp_fp16_precision", False):
+        return
+    try:
+        import onnx
+    except ImportError:
+        return
+    model = onnx.load(str(file), load_external_data=False)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    norms = sum(1 for n in model.graph.node if n.op_type == "ReduceMean"
+                and producers.get(n.input[0]) is not None
+                and producers[n.input[0]].op_type == "Pow")
+    if norms:
+        report.notes.append(
+            f"{file.name}: {norms} RMSNorms (Pow -> ReduceMean) in float run in fp16 on the HTP "
+            "(enable_htp_fp16_precision): x^2 overflows fp16 above |x| 256. Measured: "
+            "SmolLM2-135M's residual reaches 23,138; its fp16 graph, fully on the HTP emulator, "
+            "gave perplexity 724,025 where the same file on CPU (fp32 norm kernels) gave 53.2")
 
 
 # -- NNAPI / CoreML: ORT's mobile usability checker ------------------------------------------
