@@ -45,8 +45,25 @@ GENAI_AAR_URL = ("https://github.com/microsoft/onnxruntime-genai/releases/downlo
 #: ai-edge-litert release the TFLite export and its tests run with (setup.cfg: >=2.3).
 LITERT_CHECKED_VERSION = "2.3.0"
 
+#: Kotlin shared by the ONNX Runtime and LiteRT snippets: assets -> filesDir, copied once.
+_KOTLIN_COPY_ASSETS = """\
+    fun copyAssets(context: Context): File {
+        val dir = File(context.filesDir, {{ asset_dir | kstr }})
+        for (name in ASSET_FILES) {
+            val target = File(dir, name)
+            if (target.exists()) continue
+            target.parentFile?.mkdirs()
+            context.assets.open({{ asset_dir | kstr }} + "/" + name).use { input ->
+                target.outputStream().use { input.copyTo(it) }
+            }
+        }
+        return dir
+    }
+"""
+
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True,
-                          lstrip_blocks=True, keep_trailing_newline=True)
+                          lstrip_blocks=True, keep_trailing_newline=True,
+                          loader=jinja2.DictLoader({"kotlin_copy_assets": _KOTLIN_COPY_ASSETS}))
 _ENV.filters["kstr"] = lambda s: json.dumps(str(s))  # a Kotlin / Swift string literal
 
 _GRADLE = _ENV.from_string("""\
@@ -91,18 +108,7 @@ object SlmEdgeModel {
 
     /** ONNX Runtime reads a model (and its external weights) from real files, not from the
      *  compressed APK: copy the assets to filesDir once. */
-    fun copyAssets(context: Context): File {
-        val dir = File(context.filesDir, {{ asset_dir | kstr }})
-        for (name in ASSET_FILES) {
-            val target = File(dir, name)
-            if (target.exists()) continue
-            target.parentFile?.mkdirs()
-            context.assets.open({{ asset_dir | kstr }} + "/" + name).use { input ->
-                target.outputStream().use { input.copyTo(it) }
-            }
-        }
-        return dir
-    }
+{% include "kotlin_copy_assets" %}
 
     fun createSession(context: Context): OrtSession {
         val dir = copyAssets(context)
@@ -171,18 +177,7 @@ object SlmEdgeModel {
     const val CONTEXT_LENGTH = {{ context_length }}
 
     /** Copy the assets to filesDir once (an uncompressed file the interpreter can map). */
-    fun copyAssets(context: Context): File {
-        val dir = File(context.filesDir, {{ asset_dir | kstr }})
-        for (name in ASSET_FILES) {
-            val target = File(dir, name)
-            if (target.exists()) continue
-            target.parentFile?.mkdirs()
-            context.assets.open({{ asset_dir | kstr }} + "/" + name).use { input ->
-                target.outputStream().use { input.copyTo(it) }
-            }
-        }
-        return dir
-    }
+{% include "kotlin_copy_assets" %}
 
     fun createInterpreter(context: Context): Interpreter {
         val dir = copyAssets(context)
