@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             # script reads the exit code's reason (and a gate's figures) without parsing stderr.
             _print_json({"error": {"command": args.command, "exit_code": e.exit_code,
                                    "type": type(e).__name__, "message": str(e),
-                                   **({"figures": e.figures} if getattr(e, "figures", None) else {})}})
+                                   **({"figures": e.figures} if getattr(e, "figures", None) else {}),
+                                   **({"partial": e.partial} if getattr(e, "partial", None) else {})}})
         return e.exit_code
     except KeyboardInterrupt:
         print(f"slmedge {args.command}: interrupted", file=sys.stderr)

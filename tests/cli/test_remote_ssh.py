@@ -270,5 +270,7 @@ def test_cli_maps_a_lost_connection_to_exit_code_1(monkeypatch, capsys, spaced_a
     monkeypatch.setattr("slmedge.runtimes.remote.run_remote_bench", lost)
     assert main(["bench", str(spaced_artifact), "--target", "ssh://pi", "--json"]) == 1
     captured = capsys.readouterr()
-    assert captured.out == ""  # no half JSON document on stdout
+    error = json.loads(captured.out)["error"]  # one document: the error, not half a result
+    assert error["exit_code"] == 1 and error["type"] == "ConnectionLost"
+    assert error["partial"] == {"rounds_done": 1} and "ssh://pi" in error["message"]
     assert "slmedge bench: error: lost the connection to ssh://pi" in captured.err
