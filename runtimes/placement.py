@@ -156,8 +156,13 @@ def _check_qnn(file: Path, profile, report: CheckReport) -> None:
     for name, op in place.cpu_nodes:
         report.rows.append(Row(file.name, name, op, "QNN HTP has no kernel for this op with "
                                "these types/shapes: runs on CPU (an error with CPU fallback off)"))
-    _flag_quantized_sensitive_ops(file, report)
-    _flag_fp16_norms(file, profile, report)
+    try:
+        import onnx
+    except ImportError:
+        return
+    model = onnx.load(str(file), load_external_data=False)  # read once for both notes
+    _flag_quantized_sensitive_ops(file.name, model, report)
+    _flag_fp16_norms(file.name, model, profile, report)
 
 
 #: Op types of RMSNorm / LayerNorm and attention whose quantization diverged on the HTP.
@@ -167,14 +172,11 @@ SENSITIVE_WHY = ("quantized RMSNorm and Softmax diverged on the HTP emulator (8-
                  "cosine 0.52 vs 0.97 for the same file on CPU)")
 
 
-def _flag_quantized_sensitive_ops(file: Path, report: CheckReport) -> None:
+def _flag_quantized_sensitive_ops(name: str, model, report: CheckReport) -> None:
     """QDQ graphs: an 8-bit quantized input of a norm / Softmax op is a row (measured to
     diverge on HTP); the op types the recipe kept in float or 16-bit get a note saying why."""
-    try:
-        import onnx
-    except ImportError:
-        return
-    model = onnx.load(str(file), load_external_data=False)
+    import onnx
+
     if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         return  # a float graph: nothing quantized to diverge
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -190,7 +192,7 @@ def _flag_quantized_sensitive_ops(file: Path, report: CheckReport) -> None:
         if src is not None and src.op_type == "DequantizeLinear" and len(src.input) > 2:
             bits = zero_point_types.get(src.input[2])
         if bits in int8:
-            report.rows.append(Row(file.name, node.name, node.op_type,
+            report.rows.append(Row(name, node.name, node.op_type,
                                    f"8-bit QDQ input: {SENSITIVE_WHY}; keep it in 16-bit or "
                                    "float (recipe.float_ops, or a16w8)"))
         elif bits in int16:
@@ -200,27 +202,22 @@ def _flag_quantized_sensitive_ops(file: Path, report: CheckReport) -> None:
     for how, ops in kept.items():
         if ops:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
-            report.notes.append(f"{file.name}: {listed} kept in {how} by the recipe: {SENSITIVE_WHY}")
+            report.notes.append(f"{name}: {listed} kept in {how} by the recipe: {SENSITIVE_WHY}")
 
 
-def _flag_fp16_norms(file: Path, profile, report: CheckReport) -> None:
+def _flag_fp16_norms(name: str, model, profile, report: CheckReport) -> None:
     """Float RMSNorm (``Pow(x, 2)`` -> ``ReduceMean``) runs in fp16 on the HTP: it overflows on
     models with large residual activations. A note, since the graph alone cannot tell."""
     qnn = next((p for p in profile.runtime.providers if p.name == QNN), None)
     if qnn is None or not getattr(qnn.options, "enable_htp_fp16_precision", False):
         return
-    try:
-        import onnx
-    except ImportError:
-        return
-    model = onnx.load(str(file), load_external_data=False)
     producers = {o: n for n in model.graph.node for o in n.output}
     norms = sum(1 for n in model.graph.node if n.op_type == "ReduceMean"
                 and producers.get(n.input[0]) is not None
                 and producers[n.input[0]].op_type == "Pow")
     if norms:
         report.notes.append(
-            f"{file.name}: {norms} RMSNorms (Pow -> ReduceMean) in float run in fp16 on the HTP "
+            f"{name}: {norms} RMSNorms (Pow -> ReduceMean) in float run in fp16 on the HTP "
             "(enable_htp_fp16_precision): x^2 overflows fp16 above |x| 256. Measured: "
             "SmolLM2-135M's residual reaches 23,138; its fp16 graph, fully on the HTP emulator, "
             "gave perplexity 724,025 where the same file on CPU (fp32 norm kernels) gave 53.2")
