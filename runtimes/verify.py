@@ -231,8 +231,6 @@ def check_parity(root: Path, manifest: dict, threads: int = 1) -> dict:
 
     decoder, runtime = open_bundle_decoder(open_artifact(root), threads=threads)
     first = np.asarray(decoder.logits(ref["prompt_ids"])[-1], dtype=np.float64)
-    if hasattr(decoder, "reset"):  # LiteRT keeps the KV cache between calls
-        decoder.reset()
     ids = np.asarray(ref["first_step"]["top_ids"])
     got = first[ids]
     diff = float(np.max(np.abs(got - np.asarray(ref["first_step"]["top_logits"]))))
