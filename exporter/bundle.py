@@ -103,6 +103,25 @@ def pin_logits_to_keep(path: Path) -> bool:
     return True
 
 
+def graph_io(path: Path) -> dict:
+    """Inputs (initializers excluded) and outputs of a graph: name, dtype, shape (a symbolic
+    dimension by its name), as the static-shape snippets show them."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+
+    def tensor(value) -> dict:
+        t = value.type.tensor_type
+        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        return {"name": value.name, "dtype": "float32" if dtype == "float" else dtype,
+                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param
+                          for d in t.shape.dim]}
+
+    return {"inputs": [tensor(i) for i in model.graph.input if i.name not in inits],
+            "outputs": [tensor(o) for o in model.graph.output]}
+
+
 def _graph_meta(path: Path) -> tuple[list[str], dict[str, str]]:
     import onnx
 
@@ -350,6 +369,9 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             notes.append(f"profile {profile.name} lists the .ort format but the artifact has no "
                          f".ort files; export with --profile {profile.name} to get them")
         facts = {g: graph_facts(stage / g) for g in graphs}
+        static = {**src["static"], "io": {kind: graph_io(stage / src["static"][f"{kind}_file"])
+                                          for kind in ("prefill", "decode")}} \
+            if src.get("static") else None
         ort_section, litert_section, minimum = _runtime_section(facts, src)
         say("recording a parity reference with slmedge's runtime")
         bundle_manifest = {
@@ -359,7 +381,7 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             "source": {"path": str(source.absolute()),
                        "manifest_sha256": sha256_file(source / MANIFEST_NAME)},
             "format": src.get("format", "onnx"), "model_file": src.get("model_file"),
-            **({"static": src["static"]} if src.get("static") else {}),
+            **({"static": static} if static else {}),
             **({"ort_format": src["ort_format"]} if src.get("ort_format") else {}),
             **({"tflite": src["tflite"]} if src.get("tflite") else {}),
             "architecture": src.get("architecture"), "stop_token_ids": src.get("stop_token_ids"),
@@ -389,7 +411,9 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
         model_file = src.get("model_file") or graphs[-1]
         for rel, text in render_snippets(profile, model_file, files,
                                          ort_version, minimum, genai=genai, genai_reason=why,
-                                         tflite=src.get("tflite")).items():
+                                         tflite=src.get("tflite"), static=static,
+                                         weights_file=src.get("static", {}).get("weights_file")
+                                         ).items():
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             (stage / rel).write_text(text)
             roles[rel] = "snippet"

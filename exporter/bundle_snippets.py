@@ -30,6 +30,7 @@ Where the dependencies come from (looked up, not guessed):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jinja2
@@ -61,9 +62,38 @@ _KOTLIN_COPY_ASSETS = """\
     }
 """
 
+#: How a static-shape bundle's two graphs are used (runtimes/static_decoder.py runs them the
+#: same way); names, dtypes and shapes come from the graphs. ``c``: the comment prefix.
+_STATIC_DOC = """\
+{{ c }}Static shapes: two graphs over a fixed window of {{ static.context_length }} tokens.
+{% if static.weights_file %}
+{{ c }}Both read their weights from {{ static.weights_file }}: keep it in the same folder.
+{% endif %}
+{{ c }}- prefill ({{ static.prefill_file }}): the prompt, {{ static.prefill_chunk }} tokens per run; the last chunk is
+{{ c }}  padded (padded tokens are masked out and their KV entries are not written).
+{{ c }}- decode ({{ static.decode_file }}): then each generated token, one per run.
+{{ c }}Both take the whole KV cache as fixed-size inputs (slot j holds position j) and an
+{{ c }}additive validity mask ({{ static.masks | map(attribute="name") | join(", ") }}): 0 where a query may attend (cache slots
+{{ c }}below the number of tokens held, and this run's tokens up to itself), the most negative
+{{ c }}value elsewhere. They return logits and this run's new KV entries, which the app writes
+{{ c }}into their slots.
+{% for g in static.graphs %}
+{{ c }}{{ g.kind }} inputs:  {{ g.inputs | join(", ") }}
+{{ c }}{{ g.kind }} outputs: {{ g.outputs | join(", ") }}
+{% endfor %}
+"""
+
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True,
                           lstrip_blocks=True, keep_trailing_newline=True,
-                          loader=jinja2.DictLoader({"kotlin_copy_assets": _KOTLIN_COPY_ASSETS}))
+                          loader=jinja2.DictLoader({
+                              "kotlin_copy_assets": _KOTLIN_COPY_ASSETS,
+                              "static_doc": _STATIC_DOC,
+                              "static_doc_kotlin": '{% with c = "    // " %}'
+                                                   '{% include "static_doc" %}{% endwith %}',
+                              "static_doc_swift": '{% with c = "    /// " %}'
+                                                  '{% include "static_doc" %}{% endwith %}',
+                              "static_doc_python": '{% with c = "# " %}'
+                                                   '{% include "static_doc" %}{% endwith %}'}))
 _ENV.filters["kstr"] = lambda s: json.dumps(str(s))  # a Kotlin / Swift string literal
 
 _GRADLE = _ENV.from_string("""\
@@ -105,14 +135,35 @@ object SlmEdgeModel {
         {{ f | kstr }},
 {% endfor %}
     )
+{% if static %}
+
+{% include "static_doc_kotlin" %}
+    const val PREFILL_FILE = {{ static.prefill_file | kstr }}
+    const val DECODE_FILE = {{ static.decode_file | kstr }}
+    const val CONTEXT_LENGTH = {{ static.context_length }}
+    const val PREFILL_CHUNK = {{ static.prefill_chunk }}
+    /** Additive mask inputs -> sliding window in tokens (0: the whole context). */
+    val MASK_INPUTS = mapOf({% for m in static.masks %}{{ m.name | kstr }} to {{ m.window or 0 }}{{ ", " if not loop.last }}{% endfor %})
+    /** KV cache fed to both graphs, [{{ static.kv_shape | join(", ") }}] {{ static.kv_dtype }} each. */
+    val KV_INPUTS = listOf(
+{% for n in static.kv_inputs %}
+        {{ n | kstr }},
+{% endfor %}
+    )
+    /** New KV entries returned, in KV_INPUTS order; write them into slots [length, length + n). */
+    val KV_OUTPUTS = listOf(
+{% for n in static.kv_outputs %}
+        {{ n | kstr }},
+{% endfor %}
+    )
+{% endif %}
 
     /** ONNX Runtime reads a model (and its external weights) from real files, not from the
      *  compressed APK: copy the assets to filesDir once. */
 {% include "kotlin_copy_assets" %}
 
-    fun createSession(context: Context): OrtSession {
-        val dir = copyAssets(context)
-        val env = OrtEnvironment.getEnvironment()
+    /** The profile's providers and options{% if static %}, the same for both graphs{% endif %}. */
+    fun sessionOptions(): OrtSession.SessionOptions {
         val options = OrtSession.SessionOptions()
 {% if threads %}
         options.setIntraOpNumThreads({{ threads }})
@@ -136,8 +187,30 @@ object SlmEdgeModel {
         // The profile makes silent CPU fallback an error.
         options.addConfigEntry("session.disable_cpu_ep_fallback", "1")
 {% endif %}
-        return env.createSession(File(dir, {{ model_file | kstr }}).path, options)
+        return options
     }
+{% if static %}
+
+    class Sessions(val prefill: OrtSession, val decode: OrtSession)
+
+    fun createSessions(context: Context): Sessions {
+        val dir = copyAssets(context)
+        val env = OrtEnvironment.getEnvironment()
+        val options = sessionOptions()
+        // Prompt: chunks of PREFILL_CHUNK tokens, the last one padded.
+        val prefill = env.createSession(File(dir, PREFILL_FILE).path, options)
+        // Then one generated token per run.
+        val decode = env.createSession(File(dir, DECODE_FILE).path, options)
+        return Sessions(prefill, decode)
+    }
+{% else %}
+
+    fun createSession(context: Context): OrtSession {
+        val dir = copyAssets(context)
+        val env = OrtEnvironment.getEnvironment()
+        return env.createSession(File(dir, {{ model_file | kstr }}).path, sessionOptions())
+    }
+{% endif %}
 }
 """)
 
@@ -201,13 +274,36 @@ _SWIFT = _ENV.from_string("""\
 // CocoaPods:
 //   pod 'onnxruntime-objc', '{{ ort_version }}'
 // ONNX Runtime {{ ort_version }} is the version this bundle was verified with; it needs at least {{ min_version }}.
-// Add the bundle files to the app target's resources ({{ files | length }} files).
+// Add the bundle files to the app target's resources ({{ files | length }} files){% if weights_file %}; {{ weights_file }}
+// must sit in the same folder as the graphs that read it{% endif %}.
 import Foundation
 import onnxruntime_objc
 
 enum SlmEdgeModel {
-    static func createSession() throws -> ORTSession {
-        let env = try ORTEnv(loggingLevel: ORTLoggingLevel.warning)
+{% if static %}
+{% include "static_doc_swift" %}
+    static let prefillFile = {{ static.prefill_file | kstr }}
+    static let decodeFile = {{ static.decode_file | kstr }}
+    static let contextLength = {{ static.context_length }}
+    static let prefillChunk = {{ static.prefill_chunk }}
+    /// Additive mask inputs -> sliding window in tokens (0: the whole context).
+    static let maskInputs: [String: Int] = [{% for m in static.masks %}{{ m.name | kstr }}: {{ m.window or 0 }}{{ ", " if not loop.last }}{% endfor %}]
+    /// KV cache fed to both graphs, [{{ static.kv_shape | join(", ") }}] {{ static.kv_dtype }} each.
+    static let kvInputs = [
+{% for n in static.kv_inputs %}
+        {{ n | kstr }},
+{% endfor %}
+    ]
+    /// New KV entries returned, in kvInputs order; write them into slots [length, length + n).
+    static let kvOutputs = [
+{% for n in static.kv_outputs %}
+        {{ n | kstr }},
+{% endfor %}
+    ]
+
+{% endif %}
+    /// The profile's providers and options{% if static %}, the same for both graphs{% endif %}.
+    static func sessionOptions() throws -> ORTSessionOptions {
         let options = try ORTSessionOptions()
 {% if threads %}
         try options.setIntraOpNumThreads({{ threads }})
@@ -232,12 +328,39 @@ enum SlmEdgeModel {
 {% if not allow_cpu_fallback %}
         try options.addConfigEntry(withKey: "session.disable_cpu_ep_fallback", value: "1")
 {% endif %}
-        guard let path = Bundle.main.path(forResource: {{ model_stem | kstr }}, ofType: {{ model_ext | kstr }}) else {
-            throw NSError(domain: "SlmEdgeModel", code: 1,
-                          userInfo: [NSLocalizedDescriptionKey: "{{ model_file }} is not in the app bundle"])
-        }
-        return try ORTSession(env: env, modelPath: path, sessionOptions: options)
+        return options
     }
+
+    static func resourcePath(_ file: String) throws -> String {
+        guard let path = Bundle.main.path(forResource: file, ofType: nil) else {
+            throw NSError(domain: "SlmEdgeModel", code: 1,
+                          userInfo: [NSLocalizedDescriptionKey: "\\(file) is not in the app bundle"])
+        }
+        return path
+    }
+{% if static %}
+
+    struct Sessions {
+        let prefill: ORTSession
+        let decode: ORTSession
+    }
+
+    static func createSessions() throws -> Sessions {
+        let env = try ORTEnv(loggingLevel: ORTLoggingLevel.warning)
+        let options = try sessionOptions()
+        // Prompt: chunks of prefillChunk tokens, the last one padded.
+        let prefill = try ORTSession(env: env, modelPath: try resourcePath(prefillFile), sessionOptions: options)
+        // Then one generated token per run.
+        let decode = try ORTSession(env: env, modelPath: try resourcePath(decodeFile), sessionOptions: options)
+        return Sessions(prefill: prefill, decode: decode)
+    }
+{% else %}
+
+    static func createSession() throws -> ORTSession {
+        let env = try ORTEnv(loggingLevel: ORTLoggingLevel.warning)
+        return try ORTSession(env: env, modelPath: try resourcePath({{ model_file | kstr }}), sessionOptions: try sessionOptions())
+    }
+{% endif %}
 }
 """)
 
@@ -258,7 +381,13 @@ providers = [
     ({{ p.name | kstr }}, {{ p.options | tojson }}),
 {% endfor %}
 ]
+{% if static %}
+{% include "static_doc_python" %}
+prefill = ort.InferenceSession({{ static.prefill_file | kstr }}, options, providers=providers)
+decode = ort.InferenceSession({{ static.decode_file | kstr }}, options, providers=providers)
+{% else %}
 session = ort.InferenceSession({{ model_file | kstr }}, options, providers=providers)
+{% endif %}
 """)
 
 _PYTHON_LITERT = _ENV.from_string("""\
@@ -301,14 +430,64 @@ def litert_version() -> str:
         return LITERT_CHECKED_VERSION
 
 
+_KV_TENSOR = re.compile(r"^(?P<prefix>\w+)\.(?P<layer>\d+)\.(?:key|value)$")
+
+
+def _io_lines(tensors: list[dict]) -> list[str]:
+    """``name dtype [shape]`` per graph input / output; a KV cache's per-layer tensors (same
+    dtype and shape) are folded into one ``past_key_values.{0..L-1}.key/value`` line."""
+    def describe(name: str, t: dict) -> str:
+        return f"{name} {t['dtype']} [{', '.join(str(d) for d in t['shape'])}]"
+
+    layers: dict[str, int] = {}
+    for t in tensors:
+        if m := _KV_TENSOR.match(t["name"]):
+            layers[m["prefix"]] = max(layers.get(m["prefix"], 0), int(m["layer"]) + 1)
+    lines, seen = [], set()
+    for t in tensors:
+        m = _KV_TENSOR.match(t["name"])
+        if m is None:
+            lines.append(describe(t["name"], t))
+        elif m["prefix"] not in seen:
+            seen.add(m["prefix"])
+            n = layers[m["prefix"]]
+            lines.append(describe(f"{m['prefix']}.{{0..{n - 1}}}.key/value", t))
+    return lines
+
+
+def static_context(static: dict) -> dict:
+    """What the templates show of a static-shape bundle: its two graph files, the window, the
+    mask inputs and the graphs' inputs / outputs (``static["io"]``, read from the graphs)."""
+    io = static["io"]
+    decode = io["decode"]
+    kv_inputs = [t for t in decode["inputs"] if t["name"].startswith("past_key_values.")]
+    return {
+        "prefill_file": static["prefill_file"], "decode_file": static["decode_file"],
+        "weights_file": static.get("weights_file"),
+        "context_length": static["context_length"], "prefill_chunk": static["prefill_chunk"],
+        "masks": [{"name": n, "window": w} for n, w in static["mask_inputs"].items()],
+        "kv_inputs": [t["name"] for t in kv_inputs],
+        "kv_outputs": [t["name"] for t in decode["outputs"] if t["name"].startswith("kv_new.")],
+        "kv_shape": kv_inputs[0]["shape"] if kv_inputs else [],
+        "kv_dtype": kv_inputs[0]["dtype"] if kv_inputs else "",
+        "graphs": [{"kind": kind, "file": static[f"{kind}_file"],
+                    "inputs": _io_lines(io[kind]["inputs"]),
+                    "outputs": _io_lines(io[kind]["outputs"])} for kind in ("prefill", "decode")],
+    }
+
+
 def snippet_context(profile: DeviceProfile, model_file: str, files: list[str],
                     ort_version: str, min_version: str | None, *, genai: dict | None = None,
-                    genai_reason: str = "", tflite: dict | None = None) -> dict:
-    """Everything the snippet templates read, taken from the profile and the bundle."""
+                    genai_reason: str = "", tflite: dict | None = None,
+                    static: dict | None = None, weights_file: str | None = None) -> dict:
+    """Everything the snippet templates read, taken from the profile and the bundle.
+    ``static``: the bundle manifest's ``static`` section (with ``io``) of a static-shape
+    bundle; ``weights_file``: the external-data file the graphs read, if any."""
     providers = [{"name": name, "short": name.replace("ExecutionProvider", ""),
                   "options": options} for name, options in profile.provider_specs()]
     tflite = tflite or {}
     return {
+        "static": static_context(static) if static else None, "weights_file": weights_file,
         "profile": profile, "providers": providers, "threads": profile.runtime.threads,
         "allow_cpu_fallback": profile.runtime.allow_cpu_fallback,
         "nnapi": any(p["name"] == "NnapiExecutionProvider" for p in providers),
@@ -326,13 +505,17 @@ def snippet_context(profile: DeviceProfile, model_file: str, files: list[str],
 
 def render_snippets(profile: DeviceProfile, model_file: str, files: list[str],
                     ort_version: str, min_version: str | None, *, genai: dict | None = None,
-                    genai_reason: str = "", tflite: dict | None = None) -> dict[str, str]:
+                    genai_reason: str = "", tflite: dict | None = None,
+                    static: dict | None = None, weights_file: str | None = None
+                    ) -> dict[str, str]:
     """``{relative path: text}`` of the integration snippets for the profile's platform, plus
     ``snippets/session.json`` (the same session recipe as data). ``genai``: the
     :func:`genai_dependency` when the bundle has a genai_config.json; ``tflite``: the
-    manifest's ``tflite`` section for a LiteRT bundle."""
+    manifest's ``tflite`` section for a LiteRT bundle; ``static``: the manifest's ``static``
+    section (with ``io``) for static-shape graphs, which get a prefill and a decode session."""
     ctx = snippet_context(profile, model_file, files, ort_version, min_version, genai=genai,
-                          genai_reason=genai_reason, tflite=tflite)
+                          genai_reason=genai_reason, tflite=tflite, static=static,
+                          weights_file=weights_file)
     os_name = profile.device.os.value
     litert = profile.runtime.engine is Engine.litert
     if litert and os_name == "android":
@@ -352,6 +535,9 @@ def render_snippets(profile: DeviceProfile, model_file: str, files: list[str],
                "allow_cpu_fallback": ctx["allow_cpu_fallback"],
                "providers": [{"name": p["name"], "options": p["options"]}
                              for p in ctx["providers"]]}
+    if ctx["static"]:
+        session["graphs"] = {"prefill": ctx["static"]["prefill_file"],
+                             "decode": ctx["static"]["decode_file"]}
     if litert:
         session |= {"litert": ctx["litert_version"], "signatures": ctx["signatures"]}
     else:

@@ -324,6 +324,107 @@ def test_static_artifact_bundle_has_no_genai_config_and_verifies(capsys, tmp_pat
     assert json.loads(stdout)["parity"]["tokens_match"]
 
 
+@pytest.fixture(scope="module")
+def static_bundle(tmp_path_factory, tiny_dir) -> Path:
+    """The tiny static export (32 / 8, extends android-nnapi) bundled for its profile."""
+    from static_fixtures import static_artifact_path
+
+    artifact = static_artifact_path(tmp_path_factory, tiny_dir)
+    out = tmp_path_factory.mktemp("static-bundle") / "npu"
+    assert main(["bundle", str(artifact), "--profile", str(artifact.parent / "test-npu.yaml"),
+                 "-o", str(out), "--json"]) == 0
+    return out
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+               "tensor(int64)": "int64"}
+
+
+def _documented_io(text: str, kind: str) -> dict[str, tuple[str, list[int]]]:
+    """``{name: (dtype, shape)}`` from a snippet's ``<kind> inputs:`` / ``outputs:`` lines."""
+    found = {}
+    for side in ("inputs", "outputs"):
+        line = re.search(rf"{kind} {side}: +(.*)\n", text).group(1)
+        for name, dtype, shape in re.findall(r"(\S+) (\w+) \[([\d, ]+)\]", line):
+            found[name] = (dtype, [int(d) for d in shape.split(", ")])
+    return found
+
+
+def _check_static_snippet(text: str, bundle: Path, files: dict[str, str], options_of) -> None:
+    """Both graphs' files open in ONNX Runtime, and the names / dtypes / shapes the snippet
+    documents and lists are the sessions' own."""
+    import onnxruntime as ort
+
+    manifest = manifest_of(bundle)
+    static = manifest["static"]
+    assert files == {"prefill": static["prefill_file"], "decode": static["decode_file"]}
+    for kind, rel in files.items():
+        session = ort.InferenceSession(str(bundle / rel), providers=["CPUExecutionProvider"])
+        documented = _documented_io(text, kind)
+        layers = manifest["architecture"]["num_layers"]
+        for t in session.get_inputs() + session.get_outputs():
+            folded = re.sub(r"^(\w+)\.0\.key$", rf"\1.{{0..{layers - 1}}}.key/value", t.name)
+            if folded in documented:
+                assert documented[folded] == (_ORT_DTYPES[t.type], t.shape), t.name
+            elif not re.match(r"^\w+\.\d+\.(key|value)$", t.name):
+                raise AssertionError(f"{t.name} of {rel} is not documented")
+        kv_in = [t.name for t in session.get_inputs() if t.name.startswith("past_key_values.")]
+        kv_out = [t.name for t in session.get_outputs() if t.name.startswith("kv_new.")]
+        assert options_of("KV_INPUTS", "kvInputs") == kv_in
+        assert options_of("KV_OUTPUTS", "kvOutputs") == kv_out
+    assert f"a fixed window of {static['context_length']} tokens" in text
+    assert f"{static['prefill_chunk']} tokens per run" in text
+    assert f"read their weights from {static['weights_file']}" in text
+
+
+def test_static_kotlin_snippet_opens_prefill_and_decode_with_the_same_options(static_bundle):
+    kotlin = (static_bundle / "snippets/android/SlmEdgeModel.kt").read_text()
+    consts = dict(re.findall(r'const val (\w+) = "([^"]*)"', kotlin))
+    ints = {k: int(v) for k, v in re.findall(r"const val (\w+) = (\d+)\n", kotlin)}
+    made = re.findall(r"val (\w+) = env\.createSession\(File\(dir, (\w+)\)\.path, (\w+)\)",
+                      kotlin)
+    assert [m[0] for m in made] == ["prefill", "decode"]
+    assert {m[2] for m in made} == {"options"} and "val options = sessionOptions()" in kotlin
+    assert "Sessions(prefill, decode)" in kotlin and "fun createSession(" not in kotlin
+    static = manifest_of(static_bundle)["static"]
+    assert ints == {"CONTEXT_LENGTH": static["context_length"],
+                    "PREFILL_CHUNK": static["prefill_chunk"]}
+    call = re.search(r"options\.addNnapi\((.*)\)\n", kotlin).group(1)
+    assert {f"NNAPI_FLAG_{f}": "1" for f in re.findall(r"NNAPIFlags\.(\w+)", call)} == \
+        dict(load_profile("android-nnapi").provider_specs())["NnapiExecutionProvider"]
+
+    def listed(kotlin_name, _swift_name):
+        body = re.search(rf"val {kotlin_name} = listOf\((.*?)\)", kotlin, re.S).group(1)
+        return re.findall(r'"([^"]+)"', body)
+
+    _check_static_snippet(kotlin, static_bundle, {m[0]: consts[m[1]] for m in made}, listed)
+    session = json.loads((static_bundle / "snippets/session.json").read_text())
+    assert session["graphs"] == {"prefill": static["prefill_file"], "decode": static["decode_file"]}
+
+
+def test_static_swift_snippet_opens_prefill_and_decode_with_the_coreml_options(static_bundle):
+    manifest = manifest_of(static_bundle)
+    profile = load_profile("ios-coreml")
+    files = [rel for rel, m in manifest["files"].items() if m["role"] != "snippet"]
+    swift = render_snippets(profile, manifest["model_file"], files, "1.32.0", "1.22",
+                            static=manifest["static"],
+                            weights_file=manifest["static"]["weights_file"])[
+        "snippets/ios/SlmEdgeModel.swift"]
+    consts = dict(re.findall(r'static let (\w+) = "([^"]*)"', swift))
+    made = re.findall(r"let (\w+) = try ORTSession\(env: env, modelPath: try resourcePath\((\w+)\), "
+                      r"sessionOptions: (\w+)\)", swift)
+    assert [m[0] for m in made] == ["prefill", "decode"] and {m[2] for m in made} == {"options"}
+    assert "let options = try sessionOptions()" in swift and "func createSession()" not in swift
+    assert _swift_map(swift, "appendCoreMLExecutionProvider(withOptionsV2: ") == \
+        dict(profile.provider_specs())["CoreMLExecutionProvider"]
+
+    def listed(_kotlin_name, swift_name):
+        body = re.search(rf"static let {swift_name} = \[(.*?)\]", swift, re.S).group(1)
+        return re.findall(r'"([^"]+)"', body)
+
+    _check_static_snippet(swift, static_bundle, {m[0]: consts[m[1]] for m in made}, listed)
+
+
 def test_verify_fails_parity_when_the_recorded_tokens_differ(capsys, bundle_copy):
     manifest = manifest_of(bundle_copy)
     manifest["parity"]["greedy_tokens"][3] = (manifest["parity"]["greedy_tokens"][3] + 1) % 128
