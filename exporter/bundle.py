@@ -1,8 +1,10 @@
 """``slmedge bundle``: an exported artifact made ready to drop into an app.
 
-A bundle directory holds the model file(s) in the formats the profile loads (``.onnx`` +
-external data and ``.ort`` + the required-operators config for ONNX Runtime profiles; the
-``.tflite`` of a TFLite artifact for a LiteRT profile), the tokenizer files, a
+A bundle directory holds the model file(s) in the one format the app loads
+(:func:`bundle_layout`: the ``.onnx`` graphs + their shared external weights file, or with
+``--format ort`` the ``.ort`` graphs, which hold their weights inline, for a minimal ONNX
+Runtime build; the ``.tflite`` of a TFLite artifact for a LiteRT profile; the
+required-operators config when the profile asks for one), the tokenizer files, a
 ``genai_config.json`` for ONNX Runtime GenAI (when GenAI can express the graphs),
 integration snippets rendered from the device profile (``bundle_snippets``), and
 ``manifest.json``: sha256 and size of every file, each graph's opset / IR version / contrib
@@ -32,6 +34,7 @@ import os
 import shutil
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -310,6 +313,83 @@ def _graph_files(manifest: dict) -> list[str]:
     return [manifest.get("model_file", "model.onnx")]
 
 
+#: ORT format keeps every initializer inside the ``.ort`` file. Checked with onnxruntime
+#: 1.32.0: a graph whose 256x256 weight sat in external data became a 263,600-byte ``.ort``
+#: that runs with the data file gone, and the session options that write external
+#: initializers (``session.optimized_model_external_initializers_file_name``) had no effect on
+#: ORT-format output. So the ``.ort`` of each static graph (prefill, decode) carries its own
+#: copy of the weights, where the ``.onnx`` graphs share one external data file.
+ORT_FORMAT_INLINES_WEIGHTS = True
+BUNDLE_FORMATS = ("onnx", "ort")
+
+
+@dataclass
+class Layout:
+    """What a bundle ships of an artifact, for the one model format the app loads."""
+
+    format: str  #: onnx, ort or tflite
+    why: str
+    files: list[str]  #: artifact files to copy
+    graphs: dict[str, str]  #: bundle graph file -> the artifact's .onnx it is or came from
+    model_file: str
+    static: dict | None  #: the artifact's static section, naming the bundle's graph files
+    weights_copies: int  #: how many times the model weights are in the bundle
+
+
+def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
+                  requested: str | None = None) -> Layout:
+    """The files of a bundle in the format ``requested`` (``onnx`` or ``ort``), by default the
+    first of the profile's ``artifact.formats`` the artifact has. One format only: an app
+    loads either the ``.onnx`` graphs (with their shared external weights) or the ``.ort``
+    ones, and shipping both put the weights in the bundle three times (static graphs)."""
+    if src.get("format") == "tflite":
+        return Layout("tflite", f"profile {profile.name} loads .tflite (engine litert)",
+                      sorted(files), {}, src["model_file"], None, 1)
+    listed = [f.value for f in profile.artifact.formats]
+    ort_files = src.get("ort_format", {}).get("files", [])
+    if requested is not None:
+        if requested not in listed:
+            raise UsageError(f"profile {profile.name} loads {', '.join(listed)}; --format "
+                             f"{requested} is not one of them")
+        if requested == "ort" and not ort_files:
+            raise UsageError(f"--format ort: the artifact has no .ort files; export with "
+                             f"--profile {profile.name} to get them")
+        fmt = requested
+    else:
+        fmt = "ort" if listed[0] == "ort" and ort_files else "onnx"
+    onnx_graphs = _graph_files(src)
+    static = src.get("static")
+    if fmt == "onnx":
+        left_out = f"; left out {', '.join(ort_files)} (--format ort ships those)" \
+            if ort_files else ""
+        shared = f" share the external weights file {static['weights_file']}" \
+            if static and static.get("weights_file") else ""
+        chosen = ("chosen with --format" if requested else "the profile's first format"
+                  if listed[0] == "onnx" else "the artifact has no .ort files")
+        why = f"{chosen}: {', '.join(onnx_graphs)}{shared}{left_out}"
+        return Layout("onnx", why, sorted(f for f in files if f not in ort_files),
+                      {g: g for g in onnx_graphs}, src.get("model_file") or onnx_graphs[-1],
+                      static, 1)
+    to_ort = {g: f"{Path(g).stem}.ort" for g in onnx_graphs}  # convert_to_ort's names
+    missing = [o for o in to_ort.values() if o not in ort_files]
+    if missing:
+        raise ArtifactError(f"the artifact's ort_format section lacks {', '.join(missing)}; "
+                            f"export it again with --profile {profile.name}")
+    ship = sorted(f for f, meta in files.items()
+                  if f in ort_files or meta.get("role") != "model")
+    if static:
+        static = {**static, "prefill_file": to_ort[static["prefill_file"]],
+                  "decode_file": to_ort[static["decode_file"]], "weights_file": None}
+    copies = len(onnx_graphs) if ORT_FORMAT_INLINES_WEIGHTS else 1
+    chosen = "chosen with --format" if requested else "the profile's first format"
+    why = (f"{chosen}: ORT format, for an ONNX Runtime build that loads only .ort (minimal "
+           "build): "
+           f"{', '.join(to_ort.values())}; ORT format keeps the weights inside each .ort file"
+           + (f", so the bundle holds them {copies} times" if copies > 1 else ""))
+    model_file = to_ort.get(src.get("model_file"), to_ort[onnx_graphs[-1]])
+    return Layout("ort", why, ship, {o: g for g, o in to_ort.items()}, model_file, static, copies)
+
+
 def _runtime_section(facts: dict, src: dict) -> tuple[dict | None, dict | None, str | None]:
     """``(onnxruntime, litert, minimum ORT version)`` sections of the bundle manifest."""
     if src.get("format") == "tflite":
@@ -325,9 +405,10 @@ def _runtime_section(facts: dict, src: dict) -> tuple[dict | None, dict | None, 
 
 def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path, *,
                  make_zip: bool = False, overwrite: bool = False, command: str | None = None,
-                 say: Say | None = None) -> dict:
+                 say: Say | None = None, model_format: str | None = None) -> dict:
     """Write the bundle of artifact ``source`` for ``profile`` to ``output`` (atomically) and
-    return its manifest; with ``make_zip`` also ``output.zip``."""
+    return its manifest; with ``make_zip`` also ``output.zip``. ``model_format``: ``onnx`` or
+    ``ort`` (:func:`bundle_layout`; default: the profile's first format the artifact has)."""
     say = say or (lambda _m: None)
     source, output = Path(source), Path(output)
     artifact = open_artifact(source)
@@ -339,28 +420,36 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
                             "export it again before bundling")
     src = artifact.manifest
     notes = _check_fit(src, profile, source)
+    layout = bundle_layout(src, artifact.files, profile, model_format)
     zip_path = output.parent / f"{output.name}.zip"
     if make_zip and zip_path.exists() and not overwrite:
         raise UsageError(f"'{zip_path}' exists; pass --overwrite to replace it")
     check_output(output, overwrite)
-    graphs = _graph_files(src)
     bench, bench_note = last_bench(source)
     if bench_note:
         notes.append(bench_note)
     with staged_directory(output, overwrite=overwrite) as stage:
-        say(f"copying {len(artifact.files)} files from {source}")
+        say(f"copying {len(layout.files)} of {len(artifact.files)} files from {source} "
+            f"({layout.format})")
         roles = {}
-        for rel, meta in artifact.files.items():
+        for rel in layout.files:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / rel, stage / rel)
-            roles[rel] = "model" if meta.get("role") == "model" else (
+            roles[rel] = "model" if artifact.files[rel].get("role") == "model" else (
                 "tokenizer" if rel in TOKENIZER_FILES else "support")
+        # The .onnx each graph is (a staged copy, changed below) or was converted from.
+        onnx_of = {g: stage / g if layout.format == "onnx" else source / src_g
+                   for g, src_g in layout.graphs.items()}
         changes = []
-        for g in graphs:
+        for g in layout.graphs if layout.format == "onnx" else ():
             if pin_logits_to_keep(stage / g):
                 changes.append(f"{g}: input logits_to_keep -> initializer 0 (logits of every "
                                "position), because onnxruntime-genai does not feed it")
-        config, why = genai_config(src, stage, profile)
+        if layout.format == "ort":
+            config, why = None, ("the bundle ships ORT format (.ort); genai_config.json is "
+                                 "written for .onnx bundles (--format onnx)")
+        else:
+            config, why = genai_config(src, stage, profile)
         if config is not None:
             (stage / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             roles[GENAI_CONFIG] = "support"
@@ -368,10 +457,10 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
                 not src.get("ort_format", {}).get("files"):
             notes.append(f"profile {profile.name} lists the .ort format but the artifact has no "
                          f".ort files; export with --profile {profile.name} to get them")
-        facts = {g: graph_facts(stage / g) for g in graphs}
-        static = {**src["static"], "io": {kind: graph_io(stage / src["static"][f"{kind}_file"])
-                                          for kind in ("prefill", "decode")}} \
-            if src.get("static") else None
+        facts = {g: graph_facts(path) for g, path in onnx_of.items()}
+        static = layout.static and {
+            **layout.static, "io": {kind: graph_io(onnx_of[layout.static[f"{kind}_file"]])
+                                    for kind in ("prefill", "decode")}}
         ort_section, litert_section, minimum = _runtime_section(facts, src)
         say("recording a parity reference with slmedge's runtime")
         bundle_manifest = {
@@ -380,9 +469,13 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             "command": command,
             "source": {"path": str(source.absolute()),
                        "manifest_sha256": sha256_file(source / MANIFEST_NAME)},
-            "format": src.get("format", "onnx"), "model_file": src.get("model_file"),
+            "format": src.get("format", "onnx"), "model_file": layout.model_file,
+            "model_format": {"shipped": layout.format, "why": layout.why,
+                             "profile_formats": [f.value for f in profile.artifact.formats],
+                             "weights_copies": layout.weights_copies,
+                             "converted_from": {g: s for g, s in layout.graphs.items() if g != s}},
             **({"static": static} if static else {}),
-            **({"ort_format": src["ort_format"]} if src.get("ort_format") else {}),
+            **({"ort_format": src["ort_format"]} if layout.format == "ort" else {}),
             **({"tflite": src["tflite"]} if src.get("tflite") else {}),
             "architecture": src.get("architecture"), "stop_token_ids": src.get("stop_token_ids"),
             "profile": {"name": profile.name, **profile.model_dump(mode="json")},
@@ -408,12 +501,12 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
         if genai:
             bundle_manifest["onnxruntime_genai"] = genai
         ort_version = ort_section["verified_with"] if ort_section else ""
-        model_file = src.get("model_file") or graphs[-1]
-        for rel, text in render_snippets(profile, model_file, files,
+        weights = (static or {}).get("weights_file") or next(
+            (f for f in files if f.endswith(".data") and roles[f] == "model"), None)
+        for rel, text in render_snippets(profile, layout.model_file, files,
                                          ort_version, minimum, genai=genai, genai_reason=why,
                                          tflite=src.get("tflite"), static=static,
-                                         weights_file=src.get("static", {}).get("weights_file")
-                                         ).items():
+                                         weights_file=weights).items():
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             (stage / rel).write_text(text)
             roles[rel] = "snippet"

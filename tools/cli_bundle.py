@@ -11,6 +11,9 @@ from pathlib import Path
 
 from slmedge.runtimes.errors import EXIT_CODES_HELP, EXIT_OK, MissingDependency
 
+#: slmedge.exporter.bundle.BUNDLE_FORMATS, repeated so the parser does not import onnx.
+BUNDLE_FORMATS_CHOICES = ("onnx", "ort")
+
 
 def _print_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
@@ -34,7 +37,8 @@ def cmd_bundle(args) -> int:
 
     say = (lambda m: print(m, file=sys.stderr)) if not args.json else None
     manifest = build_bundle(args.artifact, profile, args.output, make_zip=args.zip,
-                            overwrite=args.overwrite, command=args.command_line, say=say)
+                            overwrite=args.overwrite, command=args.command_line, say=say,
+                            model_format=args.format)
     out = Path(args.output)
     if args.json:
         _print_json({"output": str(out), **({"zip": f"{out}.zip"} if args.zip else {}),
@@ -49,8 +53,11 @@ def cmd_bundle(args) -> int:
     bench = manifest["last_bench"]
     bench = (f"{bench['decode_tokens_per_s']} tok/s decode, {bench['ttft_ms']} ms TTFT "
              f"({bench['target']}, {bench['started_at']})" if bench else "none")
+    shipped = manifest["model_format"]
+    copies = f", weights x{shipped['weights_copies']}" if shipped["weights_copies"] > 1 else ""
     print(f"bundled {args.artifact} for {profile.name} in {out} ({len(manifest['files'])} files, "
-          f"{size:.1f} MB); {runtime}; genai_config: {genai}; last bench: {bench}")
+          f"{size:.1f} MB, {shipped['shipped']}{copies}); {runtime}; genai_config: {genai}; "
+          f"last bench: {bench}")
     if args.zip:
         print(f"zip: {out}.zip")
     for note in manifest["notes"]:
@@ -90,11 +97,17 @@ def register(sub) -> None:
         "manifest (sha256 of every file, opset / IR / contrib ops, minimum ONNX Runtime "
         "version, last slmedge bench result, parity reference) that slmedge verify checks. "
         "A profile with artifact.formats [tflite] (engine litert) takes a TFLite artifact "
-        "(slmedge export --format tflite). Written atomically.",
+        "(slmedge export --format tflite). One model format is shipped (--format): an app "
+        "loads the .onnx graphs or the .ort ones, not both. Written atomically.",
         epilog=EXIT_CODES_HELP, formatter_class=fmt)
     p.add_argument("artifact", help="artifact directory written by slmedge export")
     p.add_argument("--profile", required=True, help="built-in profile name or a YAML file")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--format", choices=BUNDLE_FORMATS_CHOICES, default=None,
+                   help="model format to ship: onnx (the graphs + their shared external "
+                   "weights file) or ort (ORT format, for a minimal ONNX Runtime build; each "
+                   ".ort holds its own copy of the weights). Default: the first of the "
+                   "profile's artifact.formats that the artifact has")
     p.add_argument("--zip", action="store_true", help="also write OUTPUT.zip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--json", action="store_true", help="print one JSON document (the manifest)")

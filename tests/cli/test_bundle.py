@@ -300,28 +300,107 @@ def test_android_bundle_of_the_tiny_model_has_kotlin_snippets(capsys, tiny_artif
 # -- static-shape (NPU) artifacts: no genai_config, said so; verify still replays them ----------
 
 
-def test_static_artifact_bundle_has_no_genai_config_and_verifies(capsys, tmp_path_factory,
-                                                                 tiny_dir, tmp_path):
+def _weight_copies(artifact: Path, bundle: Path) -> set[int]:
+    """How many times each external weight tensor of the artifact (>= 1 KB, not a constant
+    fill) occurs, byte for byte, across all of the bundle's files."""
+    import onnx
+
+    static = manifest_of(artifact)["static"]
+    data = (artifact / static["weights_file"]).read_bytes()
+    blobs = [p.read_bytes() for p in bundle.rglob("*") if p.is_file()]
+    counts = set()
+    graph = onnx.load(str(artifact / static["prefill_file"]), load_external_data=False)
+    for t in graph.graph.initializer:
+        info = {e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")}
+        if not info or info["length"] < 1024:
+            continue
+        weight = data[info.get("offset", 0):info.get("offset", 0) + info["length"]]
+        if len(set(weight)) > 16:
+            counts.add(sum(blob.count(weight) for blob in blobs))
+    assert counts, "no weight tensor to look for"
+    return counts
+
+
+def test_static_bundle_ships_the_onnx_graphs_and_their_weights_once(capsys, static_bundle,
+                                                                    tmp_path_factory, tiny_dir):
+    """The profile lists [onnx, ort]: the bundle ships the .onnx graphs, which share one
+    external weights file; each .ort would carry the weights again."""
     from static_fixtures import static_artifact_path
 
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)
-    profile = artifact.parent / "test-npu.yaml"  # static 32 / 8, extends android-nnapi
-    out = tmp_path / "npu"
-    code, _, err = run(capsys, "bundle", artifact, "--profile", profile, "-o", out, "--json")
-    assert code == 0, err
-    manifest = manifest_of(out)
-    assert manifest["genai_config"] is None and not (out / "genai_config.json").exists()
+    manifest = manifest_of(static_bundle)
+    assert manifest["genai_config"] is None and not (static_bundle / "genai_config.json").exists()
     assert "static-shape prefill/decode" in manifest["genai_config_reason"]
     static = manifest["static"]
     assert set(manifest["onnx"]) == {static["prefill_file"], static["decode_file"]}
-    source_files = manifest_of(artifact)["files"]
-    assert {f for f in source_files if f.endswith(".ort")} and \
-        set(source_files) <= set(manifest["files"])  # .ort + required-operators config kept
+    source = manifest_of(artifact)
+    assert source["ort_format"]["files"] and "ort_format" not in manifest
+    assert not [f for f in manifest["files"] if f.endswith(".ort")]
+    assert manifest["model_format"]["shipped"] == "onnx"
+    assert manifest["model_format"]["weights_copies"] == 1
+    model = {rel: m["size"] for rel, m in manifest["files"].items() if m["role"] == "model"}
+    assert set(model) == {static["prefill_file"], static["decode_file"], static["weights_file"]}
+    assert model[static["weights_file"]] == source["static"]["weights_bytes"]
+    assert _weight_copies(artifact, static_bundle) == {1}
+    assert _weight_copies(artifact, artifact) == {3}  # the artifact: .onnx.data + two .ort
+    code, stdout, err = run(capsys, "verify", static_bundle, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["parity"]["tokens_match"]
+
+
+def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_factory,
+                                                             tiny_dir, tmp_path):
+    """--format ort: .ort graphs + the operators config, no .onnx / external data; ORT format
+    inlines the weights, so the manifest says they are there twice, and they are."""
+    import onnxruntime as ort
+    from static_fixtures import static_artifact_path
+
+    artifact = static_artifact_path(tmp_path_factory, tiny_dir)
+    out = tmp_path / "ort"
+    code, stdout, err = run(capsys, "bundle", artifact, "--profile",
+                            artifact.parent / "test-npu.yaml", "-o", out, "--format", "ort")
+    assert code == 0, err
+    assert "ort, weights x2" in stdout
+    manifest = manifest_of(out)
+    static = manifest["static"]
+    assert (static["prefill_file"], static["decode_file"]) == ("prefill.ort", "decode.ort")
+    assert static["weights_file"] is None and manifest["model_file"] == "decode.ort"
+    assert {f for f in manifest["files"] if manifest["files"][f]["role"] == "model"} == \
+        {"prefill.ort", "decode.ort"}
+    assert "required_operators.config" in manifest["files"]
+    assert manifest["model_format"]["weights_copies"] == 2 == \
+        max(_weight_copies(artifact, out))
+    assert manifest["model_format"]["converted_from"] == {"prefill.ort": "prefill.onnx",
+                                                          "decode.ort": "decode.onnx"}
+    for kind in ("prefill", "decode"):  # the io shown in snippets is the .ort graph's own
+        session = ort.InferenceSession(str(out / static[f"{kind}_file"]),
+                                       providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == \
+            [i["name"] for i in static["io"][kind]["inputs"]]
     kotlin = (out / "snippets/android/SlmEdgeModel.kt").read_text()
-    assert "NNAPIFlags.CPU_DISABLED" in kotlin
+    assert dict(re.findall(r'const val (\w+) = "([^"]*)"', kotlin)) == {
+        "PREFILL_FILE": "prefill.ort", "DECODE_FILE": "decode.ort"}
+    assert "read their weights from" not in kotlin
     code, stdout, err = run(capsys, "verify", out, "--json")
     assert code == 0, err
     assert json.loads(stdout)["parity"]["tokens_match"]
+
+
+def test_format_ort_is_refused_for_a_profile_that_does_not_load_it(capsys, tmp_path_factory,
+                                                                  tiny_dir, tmp_path):
+    from static_fixtures import static_artifact_path
+
+    from slmedge.exporter.bundle import BUNDLE_FORMATS
+    from slmedge.tools.cli_bundle import BUNDLE_FORMATS_CHOICES
+
+    assert BUNDLE_FORMATS_CHOICES == BUNDLE_FORMATS
+    artifact = static_artifact_path(tmp_path_factory, tiny_dir)
+    out = tmp_path / "b"
+    code, _, err = run(capsys, "bundle", artifact, "--profile", "android-qnn-htp", "-o", out,
+                       "--format", "ort")
+    assert code == 2
+    one_line_error(err, "android-qnn-htp loads onnx", "--format ort")
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
