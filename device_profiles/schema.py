@@ -332,6 +332,11 @@ class Recipe(BaseModel):
     float_ops: list[str] = Field(
         default_factory=list, description="op types kept in float / 16-bit by static QDQ "
         "(measured: int8 Softmax, norms and the mask add destroy decoder accuracy)")
+    fuse_norms: bool = Field(
+        False, description="static-shape exports: fuse each RMSNorm chain (Pow, ReduceMean, "
+        "Add eps, Sqrt, Reciprocal, Mul) into one SimplifiedLayerNormalization. QNN HTP runs it "
+        "as its RmsNorm op, which stays finite where the decomposed chain's x^2 overflows fp16 "
+        "(measured on the HTP emulator; NNAPI and CoreML have no such op)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -408,6 +413,10 @@ class DeviceProfile(BaseModel):
             raise ValueError("runtime.allow_cpu_fallback false needs an accelerator provider "
                              f"({', '.join(sorted(ACCELERATORS))}); a CPU-only profile has "
                              "nothing to fall back from")
+        if self.recipe.fuse_norms and self.shapes.policy is not ShapePolicy.static:
+            raise ValueError("recipe.fuse_norms applies to static-shape exports; a dynamic "
+                             "export fuses its norms in the CPU fusion pipeline already. Set "
+                             "shapes.policy static or drop fuse_norms")
         formats = set(self.artifact.formats)
         if self.runtime.engine is Engine.onnxruntime and ArtifactFormat.tflite in formats:
             raise ValueError("artifact.formats: tflite is loaded by engine litert, not "

@@ -33,6 +33,10 @@ from .staging import check_output, staged_directory
 from .static_shapes import DECODE_FILE, PREFILL_FILE, WEIGHTS_FILE, export_static
 
 ORT_OPS_CONFIG = "required_operators.config"
+#: a16w8 static graphs are exported at this opset: 16-bit Q/DQ needs it, and the quantizer's
+#: own upgrade (onnx's version converter) stops at ORT's SimplifiedLayerNormalization
+#: ("Op has no registered schema"), which recipe.fuse_norms puts in the graph.
+A16W8_OPSET = 21
 
 
 def profile_fields(config, profile: DeviceProfile) -> dict:
@@ -159,11 +163,16 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
         raise UsageError(
             f"quantization {config.quant.scheme.value} uses CPU-only contrib ops; a static-shape "
             "(NPU) export takes a16w8, int8-static or none")
+    opset = config.opset
+    if config.quant is not None and config.quant.scheme.value == "a16w8":
+        opset = max(opset, A16W8_OPSET)
+    fuse_norms = profile.recipe.fuse_norms
     with staged_directory(config.output, config.overwrite) as stage:
         say(f"exporting {spec.family} ({layers} layers) as static graphs: context {context}, "
-            f"prefill chunk {chunk}, {config.dtype.value}")
+            f"prefill chunk {chunk}, {config.dtype.value}, opset {opset}"
+            + (", RMSNorms fused (recipe.fuse_norms)" if fuse_norms else ""))
         info = export_static(model, spec, stage, context_length=context, prefill_chunk=chunk,
-                             opset=config.opset)
+                             opset=opset, fuse_norms=fuse_norms)
         say("saving tokenizer and generation config")
         tokenizer_report = save_support_files(stage, model, tokenizer, spec)
         say("checking parity of the prefill and decode graphs with PyTorch")
@@ -188,7 +197,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 "model_file": DECODE_FILE,
                 "source": loaded.source.to_dict(),
                 "architecture": architecture_facts(model, spec),
-                "recipe": {"dtype": config.dtype.value, "opset": config.opset,
+                "recipe": {"dtype": config.dtype.value, "opset": opset,
                            "external_data": True, "shapes": "static",
                            "quant": quant["label"] if quant else None},
                 **({"quantization": quant} if quant else {}),

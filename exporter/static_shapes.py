@@ -151,6 +151,7 @@ class StaticExportInfo:
             "kv_outputs": "kv_new.{i}.key/value: the chunk's new entries; slot j = position j",
             "weights_bytes": self.weights_bytes,
             "weights_bytes_saved_by_sharing": self.weights_shared_bytes,
+            **self.extra,
         }
 
 
@@ -187,6 +188,67 @@ def constants_second(model: onnx.ModelProto) -> int:
             node.input[0], node.input[1] = b, a
             changed += 1
     return changed
+
+
+#: What the manifest says about fused norms, and why a QNN profile asks for them.
+FUSED_NORMS_WHY = (
+    "QNN HTP computes float ops in fp16: the decomposed RMSNorm's Pow(x, 2) / ReduceMean "
+    "overflow fp16 (max 65504) once |x| > 256 (SmolLM2-135M's residual reaches 23,138), while "
+    "the HTP's RmsNorm op, which SimplifiedLayerNormalization maps to, stays finite "
+    "(HTP emulator, |x| 25,000: relative error 5e-4 vs 21 for the chain)")
+
+
+def fuse_rms_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Every RMSNorm chain of ``model`` as one ``SimplifiedLayerNormalization``; returns the
+    new model and how many norms were fused. Initializers may stay external (unloaded)::
+
+        x -Cast(fp32)-Pow(2)-ReduceMean(-1)-Add(eps)-Sqrt-Reciprocal-+
+        |                                                            Mul-Cast-Mul(w) -> y
+        +------------------------------------------------------------+
+                 =>  SimplifiedLayerNormalization(x, w, epsilon, stash_type=fp32) -> y
+
+    The fusion rules are the dynamic pipeline's (:mod:`.passes.rms_norm`, onnxscript's); on
+    CPU ONNX Runtime makes the same fusion itself, so the numbers there do not change."""
+    import onnx_ir as ir
+
+    from .passes.rms_norm import RmsNormFusion
+
+    graph = ir.from_proto(model)
+    fusion = RmsNormFusion()
+    fusion(graph)
+    return ir.to_proto(graph), fusion.count
+
+
+def fuse_artifact_norms(root: Path) -> dict[str, int]:
+    """:func:`fuse_rms_norms` on the prefill and decode graphs of a written static artifact;
+    the shared weights file is left as it is, the manifest gets ``static.norms`` and the new
+    sizes and hashes of the graph files. Returns the count per graph (0: nothing to fuse)."""
+    import json
+
+    from slmedge.runtimes.artifact import MANIFEST_NAME
+
+    from .manifest import sha256_file
+
+    root = Path(root)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    static = manifest["static"]
+    counts = {}
+    for kind in ("prefill", "decode"):
+        name = static[f"{kind}_file"]
+        fused, counts[kind] = fuse_rms_norms(onnx.load(str(root / name), load_external_data=False))
+        if counts[kind]:
+            onnx.save(fused, str(root / name))
+            if name in manifest.get("files", {}):
+                manifest["files"][name].update(sha256=sha256_file(root / name),
+                                               size=(root / name).stat().st_size)
+    if any(counts.values()):
+        static["norms"] = {**norms_manifest(counts), "applied_to_written_artifact": True}
+        (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return counts
+
+
+def norms_manifest(counts: dict[str, int]) -> dict:
+    return {"fused": "SimplifiedLayerNormalization", "count": counts, "why": FUSED_NORMS_WHY}
 
 
 def share_weights(models: dict[str, onnx.ModelProto], directory: Path) -> tuple[int, int]:
@@ -227,8 +289,10 @@ def share_weights(models: dict[str, onnx.ModelProto], directory: Path) -> tuple[
 
 
 def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, context_length: int,
-                  prefill_chunk: int, opset: int = DEFAULT_OPSET) -> StaticExportInfo:
-    """Export the prefill and decode graphs of ``model`` into ``directory``."""
+                  prefill_chunk: int, opset: int = DEFAULT_OPSET,
+                  fuse_norms: bool = False) -> StaticExportInfo:
+    """Export the prefill and decode graphs of ``model`` into ``directory``; ``fuse_norms``:
+    RMSNorm chains as ``SimplifiedLayerNormalization`` (:func:`fuse_rms_norms`)."""
     config = model.config
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
                                                                           None)
@@ -244,12 +308,15 @@ def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, conte
     inputs = ["input_ids", "position_ids", *masks, *past_names(layers)]
     outputs = ["logits", *kv_new_names(layers)]
     t0 = time.perf_counter()
-    protos = {}
+    protos, fused = {}, {}
     with spec.export_patches():
         for name, chunk in ((PREFILL_FILE, prefill_chunk), (DECODE_FILE, 1)):
             args = _example(config, spec, chunk, context_length, dtype, masks,
                             length=min(3, context_length - chunk))
             protos[name] = _export_one(wrapper, args, inputs, outputs, opset)
+            if fuse_norms:
+                kind = "prefill" if name == PREFILL_FILE else "decode"
+                protos[name], fused[kind] = fuse_rms_norms(protos[name])
             constants_second(protos[name])
     written, saved = share_weights(protos, directory)
     return StaticExportInfo(
@@ -257,4 +324,5 @@ def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, conte
         files=[PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE], mask_inputs=masks,
         input_names={"prefill": inputs, "decode": inputs}, output_names=outputs,
         weights_bytes=written, weights_shared_bytes=saved, seconds=time.perf_counter() - t0,
+        extra={"norms": norms_manifest(fused)} if fuse_norms else {},
     )

@@ -197,7 +197,8 @@ def _flag_quantized_sensitive_ops(name: str, model, report: CheckReport) -> None
                                    "float (recipe.float_ops, or a16w8)"))
         elif bits in int16:
             kept["16-bit"][node.op_type] += 1
-        elif node.op_type in ("Softmax", "ReduceMean", "Pow", "Sqrt"):
+        elif node.op_type in ("Softmax", "ReduceMean", "Pow", "Sqrt",
+                              "SimplifiedLayerNormalization"):
             kept["float"][node.op_type] += 1
     for how, ops in kept.items():
         if ops:
@@ -220,7 +221,9 @@ def _flag_fp16_norms(name: str, model, profile, report: CheckReport) -> None:
             f"{name}: {norms} RMSNorms (Pow -> ReduceMean) in float run in fp16 on the HTP "
             "(enable_htp_fp16_precision): x^2 overflows fp16 above |x| 256. Measured: "
             "SmolLM2-135M's residual reaches 23,138; its fp16 graph, fully on the HTP emulator, "
-            "gave perplexity 724,025 where the same file on CPU (fp32 norm kernels) gave 53.2")
+            "gave perplexity 724,025 where the same file on CPU (fp32 norm kernels) gave 53.2. "
+            "Export with a profile that sets recipe.fuse_norms: true (the built-in QNN profiles "
+            "do): one SimplifiedLayerNormalization per norm, which the HTP runs without overflow")
 
 
 # -- NNAPI / CoreML: ORT's mobile usability checker ------------------------------------------

@@ -149,6 +149,7 @@ runtime: {threads: 6, providers: [{name: CPUExecutionProvider}]}
          ["add 'ort'"]),
         ("extends: rpi5\nartifact: {formats: [zip]}\n", ["artifact.formats.0", "tflite"]),
         ("extends: rpi5\nrecipe: {float_ops: [Softmax]}\n", ["float_ops", "a16w8"]),
+        ("extends: rpi5\nrecipe: {fuse_norms: true}\n", ["fuse_norms", "static"]),
         ("extends: [rpi5]\n", ["field extends"]),
         ("name: Bad Name\nextends: rpi5\n", ["field name"]),
     ],
@@ -189,7 +190,7 @@ _PATHS = [
     ("runtime", "threads"), ("runtime", "engine"), ("runtime", "allow_cpu_fallback"),
     ("runtime", "providers"), ("shapes", "policy"), ("shapes", "context_length"),
     ("shapes", "prefill_chunk"), ("recipe", "precision"), ("recipe", "quantization"),
-    ("recipe", "float_ops"), ("artifact", "formats"), ("artifact", "required_operators_config"),
+    ("recipe", "float_ops"), ("recipe", "fuse_norms"), ("artifact", "formats"), ("artifact", "required_operators_config"),
     ("name",), ("extends",), ("device", "bogus"), ("bogus",),
 ]
 _SCALARS = st.one_of(
