@@ -213,7 +213,7 @@ class OnnxDecoder:
                 self._shared.bind(io)
                 self._bound_kv = allocation
         else:
-            for name, value in zip(self.past_names, self._past):
+            for name, value in zip(self.past_names, self._past, strict=True):
                 io.bind_ortvalue_input(name, value)
             for name in self.present_names:
                 io.bind_output(name, "cpu")
