@@ -19,6 +19,11 @@ How it measures (DESIGN.md: +-15% noise between passes here, so compare within a
   ``slmedge bench`` does not report its tokens, so an untimed ``slmedge_tokens.py`` run
   on the same artifact and prompt provides them (and checks the prompt is the same).
 
+The steps of each side live in ``tools/anchors/``: ``runner.py`` (child processes, their
+logs and peak RSS), ``slmedge_tool.py`` (export, ``slmedge bench``), ``hf_tools.py`` (HF
+directory, Optimum venv and export, ``run_hf.py``); this script prepares, alternates the
+rounds and reports.
+
 Everything is built on first use and cached under ``--cache-dir``: the GGUF as a plain
 HF directory (``tools/anchors/prepare_hf.py``), the slmedge export, the venv for
 Optimum (``.venv-optimum``: optimum-onnx 0.1.0 pins transformers<4.58, slmedge uses 5.x)
@@ -40,60 +45,47 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ANCHORS = REPO / "tools" / "anchors"
+from slmedge.tools.anchors.hf_tools import (
+    OPTIMUM_PINS,
+    TORCH_PIN,
+    ensure_optimum_venv,
+    export_optimum,
+    measure_hf,
+    prepare_hf_dir,
+)
+from slmedge.tools.anchors.runner import (
+    ANCHORS,
+    REPO,
+    Completed,
+    Runner,
+    StepFailed,
+    rel,
+    slmedge_command,
+    venv_versions,
+)
+from slmedge.tools.anchors.slmedge_tool import (
+    export_slmedge,
+    exporter_source_key,
+    manifest_summary,
+    measure_slmedge,
+)
+
+#: Re-exported: the runners live in tools/anchors/ (runner.py: child processes; slmedge_tool.py
+#: and hf_tools.py: each side's export and measurement).
+__all__ = ["OPTIMUM_PINS", "TORCH_PIN", "Completed", "Runner", "StepFailed", "ensure_optimum_venv",
+           "export_optimum", "export_slmedge", "exporter_source_key", "main", "prepare_hf_dir",
+           "slmedge_command", "venv_versions"]
+
 TOOLS = ("slmedge", "pytorch", "optimum")
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 SCHEMA_VERSION = 1
-
-# The Optimum venv. torch is installed first and on its own, pinned: an unpinned torch
-# (optimum depends on "torch>=1.11") resolves to a multi-GB CUDA build; 2.13.0 is a CPU
-# build. It stays pinned in the second install so that pip fails rather than replace it.
-# The rest are the versions optimum-onnx 0.1.0 resolved to here (it asks optimum~=2.1.0,
-# transformers>=4.36,<4.58); onnxruntime is the main venv's, so both ONNX tools run on
-# the same ORT and differ only in the graph and the loop around it.
-TORCH_PIN = "torch==2.13.0"
-OPTIMUM_PINS = ("optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6")
-VERSION_PACKAGES = (
-    "slmedge",
-    "torch",
-    "transformers",
-    "onnxruntime",
-    "optimum",
-    "optimum-onnx",
-    "onnx",
-    "numpy",
-    "tokenizers",
-)
-
-# Children run offline (the hub is not needed: everything is local) with the thread count
-# asked for, also for OpenMP/MKL pools the tools do not size themselves.
-_CHILD_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-}
-
-
-class StepFailed(Exception):
-    """A named step of the benchmark failed; ``str()`` is the one-line reason."""
-
-    def __init__(self, step: str, reason: str):
-        super().__init__(f"step '{step}' failed: {reason}")
-        self.step = step
-
 
 # -- pure helpers (unit-tested) ------------------------------------------------------------
 
@@ -220,163 +212,6 @@ def format_table(tools: dict[str, dict], new_tokens: int) -> str:
     )
 
 
-def exporter_source_key(package_dir: Path, versions: dict[str, str]) -> str:
-    """A fingerprint of the exporter's code and stack: a changed exporter means re-export."""
-    h = hashlib.sha256(json.dumps(versions, sort_keys=True).encode())
-    for path in sorted(package_dir.rglob("*.py")):
-        h.update(str(path.relative_to(package_dir)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-# -- running steps -------------------------------------------------------------------------
-
-
-@dataclass
-class Runner:
-    """Runs child processes, logs their output to ``log_dir``, turns failures into StepFailed."""
-
-    log_dir: Path
-    threads: int
-    say: Callable[[str], None]
-
-    def env(self) -> dict[str, str]:
-        n = str(self.threads)
-        return {**os.environ, **_CHILD_ENV, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-
-    def run(self, step: str, cmd: Sequence[str | Path], *, timeout: float = 3600) -> Completed:
-        """Run ``cmd`` to the end; its stderr goes to ``<log_dir>/<step>.log``.
-
-        The child's peak RSS is taken from ``wait4``'s resource usage (``ru_maxrss`` of that
-        process alone), so every tool's memory is measured the same way, from outside.
-        """
-        cmd = [str(c) for c in cmd]
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', step)}.log"
-        timed_out = threading.Event()
-        with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
-            err.write("$ " + " ".join(cmd) + "\n")
-            err.flush()
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdout=out, stderr=err, text=True, env=self.env(), cwd=REPO
-                )
-            except OSError as e:
-                raise StepFailed(step, f"cannot run {cmd[0]}: {e.strerror}") from None
-            timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
-            timer.start()
-            try:
-                peak = _wait(proc)
-            finally:
-                timer.cancel()
-                if proc.returncode is None:  # interrupted: do not leave the child running
-                    proc.kill()
-                    proc.wait()
-            out.seek(0)
-            stdout = out.read()
-        if timed_out.is_set():
-            raise StepFailed(step, f"timed out after {timeout:.0f} s (log: {_rel(log)})")
-        if proc.returncode != 0:
-            raise StepFailed(
-                step,
-                f"{Path(cmd[0]).name} exited {proc.returncode}: "
-                f"{_last_line(log)} (log: {_rel(log)})",
-            )
-        return Completed(stdout, peak)
-
-    def run_json(self, step: str, cmd: Sequence[str | Path], **kw) -> dict:
-        """Run ``cmd`` and parse its stdout: one JSON document (indented or on one line).
-
-        The child's peak RSS measured from outside is added as ``_peak_rss_mb_wait4``."""
-        done = self.run(step, cmd, **kw)
-        out = done.stdout
-        result = None
-        # The whole of stdout, else its last line (should a library have printed first).
-        for text in (out, (out.strip().splitlines() or [""])[-1]):
-            try:
-                result = json.loads(text)
-                break
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(result, dict):
-            raise StepFailed(step, f"expected one JSON object on stdout, got {out[-200:]!r}")
-        result["_peak_rss_mb_wait4"] = done.peak_rss_mb
-        return result
-
-
-@dataclass
-class Completed:
-    """What a finished child left: its stdout, and its peak RSS in MB (None if unknown)."""
-
-    stdout: str
-    peak_rss_mb: float | None
-
-
-def _wait(proc: subprocess.Popen) -> float | None:
-    """Wait for ``proc``; returns its peak RSS in MB (10^6 bytes) from ``wait4``."""
-    if not hasattr(os, "wait4"):
-        proc.wait()
-        return None
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
-    return usage.ru_maxrss * scale / 1e6
-
-
-def _last_line(log: Path) -> str:
-    lines = [
-        ln.strip()
-        for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines()
-        if ln.strip()
-    ]
-    return lines[-1][:300] if len(lines) > 1 else "(no output)"
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def slmedge_command() -> Path:
-    """The ``slmedge`` console script of this interpreter's environment."""
-    beside = Path(sys.executable).parent / "slmedge"
-    found = beside if beside.exists() else shutil.which("slmedge")
-    if not found:
-        raise StepFailed(
-            "slmedge",
-            f"no 'slmedge' command beside {sys.executable} or on PATH; run tools/setup.sh",
-        )
-    return Path(found)
-
-
-def venv_versions(python: Path | str) -> dict[str, str]:
-    """Versions of the packages that matter, as installed in the environment of ``python``.
-
-    Run isolated (``-I``): otherwise the current directory is on ``sys.path`` and, in the
-    repository, its ``slmedge.egg-info`` would make slmedge look installed everywhere.
-    """
-    code = (
-        "import json, importlib.metadata as m\nout = {}\n"
-        f"for n in {list(VERSION_PACKAGES)!r}:\n"
-        "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: pass\n"
-        "print(json.dumps(out))"
-    )
-    try:
-        return json.loads(
-            subprocess.run(
-                [str(python), "-I", "-c", code],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=120,
-            ).stdout
-        )
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
-        return {}
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -402,90 +237,10 @@ def environment() -> dict:
     return env
 
 
-# -- preparation steps ---------------------------------------------------------------------
-
-
 def model_slug(model: str) -> str:
     name = model.removeprefix("embedded:")
     name = Path(name).stem if name.endswith(".gguf") else Path(name).name or name
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "model"
-
-
-def prepare_hf_dir(run: Runner, model: str, out: Path) -> dict:
-    """The model as a plain fp32 HF directory that transformers 4.57 and 5.x both read."""
-    info = run.run_json(
-        "hf-weights", [sys.executable, ANCHORS / "prepare_hf.py", "--model", model, "--output", out]
-    )
-    info.pop("_peak_rss_mb_wait4", None)
-    return info
-
-
-def export_slmedge(run: Runner, model: str, out: Path) -> dict:
-    """``slmedge export`` of ``model`` (fp32), redone when the exporter code has changed."""
-    from importlib.util import find_spec
-
-    spec = find_spec("slmedge.exporter")
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    stack = {k: v for k, v in venv_versions(sys.executable).items() if k != "optimum"}
-    key = exporter_source_key(package_dir, stack)
-    key_file = out.parent / f"{out.name}.source-key"
-    if (out / "manifest.json").exists() and key_file.exists() and key_file.read_text() == key:
-        return {"output": str(out), "cached": True}
-    key_file.unlink(missing_ok=True)
-    run.say(f"exporting {model} with slmedge (fp32) -> {_rel(out)}")
-    run.run(
-        "slmedge-export",
-        [slmedge_command(), "export", "--model", model, "--output", out, "--overwrite", "--json"],
-    )
-    key_file.write_text(key)
-    return {"output": str(out), "cached": False}
-
-
-def ensure_optimum_venv(run: Runner, venv: Path) -> Path:
-    """Create (or complete) the Optimum venv; returns its python. Idempotent."""
-    python = venv / "bin" / "python"
-    ort_version = metadata.version("onnxruntime")
-    requirements = [TORCH_PIN, *OPTIMUM_PINS, f"onnxruntime=={ort_version}"]
-    marker = venv / "slmedge-anchors-venv.json"
-    if python.exists() and marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("requirements") == requirements:
-                return python
-        except json.JSONDecodeError:
-            pass
-    run.say(f"building {_rel(venv)} ({', '.join(requirements)}); this takes minutes")
-    if not python.exists():
-        run.run("optimum-venv", [sys.executable, "-m", "venv", venv], timeout=600)
-    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
-    run.run("optimum-venv", [*pip, TORCH_PIN])
-    run.run("optimum-venv", [*pip, *requirements])
-    marker.write_text(json.dumps({"requirements": requirements}, indent=2) + "\n")
-    return python
-
-
-def export_optimum(run: Runner, python: Path, hf_dir: Path, out: Path) -> dict:
-    """``optimum-cli export onnx --task text-generation-with-past`` of the HF directory."""
-    marker = out / "slmedge-anchors-export.json"
-    source = json.loads((hf_dir / "slmedge-anchors-source.json").read_text())
-    if marker.exists() and json.loads(marker.read_text()).get("source") == source:
-        return {"output": str(out), "cached": True}
-    run.say(f"exporting with optimum-cli -> {_rel(out)}")
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cli = python.parent / "optimum-cli"
-    try:
-        run.run(
-            "optimum-export",
-            [cli, "export", "onnx", "--model", hf_dir, "--task", "text-generation-with-past", tmp],
-        )
-        if not (tmp / "model.onnx").exists():
-            raise StepFailed("optimum-export", f"optimum-cli wrote no model.onnx in {tmp}")
-        (tmp / marker.name).write_text(json.dumps({"source": source}, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"output": str(out), "cached": False}
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -503,89 +258,20 @@ class Setup:
     optimum_dir: Path | None = None
 
 
-def _manifest_summary(artifact: Path) -> dict:
-    """What the slmedge artifact is: how it was made, its recipe and graph size."""
-    try:
-        m = json.loads((artifact / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    onnx = m.get("onnx") or {}
-    return {
-        "command": m.get("command"),
-        "created_at": m.get("created_at"),
-        "recipe": m.get("recipe"),
-        "nodes": onnx.get("nodes"),
-        "ops": onnx.get("ops"),
-    }
-
-
 def measure(run: Runner, tool: str, setup: Setup, label: str) -> dict:
-    """One process: load, warm up, one timed generation. Returns the common fields."""
+    """One process of ``tool``: load, warm up, one timed generation. Returns the common
+    fields, peak RSS measured from outside."""
     a = setup.args
-    common = ["--new-tokens", a.new_tokens, "--threads", a.threads, "--warmup", a.warmup]
     if tool == "slmedge":
-        r = run.run_json(
-            f"{label}-slmedge",
-            [
-                slmedge_command(),
-                "bench",
-                setup.slmedge_dir,
-                "--json",
-                "--prompt-tokens",
-                a.prompt_tokens,
-                "--repeats",
-                1,
-                # Only the one prompt length the other tools run: by default slmedge bench
-                # also visits 32/512-token buckets and depths (longer, and a larger peak RSS).
-                "--prompt-buckets",
-                a.prompt_tokens,
-                "--depths",
-                a.prompt_tokens,
-                *common,
-            ],
+        out, reported = measure_slmedge(run, setup.slmedge_dir, a, label)
+    else:
+        python, model_dir = (
+            (sys.executable, setup.hf_dir)
+            if tool == "pytorch"
+            else (setup.optimum_python, setup.optimum_dir)
         )
-        keep = (
-            "load_s",
-            "ttft_ms",
-            "decode_tokens_per_s",
-            "peak_rss_mb",
-            "model_size_mb",
-            "decode_ms_p50",
-        )
-        out = {k: r[k] for k in keep if k in r}
-        if "tokens" in r:  # should slmedge bench ever report them
-            out["tokens"] = r["tokens"]
-        return _with_outside_rss(out, r)
-    python, model_dir = (
-        (sys.executable, setup.hf_dir)
-        if tool == "pytorch"
-        else (setup.optimum_python, setup.optimum_dir)
-    )
-    r = run.run_json(
-        f"{label}-{tool}",
-        [
-            python,
-            ANCHORS / "run_hf.py",
-            "--backend",
-            tool,
-            "--model-dir",
-            model_dir,
-            "--prompt-file",
-            setup.prompt_file,
-            *common,
-        ],
-    )
-    keep = (
-        "load_s",
-        "ttft_ms",
-        "decode_tokens_per_s",
-        "peak_rss_mb",
-        "model_size_mb",
-        "decode_ms_p50",
-        "tokens",
-        "use_io_binding",
-    )
-    return _with_outside_rss({k: r[k] for k in keep if k in r}, r)
+        out, reported = measure_hf(run, tool, python, model_dir, setup.prompt_file, a, label)
+    return _with_outside_rss(out, reported)
 
 
 def _with_outside_rss(out: dict, reported: dict) -> dict:
@@ -685,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    say(f"wrote {_rel(output)}")
+    say(f"wrote {rel(output)}")
     print(result["table"], file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -705,7 +391,7 @@ def bench(args, tools: list[str], cache: Path, run: Runner, say) -> dict:
     if "pytorch" in tools or "optimum" in tools:
         setup.hf_dir = cache / "hf"
         if not (setup.hf_dir / "slmedge-anchors-source.json").exists():
-            say(f"writing the weights as a plain HF directory (once) -> {_rel(setup.hf_dir)}")
+            say(f"writing the weights as a plain HF directory (once) -> {rel(setup.hf_dir)}")
         artifacts["hf"] = prepare_hf_dir(run, args.model, setup.hf_dir)
     if "slmedge" in tools:
         if args.slmedge_artifact:
@@ -714,7 +400,7 @@ def bench(args, tools: list[str], cache: Path, run: Runner, say) -> dict:
         else:
             setup.slmedge_dir = cache / "slmedge-fp32"
             artifacts["slmedge"] = export_slmedge(run, args.model, setup.slmedge_dir)
-        artifacts["slmedge"]["manifest"] = _manifest_summary(setup.slmedge_dir)
+        artifacts["slmedge"]["manifest"] = manifest_summary(setup.slmedge_dir)
     if "optimum" in tools:
         setup.optimum_python = ensure_optimum_venv(run, args.optimum_venv)
         env["venvs"]["optimum"] = {
