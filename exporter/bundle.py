@@ -390,14 +390,53 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
     return Layout("ort", why, ship, {o: g for g, o in to_ort.items()}, model_file, static, copies)
 
 
-def _runtime_section(facts: dict, src: dict) -> tuple[dict | None, dict | None, str | None]:
-    """``(onnxruntime, litert, minimum ORT version)`` sections of the bundle manifest."""
+#: ORT format version -> the first ONNX Runtime release that reads it. Older releases do not
+#: read newer versions ("We don't generally support forwards compatibility. v6 was introduced
+#: in ORT 1.16.0", microsoft/onnxruntime#20670); v5: the compatibility table of
+#: onnxruntime.ai/docs/performance/model-optimizations/ort-format-models.html.
+ORT_FORMAT_MINIMUM = {5: (1, 13), 6: (1, 16)}
+
+
+def ort_format_version(path: Path) -> int | None:
+    """The ORT format version an ``.ort`` file was written in (``InferenceSession.ort_version``)."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    try:
+        return int(InferenceSession.InferenceSession.GetRootAs(path.read_bytes(), 0).OrtVersion())
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def _ort_format_requirements(ort_files: dict[str, Path]) -> list[tuple[tuple[int, int] | None, str]]:
+    """``(first ONNX Runtime release that reads it, why)`` per ``.ort`` file (None: unknown)."""
+    out = []
+    for name, path in ort_files.items():
+        version = ort_format_version(path)
+        first = ORT_FORMAT_MINIMUM.get(version)
+        out.append((first, f"{name}: ORT format v{version}" + (
+            f", read from ONNX Runtime {first[0]}.{first[1]} on" if first else
+            ", not in slmedge's table of ORT format versions")))
+    return out
+
+
+def _runtime_section(facts: dict, src: dict, ort_files: dict[str, Path] | None = None
+                     ) -> tuple[dict | None, dict | None, str | None]:
+    """``(onnxruntime, litert, minimum ORT version)`` sections of the bundle manifest;
+    ``ort_files``: the bundle's ``.ort`` graphs, whose format version can raise the minimum."""
     if src.get("format") == "tflite":
         return None, {"verified_with": litert_version(),
                       "export_versions": src.get("tflite", {}).get("versions")}, None
     import onnxruntime as ort
 
     minimum = minimum_onnxruntime(facts)
+    for first, why in _ort_format_requirements(ort_files or {}):
+        have = tuple(int(x) for x in minimum["version"].split("."))
+        if first is None:
+            minimum["unknown"] = [*minimum["unknown"], why]
+        elif first > have:
+            minimum = {**minimum, "version": f"{first[0]}.{first[1]}", "because": [why]}
+        elif first == have:
+            minimum["because"] = [*minimum["because"], why]
     return ({"minimum": minimum["version"], "because": minimum["because"],
              "unknown_ops": minimum["unknown"], "verified_with": ort.__version__},
             None, minimum["version"])
@@ -461,7 +500,8 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
         static = layout.static and {
             **layout.static, "io": {kind: graph_io(onnx_of[layout.static[f"{kind}_file"]])
                                     for kind in ("prefill", "decode")}}
-        ort_section, litert_section, minimum = _runtime_section(facts, src)
+        ort_section, litert_section, minimum = _runtime_section(
+            facts, src, {g: stage / g for g in layout.graphs} if layout.format == "ort" else None)
         say("recording a parity reference with slmedge's runtime")
         bundle_manifest = {
             "kind": "bundle", "schema_version": BUNDLE_SCHEMA_VERSION,

@@ -377,6 +377,17 @@ def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_f
                                        providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == \
             [i["name"] for i in static["io"][kind]["inputs"]]
+    # ORT format v6 is read from ONNX Runtime 1.16 on: the minimum is at least that, and
+    # graphs that need less (none here) would be raised to it.
+    from slmedge.exporter.bundle import ORT_FORMAT_MINIMUM, _runtime_section, ort_format_version
+
+    first = ORT_FORMAT_MINIMUM[ort_format_version(out / "decode.ort")]
+    minimum = manifest["onnxruntime"]["minimum"]
+    assert tuple(int(x) for x in minimum.split(".")) >= first
+    raised = _runtime_section({}, manifest, {"decode.ort": out / "decode.ort"})[0]
+    assert raised["minimum"] == f"{first[0]}.{first[1]}"
+    assert raised["because"] == [f"decode.ort: ORT format v6, read from ONNX Runtime "
+                                 f"{first[0]}.{first[1]} on"]
     kotlin = (out / "snippets/android/SlmEdgeModel.kt").read_text()
     assert dict(re.findall(r'const val (\w+) = "([^"]*)"', kotlin)) == {
         "PREFILL_FILE": "prefill.ort", "DECODE_FILE": "decode.ort"}
