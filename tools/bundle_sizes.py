@@ -38,8 +38,17 @@ def sizes(bundle: Path) -> dict[str, float]:
     return out
 
 
+def label(bundle: Path) -> str:
+    """The bundle's name with the model format it ships and how often it holds the weights
+    (``slmedge bundle --format``; bundles written before the choice existed: name only)."""
+    shipped = json.loads((bundle / "manifest.json").read_text()).get("model_format")
+    if not shipped:
+        return bundle.name
+    return f"{bundle.name} ({shipped['shipped']}, weights x{shipped['weights_copies']})"
+
+
 def table(bundles: list[Path]) -> str:
-    rows = {b.name: sizes(b) for b in bundles}
+    rows = {label(b): sizes(b) for b in bundles}
     cols = [name for name, _ in KINDS] + ["manifest.json", "total", "zip"]
     cols = [c for c in cols if any(r[c] for r in rows.values())]  # drop all-zero columns
     lines = ["| bundle | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
