@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jinja2
 
@@ -493,8 +492,7 @@ def snippet_context(profile: DeviceProfile, model_file: str, files: list[str],
         "nnapi": any(p["name"] == "NnapiExecutionProvider" for p in providers),
         "artifact_id": "onnxruntime-android-qnn" if profile.accelerator == "QNNExecutionProvider"
         else "onnxruntime-android",
-        "model_file": model_file, "model_stem": Path(model_file).stem,
-        "model_ext": Path(model_file).suffix.lstrip("."), "files": files,
+        "model_file": model_file, "files": files,
         "asset_dir": "slmedge", "ort_version": ort_version, "min_version": min_version,
         "genai": genai, "genai_reason": genai_reason,
         "litert_version": litert_version(),
