@@ -11,7 +11,7 @@ from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmedge.runtimes.errors import ArtifactError, QualityGateFailed
 from slmedge.runtimes.tokenizer import TextTokenizer
@@ -33,6 +33,15 @@ Progress = Callable[[str], None]
 class DType(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
+
+
+class DeviceCard(str, Enum):
+    """How much of the quality card runs on the profile's accelerator during the export (the
+    QNN HTP emulator on x86: minutes per 64-token chunk, ~1 h for SmolLM2-135M's full card)."""
+
+    full = "full"
+    short = "short"
+    off = "off"
 
 
 class ExportConfig(BaseModel):
@@ -65,6 +74,21 @@ class ExportConfig(BaseModel):
         None, description="device profile (built-in name or YAML file): its recipe sets dtype, "
         "quantization, static shapes and formats unless given explicitly (profile_export.py)"
     )
+    device_card: DeviceCard | None = Field(
+        None, description="quantized static-shape profile exports: the quality card "
+        "on the profile's accelerator when it runs here (QNN HTP emulator). full: 256-token "
+        "perplexity window and 3 greedy prompts x 16 tokens; short: one prefill chunk and 1 "
+        "prompt x 4 tokens; off: none (the CPU card gates). None: full. The choice is in "
+        "the manifest"
+    )
+
+    @model_validator(mode="after")
+    def _device_card_needs_profile(self):
+        if self.device_card is not None and not self.profile:
+            raise ValueError(f"device_card {self.device_card.value} applies to an export with a "
+                             "device profile (the card runs on its accelerator); add --profile, "
+                             "e.g. android-qnn-htp, or drop --device-card")
+        return self
 
 
 def _stop_token_ids(model, tokenizer, spec) -> list[int]:

@@ -77,8 +77,10 @@ def run_profile_export(config, progress=None) -> dict:
     return _finish(Path(config.output), profile, say)
 
 
-def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None) -> dict:
-    """Add .ort files, the profile and the placement check to a written artifact."""
+def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None,
+            final: Path | None = None) -> dict:
+    """Add .ort files, the profile and the placement check to a written artifact. ``final``:
+    where ``root`` (a staging directory) will be renamed to; the manifest names that path."""
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     if ArtifactFormat.ort in profile.artifact.formats:
         manifest["ort_format"] = convert_to_ort(
@@ -96,6 +98,10 @@ def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None) 
         manifest["placement"] = check_artifact(root, profile).to_dict(max_rows=50)
     except SlmEdgeError as e:  # the artifact is fine; say why its placement is unknown
         manifest["placement"] = {"error": str(e)}
+    if final is not None:  # the staging path (.NAME.partial-PID) is gone once renamed
+        manifest["placement"] = json.loads(
+            json.dumps(manifest["placement"]).replace(json.dumps(str(root))[1:-1],
+                                                      json.dumps(str(final))[1:-1]))
     model_roles = {f for f, meta in manifest.get("files", {}).items() if meta.get("role") == "model"}
     model_roles |= {f for f in manifest.get("ort_format", {}).get("files", [])}
     manifest["files"] = file_table(root, model_roles)
@@ -199,26 +205,43 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 "architecture": architecture_facts(model, spec),
                 "recipe": {"dtype": config.dtype.value, "opset": opset,
                            "external_data": True, "shapes": "static",
-                           "quant": quant["label"] if quant else None},
+                           "quant": quant["label"] if quant else None,
+                           "fuse_norms": fuse_norms, "device_card": _device_card(config)},
                 **({"quantization": quant} if quant else {}),
                 "static": info.to_manifest(),
                 "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
                 "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
                          "decode": onnx_facts(stage / DECODE_FILE)},
                 "stop_token_ids": model.generation_config.eos_token_id,
-                "verification": {"parity": parity, "tokenizer": tokenizer_report},
+                "verification": {"parity": parity, "tokenizer": tokenizer_report,
+                                 "device_card": quant["quality"]["device_card"] if quant else {
+                                     "setting": _device_card(config), "ran": False,
+                                     "why": "no quantization: the float graphs are gated by "
+                                            "parity with PyTorch; no quality card"}},
                 "timings_s": {"export": round(info.seconds, 2),
                               "total": round(time.perf_counter() - t0, 2)},
             },
             {PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE},
         )
-        manifest = _finish(stage, profile, say)
+        manifest = _finish(stage, profile, say, final=config.output)
     return manifest
 
 
 #: Gate for quantized static graphs: mean cosine of the logits vs the float graphs, on the
 #: target when it can be run here (QNN HTP emulator), else on CPU.
 MIN_QDQ_COSINE = 0.99
+def _device_card(config) -> str:
+    return config.device_card.value if config.device_card is not None else "full"
+
+
+#: ``--device-card`` -> static_quality arguments, given the prefill chunk. On the HTP emulator
+#: SmolLM2-135M a16w8 took ~6.5 min per 64-token chunk and ~80 s per decode step: full is
+#: about an hour, short one chunk plus one prompt.
+DEVICE_CARDS = {
+    "full": lambda chunk: {"window": 256, "prompts": 3, "prompt_tokens": 16, "new_tokens": 16},
+    "short": lambda chunk: {"window": chunk, "prompts": 1, "prompt_tokens": min(16, chunk),
+                            "new_tokens": 4},
+}
 
 
 def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, say) -> dict:
@@ -249,18 +272,30 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
         ref = StaticDecoder(reference, static)
         say("quality card of the QDQ graphs vs the float graphs (CPU)")
         cards = {"cpu": static_quality(ref, StaticDecoder(stage, static), ids, window=256)}
-        if profile.accelerator == "QNNExecutionProvider" and availability(
-                "QNNExecutionProvider") is None:
-            say("quality card on the QNN HTP emulator")
+        setting = _device_card(config)
+        device = {"setting": setting, "ran": False}
+        if profile.accelerator != "QNNExecutionProvider":
+            device["why"] = (f"no card runs on {profile.accelerator} here (only the QNN HTP "
+                             "has an emulator on this platform)")
+        elif (reason := availability("QNNExecutionProvider")) is not None:
+            device["why"] = reason
+        elif setting == "off":
+            device["why"] = "--device-card off: the CPU card gates"
+        else:
+            shape = DEVICE_CARDS[setting](ref.chunk)
+            say(f"quality card on the QNN HTP emulator ({setting}: {shape['window']}-token "
+                f"window, {shape['prompts']} prompt(s) x {shape['new_tokens']} tokens)")
             htp = StaticDecoder(stage, static, providers=profile.provider_specs(),
                                 allow_cpu_fallback=True)
-            cards["qnn_htp_emulator"] = static_quality(ref, htp, ids, window=256)
+            cards["qnn_htp_emulator"] = static_quality(ref, htp, ids, **shape)
             cards["qnn_htp_emulator"]["nodes_by_provider"] = {
                 k: v.nodes_by_provider for k, v in htp.placement.items() if v is not None}
+            device["ran"] = True
     finally:
         shutil.rmtree(reference, ignore_errors=True)
-    report["quality"] = cards
+    report["quality"] = {**cards, "device_card": device}
     judged = "qnn_htp_emulator" if "qnn_htp_emulator" in cards else "cpu"
+    report["quality"]["judged_on"] = judged
     if cards[judged]["cosine_mean"] < MIN_QDQ_COSINE:
         raise QualityGateFailed(
             f"quality gate failed: {report['label']} static graphs diverge from the float graphs "

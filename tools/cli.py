@@ -65,7 +65,7 @@ def cmd_export(args) -> int:
             fields = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"--config {args.config}: cannot read it as JSON ({e})") from None
-    for name in ("model", "output", "dtype", "opset", "parity_atol", "profile"):
+    for name in ("model", "output", "dtype", "opset", "parity_atol", "profile", "device_card"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -311,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a shared KV buffer, norms, GELU; fp32 only)")
     p.add_argument("--profile", help="device profile (name or YAML): its recipe sets dtype, "
                    "quantization, static shapes, formats (slmedge profiles list)")
+    p.add_argument("--device-card", choices=["full", "short", "off"],
+                   help="with a quantized static-shape --profile: how much of the quality card "
+                   "runs on the profile's accelerator when it is here (the QNN HTP emulator on "
+                   "x86 Linux: minutes per 64-token chunk). full (default): 256-token perplexity "
+                   "window + 3 greedy prompts x 16 tokens (~1 h for SmolLM2-135M); short: one "
+                   "prefill chunk + 1 prompt x 4 tokens; off: none, the CPU card gates. "
+                   "Recorded in the manifest")
     p.add_argument("--config", help="read the export config from a JSON file (see --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")

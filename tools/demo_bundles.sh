@@ -10,19 +10,18 @@
 # The bench is a short one on this machine's CPU (the accelerator is on the phone): its
 # result lands in P-export/bench.json, which the bundle manifest carries as "last_bench".
 # REUSE=1 keeps an export whose manifest exists (bench, bundle and verify run again).
-# QNN_EMULATOR_CARD=1 keeps the export's quality card on the QNN HTP emulator; by default
-# the export runs as on a machine without onnxruntime-qnn (the CPU card of the QDQ graphs
-# only): on x86 the emulator runs a 64-token chunk in minutes, and its card took > 50 min
-# here without finishing (tools/bench_qnn.py is where the emulator is measured).
+# DEVICE_CARD=full|short|off (default off) is the QNN export's --device-card: how much of its
+# quality card runs on the QNN HTP emulator. off: the CPU card of the QDQ graphs gates; on x86
+# the emulator runs a 64-token chunk in minutes and the full card took > 50 min here
+# (tools/bench_qnn.py is where the emulator is measured). The placement check still opens the
+# graphs on the emulator.
 # Timings of each step go to $OUT/timings.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
 OUT=${OUT:-artifacts/bundles}
 SLM=(nice -n 10 .venv/bin/slmedge)
-# slmedge without the onnxruntime-qnn plugin (import blocked): what a machine without it runs
-SLM_NO_QNN=(nice -n 10 .venv/bin/python -c
-  "import sys; sys.modules['onnxruntime_qnn'] = None; from slmedge.tools.cli import main; sys.exit(main())")
+DEVICE_CARD=${DEVICE_CARD:-off}
 profiles=("$@")
 [ ${#profiles[@]} -gt 0 ] || profiles=(android-qnn-htp android-cpu ios-coreml)
 mkdir -p "$OUT"
@@ -41,15 +40,13 @@ step() {  # step PROFILE NAME CMD...: run, and log the wall time
 
 for p in "${profiles[@]}"; do
   art="$OUT/$p-export"
-  exporter=("${SLM[@]}")
-  if [ "$p" = android-qnn-htp ] && [ "${QNN_EMULATOR_CARD:-0}" != 1 ]; then
-    exporter=("${SLM_NO_QNN[@]}")
-  fi
+  card=()
+  case "$p" in android-qnn-htp*) card=(--device-card "$DEVICE_CARD") ;; esac
   if [ "${REUSE:-0}" = 1 ] && [ -f "$art/manifest.json" ]; then
     echo "== $p: export kept ($art, REUSE=1)" >&2
   else
-    step "$p" export "${exporter[@]}" export --model embedded:smollm2-135m-instruct \
-      --profile "$p" --output "$art" --overwrite
+    step "$p" export "${SLM[@]}" export --model embedded:smollm2-135m-instruct \
+      --profile "$p" --output "$art" --overwrite ${card[@]+"${card[@]}"}
   fi
   # Short: 64-token prompt, 32 new tokens, one prompt/depth bucket, 2 rounds.
   step "$p" bench "${SLM[@]}" bench "$art" --prompt-tokens 64 --new-tokens 32 \
