@@ -43,28 +43,50 @@ class FeedReader(CalibrationDataReader):
         return len(self.feeds)
 
 
-def record_feeds(root: Path, static: dict, token_ids: list[int], *, prefill_samples: int = 4,
+def record_feeds(root: Path, static: dict, token_ids: list[int], *, prefill_samples: int = 8,
                  decode_samples: int = 8, seed: int = 0) -> dict[str, list[dict]]:
-    """Run the float graphs over ``token_ids`` and keep copies of what each graph was fed."""
+    """Run the float graphs over ``token_ids`` and keep copies of what each graph was fed.
+
+    The samples cover the whole window, because activation ranges depend on where in it a
+    call is: a decode step on a short cache puts most attention probability on a few slots
+    (a Softmax range calibrated on 192-slot caches only reached 0.34 in SmolLM2-135M's first
+    layer and clipped short-cache steps), and the rotary angle grows with the position. So
+    the decode samples' cache lengths are spread from 1 to ``context - 2``, one text passage
+    each, and the prefill samples are chunks at offsets spread from 0 to the last chunk,
+    each taken from a passage that reaches it."""
     decoder = StaticDecoder(root, static)
+    context, chunk = decoder.context, decoder.chunk
+    rng = np.random.default_rng(seed)
+    lengths = sorted({int(x) for x in np.linspace(1, context - 2, max(1, decode_samples))})
+    offsets = list(range(0, context - chunk + 1, chunk)) or [0]
+    pick = np.unique(np.linspace(0, len(offsets) - 1, max(1, prefill_samples)).round().astype(int))
+    # Each wanted offset is recorded in one passage long enough to hold a whole chunk there
+    # (the longest passage always is).
+    owner = {offsets[i]: int(rng.choice([j for j, n in enumerate(lengths)
+                                         if n >= offsets[i] + chunk] or [len(lengths) - 1]))
+             for i in pick}
     feeds: dict[str, list[dict]] = defaultdict(list)
+    state = {"passage": -1}
     for kind, session in decoder.sessions.items():
         def recorder(names, feed, _run=session.run, _kind=kind):
-            feeds[_kind].append({k: np.array(v, copy=True) for k, v in feed.items()})
+            start = int(feed["position_ids"][0, 0])
+            if _kind == "decode" or owner.get(start) == state["passage"]:
+                feeds[_kind].append({k: np.array(v, copy=True) for k, v in feed.items()})
             return _run(names, feed)
 
         session.run = recorder  # instance attribute: only this decoder's sessions record
-    rng = np.random.default_rng(seed)
-    context, chunk = decoder.context, decoder.chunk
-    span = min(context - 1, 3 * chunk)
-    per_passage = max(1, decode_samples // max(1, prefill_samples))
-    for _ in range(prefill_samples):
-        start = int(rng.integers(0, max(1, len(token_ids) - span - per_passage)))
-        passage = token_ids[start:start + span + per_passage]
+    for j, n in enumerate(lengths):
+        state["passage"] = j
+        begin = int(rng.integers(0, max(1, len(token_ids) - n - 1)))
+        passage = token_ids[begin:begin + n + 1]
         decoder.reset()
-        decoder.step(passage[:span])
-        for t in passage[span:span + per_passage]:
-            decoder.step([t])
+        if n > 1:
+            decoder.step(passage[:n])
+        else:  # a one-token cache: the first token goes through the decode graph too
+            feeds_before = len(feeds["decode"])
+            decoder.step(passage[:1])
+            del feeds["decode"][feeds_before:]
+        decoder.step([passage[n]])
     return {"prefill": feeds["prefill"], "decode": feeds["decode"]}
 
 
@@ -91,33 +113,180 @@ def _bias_path(graph: onnx.GraphProto) -> set[str]:
     return seen
 
 
+#: Ops between a position input and the rotary Cos/Sin (the angle position x inv_freq).
+_ANGLE_OPS = {"Unsqueeze", "Squeeze", "Cast", "Mul", "MatMul", "Concat", "Reshape", "Expand",
+              "Transpose", "Slice", "Div", "Add", "Sub", "Cos", "Sin"}
+#: Ops of a norm's statistics (x^2, mean, + eps, sqrt, 1/x) up to the op that scales x by them.
+_NORM_STAT_OPS = {"Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "Sub", "Mul", "Cast"}
+POSITION_REASON = (
+    "rotary angle (position x inverse frequency, up to context-1): a calibrated range clips "
+    "the positions the calibration did not reach, so it stays float with Cos/Sin")
+RESIDUAL_REASON = (
+    "residual stream: massive activations (a few channels at a few positions reach |x| in "
+    "the thousands) stretch a 16-bit range until ordinary values round away, so the ops "
+    "writing the stream (embedding lookup, residual Adds), the ops reading it (the norms' "
+    "input) and the norms' statistics stay float")
+
+
+def _graph_maps(graph: onnx.GraphProto):
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for i in node.input:
+            consumers[i].append(node)
+    consts = {i.name for i in graph.initializer}
+    consts |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    return producer, consumers, consts
+
+
+def position_path(graph: onnx.GraphProto) -> set[str]:
+    """Nodes from ``position_ids`` to (and including) the rotary ``Cos`` / ``Sin``: the angle
+    grows with the position. Stops at anything else (a learned position table's Gather)."""
+    _, consumers, _ = _graph_maps(graph)
+    frontier = [i.name for i in graph.input if i.name.startswith("position_ids")]
+    path: set[str] = set()
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name in path or node.op_type not in _ANGLE_OPS:
+                continue
+            path.add(node.name)
+            if node.op_type not in ("Cos", "Sin"):
+                frontier.extend(o for o in node.output if o)
+    # Keep only nodes that lead to a Cos/Sin: an angle, not some other use of the position.
+    ops = {n.name: n for n in graph.node}
+    leads: set[str] = {n for n in path if ops[n].op_type in ("Cos", "Sin")}
+    changed = True
+    while changed:
+        changed = False
+        for name in path - leads:
+            if any(c.name in leads for o in ops[name].output for c in consumers.get(o, [])):
+                leads.add(name)
+                changed = True
+    return leads
+
+
+def residual_stream(graph: onnx.GraphProto, embedding_nodes: list[str]) -> tuple[set[str], set[str]]:
+    """``(nodes, tensors)`` of the residual stream: its tensors are the embedding output and
+    every Add of a stream tensor and a computed (non-constant) tensor; its nodes are the ones
+    writing them (the embedding lookup, those Adds), every node reading a stream tensor
+    (norms, the next Add) and the norms' statistics (from those readers through x^2 / mean /
+    + eps / sqrt / 1/x to the op scaling x). A tensor is quantized when any node writing or
+    reading it is, so all of them stay float for the stream to stay float."""
+    _, consumers, consts = _graph_maps(graph)
+    by_name = {n.name: n for n in graph.node}
+    tensors: set[str] = set()
+    frontier = [o for name in embedding_nodes if name in by_name for o in by_name[name].output]
+    nodes: set[str] = {name for name in embedding_nodes if name in by_name}
+    while frontier:
+        t = frontier.pop()
+        if t in tensors:
+            continue
+        tensors.add(t)
+        for node in consumers.get(t, []):
+            others = [i for i in node.input if i and i != t]
+            scale = node.op_type in ("Mul", "Cast") and all(i in consts for i in others)
+            residual_add = (node.op_type == "Add" and others and
+                            not any(i in consts or i.startswith("attention_bias") for i in others))
+            if (scale and not any(i in tensors for i in others)) or residual_add:
+                nodes.add(node.name)  # embedding scale (Gemma) or a residual Add
+                frontier.extend(o for o in node.output if o)
+    readers = {c.name for t in tensors for c in consumers.get(t, [])}
+    stats: set[str] = set()
+    frontier = [by_name[r] for r in readers - nodes
+                if all(i in tensors or i in consts or not i for i in by_name[r].input)]
+    while frontier:
+        node = frontier.pop()
+        for o in node.output:
+            for c in consumers.get(o, []):
+                if c.name in stats or c.name in nodes or c.op_type not in _NORM_STAT_OPS:
+                    continue
+                stats.add(c.name)
+                if not any(i in tensors for i in c.input):  # not yet the op that scales x
+                    frontier.append(c)
+    return nodes | readers | stats, tensors
+
+
+def _kept_float(model: onnx.ModelProto, facts, float_ops: list[str]) -> tuple[dict[str, str], dict]:
+    """Node -> reason for every node kept float beyond the op policy, and a summary per
+    decision (node counts by op type) for the manifest."""
+    from .quantize.static import MASK_PATH_REASON
+
+    graph = model.graph
+    ops = {n.name: n.op_type for n in graph.node}
+    decisions = [
+        ("attention bias path", _bias_path(graph), MASK_PATH_REASON),
+        ("profile float_ops", {n.name for n in graph.node if n.op_type in float_ops},
+         f"the profile's float_ops {sorted(float_ops)}"),
+        ("rotary position path", position_path(graph), POSITION_REASON),
+        ("residual stream", residual_stream(graph, facts.embedding_gathers)[0], RESIDUAL_REASON),
+    ]
+    keep: dict[str, str] = {}
+    summary = {}
+    for what, names, reason in decisions:
+        for name in names:
+            keep.setdefault(name, reason)
+        counts = defaultdict(int)
+        for name in names:
+            counts[ops[name]] += 1
+        summary[what] = {"nodes": dict(sorted(counts.items())), "reason": reason}
+    return keep, summary
+
+
 def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int], *,
                            float_ops: list[str], say=lambda _m: None) -> dict:
     """Replace ``prefill.onnx`` / ``decode.onnx`` in ``root`` by their QDQ forms (weights shared
-    again); returns the decision tables for the manifest."""
+    again); returns the decision tables for the manifest.
+
+    Both graphs are calibrated (ORT's calibrator) and quantized with one range per tensor,
+    the union of the two graphs' ranges (``merge_ranges``), when this onnxruntime takes
+    precomputed ranges; else each graph calibrates on its own samples."""
     from .quantize.graph import analyze
-    from .quantize.static import quantize_static_qdq
+    from .quantize.static import (calibrate_ranges, merge_ranges, plan_static,
+                                  quantize_static_qdq, save_ranges, supports_range_cache)
 
     cal = recipe.calibration
-    say(f"recording calibration feeds of the static graphs ({cal.prefill_samples} passages)")
-    feeds = record_feeds(root, static, token_ids, prefill_samples=min(cal.prefill_samples, 4),
+    feeds = record_feeds(root, static, token_ids, prefill_samples=min(cal.prefill_samples, 8),
                          decode_samples=min(cal.decode_samples, 8), seed=cal.seed)
+    say(f"recorded calibration feeds of the static graphs ({len(feeds['prefill'])} prefill "
+        f"chunks, {len(feeds['decode'])} decode steps over the {static['context_length']}-token window)")
+    files = {"prefill": PREFILL_FILE, "decode": DECODE_FILE}
     work = root / ".qdq-work"
     work.mkdir(exist_ok=True)
-    tables, protos = {}, {}
+    tables, protos, plans, kept, models = {}, {}, {}, {}, {}
     try:
-        for kind, file in (("prefill", PREFILL_FILE), ("decode", DECODE_FILE)):
+        for kind, file in files.items():
             model = onnx.load(str(root / file), load_external_data=False)
             facts = analyze(model)
-            keep = _bias_path(model.graph)
-            kept_by_profile = {n.name for n in model.graph.node if n.op_type in float_ops}
-            # plan_static keeps "mask path" nodes float; the bias path and the profile's
-            # float_ops are exactly that here.
-            facts.mask_path = set(facts.mask_path) | keep | kept_by_profile
-            del model
+            keep, kept[kind] = _kept_float(model, facts, float_ops)
+            plans[kind] = (facts, keep)
+            models[kind] = model
+        ranges, shared = {}, 0
+        if supports_range_cache():
+            op_types = sorted({op for kind, (facts, keep) in plans.items()
+                               for op, row in plan_static(models[kind], facts, recipe, keep)[1].items()
+                               if row["quantized"]})
+            data = {}
+            for kind, file in files.items():
+                say(f"calibrating the {kind} graph on {len(feeds[kind])} samples "
+                    f"({cal.method.value})")
+                data[kind] = calibrate_ranges(root / file, FeedReader(feeds[kind]), recipe,
+                                              op_types, work)
+            merged, shared = merge_ranges(data, models)
+            ranges = {k: save_ranges(v, work / f"{k}.ranges.json") for k, v in merged.items()}
+            stream = residual_stream(models["prefill"].graph,
+                                     plans["prefill"][0].embedding_gathers)[1]
+            peak = max((float(np.max(np.abs(merged["prefill"].data[t].range_value)))
+                        for t in stream if t in merged["prefill"].data), default=None)
+            if peak is not None:
+                for table in kept.values():
+                    table["residual stream"]["calibrated_max_abs"] = round(peak, 1)
+        del models
+        for kind, file in files.items():
+            facts, keep = plans[kind]
             dst = work / file
-            tables[kind] = quantize_static_qdq(root / file, dst, facts, recipe,
-                                               FeedReader(feeds[kind]), say=say)
+            tables[kind] = quantize_static_qdq(
+                root / file, dst, facts, recipe, None if ranges else FeedReader(feeds[kind]),
+                keep_float=keep, ranges=ranges.get(kind), say=say)
             protos[file] = onnx.load(str(dst))
         for stale in (PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE):
             (root / stale).unlink()
@@ -127,7 +296,10 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
             p.unlink() if p.is_file() else p.rmdir()
         work.rmdir()
     return {"scheme": recipe.scheme.value, "label": recipe.label(),
-            "float_ops": float_ops, "tables": tables,
+            "float_ops": float_ops, "kept_float": kept, "tables": tables,
+            "ranges": (f"one per tensor, shared by the prefill and decode graphs ({shared} "
+                       "tensors in both: the union of their calibrated ranges)") if ranges
+                      else "per graph (this onnxruntime takes no precomputed ranges)",
             "weights_bytes": written, "weights_bytes_saved_by_sharing": saved,
             "calibration_samples": {k: len(v) for k, v in feeds.items()}}
 

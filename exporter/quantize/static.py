@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .graph import GraphFacts
@@ -70,8 +71,13 @@ def _calib_extra(recipe: QuantRecipe) -> dict:
     return extra
 
 
-def plan_static(model: onnx.ModelProto, facts: GraphFacts, recipe: QuantRecipe) -> tuple[list[str], dict]:
-    """The nodes to quantize and the per-op-type decision table (for the manifest)."""
+def plan_static(model: onnx.ModelProto, facts: GraphFacts, recipe: QuantRecipe,
+                keep_float: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """The nodes to quantize and the per-op-type decision table (for the manifest).
+
+    ``keep_float`` maps node names to the reason they stay float (graph facts found by the
+    caller, e.g. the residual stream of a static graph); the reason lands in the table."""
+    keep_float = keep_float or {}
     a16 = recipe.scheme is QuantScheme.a16w8
     keep = set(recipe.keep_layers)
     float_weights = {w.node for w in facts.body_matmuls() if w.layer in keep}
@@ -84,7 +90,9 @@ def plan_static(model: onnx.ModelProto, facts: GraphFacts, recipe: QuantRecipe) 
         op = node.op_type
         int8_rule, a16_rule, why = OP_POLICY.get(op, ("float", "float", "not in the policy: float"))
         rule = a16_rule if a16 else int8_rule
-        if node.name in facts.mask_path:
+        if node.name in keep_float:
+            decision, reason = "float", keep_float[node.name]
+        elif node.name in facts.mask_path:
             decision, reason = "float", MASK_PATH_REASON
         elif node.name in float_weights:
             decision, reason = "float", "kept float by the recipe (lm_head / keep_layers)"
@@ -111,13 +119,18 @@ def quantize_static_qdq(
     recipe: QuantRecipe,
     reader,
     *,
+    keep_float: dict[str, str] | None = None,
+    ranges: Path | None = None,
     say: Say = lambda _m: None,
 ) -> dict:
-    """int8-static or a16w8 QDQ quantization of ``src`` into ``dst``; returns the op table."""
+    """int8-static or a16w8 QDQ quantization of ``src`` into ``dst``; returns the op table.
+
+    ``ranges``: a calibration cache (:func:`save_ranges`) used instead of calibrating on
+    ``reader`` (which may then be None)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
-    nodes, table = plan_static(model, facts, recipe)
+    nodes, table = plan_static(model, facts, recipe, keep_float)
     del model
     a16 = recipe.scheme is QuantScheme.a16w8
     extra = {
@@ -133,8 +146,12 @@ def quantize_static_qdq(
         "WeightSymmetric": True,
         **_calib_extra(recipe),
     }
-    say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
-        f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
+    if ranges is None:
+        say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
+            f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
+    else:
+        say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
+    cache = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
     quantize_static(
         str(src), str(dst), reader,
         quant_format=QuantFormat.QDQ,
@@ -145,8 +162,80 @@ def quantize_static_qdq(
         weight_type=QuantType.QInt8,
         calibrate_method=_calib_method(recipe.calibration.method),
         extra_options=extra,
+        **cache,
     )
     return table
+
+
+def supports_range_cache() -> bool:
+    """Whether this onnxruntime's ``quantize_static`` takes precomputed ranges
+    (``calibration_cache_path``, onnxruntime 1.26+)."""
+    import inspect
+
+    from onnxruntime.quantization import calibrate, quantize_static
+
+    return ("calibration_cache_path" in inspect.signature(quantize_static).parameters
+            and hasattr(calibrate, "save_tensors_data"))
+
+
+def calibrate_ranges(src: Path, reader, recipe: QuantRecipe, op_types: list[str], work: Path):
+    """ORT's calibrator (the one ``quantize_static`` runs) over ``src``: the range of every
+    tensor of the ``op_types`` nodes, as ``onnxruntime.quantization.calibrate.TensorsData``."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    # quantize_static's extra-option names -> the calibrator's own
+    names = {"CalibTensorRangeSymmetric": "symmetric", "CalibPercentile": "percentile"}
+    options = {names[k]: v for k, v in _calib_extra(recipe).items() if k in names}
+    calibrator = create_calibrator(
+        Path(src), op_types, augmented_model_path=str(work / f"{Path(src).stem}.augmented.onnx"),
+        calibrate_method=_calib_method(recipe.calibration.method), extra_options=options)
+    calibrator.collect_data(reader)
+    data = calibrator.compute_data()
+    del calibrator
+    return data
+
+
+def merge_ranges(ranges: dict[str, object], models: dict[str, onnx.ModelProto]) -> tuple[dict, int]:
+    """One range per tensor across graphs that compute the same function (a static export's
+    prefill and decode graphs): a tensor that is the output of the same node (name and op
+    type) in several graphs, or the same graph input, gets the union of its ranges.
+
+    A decode step is one token, so its calibration sees a few tokens' activations where the
+    prefill chunks see hundreds: per-graph ranges clipped SmolLM2-135M's decode steps (logit
+    cosine 0.93-0.98 vs 0.998 for the same tokens through the prefill graph). Shared ranges
+    also give the KV entries one encoding in both graphs."""
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    def origin(model):
+        out = {o: (n.op_type, n.name) for n in model.graph.node for o in n.output}
+        out.update({i.name: ("input", i.name) for i in model.graph.input})
+        return out
+
+    origins = {k: origin(m) for k, m in models.items()}
+    merged, shared = {}, set()
+    for kind, data in ranges.items():
+        table = {}
+        for name, td in data.data.items():
+            lo, hi = td.range_value
+            for other, odata in ranges.items():
+                if other == kind or name not in odata.data:
+                    continue
+                if origins[kind].get(name) != origins[other].get(name):
+                    continue
+                olo, ohi = odata.data[name].range_value
+                lo, hi = np.minimum(lo, olo), np.maximum(hi, ohi)
+                shared.add(name)
+            table[name] = TensorData(lowest=np.asarray(lo, np.float32),
+                                     highest=np.asarray(hi, np.float32))
+        merged[kind] = TensorsData(data.calibration_method, table)
+    return merged, len(shared)
+
+
+def save_ranges(data, path: Path) -> Path:
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    save_tensors_data(data, path)
+    return path
 
 
 def qdq_summary(model_path: Path) -> dict:
