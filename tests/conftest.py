@@ -35,16 +35,18 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_dir):
-    """``tiny_artifact(model_type, dtype="fp32")`` -> exported artifact dir (cached per session)."""
+    """``tiny_artifact(model_type, dtype="fp32", **ExportConfig fields)`` -> exported artifact
+    dir (cached per session)."""
     from slmedge.exporter.export import ExportConfig, run_export
 
     cache: dict[tuple, Path] = {}
 
-    def make(model_type: str, dtype: str = "fp32") -> Path:
-        key = (model_type, dtype)
+    def make(model_type: str, dtype: str = "fp32", **options) -> Path:
+        key = (model_type, dtype, tuple(sorted(options.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"onnx-{model_type}-{dtype}") / "artifact"
-            run_export(ExportConfig(model=str(tiny_dir(model_type)), output=out, dtype=dtype))
+            run_export(ExportConfig(model=str(tiny_dir(model_type)), output=out, dtype=dtype,
+                                    **options))
             cache[key] = out
         return cache[key]
 

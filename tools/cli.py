@@ -73,6 +73,8 @@ def cmd_export(args) -> int:
         fields["overwrite"] = True
     if getattr(args, "no_fuse", False):
         fields["fuse"] = False
+    if getattr(args, "padding_mask", False):
+        fields["padding_mask"] = True
     if args.external_data:
         fields["external_data"] = True
     if "output" not in fields:
@@ -309,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true",
                    help="keep standard ONNX ops (default: fuse attention into GroupQueryAttention "
                    "with a shared KV buffer, norms, GELU; fp32 only)")
+    p.add_argument("--padding-mask", action="store_true",
+                   help="fused graphs: keep the attention mask inside GroupQueryAttention so "
+                   "left-padded batches stay exact (slower decode); default: exact for one "
+                   "sequence or right-padded rows, as ONNX Runtime GenAI")
     p.add_argument("--profile", help="device profile (name or YAML): its recipe sets dtype, "
                    "quantization, static shapes, formats (slmedge profiles list)")
     p.add_argument("--device-card", choices=["full", "short", "off"],

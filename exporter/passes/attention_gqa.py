@@ -40,10 +40,13 @@ and becomes::
   subgraph evaluated at positions ``0..max_sequence_length-1``;
 - a q/k norm applied after the transpose (Gemma 3) is applied before it instead (it
   normalizes the last axis, which the transpose does not move);
-- ``seqlens_k`` (total length - 1, int32) and ``total_sequence_length`` come from the
-  ``attention_mask`` input, so the graph's inputs stay the same as the plain graph's;
-- GQA's mask is causal (plus ``local_window_size`` for sliding-window layers), which is
-  what the exporter's mask is for an all-ones ``attention_mask`` (batch 1, no padding).
+- ``seqlens_k`` (``sum(attention_mask) - 1`` per row, int32) and ``total_sequence_length``
+  come from the ``attention_mask`` input, so the graph's inputs stay the same as the plain
+  graph's;
+- GQA's mask is causal (plus ``local_window_size`` for sliding-window layers): exact for one
+  sequence and for right-padded rows, as in ONNX Runtime GenAI's graphs. Left-padded
+  batches need ``padding_mask=True``: the exporter's own mask then goes in as
+  ``attention_bias`` and ``position_ids`` feed the rotary (every row counted full length).
 
 With past and present bound to the same buffer (``[1, Hkv, capacity, D]``) GQA writes the
 new keys/values in place: the runtime keeps one preallocated cache and copies nothing
@@ -357,8 +360,9 @@ class GroupQueryAttentionFusion(FusionPass):
     name = "GroupQueryAttention"
 
     def __init__(self, max_sequence_length: int = 4096, sliding_windows: dict[int, int] | None = None,
-                 pack_qkv: bool = True):
+                 pack_qkv: bool = True, padding_mask: bool = False):
         super().__init__()
+        self.padding_mask = padding_mask
         self.max_sequence_length = max_sequence_length
         self.sliding_windows = dict(sliding_windows or {})
         self.pack_qkv = pack_qkv
@@ -397,7 +401,7 @@ class GroupQueryAttentionFusion(FusionPass):
         except NoMatch as e:
             self.reasons.append(str(e))
             return 0
-        seqlens_k, total = self._lengths(graph)
+        seqlens_k, total = self._lengths(graph) if self.padding_mask else self._lengths_from_mask(graph)
         for m in matches:
             self._rewrite(graph, m, seqlens_k, total, caches)
         self._past_length_from_mask(graph, [m.past_k for m in matches] + [m.past_v for m in matches])
@@ -454,6 +458,28 @@ class GroupQueryAttentionFusion(FusionPass):
         seqlens_k.shape, total.shape = ir.Shape(["batch"]), ir.Shape([])
         first = next(iter(graph))
         graph.insert_before(first, nodes)
+        return seqlens_k, total
+
+    @staticmethod
+    def _lengths_from_mask(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        """``seqlens_k = sum(attention_mask, axis 1) - 1`` per row and ``total_sequence_length``
+        (the mask's length), int32: GQA's own causal mask then covers one sequence or
+        right-padded rows, with no mask tensor built or read per step."""
+        mask = next(v for v in graph.inputs if v.name == "attention_mask")
+        one = make_initializer(graph, "gqa.one", np.array(1, dtype=np.int64))
+        axis = make_initializer(graph, "gqa.sum_axis", np.array([1], dtype=np.int64))
+        nodes = [ir.node("ReduceSum", [mask, axis], {"keepdims": 0}, name="gqa.row_lengths")]
+        nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="gqa.last_index"))
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT32}, name="gqa.seqlens_k"))
+        seqlens_k = nodes[-1].outputs[0]
+        nodes.append(ir.node("Shape", [mask], {"start": 1, "end": 2}, name="gqa.mask_length"))
+        nodes.append(ir.node("Squeeze", [nodes[-1].outputs[0]], name="gqa.total_len_i64"))
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT32}, name="gqa.total_sequence_length"))
+        total = nodes[-1].outputs[0]
+        seqlens_k.name, total.name = "seqlens_k", "total_sequence_length"
+        seqlens_k.dtype = total.dtype = ir.DataType.INT32
+        seqlens_k.shape, total.shape = ir.Shape(["batch"]), ir.Shape([])
+        graph.insert_before(next(iter(graph)), nodes)
         return seqlens_k, total
 
     def _as_bsh(self, graph: ir.Graph, side: _Side, heads: int, head_dim: int, prefix: str,
@@ -586,12 +612,14 @@ class GroupQueryAttentionFusion(FusionPass):
             q, k, v = packed, None, None
             self.packed += 1
         inputs: list[ir.Value | None] = [q, k, v, m.past_k, m.past_v, seqlens_k, total, None, None,
-                                         None, m.mask]
+                                         None, m.mask if self.padding_mask else None]
         attrs = {"num_heads": m.num_heads, "kv_num_heads": m.kv_heads, "scale": float(m.scale),
                  "local_window_size": int(self.sliding_windows.get(m.layer, -1))}
         if m.q.rotary is not None:
             cos, sin = caches[(id(m.q.rotary.cos), id(m.q.rotary.sin))]
-            inputs[7:10] = [cos, sin, self._position_ids(graph)]
+            # Without the padding mask GQA derives positions from seqlens_k (the same for one
+            # sequence or right padding); position_ids are only needed for left padding.
+            inputs[7:10] = [cos, sin, self._position_ids(graph) if self.padding_mask else None]
             attrs.update(do_rotary=1, rotary_interleaved=0)
             self.rotary += 1
         while inputs[-1] is None:

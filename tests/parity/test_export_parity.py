@@ -5,6 +5,7 @@ Logits within 1e-4 (fp32) for a prefill and 3 decode steps; 20 greedy tokens equ
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -56,14 +57,43 @@ def test_twenty_greedy_tokens_equal_transformers_generate(model_type, tiny_dir, 
     assert len(set(ref)) > 1  # the comparison is not between two constant sequences
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
-def test_dynamic_batch_with_left_padding(model_type, tiny_dir, tiny_artifact):
-    """Batch 2, second row left-padded, with a past of 5 tokens: same logits as PyTorch."""
-    model = _torch_model(tiny_dir(model_type))
-    artifact = tiny_artifact(model_type)
+def _padded_batch_logits(artifact: Path, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray):
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = json.loads((artifact / "manifest.json").read_text())
     arch = manifest["architecture"]
+    empty = np.zeros((len(ids), arch["kv_heads"], 0, arch["head_dim"]), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    feeds |= {n: empty for n in manifest["io"]["inputs"] if n.startswith("past_key_values")}
+    if "logits_to_keep" in manifest["io"]["inputs"]:  # fused graphs: 0 = every position
+        feeds["logits_to_keep"] = np.array(0, dtype=np.int64)
+    return session.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_dynamic_batch_with_right_padding(model_type, tiny_dir, tiny_artifact):
+    """Batch 2, second row right-padded (ONNX Runtime GenAI's convention), default export
+    (fused: GQA masks from sum(attention_mask)): the real positions match PyTorch."""
+    model = _torch_model(tiny_dir(model_type))
+    artifact = tiny_artifact(model_type)
+    ids = np.random.default_rng(4).integers(0, 128, (2, 9))
+    mask = np.ones((2, 9), dtype=np.int64)
+    mask[1, 6:] = 0
+    pos = np.tile(np.arange(9), (2, 1))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos)).logits.numpy()
+    logits = _padded_batch_logits(artifact, ids, mask, pos)
+    np.testing.assert_allclose(logits[0], ref[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(logits[1, :6], ref[1, :6], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_dynamic_batch_with_left_padding(model_type, tiny_dir, tiny_artifact):
+    """Batch 2, second row left-padded: same logits as PyTorch with ``padding_mask`` (the
+    exporter's mask kept in the fused attention); the default fused graph gets them wrong,
+    which is why the option exists."""
+    model = _torch_model(tiny_dir(model_type))
+    artifact = tiny_artifact(model_type, padding_mask=True)
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 128, (2, 9))
     mask = np.ones((2, 9), dtype=np.int64)
@@ -72,15 +102,12 @@ def test_dynamic_batch_with_left_padding(model_type, tiny_dir, tiny_artifact):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(pos)).logits.numpy()
-    empty = np.zeros((2, arch["kv_heads"], 0, arch["head_dim"]), np.float32)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    feeds |= {n: empty for n in manifest["io"]["inputs"] if n.startswith("past_key_values")}
-    if "logits_to_keep" in manifest["io"]["inputs"]:  # fused graphs: 0 = every position
-        feeds["logits_to_keep"] = np.array(0, dtype=np.int64)
-    logits = session.run(["logits"], feeds)[0]
+    logits = _padded_batch_logits(artifact, ids, mask, pos)
     # Padded positions attend to nothing real; compare the real ones.
     np.testing.assert_allclose(logits[0], ref[0], atol=ATOL, rtol=0)
     np.testing.assert_allclose(logits[1, 3:], ref[1, 3:], atol=ATOL, rtol=0)
+    default = _padded_batch_logits(tiny_artifact(model_type), ids, mask, pos)
+    assert np.abs(default[1, 3:] - ref[1, 3:]).max() > 100 * ATOL
 
 
 def test_fp16_export_runs_and_tracks_fp32(tiny_dir, tiny_artifact):

@@ -68,6 +68,14 @@ def test_fused_ops_are_present_and_counted_in_the_manifest(model_type, tiny_arti
         assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
         assert ops.get("SimplifiedLayerNormalization", 0) == PLAIN_RMS[model_type]
         assert "Pow" not in ops and "ReduceMean" not in ops
+    # GQA masks by itself (seqlens_k from the attention_mask): no mask tensor or position ids
+    # per step (padding_mask=False); the norms' unused statistics outputs are not computed.
+    gqa_inputs = {len(n.input) for n in graph.node if n.op_type == "GroupQueryAttention"}
+    assert gqa_inputs == {9 if model_type in ROTARY else 7}
+    assert manifest["fusion"]["padding"].startswith("one sequence or right-padded")
+    stats = [o for n in graph.node if "Normalization" in n.op_type for o in n.output[1:3]]
+    assert stats and not any(stats)
+    assert counts["unused norm statistics outputs dropped"] == len(stats)
     if model_type == "gemma3_text":
         assert ops["FastGelu"] == layers
         model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
@@ -149,6 +157,19 @@ def test_a_sequence_longer_than_the_graph_supports_is_a_clear_error(tiny_artifac
     too_long = decoder._shared.max_length + 1
     with pytest.raises(UsageError, match="at most"):
         decoder.step([1] * too_long)
+
+
+def test_padding_mask_keeps_the_exporters_mask_in_the_attention(tiny_artifact):
+    """--padding-mask: every GQA node reads the exporter's mask (attention_bias) and the
+    position ids; the manifest says which padding the graph is exact for (left padding is
+    compared with PyTorch in test_export_parity)."""
+    artifact = tiny_artifact("llama", padding_mask=True)
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(len(n.input) == 11 and n.input[9] == "position_ids" and n.input[10]
+                       for n in gqa)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["fusion"]["padding"].startswith("left- or right-padded")
 
 
 def test_no_fuse_export_keeps_standard_ops(tiny_dir, tiny_artifact, tmp_path):
