@@ -119,8 +119,7 @@ def test_quantizing_the_residual_stream_loses_the_ordinary_values(massive_llama,
     from slmedge.exporter.quantize.graph import analyze
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.static import quantize_static_qdq
-    from slmedge.exporter.static_quant import (FeedReader, _bias_path, _kept_float,
-                                               record_feeds)
+    from slmedge.exporter.static_quant import FeedReader, _bias_path, _kept_float, record_feeds
 
     static = json.loads((massive_llama / "manifest.json").read_text())["static"]
     feeds = record_feeds(massive_llama, static, _ids(4, 400))
