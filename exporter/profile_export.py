@@ -178,7 +178,8 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
             f"prefill chunk {chunk}, {config.dtype.value}, opset {opset}"
             + (", RMSNorms fused (recipe.fuse_norms)" if fuse_norms else ""))
         info = export_static(model, spec, stage, context_length=context, prefill_chunk=chunk,
-                             opset=opset, fuse_norms=fuse_norms)
+                             opset=opset, fuse_norms=fuse_norms,
+                             norm_weight_apart=config.quant is not None)
         say("saving tokenizer and generation config")
         tokenizer_report = save_support_files(stage, model, tokenizer, spec)
         say("checking parity of the prefill and decode graphs with PyTorch")

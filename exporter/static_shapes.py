@@ -198,7 +198,8 @@ FUSED_NORMS_WHY = (
     "(HTP emulator, |x| 25,000: relative error 5e-4 vs 21 for the chain)")
 
 
-def fuse_rms_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def fuse_rms_norms(model: onnx.ModelProto, weight_apart: bool = False
+                   ) -> tuple[onnx.ModelProto, int]:
     """Every RMSNorm chain of ``model`` as one ``SimplifiedLayerNormalization``; returns the
     new model and how many norms were fused. Initializers may stay external (unloaded)::
 
@@ -208,7 +209,15 @@ def fuse_rms_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                  =>  SimplifiedLayerNormalization(x, w, epsilon, stash_type=fp32) -> y
 
     The fusion rules are the dynamic pipeline's (:mod:`.passes.rms_norm`, onnxscript's); on
-    CPU ONNX Runtime makes the same fusion itself, so the numbers there do not change."""
+    CPU ONNX Runtime makes the same fusion itself, so the numbers there do not change.
+
+    ``weight_apart``: ``SimplifiedLayerNormalization(x, ones) -> Mul(w)`` instead, for graphs
+    that will be QDQ-quantized. Workaround for onnxruntime-qnn 2.7.0 (HTP emulator): a QDQ
+    SimplifiedLayerNormalization with its weight inside, feeding a MatMul whose other operand
+    is 16-bit QDQ computed in the graph (the tied lm_head: Transpose of the embedding), fails
+    at 64 rows with "Failed to finalize QNN graph. Error: QNN_COMMON_ERROR_MEM_ALLOC"
+    (SmolLM2's a16w8 prefill; reproduced on a 12-node graph; 1 row, or the weight as a
+    separate Mul, compile)."""
     import onnx_ir as ir
 
     from .passes.rms_norm import RmsNormFusion
@@ -216,7 +225,38 @@ def fuse_rms_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = ir.from_proto(model)
     fusion = RmsNormFusion()
     fusion(graph)
-    return ir.to_proto(graph), fusion.count
+    fused = ir.to_proto(graph)
+    if weight_apart and fusion.count:
+        _norm_weights_apart(fused)
+    return fused, fusion.count
+
+
+def _norm_weights_apart(model: onnx.ModelProto) -> None:
+    """``SimplifiedLayerNormalization(x, w) -> y`` as ``SimplifiedLayerNormalization(x, 1)``
+    then ``Mul(., w) -> y`` (same numbers; see :func:`fuse_rms_norms`)."""
+    from onnx import helper
+
+    types = {t.name: (t.data_type, tuple(t.dims)) for t in model.graph.initializer}
+    ones: dict[tuple, str] = {}
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain or \
+                node.input[1] not in types or len(node.output) != 1:
+            continue
+        data_type, dims = types[node.input[1]]
+        if (data_type, dims) not in ones:
+            name = f"rms_norm_ones_{'x'.join(map(str, dims))}_{data_type}"
+            array = np.ones(dims, helper.tensor_dtype_to_np_dtype(data_type))
+            model.graph.initializer.append(numpy_helper.from_array(array, name))
+            ones[(data_type, dims)] = name
+        weight, out = node.input[1], node.output[0]
+        node.input[1] = ones[(data_type, dims)]
+        node.output[0] = f"{out}_unscaled"
+        nodes.append(helper.make_node("Mul", [node.output[0], weight], [out],
+                                      name=f"{node.name}_weight"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def fuse_artifact_norms(root: Path) -> dict[str, int]:
@@ -247,8 +287,12 @@ def fuse_artifact_norms(root: Path) -> dict[str, int]:
     return counts
 
 
-def norms_manifest(counts: dict[str, int]) -> dict:
-    return {"fused": "SimplifiedLayerNormalization", "count": counts, "why": FUSED_NORMS_WHY}
+def norms_manifest(counts: dict[str, int], weight_apart: bool = False) -> dict:
+    doc = {"fused": "SimplifiedLayerNormalization", "count": counts, "why": FUSED_NORMS_WHY}
+    if weight_apart:
+        doc["weight"] = ("a separate Mul after the norm (QDQ graphs: the HTP could not finalize "
+                         "a QDQ norm with its weight feeding the tied lm_head at 64 rows)")
+    return doc
 
 
 def share_weights(models: dict[str, onnx.ModelProto], directory: Path) -> tuple[int, int]:
@@ -290,9 +334,10 @@ def share_weights(models: dict[str, onnx.ModelProto], directory: Path) -> tuple[
 
 def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, context_length: int,
                   prefill_chunk: int, opset: int = DEFAULT_OPSET,
-                  fuse_norms: bool = False) -> StaticExportInfo:
+                  fuse_norms: bool = False, norm_weight_apart: bool = False) -> StaticExportInfo:
     """Export the prefill and decode graphs of ``model`` into ``directory``; ``fuse_norms``:
-    RMSNorm chains as ``SimplifiedLayerNormalization`` (:func:`fuse_rms_norms`)."""
+    RMSNorm chains as ``SimplifiedLayerNormalization`` (:func:`fuse_rms_norms`, with
+    ``norm_weight_apart`` for graphs to be QDQ-quantized)."""
     config = model.config
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
                                                                           None)
@@ -316,7 +361,7 @@ def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, conte
             protos[name] = _export_one(wrapper, args, inputs, outputs, opset)
             if fuse_norms:
                 kind = "prefill" if name == PREFILL_FILE else "decode"
-                protos[name], fused[kind] = fuse_rms_norms(protos[name])
+                protos[name], fused[kind] = fuse_rms_norms(protos[name], norm_weight_apart)
             constants_second(protos[name])
     written, saved = share_weights(protos, directory)
     return StaticExportInfo(
@@ -324,5 +369,5 @@ def export_static(model, spec: type[ArchitectureSpec], directory: Path, *, conte
         files=[PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE], mask_inputs=masks,
         input_names={"prefill": inputs, "decode": inputs}, output_names=outputs,
         weights_bytes=written, weights_shared_bytes=saved, seconds=time.perf_counter() - t0,
-        extra={"norms": norms_manifest(fused)} if fuse_norms else {},
+        extra={"norms": norms_manifest(fused, norm_weight_apart)} if fuse_norms else {},
     )

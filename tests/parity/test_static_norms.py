@@ -181,7 +181,9 @@ def test_a16w8_keeps_the_fused_norms_float_and_runs_on_the_htp(tiny_dir, tmp_pat
     fused, work = tmp_path / "fused", tmp_path / "a16w8"
     fused.mkdir()
     static = export_static(model, get_spec("llama"), fused, context_length=32, prefill_chunk=8,
-                           opset=A16W8_OPSET, fuse_norms=True).to_manifest()
+                           opset=A16W8_OPSET, fuse_norms=True,
+                           norm_weight_apart=True).to_manifest()
+    assert "separate Mul" in static["norms"]["weight"]
     shutil.copytree(fused, work)
     ids = np.random.default_rng(4).integers(6, 128, 300).tolist()
     report = quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), ids,
@@ -203,3 +205,71 @@ def test_a16w8_keeps_the_fused_norms_float_and_runs_on_the_htp(tiny_dir, tmp_pat
     htp_card = static_quality(StaticDecoder(fused, static), htp, ids, window=16, prompts=1,
                               prompt_tokens=8, new_tokens=4)
     assert htp_card["cosine_mean"] > 0.95, htp_card
+
+
+HEAD_HIDDEN = 576  # SmolLM2-135M's width: at 64 the HTP finalizes both forms
+
+
+def _qdq_norm_into_tied_head(rows: int) -> onnx.ModelProto:
+    """16-bit QDQ: SimplifiedLayerNormalization(x, w) -> MatMul with a weight computed in the
+    graph (Transpose of an embedding, 16-bit QDQ): the shape of a tied lm_head in a16w8."""
+    ms = "com.microsoft"
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.random(HEAD_HIDDEN) + 0.5).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((10, HEAD_HIDDEN)).astype(np.float32) * 0.05,
+                                     "embedding")]
+    nodes = []
+
+    def qdq(src, name, scale):
+        inits.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+                      numpy_helper.from_array(np.array(32768, np.uint16), f"{name}_z")])
+        nodes.extend([helper.make_node("QuantizeLinear", [src, f"{name}_s", f"{name}_z"],
+                                       [f"{name}_q"], domain=ms),
+                      helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"],
+                                       [name], domain=ms)])
+
+    qdq("x", "xd", 1.0)
+    nodes.append(helper.make_node("SimplifiedLayerNormalization", ["xd", "w"], ["normed"],
+                                  axis=-1, epsilon=EPS, stash_type=1))
+    qdq("normed", "nd", 1e-3)
+    nodes.append(helper.make_node("Transpose", ["embedding"], ["head"], perm=[1, 0]))
+    qdq("head", "hd", 1e-5)
+    nodes.append(helper.make_node("MatMul", ["nd", "hd"], ["mm"]))
+    qdq("mm", "logits", 1e-3)
+    graph = helper.make_graph(
+        nodes, "tied_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                           [1, rows, HEAD_HIDDEN])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, rows, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ms, 1)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.qnn
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed here "
+                    "(wheels: Linux x86_64 / Windows, Python >= 3.11)")
+def test_norm_weight_apart_lets_the_htp_finalize_a_qdq_norm_before_a_tied_head(tmp_path):
+    """onnxruntime-qnn 2.7.0 cannot finalize the 64-row graph with the weight inside the norm
+    (what SmolLM2's a16w8 prefill hit); with the weight as a separate Mul it compiles, and the
+    numbers on CPU are the same."""
+    from slmedge.device_profiles import load_profile
+    from slmedge.exporter.static_shapes import _norm_weights_apart
+    from slmedge.runtimes.errors import SlmEdgeError
+    from slmedge.runtimes.onnx_decoder import make_session
+
+    htp = [(n, o) for n, o in load_profile("android-qnn-htp").provider_specs()
+           if n == "QNNExecutionProvider"]
+    inside = _qdq_norm_into_tied_head(64)
+    apart = _qdq_norm_into_tied_head(64)
+    _norm_weights_apart(apart)
+    assert [n.op_type for n in apart.graph.node][2:4] == ["SimplifiedLayerNormalization", "Mul"]
+    onnx.save(inside, str(tmp_path / "inside.onnx"))
+    onnx.save(apart, str(tmp_path / "apart.onnx"))
+    with pytest.raises(SlmEdgeError, match="QNN_COMMON_ERROR_MEM_ALLOC"):
+        make_session(tmp_path / "inside.onnx", providers=htp, strict=True,
+                     allow_cpu_fallback=False)
+    make_session(tmp_path / "apart.onnx", providers=htp, strict=True, allow_cpu_fallback=False)
+    x = {"x": np.random.default_rng(6).standard_normal((1, 64, HEAD_HIDDEN)).astype(np.float32)}
+    np.testing.assert_array_equal(make_session(tmp_path / "inside.onnx").run(None, x)[0],
+                                  make_session(tmp_path / "apart.onnx").run(None, x)[0])
