@@ -197,7 +197,7 @@ def _flag_quantized_sensitive_ops(name: str, model, report: CheckReport) -> None
                                    "float (recipe.float_ops, or a16w8)"))
         elif bits in int16:
             kept["16-bit"][node.op_type] += 1
-        elif node.op_type in ("Softmax", "ReduceMean", "Pow", "Sqrt",
+        elif node.op_type in ("Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal",
                               "SimplifiedLayerNormalization"):
             kept["float"][node.op_type] += 1
     for how, ops in kept.items():

@@ -114,4 +114,5 @@ def test_qnn_check_says_why_norm_and_softmax_are_not_8_bit(static_llama, tmp_pat
     assert not [r for r in doc["rows"] if "8-bit QDQ" in r["reason"]], doc["rows"]
     kept = [n for n in doc["notes"] if "diverged on the HTP emulator" in n]
     assert any("Softmax x" in n and "kept in float" in n for n in kept), doc["notes"]
-    assert any("Reciprocal x" in n and "kept in 16-bit" in n for n in kept), doc["notes"]
+    # the norms' statistics are part of the residual stream a16w8 keeps float (static_quant)
+    assert any("Reciprocal x" in n and "kept in float" in n for n in kept), doc["notes"]
