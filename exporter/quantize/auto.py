@@ -1,8 +1,8 @@
 """``--auto``: candidate recipes from the smallest up.
 
 Each candidate is the user's recipe with one or more tensors kept at a higher precision
-(``lm_head``, the first and last decoder layers, which are the most sensitive in small
-decoders) or a smaller block size. Candidates are ordered by their estimated size
+(``lm_head`` or its frequent tokens' rows, the first and last decoder layers, which are the
+most sensitive in small decoders) or a smaller block size. Candidates are ordered by their estimated size
 (computed from the weight shapes, before anything is quantized); the pipeline tries
 them in that order and keeps the first inside the gate.
 """
@@ -13,6 +13,11 @@ import math
 
 from .graph import GraphFacts
 from .recipe import CalibrationMethod, QuantRecipe, QuantScheme, TensorPrecision
+
+
+#: int8 lm_head rows that --auto tries for a split lm_head (SmolLM2-135M: 4096 of 49,152 rows
+#: cover ~82% of the calibration text's tokens; +2% perplexity vs +7% for an all-int4 lm_head)
+SPLIT_HEAD_ROWS = 4096
 
 
 def _matmul_bytes(k: int, n: int, precision: str, block: int, symmetric: bool) -> float:
@@ -32,6 +37,11 @@ def estimate_bytes(recipe: QuantRecipe, facts: GraphFacts) -> float:
     kept = "int8" if recipe.scheme is QuantScheme.int4 else "float"
     total = 0.0
     for w in facts.weight_matmuls:
+        if w.node == facts.lm_head and recipe.lm_head_int8_tokens:
+            rows = min(recipe.lm_head_int8_tokens, w.n)
+            total += _matmul_bytes(w.k, rows, "int8", recipe.block_size, recipe.symmetric)
+            total += _matmul_bytes(w.k, w.n - rows, "int4", recipe.block_size, recipe.symmetric)
+            continue
         if w.node == facts.lm_head:
             prec = recipe.lm_head_precision.value
         else:
@@ -48,10 +58,15 @@ def candidates(base: QuantRecipe, facts: GraphFacts) -> list[tuple[QuantRecipe, 
     last = max(facts.num_layers - 1, 0)
     edges = sorted({0, last}) if facts.num_layers else []
     variants: list[dict] = []
+    vocab = next((w.n for w in facts.weight_matmuls if w.node == facts.lm_head), 0)
     if base.scheme is QuantScheme.int4:
         for block in (128, 64, 32):
             for head in (TensorPrecision.int4, TensorPrecision.int8, TensorPrecision.float):
                 variants.append({"block_size": block, "lm_head": head})
+            # int4 lm_head with the frequent tokens' rows at int8 (head_split.py)
+            if vocab >= 4 * SPLIT_HEAD_ROWS:
+                variants.append({"block_size": block, "lm_head": TensorPrecision.int4,
+                                 "lm_head_int8_tokens": SPLIT_HEAD_ROWS})
         for head in (TensorPrecision.int8, TensorPrecision.float):
             variants.append({"block_size": 32, "lm_head": head, "keep_layers": edges})
     elif base.scheme is QuantScheme.int8:
@@ -65,7 +80,9 @@ def candidates(base: QuantRecipe, facts: GraphFacts) -> list[tuple[QuantRecipe, 
                              "keep_layers": edges})
     seen, out = set(), []
     for change in variants:
-        recipe = QuantRecipe(**{**base.model_dump(), **{k: v for k, v in change.items()}})
+        # a variant that sets the lm_head also sets whether it is split
+        split = {"lm_head_int8_tokens": 0} if "lm_head" in change else {}
+        recipe = QuantRecipe(**{**base.model_dump(), **split, **change})
         key = recipe.model_dump_json()
         if key in seen:
             continue

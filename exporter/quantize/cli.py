@@ -22,7 +22,8 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    help="int4: MatMulNBits 4-bit weights; int8: int8 weights, dynamic activations; "
                    "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)")
     g.add_argument("--calibration", type=Path, metavar="FILE",
-                   help="calibration text (static QDQ, gptq); default: the shared calib_emma.txt")
+                   help="calibration text (static QDQ, gptq, --lm-head-int8-tokens); default: the "
+                   "shared calib_emma.txt")
     g.add_argument("--calib-method", choices=[m.value for m in CalibrationMethod],
                    help="static range estimator (default minmax)")
     g.add_argument("--calib-samples", type=int, metavar="N",
@@ -39,6 +40,9 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    help="int8: nbits (MatMulNBits 8-bit, default) or qoperator (quantize_dynamic)")
     g.add_argument("--lm-head", choices=[t.value for t in TensorPrecision],
                    help="lm_head precision (default int8 for int4/int8, float for static)")
+    g.add_argument("--lm-head-int8-tokens", type=int, metavar="N",
+                   help="with --lm-head int4: the N most frequent tokens of the calibration text "
+                   "keep int8 lm_head rows (a split lm_head)")
     g.add_argument("--embedding", choices=["float", "int4"], help="embedding table (default float)")
     g.add_argument("--keep-layers", type=lambda s: [int(x) for x in s.split(",") if x],
                    metavar="I,J", help="decoder layers kept one precision step up")
@@ -59,7 +63,7 @@ def quant_fields(args) -> dict:
     for flag, key in (("block_size", "block_size"), ("algorithm", "algorithm"),
                       ("accuracy_level", "accuracy_level"), ("int8_format", "int8_format"),
                       ("lm_head", "lm_head"), ("embedding", "embedding"),
-                      ("keep_layers", "keep_layers")):
+                      ("keep_layers", "keep_layers"), ("lm_head_int8_tokens", "lm_head_int8_tokens")):
         value = getattr(args, flag, None)
         if value is not None:
             recipe[key] = value

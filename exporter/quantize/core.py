@@ -21,6 +21,7 @@ import onnx
 from .calibration import KVCacheCalibrationReader
 from .fold_zero_points import fold_float_zero_points
 from .graph import analyze, fold_weight_transposes, split_gemms
+from .head_split import frequent_tokens, group_size
 from .recipe import CalibrationConfig, QuantRecipe, QuantScheme, TensorPrecision
 from .static import quantize_static_qdq
 from .weight_only import quantize_weight_only
@@ -85,6 +86,12 @@ def _weight_only_table(model: onnx.ModelProto, precision: dict[str, str]) -> dic
         if not row["quantized"]:
             row["reasons"].append("weight-only scheme: activations and this op stay float")
     return table
+
+
+def _default_text() -> Path:
+    from .calibration import DEFAULT_CALIBRATION_TEXT
+
+    return DEFAULT_CALIBRATION_TEXT
 
 
 def _tokens_for_calibration(tokenizer_dir: Path | None, calibration: CalibrationConfig,
@@ -159,8 +166,22 @@ def quantize_model(
         ):
             bits = 4 if recipe.scheme is QuantScheme.int4 else 8
             gptq_reader = reader.materialize() if reader is not None else None
+            frequent = None
+            if bits == 4 and recipe.lm_head_int8_tokens and facts.lm_head:
+                ids = _tokens_for_calibration(Path(tokenizer_dir) if tokenizer_dir else src.parent,
+                                              recipe.calibration, calibration_ids)
+                vocab = next(w.n for w in facts.weight_matmuls if w.node == facts.lm_head)
+                rows = recipe.lm_head_int8_tokens
+                frequent = frequent_tokens(ids, rows, vocab, group_size(vocab, rows))
+                if not frequent or len(frequent) >= vocab:
+                    frequent = None  # nothing to split on: the whole lm_head stays int4
+                calib_doc = {**(calib_doc or {}),
+                             "text": str(recipe.calibration.text or _default_text()),
+                             "tokens_available": len(ids),
+                             "lm_head_int8_rows": len(frequent or [])}
             model, precision = quantize_weight_only(model, facts, recipe, body_bits=bits,
-                                                    calibration_reader=gptq_reader, say=say)
+                                                    calibration_reader=gptq_reader,
+                                                    frequent_tokens=frequent, say=say)
             n_folded = fold_float_zero_points(model)
             if n_folded:
                 zero_points = "folded"

@@ -90,6 +90,10 @@ class QuantRecipe(BaseModel):
     lm_head: TensorPrecision | None = Field(
         None, description="lm_head weight precision; default: int8 (int4/int8), float (static)"
     )
+    lm_head_int8_tokens: int = Field(
+        0, ge=0, description="with lm_head int4: the rows of up to this many tokens, the most "
+        "frequent in the calibration text, stay int8 (a split lm_head: head_split.py); 0: none",
+    )
     embedding: TensorPrecision = Field(
         TensorPrecision.float, description="embedding table precision (int4: GatherBlockQuantized)"
     )
@@ -110,6 +114,9 @@ class QuantRecipe(BaseModel):
                 raise ValueError(f"lm_head int4 needs scheme int4, not {self.scheme.value}")
             if self.algorithm not in (None, Int4Algorithm.rtn):
                 raise ValueError(f"algorithm {self.algorithm.value} applies to int4 only")
+        if self.lm_head_int8_tokens and self.lm_head is not TensorPrecision.int4:
+            raise ValueError("lm_head_int8_tokens splits an int4 lm_head: it needs lm_head int4 "
+                             f"(scheme int4), not {self.lm_head.value if self.lm_head else 'the default'}")
         if self.algorithm is Int4Algorithm.hqq and self.symmetric:
             raise ValueError("hqq computes a zero point per block: it cannot be symmetric")
         if self.embedding is TensorPrecision.int8:
@@ -159,6 +166,8 @@ class QuantRecipe(BaseModel):
             parts.append(self.calibration.method.value)
         head = self.lm_head_precision
         parts.append({"float": "headf", "int8": "head8", "int4": "head4"}[head.value])
+        if self.lm_head_int8_tokens:
+            parts[-1] += f"x8top{self.lm_head_int8_tokens}"
         if self.embedding is not TensorPrecision.float:
             parts.append(f"emb{self.embedding.value[3:]}")
         if self.keep_layers:

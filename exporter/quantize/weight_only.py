@@ -16,6 +16,7 @@ from collections.abc import Callable
 import onnx
 
 from .graph import GraphFacts
+from .head_split import group_size, split_lm_head
 from .recipe import Int4Algorithm, QuantRecipe, TensorPrecision
 
 Say = Callable[[str], None]
@@ -148,11 +149,14 @@ def quantize_weight_only(
     *,
     body_bits: int,
     calibration_reader=None,
+    frequent_tokens: list[int] | None = None,
     say: Say = lambda _m: None,
 ) -> tuple[onnx.ModelProto, dict]:
     """int4 (``body_bits=4``) or int8-nbits (``body_bits=8``) weight-only quantization.
 
-    Returns the model and a dict ``node -> precision`` for every weight MatMul.
+    ``frequent_tokens``: with ``recipe.lm_head_int8_tokens``, the tokens whose lm_head rows
+    stay int8 (the rest int4). Returns the model and a dict ``node -> precision`` for every
+    weight MatMul.
     """
     _quiet_ort_quantizer()
     keep = set(recipe.keep_layers)
@@ -162,7 +166,16 @@ def quantize_weight_only(
     head_prec = recipe.lm_head_precision
     precision: dict[str, str] = {}
     first = set(body)
-    if head and head_prec.value == f"int{body_bits}":
+    split = None
+    if head and recipe.lm_head_int8_tokens and body_bits == 4 and frequent_tokens:
+        vocab = next(w.n for w in facts.weight_matmuls if w.node == head)
+        try:  # whole groups of ids (frequent_tokens(..., group)): logits reordered per group
+            split = split_lm_head(model, head, frequent_tokens, group_size(vocab, len(frequent_tokens)))
+        except ValueError:
+            split = split_lm_head(model, head, frequent_tokens)
+        say(f"lm_head split: {len(frequent_tokens)} frequent token rows int8, the rest int4")
+        first.add(split[1])
+    elif head and head_prec.value == f"int{body_bits}":
         first.add(head)
     common = dict(block_size=recipe.block_size, symmetric=recipe.symmetric,
                   accuracy_level=recipe.accuracy_level)
@@ -174,12 +187,16 @@ def quantize_weight_only(
     second = set()
     if body_bits == 4:
         second |= kept  # sensitive layers one step up: int8
-    if head and head_prec is TensorPrecision.int8 and head not in first:
+    if split:
+        second.add(split[0])
+    elif head and head_prec is TensorPrecision.int8 and head not in first:
         second.add(head)
     if second:
         say(f"{len(second)} MatMuls -> MatMulNBits 8-bit (lm_head / kept layers)")
         model = _run_nbits(model, second, bits=8, **common)
         precision.update({n: "int8" for n in second})
+    if split:
+        precision[head] = "int4+int8"
     for w in facts.weight_matmuls:
         precision.setdefault(w.node, "float")
     if recipe.embedding is TensorPrecision.int4 and facts.embedding_gathers:
