@@ -136,7 +136,7 @@ POSITION_REASON = (
 RESIDUAL_REASON = (
     "residual stream: massive activations (a few channels at a few positions reach |x| in "
     "the thousands) stretch a 16-bit range until ordinary values round away, so the ops "
-    "writing the stream (embedding lookup, residual Adds), the ops reading it (the norms' "
+    "writing the stream (residual Adds, an untied embedding lookup), the ops reading it (the norms' "
     "input) and the norms' statistics stay float")
 
 
@@ -180,7 +180,7 @@ def position_path(graph: onnx.GraphProto) -> set[str]:
 def residual_stream(graph: onnx.GraphProto, embedding_nodes: list[str]) -> tuple[set[str], set[str]]:
     """``(nodes, tensors)`` of the residual stream: its tensors are the embedding output and
     every Add of a stream tensor and a computed (non-constant) tensor; its nodes are the ones
-    writing them (the embedding lookup, those Adds), every node reading a stream tensor
+    writing them (those Adds, the embedding lookup of an untied table), every node reading a stream tensor
     (norms, the next Add) and the norms' statistics (from those readers through x^2 / mean /
     + eps / sqrt / 1/x to the op scaling x). A tensor is quantized when any node writing or
     reading it is, so all of them stay float for the stream to stay float."""
@@ -188,7 +188,12 @@ def residual_stream(graph: onnx.GraphProto, embedding_nodes: list[str]) -> tuple
     by_name = {n.name: n for n in graph.node}
     tensors: set[str] = set()
     frontier = [o for name in embedding_nodes if name in by_name for o in by_name[name].output]
-    nodes: set[str] = {name for name in embedding_nodes if name in by_name}
+    # The lookup of a table nothing else reads stays float. A tied table is also the lm_head's
+    # weight, quantized there: the lookup then reads that encoding (a float lookup would need
+    # the whole table dequantized, and the HTP failed to finalize SmolLM2's prefill graph so,
+    # QNN_COMMON_ERROR_MEM_ALLOC), and its output is the table's values, no massive ones.
+    nodes: set[str] = {name for name in embedding_nodes if name in by_name
+                       and len(consumers.get(by_name[name].input[0], [])) == 1}
     while frontier:
         t = frontier.pop()
         if t in tensors:

@@ -145,3 +145,35 @@ def test_quantizing_the_residual_stream_loses_the_ordinary_values(massive_llama,
     print({k: np.round(v, 3).tolist() for k, v in results.items()})
     assert results["new"].mean() > 0.99 and results["new"].min() > 0.9, results["new"]
     assert results["old"].mean() < 0.8, results["old"]
+
+
+def test_a_tied_embedding_lookup_reads_the_quantized_table():
+    """The lookup of a table the lm_head also reads (tied) is not kept float: a float lookup
+    would need the whole table dequantized (SmolLM2-135M's prefill then failed to finalize on
+    the HTP emulator, QNN_COMMON_ERROR_MEM_ALLOC). An untied lookup writes the stream float."""
+    from onnx import TensorProto, helper
+
+    from slmedge.exporter.static_quant import residual_stream
+
+    def graph(tied: bool):
+        table = helper.make_tensor("table", TensorProto.FLOAT, [16, 4], [0.1] * 64)
+        head = helper.make_tensor("head", TensorProto.FLOAT, [16, 4], [0.2] * 64)
+        nodes = [
+            helper.make_node("Gather", ["table", "ids"], ["emb"], name="lookup"),
+            helper.make_node("MatMul", ["emb", "w"], ["branch"], name="proj"),
+            helper.make_node("Add", ["emb", "branch"], ["h"], name="residual"),
+            helper.make_node("Pow", ["h", "two"], ["sq"], name="pow"),
+            helper.make_node("Transpose", ["table" if tied else "head"], ["head_t"],
+                             name="head_t", perm=[1, 0]),
+            helper.make_node("MatMul", ["h", "head_t"], ["logits"], name="lm_head"),
+        ]
+        inits = [table, head, helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.0] * 16),
+                 helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
+        return helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 16])], inits)
+
+    untied, tensors = residual_stream(graph(False), ["lookup"])
+    assert {"lookup", "residual", "pow", "lm_head"} <= untied and tensors == {"emb", "h"}
+    tied, tensors = residual_stream(graph(True), ["lookup"])
+    assert "lookup" not in tied and {"residual", "pow"} <= tied and tensors == {"emb", "h"}
