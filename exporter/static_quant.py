@@ -136,8 +136,8 @@ POSITION_REASON = (
 RESIDUAL_REASON = (
     "residual stream: massive activations (a few channels at a few positions reach |x| in "
     "the thousands) stretch a 16-bit range until ordinary values round away, so the ops "
-    "writing the stream (residual Adds, an untied embedding lookup), the ops reading it (the norms' "
-    "input) and the norms' statistics stay float")
+    "writing the stream (residual Adds, an untied embedding lookup), the ops reading it (the "
+    "norms' input) and the norms' statistics stay float")
 
 
 def _graph_maps(graph: onnx.GraphProto):
@@ -180,9 +180,9 @@ def position_path(graph: onnx.GraphProto) -> set[str]:
 def residual_stream(graph: onnx.GraphProto, embedding_nodes: list[str]) -> tuple[set[str], set[str]]:
     """``(nodes, tensors)`` of the residual stream: its tensors are the embedding output and
     every Add of a stream tensor and a computed (non-constant) tensor; its nodes are the ones
-    writing them (those Adds, the embedding lookup of an untied table), every node reading a stream tensor
-    (norms, the next Add) and the norms' statistics (from those readers through x^2 / mean /
-    + eps / sqrt / 1/x to the op scaling x). A tensor is quantized when any node writing or
+    writing them (those Adds, the embedding lookup of an untied table), every node reading a
+    stream tensor (norms, the next Add) and the norms' statistics (from those readers through
+    x^2 / mean / + eps / sqrt / 1/x to the op scaling x). A tensor is quantized when any node writing or
     reading it is, so all of them stay float for the stream to stay float."""
     _, consumers, consts = _graph_maps(graph)
     by_name = {n.name: n for n in graph.node}
