@@ -69,6 +69,14 @@ def _run_nbits(
             op_types_to_quantize=("MatMul",),
         )
     hidden = _hide_weights(model, exclude) if algorithm is Int4Algorithm.gptq else {}
+    # The quantizer's topological sort (k_quant, rtn via neural_compressor) fails on a graph
+    # input nothing reads: fused graphs keep position_ids for the runtime's contract though
+    # GroupQueryAttention derives positions itself. Such inputs sit out the quantizer.
+    read = {i for n in model.graph.node for i in n.input}
+    order = [i.name for i in model.graph.input]
+    idle = [i for i in model.graph.input if i.name not in read]
+    for value in idle:
+        model.graph.input.remove(value)
     quantizer = mnq.MatMulNBitsQuantizer(
         model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=level,
         nodes_to_exclude=exclude, algo_config=algo,
@@ -79,6 +87,7 @@ def _run_nbits(
         quantizer.process()
     out = quantizer.model.model
     _unhide_weights(out, hidden)
+    _restore_inputs(out, idle, order)
     if level:
         # HQQ does not write accuracy_level; the others do. Set it on every MatMulNBits so the
         # recipe's compute type holds whichever algorithm made the weights.
@@ -88,6 +97,18 @@ def _run_nbits(
             ):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
     return out
+
+
+def _restore_inputs(model: onnx.ModelProto, idle: list, order: list[str]) -> None:
+    """Put back the unread graph inputs, every input at its original position."""
+    by_name = {i.name: i for i in [*model.graph.input, *idle]}
+    inputs = [by_name[n] for n in order if n in by_name]
+    inputs += [i for i in model.graph.input if i.name not in set(order)]
+    copies = [onnx.ValueInfoProto() for _ in inputs]
+    for copy, value in zip(copies, inputs, strict=True):
+        copy.CopyFrom(value)
+    del model.graph.input[:]
+    model.graph.input.extend(copies)
 
 
 _HIDE = "_slmedge_hidden"

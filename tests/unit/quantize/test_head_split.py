@@ -145,3 +145,17 @@ def test_auto_tries_a_split_lm_head_between_int4_and_int8_heads():
     user = QuantRecipe(scheme="int4", lm_head="int4", lm_head_int8_tokens=1024)
     heads = {(r.lm_head.value, r.lm_head_int8_tokens) for r, _ in candidates(user, _facts(49152))}
     assert ("int8", 0) in heads and ("float", 0) in heads
+
+
+@pytest.mark.parametrize("algorithm", ["k_quant", "rtn"])
+def test_an_unread_graph_input_survives_every_int4_algorithm(tiny_artifact, tmp_path, algorithm):
+    """Fused graphs keep position_ids as an input that GroupQueryAttention no longer reads;
+    ORT's k_quant path failed on it (KeyError in its topological sort). It stays an input,
+    at its place."""
+    art = tiny_artifact("llama")
+    before = [i.name for i in onnx.load(str(art / "model.onnx"), load_external_data=False).graph.input]
+    out = tmp_path / "q.onnx"
+    quantize_model(art / "model.onnx", out, QuantRecipe(scheme="int4", algorithm=algorithm))
+    graph = onnx.load(str(out), load_external_data=False).graph
+    assert [i.name for i in graph.input] == before and "position_ids" in before
+    assert not any("position_ids" in n.input for n in graph.node)
