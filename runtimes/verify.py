@@ -63,9 +63,10 @@ CONTRIB_OP_MIN_ORT: dict[str, tuple[int, int]] = {
     "com.microsoft.MatMulIntegerToFloat": (1, 10),
     "com.microsoft.RotaryEmbedding": (1, 17),
     "com.microsoft.MatMulNBits": (1, 17),
-    # GQA on CPU came in 1.17; the fused graphs feed it position_ids and attention_bias
-    # (inputs 10 and 11), which the CPU kernel takes since microsoft/onnxruntime#23944
-    # (March 2025, released in 1.22).
+    # GQA on CPU came in 1.17; graphs exported with --padding-mask feed it position_ids and
+    # attention_bias (inputs 10 and 11), which the CPU kernel takes since
+    # microsoft/onnxruntime#23944 (March 2025, released in 1.22). Default graphs feed neither;
+    # 1.22 is kept for both (the shared-KV-buffer mode was not checked on older releases).
     "com.microsoft.GroupQueryAttention": (1, 22),
     # ORT registers SimplifiedLayerNormalization in the ai.onnx domain, but it is no ONNX
     # standard op (a contrib kernel under the default domain).
