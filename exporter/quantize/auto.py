@@ -14,7 +14,6 @@ import math
 from .graph import GraphFacts
 from .recipe import CalibrationMethod, QuantRecipe, QuantScheme, TensorPrecision
 
-
 #: int8 lm_head rows that --auto tries for a split lm_head (SmolLM2-135M: 4096 of 49,152 rows
 #: cover ~82% of the calibration text's tokens; +2% perplexity vs +7% for an all-int4 lm_head)
 SPLIT_HEAD_ROWS = 4096

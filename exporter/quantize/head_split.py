@@ -25,7 +25,6 @@ from onnx import helper, numpy_helper
 
 from .graph import constant_values
 
-
 #: Rows are chosen in aligned groups of this many token ids (when the vocabulary divides):
 #: putting the logits back in order is then a Gather of V / 64 rows of 64 values, not of V
 #: single values (ORT's Gather on the last axis: ~0.3 ms per token for SmolLM2's 49,152).
