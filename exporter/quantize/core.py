@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from .calibration import KVCacheCalibrationReader
+from .calibration import KVCacheCalibrationReader, calibration_text
 from .fold_zero_points import fold_float_zero_points
 from .graph import analyze, fold_weight_transposes, split_gemms
 from .head_split import frequent_tokens, group_size
@@ -86,12 +86,6 @@ def _weight_only_table(model: onnx.ModelProto, precision: dict[str, str]) -> dic
         if not row["quantized"]:
             row["reasons"].append("weight-only scheme: activations and this op stay float")
     return table
-
-
-def _default_text() -> Path:
-    from .calibration import DEFAULT_CALIBRATION_TEXT
-
-    return DEFAULT_CALIBRATION_TEXT
 
 
 def _tokens_for_calibration(tokenizer_dir: Path | None, calibration: CalibrationConfig,
@@ -176,7 +170,8 @@ def quantize_model(
                 if not frequent or len(frequent) >= vocab:
                     frequent = None  # nothing to split on: the whole lm_head stays int4
                 calib_doc = {**(calib_doc or {}),
-                             "text": str(recipe.calibration.text or _default_text()),
+                             "text": None if calibration_ids is not None
+                             else str(calibration_text(recipe.calibration)),
                              "tokens_available": len(ids),
                              "lm_head_int8_rows": len(frequent or [])}
             model, precision = quantize_weight_only(model, facts, recipe, body_bits=bits,
