@@ -335,10 +335,13 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
 def static_quality(reference: StaticDecoder, candidate: StaticDecoder, token_ids: list[int], *,
                    prompts: int = 3, prompt_tokens: int = 16, new_tokens: int = 16,
                    window: int | None = None) -> dict:
-    """Quality card of ``candidate`` against ``reference`` (the float static graphs):
-    perplexity of both on ``token_ids`` (one window), greedy agreement and first divergence
-    on a few prompts, mean cosine of the logits."""
+    """Quality card of ``candidate`` against ``reference`` (the float static graphs, or PyTorch
+    through ``parity.TorchDecoder``): perplexity of both on ``token_ids`` (one window), greedy
+    agreement and first divergence on a few prompts, cosine and mean KL(reference ||
+    candidate) of the logits."""
     from slmedge.runtimes.generation import generate
+
+    from .quality import kl_rows
 
     window = min(window or reference.context, reference.context, len(token_ids))
     ids = token_ids[:window]
@@ -365,5 +368,6 @@ def static_quality(reference: StaticDecoder, candidate: StaticDecoder, token_ids
             "perplexity": round(ppl_cand, 4),
             "ppl_increase_pct": round(100 * (ppl_cand / ppl_ref - 1), 3),
             "cosine_mean": round(float(cosine.mean()), 6), "cosine_min": round(float(cosine.min()), 6),
+            "kl_mean": float(f"{kl_rows(l_ref, l_cand).mean():.4g}"),
             "greedy_agreement": round(float(np.mean(agree)), 4), "first_divergence": first,
             "prompts": prompts, "new_tokens": new_tokens}
