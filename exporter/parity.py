@@ -87,3 +87,34 @@ def check_parity(
         argmax_agree=agree,
         passed=diff <= tol,
     )
+
+
+class TorchDecoder:
+    """A PyTorch causal LM behind the runtime's decoder protocol (``reset`` / ``step``, as
+    :class:`~slmedge.runtimes.static_decoder.StaticDecoder`), with HF's own KV cache: the
+    reference of a quality card computed by ``static_quant.static_quality``. ``context`` is
+    the window the card is confined to (the static graphs'); PyTorch itself has none."""
+
+    def __init__(self, model, context: int):
+        self.model = model
+        self.context = int(context)
+        self._cache = None
+
+    def reset(self) -> None:
+        self._cache = None
+
+    def step(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([list(token_ids)]),
+                             past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        logits = out.logits[0].float().numpy()
+        return logits if all_logits else logits[-1]
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits ``[n, vocab]`` of a sequence from scratch."""
+        self.reset()
+        try:
+            return self.step(token_ids, all_logits=True)
+        finally:
+            self.reset()

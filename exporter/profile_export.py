@@ -194,9 +194,11 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 f"parity gate failed: static graphs differ from PyTorch by "
                 f"{parity['max_abs_diff']:.3g} (allowed {parity['atol']:.3g}); nothing was written",
                 parity)
-        quant = None
+        quant = quality = None
         if config.quant is not None:
             quant = _quantize_static(stage, info.to_manifest(), config, profile, say)
+        else:
+            quality = _float_quality(stage, info.to_manifest(), model, config, say)
         manifest = write_manifest(
             stage,
             {
@@ -208,7 +210,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                            "external_data": True, "shapes": "static",
                            "quant": quant["label"] if quant else None,
                            "fuse_norms": fuse_norms, "device_card": _device_card(config)},
-                **({"quantization": quant} if quant else {}),
+                **({"quantization": quant} if quant else {"quality": quality}),
                 "static": info.to_manifest(),
                 "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
                 "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
@@ -217,8 +219,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 "verification": {"parity": parity, "tokenizer": tokenizer_report,
                                  "device_card": quant["quality"]["device_card"] if quant else {
                                      "setting": _device_card(config), "ran": False,
-                                     "why": "no quantization: the float graphs are gated by "
-                                            "parity with PyTorch; no quality card"}},
+                                     "why": _float_card_why(quality)}},
                 "timings_s": {"export": round(info.seconds, 2),
                               "total": round(time.perf_counter() - t0, 2)},
             },
@@ -254,7 +255,7 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
     from slmedge.runtimes.static_decoder import StaticDecoder
     from slmedge.runtimes.tokenizer import TextTokenizer
 
-    from .quantize.calibration import DEFAULT_CALIBRATION_TEXT, calibration_text
+    from .quantize.calibration import calibration_text
     from .static_quant import quantize_static_graphs, static_quality
 
     tokenizer = TextTokenizer(stage)
@@ -265,10 +266,8 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
     try:
         report = quantize_static_graphs(stage, static, config.quant, calib,
                                         float_ops=list(profile.recipe.float_ops), say=say)
-        text_path = Path(config.quality.eval_text or
-                         DEFAULT_CALIBRATION_TEXT.with_name("eval_mansfield_park.txt"))
-        if not text_path.is_file():  # no evaluation text here: score the calibration text
-            text_path = calibration_text(config.quant.calibration)
+        # no evaluation text here: score the calibration text
+        text_path = _eval_text(config) or calibration_text(config.quant.calibration)
         ids = tokenizer.encode(text_path.read_text(encoding="utf-8", errors="replace")[:50_000])
         ref = StaticDecoder(reference, static)
         say("quality card of the QDQ graphs vs the float graphs (CPU)")
@@ -305,6 +304,86 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
             "nothing was written. Export without quantization (a profile that extends this one "
             "with recipe.quantization none), or keep more op types in recipe.float_ops", report)
     return report
+
+
+def _eval_text(config) -> Path | None:
+    """``--eval-text``, else the shared eval_mansfield_park.txt; None when it is not here."""
+    from .quantize.calibration import DEFAULT_CALIBRATION_TEXT
+
+    path = Path(config.quality.eval_text or
+                DEFAULT_CALIBRATION_TEXT.with_name("eval_mansfield_park.txt"))
+    return path if path.is_file() else None
+
+
+def _float_quality(stage: Path, static: dict, model, config, say) -> dict:
+    """Quality card of the float static graphs vs PyTorch in fp32, both on CPU, with the
+    figures of the QDQ graphs' card (``static_quality``); gate on ``--max-ppl-increase``.
+
+    Parity compares the first chunk + 5 positions; this card reads the whole window (256
+    tokens at most) and generates through the decode graph. An fp16 export loaded the model
+    in fp16: the reference is an fp32 copy of those weights (a bf16 checkpoint's values fit
+    fp16's mantissa; an fp32 one's were rounded)."""
+    import copy
+    import hashlib
+
+    import torch
+
+    from slmedge.runtimes.static_decoder import StaticDecoder
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    from .parity import TorchDecoder
+    from .quantize.calibration import DEFAULT_CALIBRATION_TEXT
+    from .static_quant import static_quality
+
+    t0 = time.perf_counter()
+    text_path = _eval_text(config) or (DEFAULT_CALIBRATION_TEXT
+                                       if DEFAULT_CALIBRATION_TEXT.is_file() else None)
+    if text_path is None:
+        return {"skipped": "no evaluation text found; pass --eval-text FILE"}
+    text = text_path.read_text(encoding="utf-8", errors="replace")  # as _quantize_static
+    ids = TextTokenizer(stage).encode(text[:50_000])
+    candidate = StaticDecoder(stage, static)
+    reference = "PyTorch fp32 on CPU"
+    loaded = next(model.parameters()).dtype
+    if loaded != torch.float32:
+        model = copy.deepcopy(model).float()
+        reference += (f" (an fp32 copy of the {str(loaded).removeprefix('torch.')} weights "
+                      "loaded for this export)")
+    prompt_tokens = min(16, candidate.context // 2)
+    new_tokens = min(16, candidate.context - prompt_tokens)
+    say(f"quality card of the static graphs vs {reference}: {min(256, candidate.context)}-token "
+        f"window, 3 greedy prompts x {new_tokens} tokens")
+    card = static_quality(TorchDecoder(model, candidate.context), candidate, ids, window=256,
+                          prompts=3, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    # the dynamic exports' key (summary lines, reports and bundles read it)
+    card["reference_perplexity"] = card.pop("perplexity_reference")
+    limit = config.quality.max_ppl_increase
+    card.update(reference=reference,
+                candidate="the static prefill / decode graphs on CPU (ONNX Runtime)",
+                eval={"text": str(text_path),
+                      "text_sha256": hashlib.sha256(text_path.read_bytes()).hexdigest(),
+                      "window": card["tokens"], "prompt_tokens": prompt_tokens},
+                gate={"max_ppl_increase": limit, "passed": card["ppl_increase_pct"] <= limit},
+                seconds=round(time.perf_counter() - t0, 2))
+    say(f"quality card: perplexity {card['perplexity']:.3f} vs PyTorch "
+        f"{card['reference_perplexity']:.3f} ({card['ppl_increase_pct']:+.2f}%), greedy "
+        f"agreement {card['greedy_agreement']:.0%}, {card['seconds']:.1f} s")
+    if not card["gate"]["passed"]:
+        raise QualityGateFailed(
+            f"quality gate failed: the static graphs' perplexity is {card['perplexity']:.3f}, "
+            f"{card['ppl_increase_pct']:+.2f}% over PyTorch's {card['reference_perplexity']:.3f} "
+            f"on {card['tokens']} tokens (allowed +{limit:g}%); nothing was written. Parity "
+            "compares the first prefill chunk and a few decode steps only: look at later "
+            "positions of the window (cache slots, attention bias); --max-ppl-increase PCT "
+            "raises the limit", card)
+    return card
+
+
+def _float_card_why(quality: dict) -> str:
+    if "skipped" in quality:
+        return f"no quantization and no quality card: {quality['skipped']}"
+    return ("no quantization: the float graphs' quality card (manifest quality) is vs PyTorch "
+            "fp32 on CPU; no card runs on the accelerator")
 
 
 def static_parity(model, root: Path, static: dict, *, atol: float, rtol: float = 0.0,

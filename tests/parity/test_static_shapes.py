@@ -212,3 +212,130 @@ def test_quality_card_on_the_qnn_htp_emulator_without_cpu_fallback(static_llama,
                  providers=profile.provider_specs(), allow_cpu_fallback=False)
     assert abs(card.ppl_increase_pct) < 1.0  # HTP computes the fp32 graph in fp16
     assert card.greedy["top1_agreement"] >= 0.9
+
+
+# -- the quality card of a float static export (vs PyTorch fp32) --------------------------------
+
+#: A profile like ios-coreml (fp16, no quantization) with the tiny window; .onnx only, so no
+#: ORT-format conversion in the test.
+COREML_TINY = """\
+name: test-coreml
+extends: ios-coreml
+shapes:
+  context_length: 32
+  prefill_chunk: 8
+artifact:
+  formats: [onnx]
+  required_operators_config: false
+"""
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def _check_card_against_pytorch(root, reference_model) -> dict:
+    """The manifest's card of ``root`` vs perplexities computed here: PyTorch's (the
+    reference, fp32) and the graphs' on the card's own window; returns the card."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    card, static = manifest["quality"], manifest["static"]
+    text = Path(card["eval"]["text"])
+    assert hashlib.sha256(text.read_bytes()).hexdigest() == card["eval"]["text_sha256"]
+    ids = TextTokenizer(root).encode(text.read_text(encoding="utf-8", errors="replace")[:50_000])
+    ids = ids[:card["tokens"]]
+    assert card["tokens"] == min(256, static["context_length"]) == len(ids)
+    with torch.no_grad():
+        ref = reference_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    got = StaticDecoder(root, static).logits(ids).astype(np.float32)
+    # The card rounds perplexities to 4 decimals; float64 sums in another order add ~1e-12.
+    # A logit shift of at most d moves each token's log-probability by at most 2d.
+    rounding = 5e-5 + 1e-9 * _perplexity(ref, ids)
+    ppl_ref = _perplexity(ref, ids)
+    assert abs(card["reference_perplexity"] - ppl_ref) <= rounding, (card, ppl_ref)
+    d = float(np.abs(got - ref).max())
+    assert abs(card["perplexity"] - ppl_ref) <= ppl_ref * np.expm1(2 * d) + rounding, (card, d)
+    assert abs(card["perplexity"] - _perplexity(got, ids)) <= rounding
+    assert card["ppl_increase_pct"] == pytest.approx(
+        100 * (card["perplexity"] / card["reference_perplexity"] - 1), abs=1e-3)
+    # greedy agreement: 3 prompts, the decode graph up to the end of the window
+    n = card["new_tokens"]
+    assert card["prompts"] == 3 == len(card["first_divergence"]) and n == 16
+    assert all(0 <= f <= n for f in card["first_divergence"])
+    assert np.mean(card["first_divergence"]) / n <= card["greedy_agreement"] <= 1.0
+    assert 0 <= card["kl_mean"] and card["cosine_min"] <= card["cosine_mean"] <= 1.0 + 1e-6
+    assert card["gate"] == {"max_ppl_increase": 5.0, "passed": True}
+    assert "quality card (manifest quality) is vs PyTorch fp32 on CPU" in \
+        manifest["verification"]["device_card"]["why"]
+    return card
+
+
+def test_float_static_export_has_a_quality_card_vs_pytorch(static_llama, tiny_dir):
+    """Every artifact gets a card: the fp32 static graphs vs the PyTorch model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"),
+                                                 attn_implementation="sdpa").eval()
+    card = _check_card_against_pytorch(static_llama, model)
+    assert card["reference"] == "PyTorch fp32 on CPU"
+    # fp32 graphs: PyTorch's greedy tokens, all of them
+    assert card["greedy_agreement"] == 1.0 and card["first_divergence"] == [16] * 3
+    assert card["cosine_min"] > 0.9999 and card["kl_mean"] < 1e-8
+
+
+def test_fp16_static_export_card_has_an_fp32_reference(tmp_path, tiny_dir, capsys):
+    """ios-coreml exports fp16 and loads the model in fp16: the card's reference is an fp32
+    copy of those weights, not PyTorch computing in fp16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmedge.tools.cli import main
+
+    profile = tmp_path / "test-coreml.yaml"
+    profile.write_text(COREML_TINY)
+    out = tmp_path / "coreml"
+    code = main(["export", "--model", str(tiny_dir("llama")), "--output", str(out),
+                 "--profile", str(profile), "--json"])
+    assert code == 0, capsys.readouterr().err
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.float16,
+                                                 attn_implementation="sdpa").eval().float()
+    card = _check_card_against_pytorch(out, model)
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["dtype"] == "fp16"
+    assert "fp32 copy of the float16 weights" in card["reference"]
+
+
+def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, tiny_dir,
+                                                                     capsys, monkeypatch):
+    """A float static graph whose card is over --max-ppl-increase fails as a quantized one
+    does: exit 3, nothing written. The graphs here are fine, so the card is made worse."""
+    from slmedge.exporter import static_quant
+    from slmedge.runtimes.errors import EXIT_QUALITY_GATE
+    from slmedge.tools.cli import main
+
+    real = static_quant.static_quality
+
+    def worse(*args, **kwargs):
+        card = real(*args, **kwargs)
+        card["perplexity"] = card["perplexity_reference"] * 1.06
+        card["ppl_increase_pct"] = 6.0
+        return card
+
+    monkeypatch.setattr(static_quant, "static_quality", worse)
+    profile = tmp_path / "test-coreml.yaml"
+    profile.write_text(COREML_TINY.replace("extends: ios-coreml", "extends: android-nnapi"))
+    out = tmp_path / "gated"
+    code = main(["export", "--model", str(tiny_dir("llama")), "--output", str(out),
+                 "--profile", str(profile)])
+    err = capsys.readouterr().err
+    assert code == EXIT_QUALITY_GATE, err
+    assert "quality gate failed" in err and "+6.00%" in err and "--max-ppl-increase" in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["test-coreml.yaml"]
