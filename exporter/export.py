@@ -168,11 +168,11 @@ def run_export(
     """Export, verify and write an artifact; returns the manifest.
 
     ``command`` is recorded in the manifest (default: this process's ``sys.argv``)."""
-    if config.profile:  # the device profile's recipe decides the rest
-        from .profile_export import run_profile_export
-
-        return run_profile_export(config, progress)
     with quiet_libraries():
+        if config.profile:  # the device profile's recipe decides the rest
+            from .profile_export import run_profile_export
+
+            return run_profile_export(config, progress)
         return _run_export(config, progress, command)
 
 
