@@ -426,6 +426,32 @@ def static_bundle(tmp_path_factory, tiny_dir) -> Path:
     return out
 
 
+def test_static_bundles_carry_the_quality_card(capsys, static_bundle, tmp_path_factory,
+                                              tiny_dir, tmp_path):
+    """A float static export's card (vs PyTorch) is its manifest's ``quality``; a quantized
+    one's (vs the float graphs) is ``quantization.quality``: the bundle carries either."""
+    from static_fixtures import TEST_PROFILE, static_artifact_path
+
+    float_source = manifest_of(static_artifact_path(tmp_path_factory, tiny_dir))
+    assert manifest_of(static_bundle)["quality"] == float_source["quality"]
+    assert float_source["quality"]["reference"] == "PyTorch fp32 on CPU"
+    profile = tmp_path / "test-npu-int8.yaml"
+    profile.write_text(TEST_PROFILE.replace("name: test-npu", "name: test-npu-int8")
+                       + "recipe:\n  quantization: int8-static\n"
+                       "artifact:\n  formats: [onnx]\n  required_operators_config: false\n")
+    artifact, out = tmp_path / "int8", tmp_path / "bundle"
+    code, _, err = run(capsys, "export", "--model", tiny_dir("llama"), "--output", artifact,
+                       "--profile", profile, "--quant", "int8-static", "--calib-samples", "8")
+    assert code == 0, err
+    source = manifest_of(artifact)
+    assert "quality" not in source and source["quantization"]["label"].startswith("int8-static")
+    code, _, err = run(capsys, "bundle", artifact, "--profile", profile, "-o", out)
+    assert code == 0, err
+    quality = manifest_of(out)["quality"]
+    assert quality is not None and quality == source["quantization"]["quality"]
+    assert quality["judged_on"] == "cpu" and quality["cpu"]["perplexity"] > 0
+
+
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
                "tensor(int64)": "int64"}
 
