@@ -34,10 +34,10 @@ WORK = REPO / "artifacts" / "bench"
 #: variant -> (slmedge quantize flags, GenAI builder precision)
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "fp32": ((), "fp32"),
-    # int4 body (HQQ, zero points folded) with a split lm_head (the 4096 rows of the token
-    # groups most frequent in the calibration text int8, the rest int4: head_split.py) and
-    # the embedding table int4 (GatherBlockQuantized), as GenAI's int4 has
-    "int4": (("--quant", "int4", "--lm-head", "int4", "--lm-head-int8-tokens", "4096",
+    # int4 body (HQQ, zero points folded) with a split lm_head (the 8192 rows of the token
+    # groups most frequent in the calibration text int8, the rest symmetric int4:
+    # head_split.py) and the embedding table int4 (GatherBlockQuantized), as GenAI's int4 has
+    "int4": (("--quant", "int4", "--lm-head", "int4", "--lm-head-int8-tokens", "8192",
               "--embedding", "int4"), "int4"),
     # the quantizer's default int4 recipe: lm_head int8
     "int4-head8": (("--quant", "int4"), "int4"),

@@ -92,7 +92,8 @@ class QuantRecipe(BaseModel):
     )
     lm_head_int8_tokens: int = Field(
         0, ge=0, description="with lm_head int4: the rows of up to this many tokens, the most "
-        "frequent in the calibration text, stay int8 (a split lm_head: head_split.py); 0: none",
+        "frequent in the calibration text, stay int8 and the rest are symmetric int4 RTN (a split "
+        "lm_head: head_split.py); 0: none",
     )
     embedding: TensorPrecision = Field(
         TensorPrecision.float, description="embedding table precision (int4: GatherBlockQuantized)"

@@ -86,15 +86,16 @@ def test_recipe_needs_an_int4_lm_head_to_split():
 
 def test_quantized_split_head_on_a_tiny_model(tiny_artifact, tmp_path):
     """Calibration tokens pick the int8 rows. The other rows are quantized exactly as in an
-    all-int4 lm_head (same logits); the int8 rows are much closer to a float lm_head than
-    there. The reference has the same (int8) decoder layers and a float lm_head, so the
-    difference measured is the lm_head's own."""
+    all-int4 symmetric RTN lm_head (same logits); the int8 rows are much closer to a float
+    lm_head than there. The reference has the same (int8) decoder layers and a float lm_head,
+    so the difference measured is the lm_head's own."""
     import json
 
     art = tiny_artifact("llama")
     layers = json.loads((art / "manifest.json").read_text())["architecture"]["num_layers"]
     calib = [int(t) for t in np.random.default_rng(2).integers(0, 24, 400)]  # tokens 0..23
-    common = dict(scheme="int4", algorithm="rtn", lm_head="int4", keep_layers=list(range(layers)))
+    common = dict(scheme="int4", algorithm="rtn", symmetric=True, lm_head="int4",
+                  keep_layers=list(range(layers)))
     split_out, all4_out = tmp_path / "split.onnx", tmp_path / "all4.onnx"
     report = quantize_model(art / "model.onnx", split_out,
                             QuantRecipe(**common, lm_head_int8_tokens=16), calibration_ids=calib)
@@ -145,6 +146,31 @@ def test_auto_tries_a_split_lm_head_between_int4_and_int8_heads():
     user = QuantRecipe(scheme="int4", lm_head="int4", lm_head_int8_tokens=1024)
     heads = {(r.lm_head.value, r.lm_head_int8_tokens) for r, _ in candidates(user, _facts(49152))}
     assert ("int8", 0) in heads and ("float", 0) in heads
+
+
+def test_split_head_int4_rows_have_no_zero_point_correction(tiny_artifact, tmp_path):
+    """With an HQQ body (float zero points, folded into correction MatMuls) the split
+    lm_head's int4 rows are symmetric RTN: no zero points, so no correction MatMul over the
+    vocabulary, while the body's projections keep theirs."""
+    art = tiny_artifact("llama")
+    calib = [int(t) for t in np.random.default_rng(3).integers(0, 24, 400)]
+    out = tmp_path / "split-hqq.onnx"
+    quantize_model(art / "model.onnx", out, QuantRecipe(scheme="int4", lm_head="int4",
+                                                        lm_head_int8_tokens=16),
+                   calibration_ids=calib)
+    graph = onnx.load(str(out), load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.output[0] == "logits")
+    concat = next(n for n in graph.node if n.output[0] == gather.input[0])
+    heads = {n.output[0]: n for n in graph.node if n.op_type == "MatMulNBits"
+             and n.output[0] in concat.input}
+    assert len(heads) == 2  # int8 rows, int4 rows: both straight into the Concat
+    bits = {next(a.i for a in n.attribute if a.name == "bits"): n for n in heads.values()}
+    assert len(bits[4].input) == 3  # the int4 rows: no zero points at all
+    inits = {t.name: t for t in graph.initializer}  # the int8 rows: integer ones, if any
+    assert all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8
+               for n in heads.values() if len(n.input) > 3)
+    folded = [n for n in graph.node if n.op_type == "Add" and "zp_fold" in n.name]
+    assert folded and not any(n.output[0] in concat.input for n in folded)
 
 
 @pytest.mark.parametrize("algorithm", ["k_quant", "rtn"])
