@@ -45,6 +45,12 @@ from slmedge.device_profiles.schema import ArtifactFormat, ShapePolicy
 from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
 from slmedge.runtimes.bench import LAST_BENCH_NAME
 from slmedge.runtimes.errors import ArtifactError, UnsupportedError, UsageError
+from slmedge.runtimes.ort_format import (
+    ORT_FORMAT_MINIMUM,  # noqa: F401  (re-exported: the bundle tests read it here)
+    format_requirement,
+    raise_minimum,
+    read_ort_header,
+)
 from slmedge.runtimes.verify import minimum_onnxruntime, open_bundle_decoder
 
 from .bundle_snippets import genai_dependency, litert_version, render_snippets
@@ -390,32 +396,22 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
     return Layout("ort", why, ship, {o: g for g, o in to_ort.items()}, model_file, static, copies)
 
 
-#: ORT format version -> the first ONNX Runtime release that reads it. Older releases do not
-#: read newer versions ("We don't generally support forwards compatibility. v6 was introduced
-#: in ORT 1.16.0", microsoft/onnxruntime#20670); v5: the compatibility table of
-#: onnxruntime.ai/docs/performance/model-optimizations/ort-format-models.html.
-ORT_FORMAT_MINIMUM = {5: (1, 13), 6: (1, 16)}
+def ort_format_version(path: Path) -> int:
+    """The ORT format version an ``.ort`` file was written in (``InferenceSession.ort_version``;
+    an :class:`~slmedge.runtimes.ort_format.OrtFormatError` if it is no valid ORT file)."""
+    return read_ort_header(path)["format_version"]
 
 
-def ort_format_version(path: Path) -> int | None:
-    """The ORT format version an ``.ort`` file was written in (``InferenceSession.ort_version``)."""
-    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
-
-    try:
-        return int(InferenceSession.InferenceSession.GetRootAs(path.read_bytes(), 0).OrtVersion())
-    except (ValueError, TypeError, IndexError):
-        return None
-
-
-def _ort_format_requirements(ort_files: dict[str, Path]) -> list[tuple[tuple[int, int] | None, str]]:
-    """``(first ONNX Runtime release that reads it, why)`` per ``.ort`` file (None: unknown)."""
-    out = []
-    for name, path in ort_files.items():
-        version = ort_format_version(path)
-        first = ORT_FORMAT_MINIMUM.get(version)
-        out.append((first, f"{name}: ORT format v{version}" + (
-            f", read from ONNX Runtime {first[0]}.{first[1]} on" if first else
-            ", not in slmedge's table of ORT format versions")))
+def ort_graph_facts(ort_files: dict[str, Path], converted_with: str | None) -> dict[str, dict]:
+    """Per ``.ort`` file of a bundle: its ORT format version, the first ONNX Runtime release
+    that reads it, its IR version and opsets (read from the file), and the onnxruntime that
+    converted it (the file does not record it; the artifact manifest's ``versions`` does)."""
+    out = {}
+    for name, path in sorted(ort_files.items()):
+        header = read_ort_header(path, name)
+        first, _ = format_requirement(name, header["format_version"])
+        out[name] = {**header, "minimum_onnxruntime": f"{first[0]}.{first[1]}" if first else None,
+                     "converted_with": converted_with}
     return out
 
 
@@ -428,15 +424,9 @@ def _runtime_section(facts: dict, src: dict, ort_files: dict[str, Path] | None =
                       "export_versions": src.get("tflite", {}).get("versions")}, None
     import onnxruntime as ort
 
-    minimum = minimum_onnxruntime(facts)
-    for first, why in _ort_format_requirements(ort_files or {}):
-        have = tuple(int(x) for x in minimum["version"].split("."))
-        if first is None:
-            minimum["unknown"] = [*minimum["unknown"], why]
-        elif first > have:
-            minimum = {**minimum, "version": f"{first[0]}.{first[1]}", "because": [why]}
-        elif first == have:
-            minimum["because"] = [*minimum["because"], why]
+    minimum = raise_minimum(minimum_onnxruntime(facts), [
+        format_requirement(name, read_ort_header(path, name)["format_version"])
+        for name, path in sorted((ort_files or {}).items())])
     return ({"minimum": minimum["version"], "because": minimum["because"],
              "unknown_ops": minimum["unknown"], "verified_with": ort.__version__},
             None, minimum["version"])
@@ -515,7 +505,10 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
                              "weights_copies": layout.weights_copies,
                              "converted_from": {g: s for g, s in layout.graphs.items() if g != s}},
             **({"static": static} if static else {}),
-            **({"ort_format": src["ort_format"]} if layout.format == "ort" else {}),
+            **({"ort_format": {**src["ort_format"], "graphs": ort_graph_facts(
+                {g: stage / g for g in layout.graphs},
+                (src.get("versions") or {}).get("onnxruntime"))}}
+               if layout.format == "ort" else {}),
             **({"tflite": src["tflite"]} if src.get("tflite") else {}),
             "architecture": src.get("architecture"), "stop_token_ids": src.get("stop_token_ids"),
             "profile": {"name": profile.name, **profile.model_dump(mode="json")},

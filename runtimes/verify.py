@@ -6,14 +6,18 @@ Three checks, in order, each a clear error:
    (missing / truncated / altered -> :class:`ArtifactError`, exit 1, naming the file);
 2. the graphs' ONNX IR version, opset and contrib ops are ones the named ONNX Runtime
    version runs (too new -> :class:`UnsupportedOp`, exit 4, naming the opset or op; a TFLite
-   bundle has no ONNX graphs, so ``--runtime-version`` is a usage error there);
+   bundle has no ONNX graphs, so ``--runtime-version`` is a usage error there); each ``.ort``
+   file's header is read (:mod:`slmedge.runtimes.ort_format`; not an ORT FlatBuffers file ->
+   :class:`~slmedge.runtimes.ort_format.OrtFormatError`, exit 1, naming it) and its ORT format
+   version must be one the named release loads (exit 4 naming the file, its format version
+   and the first release that reads it);
 3. a short parity check: the prompt recorded at bundle time through slmedge's own
    runtime (ONNX Runtime, or LiteRT via ai-edge-litert for a ``.tflite``) gives the same
    greedy tokens and first-step logits as were recorded then.
 
 The version table below is what :mod:`slmedge.exporter.bundle` uses to write the bundle's
-``minimum_onnxruntime``; keeping both in this torch-free module means bundle and verify
-can never disagree.
+``minimum_onnxruntime`` (raised by the ORT format table of :mod:`.ort_format` for ``.ort``
+files); keeping both in torch-free modules means bundle and verify can never disagree.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from .artifact import MANIFEST_NAME, open_artifact, sha256_file
 from .errors import ArtifactError, QualityGateFailed, UnsupportedOp, UsageError
+from .ort_format import format_problem, format_requirement, raise_minimum, read_ort_header
 
 # -- what each ONNX Runtime release runs ----------------------------------------------------
 #
@@ -160,12 +165,15 @@ class VerifyReport:
     files_checked: int = 0
     runtime_version: str | None = None
     minimum_onnxruntime: str | None = None
+    #: per ``.ort`` file: format_version, minimum_onnxruntime, ir_version, opset, converted_with
+    ort_files: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "ok": True, "files_checked": self.files_checked,
                 "runtime_version": self.runtime_version,
-                "minimum_onnxruntime": self.minimum_onnxruntime, "parity": self.parity}
+                "minimum_onnxruntime": self.minimum_onnxruntime, "ort_files": self.ort_files,
+                "parity": self.parity}
 
 
 def read_bundle_manifest(root: Path) -> dict:
@@ -204,6 +212,25 @@ def check_files(root: Path, manifest: dict) -> int:
                             f"fail the check: {'; '.join(problems)} — copy the bundle again or "
                             "rebuild it with slmedge bundle")
     return len(manifest.get("files", {}))
+
+
+def check_ort_files(root: Path, manifest: dict) -> dict[str, dict]:
+    """Read the header of every ``.ort`` file the manifest lists: ``{name: {format_version,
+    minimum_onnxruntime, ir_version, opset, converted_with}}``. The producing onnxruntime is
+    not in the file; it comes from the manifest (``ort_format.graphs``; None in bundles written
+    before slmedge recorded it). Raises naming a file that is no ORT FlatBuffers file."""
+    recorded = (manifest.get("ort_format") or {}).get("graphs") or {}
+    out = {}
+    for rel in sorted(manifest.get("files", {})):
+        if not rel.lower().endswith(".ort"):
+            continue
+        header = read_ort_header(root / rel, f"{root / rel}")
+        first, _ = format_requirement(rel, header["format_version"])
+        out[rel] = {"format_version": header["format_version"],
+                    "minimum_onnxruntime": format_version(first) if first else None,
+                    "ir_version": header["ir_version"], "opset": header["opset"],
+                    "converted_with": (recorded.get(rel) or {}).get("converted_with")}
+    return out
 
 
 def open_bundle_decoder(artifact, threads: int = 1):
@@ -259,7 +286,11 @@ def verify_bundle(path: str | Path, runtime_version: str | None = None,
     report = VerifyReport(bundle=str(root))
     report.files_checked = check_files(root, manifest)
     graphs = manifest.get("onnx", {})
-    report.minimum_onnxruntime = minimum_onnxruntime(graphs)["version"] if graphs else None
+    report.ort_files = check_ort_files(root, manifest)
+    ort_needs = [format_requirement(rel, facts["format_version"])
+                 for rel, facts in report.ort_files.items()]
+    report.minimum_onnxruntime = raise_minimum(minimum_onnxruntime(graphs), ort_needs)["version"] \
+        if graphs or ort_needs else None
     if runtime_version and manifest.get("format") == "tflite":
         raise UsageError(
             f"--runtime-version names an ONNX Runtime release, and {root} is a TFLite bundle "
@@ -268,13 +299,20 @@ def verify_bundle(path: str | Path, runtime_version: str | None = None,
     if runtime_version:
         wanted = parse_version(runtime_version)
         report.runtime_version = format_version(wanted)
-        problems = runtime_problems(graphs, wanted)
-        if problems:
+        graph_problems = runtime_problems(graphs, wanted)
+        ort_problems = [
+            problem for rel, facts in report.ort_files.items()
+            if (problem := format_problem(rel, facts["format_version"], wanted,
+                                          facts["converted_with"]))]
+        if graph_problems or ort_problems:
+            fixes = (["export with a lower --opset / without fusion"] if graph_problems else []) \
+                + (["convert the .ort files with that onnxruntime release, or ship the .onnx "
+                    "graphs (slmedge bundle --format onnx)"] if ort_problems else [])
             raise UnsupportedOp(
                 f"ONNX Runtime {format_version(wanted)} cannot run this bundle: "
-                f"{'; '.join(problems)} — the bundle needs ONNX Runtime "
-                f">= {report.minimum_onnxruntime}; update the app's runtime, or export with a "
-                "lower --opset / without fusion for an older one")
+                f"{'; '.join(graph_problems + ort_problems)} — the bundle needs ONNX Runtime "
+                f">= {report.minimum_onnxruntime}; update the app's runtime, or "
+                f"{' and '.join(fixes)} for an older one")
     if parity:
         report.parity = check_parity(root, manifest, threads=threads)
     return report

@@ -78,6 +78,14 @@ def cmd_verify(args) -> int:
     if report.runtime_version:
         line += f"; runs on ONNX Runtime {report.runtime_version} (needs >= " \
                 f"{report.minimum_onnxruntime})"
+    by_format: dict[tuple, list[str]] = {}
+    for rel, facts in report.ort_files.items():
+        key = (facts["format_version"], facts["minimum_onnxruntime"], facts["converted_with"])
+        by_format.setdefault(key, []).append(rel)
+    for (version, first, made), names in by_format.items():
+        line += (f"; {', '.join(names)}: ORT format v{version}"
+                 + (f", read from ONNX Runtime {first} on" if first else "")
+                 + (f", converted by onnxruntime {made}" if made else ""))
     if parity and "skipped" not in parity:
         line += (f"; parity: {parity['tokens']} greedy tokens match, first-step logits max "
                  f"|diff| {parity['max_abs_diff']:.1e}")
@@ -116,8 +124,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "verify", help="re-check a bundle: hashes, runtime version, parity",
         description="Re-hash every file against the bundle manifest (exit 1 naming a missing, "
-        "truncated or altered file), check opset / IR version / contrib ops against "
-        "--runtime-version (exit 4 naming the op or opset), then replay the recorded prompt "
+        "truncated or altered file), read each .ort file's ORT format version (exit 1 naming "
+        "a file that is no ORT format file), check opset / IR version / contrib ops and the "
+        "ORT format version against --runtime-version (exit 4 naming the op, opset or .ort "
+        "file), then replay the recorded prompt "
         "and compare greedy tokens and logits (exit 3 if they differ). Needs only onnxruntime "
         "and numpy (ai-edge-litert for a TFLite bundle).",
         epilog=EXIT_CODES_HELP, formatter_class=fmt)
