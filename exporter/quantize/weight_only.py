@@ -18,6 +18,7 @@ import onnx
 from .graph import GraphFacts
 from .head_split import group_size, split_lm_head
 from .recipe import Int4Algorithm, QuantRecipe, TensorPrecision
+from .tied_table import share_tied_int4_table
 
 Say = Callable[[str], None]
 
@@ -233,4 +234,6 @@ def quantize_weight_only(
         say(f"embedding -> GatherBlockQuantized int4 (block {recipe.block_size})")
         model = _quantize_embedding(model, facts, recipe)
         precision.update({g: "int4" for g in facts.embedding_gathers})
+        if share_tied_int4_table(model):
+            say("embedding lookup reads the tied lm_head's int4 table (stored once)")
     return model, precision

@@ -1,0 +1,98 @@
+"""One int4 table for a tied embedding and ``lm_head``.
+
+With tied embeddings and both the ``lm_head`` and the embedding at int4, ONNX Runtime's
+quantizer writes the table twice: ``MatMulNBits`` weights ``[vocab, K / bs, bs / 2]`` (uint8,
+two 4-bit values a byte, zero point 8) for the ``lm_head`` and an int4 ``[vocab, K]`` table
+for ``GatherBlockQuantized``. When the two hold the same values (symmetric RTN of the same
+block size quantizes the same rows the same way) and the same scales, the lookup can read
+the ``lm_head``'s bytes through a ``Reshape`` to ``[vocab, K / 2]`` (``GatherBlockQuantized``
+with ``bits=4`` over uint8 data takes 8 as its zero point, as ``MatMulNBits`` does), the
+layout ONNX Runtime GenAI's builder writes. SmolLM2-135M: 18 MB less of 104.5.
+
+Only byte-identical tables are shared, so the graph computes exactly what it did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _as_mnb_bytes(table: np.ndarray) -> np.ndarray:
+    """A signed int4 ``[vocab, K]`` table as MatMulNBits' packed uint8 ``[vocab, K / 2]``."""
+    u = (table.astype(np.int16) + 8).astype(np.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+
+
+def share_tied_int4_table(model: onnx.ModelProto) -> list[str]:
+    """Point each ``GatherBlockQuantized`` whose int4 table equals an int4 ``MatMulNBits``'s
+    weights at those weights (in place); returns the rewritten lookups' names."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    heads = []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) > 3 and any(node.input[3:]):
+            continue  # zero points, g_idx or bias: not the plain symmetric layout
+        a = _attrs(node)
+        if a.get("bits") != 4 or node.input[1] not in inits or node.input[2] not in inits:
+            continue
+        heads.append((node, a))
+    if not heads:
+        return []
+    shared, dropped = [], set()
+    for node in graph.node:
+        if node.op_type != "GatherBlockQuantized" or len(node.input) != 3:
+            continue
+        a = _attrs(node)
+        data, scales = inits.get(node.input[0]), inits.get(node.input[2])
+        if (data is None or scales is None or data.data_type != TensorProto.INT4
+                or a.get("gather_axis", 0) != 0 or a.get("quantize_axis", 1) != 1
+                or len(data.dims) != 2):
+            continue
+        vocab, k = data.dims
+        for head, ha in heads:
+            if ha["N"] != vocab or ha["K"] != k or ha["block_size"] != a.get("block_size", 128):
+                continue
+            h_data, h_scales = inits[head.input[1]], inits[head.input[2]]
+            if scales.data_type != h_scales.data_type:
+                continue
+            s_own = numpy_helper.to_array(scales).reshape(-1)
+            s_head = numpy_helper.to_array(h_scales).reshape(-1)
+            if s_own.shape != s_head.shape or not np.array_equal(s_own, s_head):
+                continue
+            packed = numpy_helper.to_array(h_data).reshape(vocab, -1)
+            if not np.array_equal(_as_mnb_bytes(numpy_helper.to_array(data)), packed):
+                continue
+            base = node.name or node.output[0]
+            shape = numpy_helper.from_array(np.array([vocab, k // 2], np.int64), f"{base}/tied_shape")
+            graph.initializer.append(shape)
+            table = f"{base}/tied_table"
+            reshape = helper.make_node("Reshape", [head.input[1], shape.name], [table],
+                                       name=f"{base}/tied_reshape")
+            scale_in = head.input[2]
+            if list(h_scales.dims) != [vocab, int(np.ceil(k / ha["block_size"]))]:
+                s_shape = numpy_helper.from_array(
+                    np.array([vocab, -1], np.int64), f"{base}/tied_scale_shape")
+                graph.initializer.append(s_shape)
+                scale_in = f"{base}/tied_scales"
+                graph.node.insert(0, helper.make_node("Reshape", [head.input[2], s_shape.name],
+                                                      [scale_in], name=scale_in))
+            graph.node.insert(0, reshape)
+            dropped |= {node.input[0], node.input[2]}
+            node.input[0], node.input[2] = table, scale_in
+            for attr in list(node.attribute):
+                if attr.name == "bits":
+                    node.attribute.remove(attr)
+            node.attribute.append(helper.make_attribute("bits", 4))
+            shared.append(node.name)
+            break
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name not in dropped or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return shared
