@@ -47,7 +47,11 @@ class StaticDecoder:
     """The :class:`~slmedge.runtimes.generation.Decoder` of a static-shape artifact."""
 
     def __init__(self, root: str | Path, static: dict, *, threads: int | None = None,
-                 providers=None, strict: bool = False, allow_cpu_fallback: bool = True):
+                 providers=None, strict: bool = False, allow_cpu_fallback: bool = True,
+                 share_weights: bool = False):
+        """``share_weights``: both sessions compute from one read-only mapping of the
+        weights file (``runtimes.shared_weights``; CPU provider only, pre-packing off: less
+        memory, slower prefill). :attr:`weight_sharing` says what was shared, or why not."""
         from .onnx_decoder import make_session
         from .providers import placement_of
 
@@ -62,7 +66,20 @@ class StaticDecoder:
                                 "export the artifact again") from None
         kwargs = dict(threads=threads, providers=providers, strict=strict,
                       allow_cpu_fallback=allow_cpu_fallback)
-        self.sessions = {kind: make_session(path, **kwargs) for kind, path in files.items()}
+        self.shared_weights = None
+        self.weight_sharing: dict = {"enabled": False, "reason": "share_weights is off"}
+        if share_weights:
+            self.shared_weights, self.weight_sharing = _share(files, providers)
+        self.sessions = {}
+        for kind, path in files.items():
+            shared = self.shared_weights
+            if shared is None:
+                self.sessions[kind] = make_session(path, **kwargs)
+                continue
+            self.sessions[kind] = make_session(path, session_options=shared.session_options(path),
+                                               **kwargs)
+            # the OrtValues must outlive every session that uses them
+            self.sessions[kind]._slmedge_shared_weights = shared
         self.model_path = files["decode"]
         self.placement = {kind: placement_of(s) for kind, s in self.sessions.items()}
         inputs = {i.name: i for i in self.sessions["decode"].get_inputs()}
@@ -142,14 +159,39 @@ class StaticDecoder:
             self.reset()
 
 
+def _share(files: dict[str, Path], providers) -> tuple:
+    """(SharedWeights or None, the report) for the graphs ``files`` on ``providers``."""
+    from .providers import CPU
+    from .shared_weights import SharedWeights
+
+    others = [name for name, _ in (providers or []) if name != CPU]
+    if others:
+        # QNN / CoreML / NNAPI compile the graph and copy the weights into their own model;
+        # user-owned initializers were not verified there, so those sessions stay as they were.
+        return None, {"enabled": False, "reason": f"sessions on {', '.join(others)}: weights "
+                      "are shared on the CPU provider only"}
+    if any(p.suffix != ".onnx" for p in files.values()):
+        return None, {"enabled": False, "reason": "ORT-format graphs hold their own weights"}
+    try:
+        shared = SharedWeights(files.values())
+    except (OSError, ValueError) as e:  # ONNX Runtime's own load says what is wrong
+        return None, {"enabled": False, "reason": f"could not read the graphs' weights: {e}"}
+    if not shared.tensors:
+        return None, {"enabled": False, "reason": "no tensor in an external-data file"}
+    report = shared.report(files.values())
+    report["per_graph"] = {kind: report["per_graph"][p.name] for kind, p in files.items()}
+    return shared, report
+
+
 def open_decoder(artifact, *, threads: int | None = None, providers=None, strict: bool = False,
-                 allow_cpu_fallback: bool = True):
-    """The decoder an artifact needs: static-shape graphs or the dynamic KV-cache graph."""
+                 allow_cpu_fallback: bool = True, share_weights: bool = False):
+    """The decoder an artifact needs: static-shape graphs or the dynamic KV-cache graph.
+    ``share_weights`` applies to static graphs (one session otherwise: nothing to share)."""
     static = artifact.manifest.get("static")
     kwargs = dict(threads=threads, providers=providers, strict=strict,
                   allow_cpu_fallback=allow_cpu_fallback)
     if static:
-        return StaticDecoder(artifact.root, static, **kwargs)
+        return StaticDecoder(artifact.root, static, share_weights=share_weights, **kwargs)
     from .onnx_decoder import OnnxDecoder
 
     return OnnxDecoder(artifact.model_path, **kwargs)
