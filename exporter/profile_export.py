@@ -195,8 +195,12 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                 f"{parity['max_abs_diff']:.3g} (allowed {parity['atol']:.3g}); nothing was written",
                 parity)
         quant = quality = None
+        static_doc = info.to_manifest()
         if config.quant is not None:
             quant = _quantize_static(stage, info.to_manifest(), config, profile, say)
+            # the QDQ graphs rewrote model.onnx.data: the float export's byte counts are stale
+            static_doc.update(weights_bytes=quant["weights_bytes"],
+                              weights_bytes_saved_by_sharing=quant["weights_bytes_saved_by_sharing"])
         else:
             quality = _float_quality(stage, info.to_manifest(), model, config, say)
         manifest = write_manifest(
@@ -211,7 +215,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
                            "quant": quant["label"] if quant else None,
                            "fuse_norms": fuse_norms, "device_card": _device_card(config)},
                 **({"quantization": quant} if quant else {"quality": quality}),
-                "static": info.to_manifest(),
+                "static": static_doc,
                 "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
                 "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
                          "decode": onnx_facts(stage / DECODE_FILE)},

@@ -582,6 +582,9 @@ def test_static_bundles_carry_the_quality_card(capsys, static_bundle, tmp_path_f
     assert code == 0, err
     source = manifest_of(artifact)
     assert "quality" not in source and source["quantization"]["label"].startswith("int8-static")
+    # the static section counts the quantized weights, not the float export's
+    static = source["static"]
+    assert static["weights_bytes"] == (artifact / static["weights_file"]).stat().st_size
     code, _, err = run(capsys, "bundle", artifact, "--profile", profile, "-o", out)
     assert code == 0, err
     quality = manifest_of(out)["quality"]
