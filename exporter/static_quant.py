@@ -318,18 +318,69 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
             protos[file] = onnx.load(str(dst))
         for stale in (PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE):
             (root / stale).unlink()
+        head = lm_head_precision(protos[DECODE_FILE])
         written, saved = share_weights(protos, root)
     finally:
         for p in sorted(work.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
         work.rmdir()
-    return {"scheme": recipe.scheme.value, "label": recipe.label(),
+    label, head_doc = label_as_built(recipe, head)
+    return {"scheme": recipe.scheme.value, "label": label, "lm_head": head_doc,
             "float_ops": float_ops, "kept_float": kept, "tables": tables,
             "ranges": (f"one per tensor, shared by the prefill and decode graphs ({shared} "
                        "tensors in both: the union of their calibrated ranges)") if ranges
                       else "per graph (this onnxruntime takes no precomputed ranges)",
             "weights_bytes": written, "weights_bytes_saved_by_sharing": saved,
             "calibration_samples": {k: len(v) for k, v in feeds.items()}}
+
+
+_QUANT_BITS = {onnx.TensorProto.UINT8: "int8", onnx.TensorProto.INT8: "int8",
+               onnx.TensorProto.UINT16: "int16", onnx.TensorProto.INT16: "int16",
+               onnx.TensorProto.UINT4: "int4", onnx.TensorProto.INT4: "int4"}
+
+
+def label_as_built(recipe, head: str | None) -> tuple[str, dict]:
+    """The recipe's label with its lm_head part saying how the graph holds the lm_head
+    (``lm_head_precision``), and the manifest's ``lm_head`` entry.
+
+    A tied lm_head reads Transpose(table): there is no constant weight for the recipe's
+    lm_head rule to see, so the MatMul took the activation rule (its weight quantized like an
+    activation, per tensor: 16-bit under a16w8)."""
+    label, doc = recipe.label(), {"precision": head}
+    asked = recipe.lm_head_precision.value
+    token = {"float": "headf", "int8": "head8", "int4": "head4"}[asked]
+    if head is not None and head != asked and token in label:
+        label = label.replace(token, "head" + ("f" if head == "float" else head[3:]))
+        doc["why"] = (f"the recipe asks {asked}; the lm_head reads its weight through a "
+                      "Transpose (tied embeddings), so it was quantized with the activations")
+    return label, doc
+
+
+def lm_head_precision(model: onnx.ModelProto) -> str | None:
+    """How the weight of the MatMul writing ``logits`` is held in a QDQ graph: ``float``, or
+    ``int8`` / ``int16`` / ``int4`` after the DequantizeLinear that feeds it (its zero
+    point's type); None when the graph has no such MatMul."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    name = "logits"
+    for _ in range(8):  # through the output's own Q/DQ pair and pass-through ops
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in ("MatMul", "Gemm"):
+            break
+        name = node.input[0]
+    else:
+        return None
+    weight = producer.get(node.input[1])
+    if weight is None or weight.op_type != "DequantizeLinear":
+        return "float"
+    zp = inits.get(weight.input[2]) if len(weight.input) > 2 and weight.input[2] else None
+    if zp is None:  # DequantizeLinear without a zero point: the type of its input
+        source = inits.get(weight.input[0])
+        return _QUANT_BITS.get(source.data_type, "quantized") if source is not None else "int8"
+    return _QUANT_BITS.get(zp.data_type, "quantized")
 
 
 def static_quality(reference: StaticDecoder, candidate: StaticDecoder, token_ids: list[int], *,

@@ -582,6 +582,10 @@ def test_static_bundles_carry_the_quality_card(capsys, static_bundle, tmp_path_f
     assert code == 0, err
     source = manifest_of(artifact)
     assert "quality" not in source and source["quantization"]["label"].startswith("int8-static")
+    # an untied lm_head (a constant weight) stays float as the recipe says, and the label
+    # read from the graph agrees
+    assert source["quantization"]["lm_head"] == {"precision": "float"}
+    assert source["quantization"]["label"].endswith("headf")
     # the static section counts the quantized weights, not the float export's
     static = source["static"]
     assert static["weights_bytes"] == (artifact / static["weights_file"]).stat().st_size

@@ -177,3 +177,37 @@ def test_a_tied_embedding_lookup_reads_the_quantized_table():
     assert {"lookup", "residual", "pow", "lm_head"} <= untied and tensors == {"emb", "h"}
     tied, tensors = residual_stream(graph(True), ["lookup"])
     assert "lookup" not in tied and {"residual", "pow"} <= tied and tensors == {"emb", "h"}
+
+
+def test_the_label_says_how_the_graph_holds_the_lm_head():
+    """A tied lm_head reads Transpose(table) and gets quantized with the activations (16-bit
+    under a16w8) although the recipe keeps lm_heads float: the label and the manifest's
+    lm_head entry say what the QDQ graph holds, read from the graph itself."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+    from slmedge.exporter.static_quant import label_as_built, lm_head_precision
+
+    def graph(zp_type):
+        nodes = [helper.make_node("MatMul", ["h", "w"], ["logits"])]
+        inits = []
+        if zp_type is not None:
+            nodes.insert(0, helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"]))
+            inits = [numpy_helper.from_array(np.zeros((4, 8), np.uint16 if zp_type ==
+                                                      TensorProto.UINT16 else np.uint8), "wq"),
+                     numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                     helper.make_tensor("z", zp_type, [], [0])]
+        else:
+            inits = [numpy_helper.from_array(np.zeros((4, 8), np.float32), "w")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", 1, [1, 4])],
+                              [helper.make_tensor_value_info("logits", 1, [1, 8])], inits)
+        return helper.make_model(g)
+
+    assert lm_head_precision(graph(TensorProto.UINT16)) == "int16"
+    assert lm_head_precision(graph(TensorProto.UINT8)) == "int8"
+    assert lm_head_precision(graph(None)) == "float"
+    recipe = QuantRecipe(scheme="a16w8")
+    assert recipe.label().endswith("headf")
+    label, doc = label_as_built(recipe, "int16")
+    assert label.endswith("head16") and "Transpose" in doc["why"]
+    assert label_as_built(recipe, "float") == (recipe.label(), {"precision": "float"})
