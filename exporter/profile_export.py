@@ -160,6 +160,7 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
     from .export import architecture_facts, save_support_files
 
     check_output(config.output, config.overwrite)
+    _eval_text(config)  # a missing --eval-text fails now, not after the export
     t0 = time.perf_counter()
     loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
@@ -311,12 +312,9 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
 
 
 def _eval_text(config) -> Path | None:
-    """``--eval-text``, else the shared eval_mansfield_park.txt; None when it is not here."""
-    from .quantize.calibration import DEFAULT_CALIBRATION_TEXT
-
-    path = Path(config.quality.eval_text or
-                DEFAULT_CALIBRATION_TEXT.with_name("eval_mansfield_park.txt"))
-    return path if path.is_file() else None
+    """``--eval-text`` (a missing file is a usage error, as for dynamic exports), else the
+    shared eval_mansfield_park.txt; None when that is not here."""
+    return config.quality.settings().text_path()
 
 
 def _float_quality(stage: Path, static: dict, model, config, say) -> dict:

@@ -48,7 +48,8 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    metavar="I,J", help="decoder layers kept one precision step up")
     q = p.add_argument_group("quality card and gate")
     q.add_argument("--max-ppl-increase", type=float, metavar="PCT",
-                   help="refuse a quantized artifact whose perplexity rises more (default 5); exit 3")
+                   help="refuse an artifact (quantized, or a float static export vs PyTorch) whose "
+                   "perplexity rises more (default 5); exit 3")
     q.add_argument("--auto", action="store_true",
                    help="try recipes from the smallest up; keep the smallest inside the gate")
     q.add_argument("--eval-text", type=Path, metavar="FILE",

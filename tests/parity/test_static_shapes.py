@@ -339,3 +339,21 @@ def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, t
     assert code == EXIT_QUALITY_GATE, err
     assert "quality gate failed" in err and "+6.00%" in err and "--max-ppl-increase" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["test-coreml.yaml"]
+
+
+def test_a_missing_eval_text_fails_before_the_static_export(tiny_dir, tmp_path):
+    """An explicit --eval-text that does not exist is a usage error (exit 2) at once, as for
+    dynamic exports, not a silent switch to the calibration text after the export."""
+    from static_fixtures import TEST_PROFILE
+
+    from slmedge.exporter.export import ExportConfig
+    from slmedge.exporter.profile_export import run_profile_export
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(TEST_PROFILE)
+    out = tmp_path / "out"
+    config = ExportConfig(model=str(tiny_dir("llama")), output=out, profile=str(profile),
+                          quality={"eval_text": tmp_path / "nope.txt"})
+    with pytest.raises(UsageError, match="nope.txt"):
+        run_profile_export(config)
+    assert not out.exists()
