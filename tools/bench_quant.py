@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "int4-rtn": (("--quant", "int4", "--symmetric", "--lm-head", "int4", "--embedding", "int4",
                   "--max-ppl-increase", "100"), "int4"),
     "int8": (("--quant", "int8"), "int8"),
+    # int8 without zero points, as GenAI's int8 (+0.60% perplexity vs +0.25%)
+    "int8-sym": (("--quant", "int8", "--symmetric"), "int8"),
 }
 
 
