@@ -46,8 +46,8 @@ from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
 from slmedge.runtimes.bench import LAST_BENCH_NAME
 from slmedge.runtimes.errors import ArtifactError, UnsupportedError, UsageError
 from slmedge.runtimes.ort_format import (
-    ORT_FORMAT_MINIMUM,  # noqa: F401  (re-exported: the bundle tests read it here)
     format_requirement,
+    ort_file_facts,
     raise_minimum,
     read_ort_header,
 )
@@ -396,23 +396,12 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
     return Layout("ort", why, ship, {o: g for g, o in to_ort.items()}, model_file, static, copies)
 
 
-def ort_format_version(path: Path) -> int:
-    """The ORT format version an ``.ort`` file was written in (``InferenceSession.ort_version``;
-    an :class:`~slmedge.runtimes.ort_format.OrtFormatError` if it is no valid ORT file)."""
-    return read_ort_header(path)["format_version"]
-
-
 def ort_graph_facts(ort_files: dict[str, Path], converted_with: str | None) -> dict[str, dict]:
-    """Per ``.ort`` file of a bundle: its ORT format version, the first ONNX Runtime release
-    that reads it, its IR version and opsets (read from the file), and the onnxruntime that
-    converted it (the file does not record it; the artifact manifest's ``versions`` does)."""
-    out = {}
-    for name, path in sorted(ort_files.items()):
-        header = read_ort_header(path, name)
-        first, _ = format_requirement(name, header["format_version"])
-        out[name] = {**header, "minimum_onnxruntime": f"{first[0]}.{first[1]}" if first else None,
-                     "converted_with": converted_with}
-    return out
+    """Per ``.ort`` file of a bundle: :func:`~slmedge.runtimes.ort_format.ort_file_facts` (its
+    ORT format version and the first release that reads it, IR version, opsets, and the
+    onnxruntime that converted it, from the artifact manifest's ``versions``)."""
+    return {name: ort_file_facts(path, name, converted_with)
+            for name, path in sorted(ort_files.items())}
 
 
 def _runtime_section(facts: dict, src: dict, ort_files: dict[str, Path] | None = None

@@ -13,9 +13,9 @@ version"), not the release that wrote the file. The file records no producing re
 ``producer_name`` / ``producer_version`` are the source ONNX model's (e.g. ``pytorch``), so a
 bundle records the onnxruntime that converted its graphs from the artifact's manifest instead.
 
-The reader below is a few vtable lookups with every offset bounds-checked, so a truncated or
-altered file is an :class:`OrtFormatError` naming it, never a wrong value or a crash; it needs
-neither onnxruntime nor the ``flatbuffers`` package.
+The header is read with the FlatBuffers bindings onnxruntime ships (generated from ``ort.fbs``;
+``flatbuffers`` is one of onnxruntime's own dependencies); what a damaged buffer raises there is
+an :class:`OrtFormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -77,103 +77,57 @@ def _version_text(version: tuple[int, int]) -> str:
     return f"{version[0]}.{version[1]}"
 
 
-# -- the FlatBuffers reader ----------------------------------------------------------------
+# -- the header, through ONNX Runtime's own FlatBuffers bindings ---------------------------
 
-
-class _Buffer:
-    """Bounds-checked little-endian reads of a FlatBuffers buffer."""
-
-    def __init__(self, data, name: str):
-        self.data, self.name, self.size = data, name, len(data)
-
-    def fail(self, what: str):
-        raise OrtFormatError(f"{self.name}: not a valid ORT format file ({what}); convert the "
-                             "model again or copy the bundle again")
-
-    def _unpack(self, fmt: str, pos: int, what: str):
-        width = struct.calcsize(fmt)
-        if pos < 0 or pos + width > self.size:
-            self.fail(f"{what} at byte {pos} is past the end of the {self.size}-byte file")
-        return struct.unpack_from(fmt, self.data, pos)[0]
-
-    def field(self, table: int, index: int, what: str) -> int | None:
-        """Absolute position of field ``index`` of the table at ``table`` (None: absent)."""
-        vtable = table - self._unpack("<i", table, f"{what} table")
-        vsize = self._unpack("<H", vtable, f"{what} vtable")
-        if vsize < 4 or vsize % 2:
-            self.fail(f"{what} vtable of {vsize} bytes")
-        slot = 4 + 2 * index
-        if slot + 2 > vsize:
-            return None
-        offset = self._unpack("<H", vtable + slot, f"{what} field {index}")
-        return table + offset if offset else None
-
-    def follow(self, pos: int, what: str) -> int:
-        """The position an offset (``uoffset_t``) at ``pos`` points to."""
-        target = pos + self._unpack("<I", pos, what)
-        if target >= self.size:
-            self.fail(f"{what} points past the end of the file")
-        return target
-
-    def string(self, table: int, index: int, what: str) -> str | None:
-        pos = self.field(table, index, what)
-        if pos is None:
-            return None
-        start = self.follow(pos, what)
-        length = self._unpack("<I", start, f"{what} length")
-        if start + 4 + length >= self.size:  # the string, then its 0 terminator
-            self.fail(f"{what} of {length} bytes runs past the end of the file")
-        if self.data[start + 4 + length] != 0:
-            self.fail(f"{what} has no 0 terminator")
-        return bytes(self.data[start + 4:start + 4 + length]).decode("utf-8", "replace")
-
-    def int64(self, table: int, index: int, what: str) -> int | None:
-        pos = self.field(table, index, what)
-        return None if pos is None else self._unpack("<q", pos, what)
-
-    def table(self, table: int, index: int, what: str) -> int | None:
-        pos = self.field(table, index, what)
-        return None if pos is None else self.follow(pos, what)
-
-    def tables(self, table: int, index: int, what: str) -> list[int]:
-        pos = self.field(table, index, what)
-        if pos is None:
-            return []
-        start = self.follow(pos, what)
-        count = self._unpack("<I", start, f"{what} length")
-        if start + 4 + 4 * count > self.size:
-            self.fail(f"{what} of {count} entries runs past the end of the file")
-        return [self.follow(start + 4 + 4 * i, f"{what}[{i}]") for i in range(count)]
+#: What a damaged FlatBuffers buffer raises in the generated Python bindings (they read with
+#: struct / slicing and do not bounds-check).
+_DAMAGED = (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError, OverflowError)
 
 
 def parse_ort_header(data, name: str = "ORT model") -> dict:
     """The header facts of the ORT format bytes ``data`` (bytes, or a memory map):
     ``format_version`` (int, ``InferenceSession.ort_version``), ``ir_version``, ``opset`` (the
     ai.onnx opset), ``opset_imports`` ({domain: version}), ``producer`` (the source model's
-    ``producer_name producer_version``). Raises :class:`OrtFormatError` naming ``name``."""
-    buf = _Buffer(data, name)
-    if buf.size < 8:
-        buf.fail(f"{buf.size} bytes, shorter than a FlatBuffers header")
+    ``producer_name producer_version``). Read with the bindings onnxruntime ships
+    (``onnxruntime.tools.ort_format_model``, generated from ``ort.fbs``); raises
+    :class:`OrtFormatError` naming ``name``."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    def fail(what: str):
+        raise OrtFormatError(f"{name}: not a valid ORT format file ({what}); convert the "
+                             "model again or copy the bundle again") from None
+
+    size = len(data)
+    if size < 8:
+        fail(f"{size} bytes, shorter than a FlatBuffers header")
     if bytes(data[4:8]) != FILE_IDENTIFIER:
-        buf.fail(f"file identifier {bytes(data[4:8])!r} at bytes 4..8, not {FILE_IDENTIFIER!r}")
-    root = buf.follow(0, "root table offset")
-    text = buf.string(root, 0, "InferenceSession.ort_version")
-    if text is None:
-        buf.fail("no ORT format version (InferenceSession.ort_version)")
+        fail(f"file identifier {bytes(data[4:8])!r} at bytes 4..8, not {FILE_IDENTIFIER!r}")
+
+    def text(raw) -> str | None:
+        return raw.decode("utf-8", "replace") if raw is not None else None
+
     try:
-        version = int(text)
-    except ValueError:
-        buf.fail(f"ORT format version {text!r} is not a number")
-    model = buf.table(root, 1, "InferenceSession.model")
-    if model is None:
-        buf.fail("no model (InferenceSession.model)")
-    opsets = {}
-    for entry in buf.tables(model, 1, "Model.opset_import"):
-        domain = buf.string(entry, 0, "OperatorSetId.domain") or "ai.onnx"
-        opsets[domain] = buf.int64(entry, 1, "OperatorSetId.version") or 0
-    producer = " ".join(p for p in (buf.string(model, 2, "Model.producer_name"),
-                                    buf.string(model, 3, "Model.producer_version")) if p)
-    return {"format_version": version, "ir_version": buf.int64(model, 0, "Model.ir_version"),
+        session = InferenceSession.InferenceSession.GetRootAs(data, 0)
+        version_text = text(session.OrtVersion())
+        if version_text is None:
+            fail("no ORT format version (InferenceSession.ort_version)")
+        try:
+            version = int(version_text)
+        except ValueError:
+            fail(f"ORT format version {version_text!r} is not a number")
+        model = session.Model()
+        if model is None:
+            fail("no model (InferenceSession.model)")
+        opsets = {}
+        for i in range(model.OpsetImportLength()):
+            entry = model.OpsetImport(i)
+            opsets[text(entry.Domain()) or "ai.onnx"] = entry.Version()
+        producer = " ".join(p for p in (text(model.ProducerName()),
+                                        text(model.ProducerVersion())) if p)
+        ir_version = model.IrVersion()
+    except _DAMAGED as e:
+        fail(f"a header field points past the end of the {size}-byte file or is garbled: {e}")
+    return {"format_version": version, "ir_version": ir_version,
             "opset": opsets.get("ai.onnx"), "opset_imports": dict(sorted(opsets.items())),
             "producer": producer or None}
 
@@ -191,6 +145,16 @@ def read_ort_header(path: str | Path, name: str | None = None) -> dict:
                 return parse_ort_header(data, name)
     except OSError as e:
         raise OrtFormatError(f"{name}: cannot be read ({e.strerror or e})") from None
+
+
+def ort_file_facts(path: str | Path, name: str, converted_with: str | None) -> dict:
+    """The header facts of one ``.ort`` file with the first ONNX Runtime release that reads
+    its format (``minimum_onnxruntime``, None if unknown) and the onnxruntime that converted it
+    (``converted_with``: the file does not record it; manifests do)."""
+    header = read_ort_header(path, name)
+    first, _ = format_requirement(name, header["format_version"])
+    return {**header, "minimum_onnxruntime": _version_text(first) if first else None,
+            "converted_with": converted_with}
 
 
 # -- what a format version needs -------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 
 from .artifact import MANIFEST_NAME, open_artifact, sha256_file
 from .errors import ArtifactError, QualityGateFailed, UnsupportedOp, UsageError
-from .ort_format import format_problem, format_requirement, raise_minimum, read_ort_header
+from .ort_format import format_problem, format_requirement, ort_file_facts, raise_minimum
 
 # -- what each ONNX Runtime release runs ----------------------------------------------------
 #
@@ -224,12 +224,10 @@ def check_ort_files(root: Path, manifest: dict) -> dict[str, dict]:
     for rel in sorted(manifest.get("files", {})):
         if not rel.lower().endswith(".ort"):
             continue
-        header = read_ort_header(root / rel, f"{root / rel}")
-        first, _ = format_requirement(rel, header["format_version"])
-        out[rel] = {"format_version": header["format_version"],
-                    "minimum_onnxruntime": format_version(first) if first else None,
-                    "ir_version": header["ir_version"], "opset": header["opset"],
-                    "converted_with": (recorded.get(rel) or {}).get("converted_with")}
+        facts = ort_file_facts(root / rel, f"{root / rel}",
+                               (recorded.get(rel) or {}).get("converted_with"))
+        out[rel] = {k: facts[k] for k in ("format_version", "minimum_onnxruntime",
+                                          "ir_version", "opset", "converted_with")}
     return out
 
 

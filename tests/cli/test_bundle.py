@@ -394,9 +394,10 @@ def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_f
             [i["name"] for i in static["io"][kind]["inputs"]]
     # ORT format v6 is read from ONNX Runtime 1.16 on: the minimum is at least that, and
     # graphs that need less (none here) would be raised to it.
-    from slmedge.exporter.bundle import ORT_FORMAT_MINIMUM, _runtime_section, ort_format_version
+    from slmedge.exporter.bundle import _runtime_section
+    from slmedge.runtimes.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
 
-    first = ORT_FORMAT_MINIMUM[ort_format_version(out / "decode.ort")]
+    first = ORT_FORMAT_MINIMUM[read_ort_header(out / "decode.ort")["format_version"]]
     minimum = manifest["onnxruntime"]["minimum"]
     assert tuple(int(x) for x in minimum.split(".")) >= first
     raised = _runtime_section({}, manifest, {"decode.ort": out / "decode.ort"})[0]
@@ -404,8 +405,6 @@ def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_f
     assert raised["because"] == [f"decode.ort: ORT format v6, read from ONNX Runtime "
                                  f"{first[0]}.{first[1]} on"]
     # per .ort file, the manifest records what its header says and who converted it
-    from slmedge.runtimes.ort_format import read_ort_header
-
     for name in ("prefill.ort", "decode.ort"):
         recorded = manifest["ort_format"]["graphs"][name]
         assert {k: recorded[k] for k in ("format_version", "ir_version", "opset")} == \
