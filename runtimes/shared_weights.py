@@ -195,7 +195,6 @@ class SharedWeights:
         self._maps: dict[Path, np.memmap] = {}
         self._arrays: dict[tuple, np.ndarray] = {}
         self._values: dict[tuple, ort.OrtValue] = {}
-        self._sizes: dict[tuple, int] = {}
         self.names: dict[Path, dict[str, tuple]] = {}  # graph -> initializer name -> tensor key
         self.skipped: list[tuple[str, str]] = []  # (initializer, why it is left to ORT)
         for model_path in map(Path, model_paths):
@@ -228,7 +227,6 @@ class SharedWeights:
             array = data[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
             self._arrays[key] = array
             self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)  # no copy: the mapping
-            self._sizes[key] = nbytes
         self.names[model_path][t.name] = key
         return None
 
@@ -243,7 +241,7 @@ class SharedWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(self._sizes.values())
+        return sum(a.nbytes for a in self._arrays.values())
 
     def session_options(self, model_path) -> ort.SessionOptions:
         """Fresh options for ``model_path``'s session with its shared initializers."""
