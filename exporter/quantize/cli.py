@@ -22,7 +22,8 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    help="int4: MatMulNBits 4-bit weights; int8: int8 weights, dynamic activations; "
                    "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)")
     g.add_argument("--calibration", type=Path, metavar="FILE",
-                   help="calibration text (static QDQ, gptq, --lm-head-int8-tokens); default: the "
+                   help="calibration text (static QDQ, gptq, gptq-act, --lm-head-int8-tokens); "
+                   "default: the "
                    "shared calib_emma.txt")
     g.add_argument("--calib-method", choices=[m.value for m in CalibrationMethod],
                    help="static range estimator (default minmax)")
@@ -30,10 +31,14 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    help="calibration samples (a quarter prefill, the rest decode steps; default 32)")
     g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256],
                    help="weights per scale for MatMulNBits (default 32)")
+    g.add_argument("--mlp-block-size", type=int, choices=[16, 32, 64, 128, 256],
+                   help="int4: block size of the MLP input projections (gate/up; default: "
+                   "--block-size)")
     g.add_argument("--symmetric", action="store_true", help="int4/nbits: no zero points")
     g.add_argument("--algorithm", choices=[a.value for a in Int4Algorithm],
                    help="int4 rounding: hqq (default; rtn with --symmetric), rtn, k_quant, gptq "
-                   "(calibrated)")
+                   "(ORT's, calibrated), gptq-act (calibrated, activation order, integer zero "
+                   "points: the fast kernels at HQQ-like quality)")
     g.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 4 = int8 activations (default), 1 = fp32, 0 = unset")
     g.add_argument("--int8-format", choices=[f.value for f in Int8Format],
@@ -43,7 +48,8 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
     g.add_argument("--lm-head-int8-tokens", type=int, metavar="N",
                    help="with --lm-head int4: the N most frequent tokens of the calibration text "
                    "keep int8 lm_head rows (a split lm_head)")
-    g.add_argument("--embedding", choices=["float", "int4"], help="embedding table (default float)")
+    g.add_argument("--embedding", choices=["float", "int8", "int4"],
+                   help="embedding table (default float; int8/int4: GatherBlockQuantized)")
     g.add_argument("--keep-layers", type=lambda s: [int(x) for x in s.split(",") if x],
                    metavar="I,J", help="decoder layers kept one precision step up")
     q = p.add_argument_group("quality card and gate")
@@ -61,7 +67,8 @@ def quant_fields(args) -> dict:
     """The ``quant`` (recipe) and ``quality`` dicts for the config objects, from the flags."""
     out: dict = {}
     recipe: dict = {}
-    for flag, key in (("block_size", "block_size"), ("algorithm", "algorithm"),
+    for flag, key in (("block_size", "block_size"), ("mlp_block_size", "mlp_block_size"),
+                      ("algorithm", "algorithm"),
                       ("accuracy_level", "accuracy_level"), ("int8_format", "int8_format"),
                       ("lm_head", "lm_head"), ("embedding", "embedding"),
                       ("keep_layers", "keep_layers"), ("lm_head_int8_tokens", "lm_head_int8_tokens")):

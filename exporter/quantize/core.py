@@ -20,14 +20,20 @@ import onnx
 
 from .calibration import KVCacheCalibrationReader, calibration_text
 from .fold_zero_points import fold_float_zero_points
+from .gptq import collect_hessians
 from .graph import analyze, fold_weight_transposes, split_gemms
 from .head_split import frequent_tokens, group_size
-from .recipe import CalibrationConfig, QuantRecipe, QuantScheme, TensorPrecision
+from .pack_matmuls import pack_shared_input_matmuls
+from .recipe import (
+    CalibrationConfig, Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision,
+)
 from .static import quantize_static_qdq
 from .weight_only import quantize_weight_only
 
 Say = Callable[[str], None]
 TWO_GB = 2 * 1024**3
+#: gptq-act's default prompt chunks of calibration text (CalibrationConfig.prefill_samples)
+GPTQ_PREFILL_SAMPLES = 64
 
 
 @dataclass
@@ -126,6 +132,13 @@ def quantize_model(
     folded = fold_weight_transposes(model)
     if folded:
         say(f"{folded} MatMul weights behind a Transpose folded (tied lm_head)")
+    if recipe.scheme is QuantScheme.int4 or (
+        recipe.scheme is QuantScheme.int8 and recipe.int8_format is Int8Format.nbits
+    ):
+        packed = pack_shared_input_matmuls(model)
+        if packed:
+            say(f"{len(packed)} MatMul groups reading one input packed into one MatMul + Split "
+                "(gate/up: one activation quantization per layer)")
     facts = analyze(model)
     fused = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
     if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) and fused:
@@ -136,9 +149,11 @@ def quantize_model(
             f"one is fused for ONNX Runtime's CPU provider ({', '.join(fused)}). Export with "
             "--no-fuse (NPU device profiles do) and quantize that artifact"
         )
+    gptq_act = (recipe.scheme is QuantScheme.int4
+                and recipe.int4_algorithm is Int4Algorithm.gptq_act)
     needs_calibration = recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) or (
         recipe.scheme is QuantScheme.int4 and recipe.int4_algorithm.value == "gptq"
-    )
+    ) or gptq_act
     calib_doc = None
     reader = None
     zero_points = None
@@ -148,8 +163,15 @@ def quantize_model(
             save_model(model, prepared)
             ids = _tokens_for_calibration(Path(tokenizer_dir) if tokenizer_dir else src.parent,
                                           recipe.calibration, calibration_ids)
-            reader = KVCacheCalibrationReader(prepared, ids, recipe.calibration)
-            calib_doc = {**recipe.calibration.model_dump(mode="json"), "tokens_available": len(ids),
+            calibration = recipe.calibration
+            if gptq_act and "prefill_samples" not in calibration.model_fields_set:
+                # GPTQ's statistics want many rows (well above K = 1536 for SmolLM2's
+                # down_proj) more than cache states: 64 prompt chunks of 128 tokens; 160
+                # did no better on SmolLM2 (README)
+                calibration = calibration.model_copy(
+                    update={"prefill_samples": GPTQ_PREFILL_SAMPLES})
+            reader = KVCacheCalibrationReader(prepared, ids, calibration)
+            calib_doc = {**calibration.model_dump(mode="json"), "tokens_available": len(ids),
                          "samples": len(reader)}
             if recipe.calibration.text is None and calibration_ids is None:
                 from .calibration import DEFAULT_CALIBRATION_TEXT
@@ -159,7 +181,7 @@ def quantize_model(
             recipe.scheme is QuantScheme.int8 and recipe.int8_format.value == "qoperator"
         ):
             bits = 4 if recipe.scheme is QuantScheme.int4 else 8
-            gptq_reader = reader.materialize() if reader is not None else None
+            gptq_reader = reader.materialize() if reader is not None and not gptq_act else None
             frequent = None
             if bits == 4 and recipe.lm_head_int8_tokens and facts.lm_head:
                 ids = _tokens_for_calibration(Path(tokenizer_dir) if tokenizer_dir else src.parent,
@@ -174,8 +196,13 @@ def quantize_model(
                              else str(calibration_text(recipe.calibration)),
                              "tokens_available": len(ids),
                              "lm_head_int8_rows": len(frequent or [])}
+            hessians = None
+            if gptq_act:
+                def hessians(names, _reader=reader):
+                    return collect_hessians(prepared, names, _reader.samples, say=say)
             model, precision = quantize_weight_only(model, facts, recipe, body_bits=bits,
                                                     calibration_reader=gptq_reader,
+                                                    hessians=hessians,
                                                     frequent_tokens=frequent, say=say)
             n_folded = fold_float_zero_points(model)
             if n_folded:

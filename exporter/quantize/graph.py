@@ -21,6 +21,9 @@ import onnx
 from onnx import numpy_helper
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+#: HF module names of MLP input projections (Llama/Qwen/Gemma, Phi-3, GPT-2, OPT, NeoX)
+MLP_INPUT_MODULES = frozenset({"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1",
+                               "dense_h_to_4h", "w1", "w3"})
 #: Ops through which the logits may pass after the lm_head MatMul (Gemma's soft-capping,
 #: casts of fp16 graphs, reshapes).
 _LOGIT_PASSTHROUGH = {"Cast", "Reshape", "Mul", "Div", "Tanh", "Add", "Identity", "Squeeze"}
@@ -40,6 +43,11 @@ class WeightMatMul:
     @property
     def params(self) -> int:
         return self.k * self.n
+
+    @property
+    def mlp_input(self) -> bool:
+        """An MLP input projection (gate/up, also packed): the largest weights of a layer."""
+        return self.module.rsplit(".", 1)[-1] in MLP_INPUT_MODULES
 
 
 @dataclass
@@ -81,6 +89,10 @@ def _module_and_layer(node: onnx.NodeProto) -> tuple[str, int | None]:
         m = _LAYER_RE.search(scope + ".")
         if m:
             return module, int(m.group(1))
+    # Nodes the fusion passes make carry no scopes but a name such as layers.3.attn.qkv_proj
+    m = _LAYER_RE.search("." + node.name + ".")
+    if m:
+        return module or node.name, int(m.group(1))
     return module, None
 
 

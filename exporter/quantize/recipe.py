@@ -23,12 +23,16 @@ class QuantScheme(str, Enum):
 
 
 class Int4Algorithm(str, Enum):
-    """How 4-bit weights are chosen (all from ``onnxruntime.quantization.matmul_nbits_quantizer``)."""
+    """How 4-bit weights are chosen: ``onnxruntime.quantization.matmul_nbits_quantizer``'s
+    algorithms, and ``gptq-act`` (gptq.py) on nodes that quantizer writes."""
 
     rtn = "rtn"  # round to nearest, min/max per block (MLAS C++ kernel)
     hqq = "hqq"  # half-quadratic quantization: optimizes scale/zero per block, no data
     k_quant = "k_quant"  # llama.cpp-style search of the scale per block, no data
     gptq = "gptq"  # Hessian-aware rounding from calibration activations (slow)
+    # GPTQ with activation order on min/max grids fixed up front, integer zero points
+    # (gptq.py): keeps a Q4_1 source's grid, runs the fast kernels with no correction
+    gptq_act = "gptq-act"
 
 
 class Int8Format(str, Enum):
@@ -75,6 +79,11 @@ class QuantRecipe(BaseModel):
     scheme: QuantScheme = Field(..., description="int4 | int8 | int8-static | a16w8")
     # int4
     block_size: int = Field(32, description="int4/nbits weights per scale (16/32/64/128/256)")
+    mlp_block_size: int | None = Field(
+        None, description="int4: block size of the MLP input projections (gate/up), the "
+        "largest weights; a coarser grid there is the cheapest speed (SmolLM2 gptq-act: 64 "
+        "runs ~5% faster for +0.3% perplexity); default: block_size",
+    )
     symmetric: bool = Field(False, description="int4: no zero point (signed 4-bit)")
     algorithm: Int4Algorithm | None = Field(
         None, description="int4 weight rounding; default hqq (rtn when symmetric: hqq needs a "
@@ -96,7 +105,8 @@ class QuantRecipe(BaseModel):
         "lm_head: head_split.py); 0: none",
     )
     embedding: TensorPrecision = Field(
-        TensorPrecision.float, description="embedding table precision (int4: GatherBlockQuantized)"
+        TensorPrecision.float, description="embedding table precision (int8, int4: "
+        "GatherBlockQuantized; int8 symmetric per block, exact for a Q8_0 GGUF table)"
     )
     keep_layers: list[int] = Field(
         default_factory=list,
@@ -108,8 +118,12 @@ class QuantRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise ValueError(f"block_size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        for name in ("block_size", "mlp_block_size"):
+            value = getattr(self, name)
+            if value is not None and value not in (16, 32, 64, 128, 256):
+                raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {value}")
+        if self.mlp_block_size is not None and self.scheme is not QuantScheme.int4:
+            raise ValueError(f"mlp_block_size applies to int4 only, not {self.scheme.value}")
         if self.scheme is not QuantScheme.int4:
             if self.lm_head is TensorPrecision.int4:
                 raise ValueError(f"lm_head int4 needs scheme int4, not {self.scheme.value}")
@@ -118,13 +132,9 @@ class QuantRecipe(BaseModel):
         if self.lm_head_int8_tokens and self.lm_head is not TensorPrecision.int4:
             raise ValueError("lm_head_int8_tokens splits an int4 lm_head: it needs lm_head int4 "
                              f"(scheme int4), not {self.lm_head.value if self.lm_head else 'the default'}")
-        if self.algorithm is Int4Algorithm.hqq and self.symmetric:
-            raise ValueError("hqq computes a zero point per block: it cannot be symmetric")
-        if self.embedding is TensorPrecision.int8:
-            raise ValueError(
-                "embedding int8 is not offered: ONNX Runtime's GatherBlockQuantized quantizer "
-                "writes 4 bits; choose float or int4"
-            )
+        if self.algorithm in (Int4Algorithm.hqq, Int4Algorithm.gptq_act) and self.symmetric:
+            raise ValueError(f"{self.algorithm.value} computes a zero point per block: it cannot "
+                             "be symmetric")
         if self.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) and self.lm_head not in (
             None, TensorPrecision.float, TensorPrecision.int8,
         ):
@@ -142,7 +152,10 @@ class QuantRecipe(BaseModel):
         So after HQQ each node is rewritten (fold_zero_points.py) as the same weights with
         the default zero point plus ``blocksum(x) @ M``, ``M = scale * (default - zp)`` per
         block: the fast kernels run, the weights and the result are unchanged (up to the
-        int8 activations of ``accuracy_level`` 4). The report says ``zero_points: folded``."""
+        int8 activations of ``accuracy_level`` 4). The report says ``zero_points: folded``.
+        The correction's small nodes cost decode speed (SmolLM2: ~0.67x GenAI's int4);
+        ``gptq-act`` (needs calibration text) keeps integer zero points and no correction
+        at a similar quality (tools/bench_quant.py's ``int4``)."""
         if self.algorithm is not None:
             return self.algorithm
         return Int4Algorithm.rtn if self.symmetric else Int4Algorithm.hqq
@@ -161,6 +174,8 @@ class QuantRecipe(BaseModel):
         if self.scheme is QuantScheme.int4:
             parts += [self.int4_algorithm.value, f"b{self.block_size}",
                       "sym" if self.symmetric else "asym"]
+            if self.mlp_block_size and self.mlp_block_size != self.block_size:
+                parts.insert(-1, f"mlp{self.mlp_block_size}")
         elif self.scheme is QuantScheme.int8:
             parts.append(self.int8_format.value)
         else:

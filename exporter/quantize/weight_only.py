@@ -13,14 +13,19 @@ import logging
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from .gptq import rewrite_matmul_nbits
 from .graph import GraphFacts
 from .head_split import group_size, split_lm_head
 from .recipe import Int4Algorithm, QuantRecipe, TensorPrecision
 from .tied_table import share_tied_int4_table
 
 Say = Callable[[str], None]
+#: ``hessians({activation: K}) -> {activation: E[x^T x]}`` on calibration text (gptq-act)
+Hessians = Callable[[dict[str, int]], dict[str, np.ndarray]]
 
 
 def _quiet_ort_quantizer() -> None:
@@ -151,6 +156,71 @@ def _unhide_weights(model: onnx.ModelProto, hidden: dict[str, str]) -> None:
     model.graph.node.extend(keep)
 
 
+def _gptq_act(model: onnx.ModelProto, by_block: dict[int, set[str]], hessians: Hessians | None,
+              recipe: QuantRecipe, say: Say) -> onnx.ModelProto:
+    """ORT's quantizer writes asymmetric RTN MatMulNBits nodes (integer zero points; one
+    pass per block size); then gptq.py gives each the weights GPTQ chooses on the float
+    weights it replaced."""
+    if hessians is None:
+        raise ValueError("gptq-act needs calibration statistics (hessians)")
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = set().union(*by_block.values())
+    weights, inputs = {}, {}
+    for node in model.graph.node:
+        if node.name in targets and node.op_type == "MatMul" and node.input[1] in inits:
+            weights[node.output[0]] = numpy_helper.to_array(inits[node.input[1]])
+            inputs[node.input[0]] = weights[node.output[0]].shape[0]
+    say(f"gptq-act: input statistics of {len(inputs)} activations on the calibration text")
+    stats = hessians(inputs)
+    for block, nodes in by_block.items():
+        model = _run_nbits(model, nodes, bits=4, algorithm=Int4Algorithm.rtn, block_size=block,
+                           symmetric=False, accuracy_level=recipe.accuracy_level)
+    rewrite_matmul_nbits(model, weights, stats, say=say)
+    return model
+
+
+def embedding_int8(model: onnx.ModelProto, gathers: list[str], block_size: int) -> list[str]:
+    """Each named ``Gather`` of a float ``[vocab, K]`` table -> ``GatherBlockQuantized``
+    (``bits=8``, uint8 data, default zero point 128), one scale ``max|w| / 127`` per block of
+    ``block_size`` along ``K`` (a Q8_0 GGUF table: its own scales and values, exactly).
+    ORT's quantizer writes only 4-bit lookups. Returns the rewritten nodes' names."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    wanted = set(gathers)
+    done = []
+    for idx, node in enumerate(list(graph.node)):
+        if node.name not in wanted or node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        if axis != 0 or table.ndim != 2 or table.shape[1] % block_size:
+            continue
+        vocab, k = table.shape
+        blocks = table.reshape(vocab, k // block_size, block_size)
+        scale = np.abs(blocks).max(axis=2) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128
+        base = node.input[0] + "_int8"
+        graph.initializer.extend([
+            numpy_helper.from_array(q.astype(np.uint8).reshape(vocab, k), base),
+            numpy_helper.from_array(scale.astype(table.dtype), base + "_scales"),
+        ])
+        gbq = onnx.helper.make_node(
+            "GatherBlockQuantized", [base, node.input[1], base + "_scales"], list(node.output),
+            name=node.name, domain="com.microsoft", gather_axis=0, quantize_axis=1,
+            block_size=block_size, bits=8,
+        )
+        gbq.metadata_props.extend(node.metadata_props)
+        graph.node.remove(node)
+        graph.node.insert(idx, gbq)
+        if not any(node.input[0] in n.input for n in graph.node):
+            graph.initializer.remove(inits[node.input[0]])
+        done.append(node.name)
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
 def _quantize_embedding(model: onnx.ModelProto, facts: GraphFacts, recipe: QuantRecipe):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -171,14 +241,15 @@ def quantize_weight_only(
     *,
     body_bits: int,
     calibration_reader=None,
+    hessians: Hessians | None = None,
     frequent_tokens: list[int] | None = None,
     say: Say = lambda _m: None,
 ) -> tuple[onnx.ModelProto, dict]:
     """int4 (``body_bits=4``) or int8-nbits (``body_bits=8``) weight-only quantization.
 
     ``frequent_tokens``: with ``recipe.lm_head_int8_tokens``, the tokens whose lm_head rows
-    stay int8 (the rest int4). Returns the model and a dict ``node -> precision`` for every
-    weight MatMul.
+    stay int8 (the rest int4). ``hessians``: the calibration statistics gptq-act needs.
+    Returns the model and a dict ``node -> precision`` for every weight MatMul.
     """
     _quiet_ort_quantizer()
     keep = set(recipe.keep_layers)
@@ -212,8 +283,19 @@ def quantize_weight_only(
                   accuracy_level=recipe.accuracy_level)
     algorithm = recipe.int4_algorithm if body_bits == 4 else Int4Algorithm.rtn
     say(f"{len(first)} MatMuls -> MatMulNBits {body_bits}-bit ({algorithm.value})")
-    model = _run_nbits(model, first, bits=body_bits, algorithm=algorithm,
-                       calibration_reader=calibration_reader, **common)
+    by_block = {recipe.block_size: set(first)}
+    if body_bits == 4 and recipe.mlp_block_size and recipe.mlp_block_size != recipe.block_size:
+        mlp = {w.node for w in facts.weight_matmuls if w.mlp_input and w.node in first}
+        if mlp:
+            say(f"{len(mlp)} MLP input projections at block size {recipe.mlp_block_size}")
+            by_block = {recipe.block_size: first - mlp, recipe.mlp_block_size: mlp}
+    if algorithm is Int4Algorithm.gptq_act:
+        model = _gptq_act(model, by_block, hessians, recipe, say)
+    else:
+        for block, nodes in by_block.items():
+            model = _run_nbits(model, nodes, bits=body_bits, algorithm=algorithm,
+                               calibration_reader=calibration_reader,
+                               **{**common, "block_size": block})
     precision.update({n: f"int{body_bits}" for n in first})
     second = set()
     if body_bits == 4:
@@ -236,4 +318,8 @@ def quantize_weight_only(
         precision.update({g: "int4" for g in facts.embedding_gathers})
         if share_tied_int4_table(model):
             say("embedding lookup reads the tied lm_head's int4 table (stored once)")
+    elif recipe.embedding is TensorPrecision.int8 and facts.embedding_gathers:
+        say(f"embedding -> GatherBlockQuantized int8 (block {recipe.block_size})")
+        done = embedding_int8(model, facts.embedding_gathers, recipe.block_size)
+        precision.update({g: "int8" for g in done})
     return model, precision

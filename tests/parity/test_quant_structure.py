@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader
 from slmedge.exporter.quantize.core import quantize_model
 from slmedge.exporter.quantize.graph import analyze, fold_weight_transposes, split_gemms
+from slmedge.exporter.quantize.pack_matmuls import pack_shared_input_matmuls
 from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
 from slmedge.exporter.quantize.static import qdq_summary
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
@@ -76,10 +77,14 @@ def llama(tiny_dir, tmp_path_factory):
     return out
 
 
-def _facts(path):
+def _facts(path, packed=False):
+    """The graph facts the quantizer sees; ``packed``: weight-only schemes first pack the
+    MatMuls that read one input (q/k/v, gate/up: pack_matmuls.py)."""
     model = onnx.load(str(path))
     split_gemms(model)
     fold_weight_transposes(model)
+    if packed:
+        pack_shared_input_matmuls(model)
     return analyze(model)
 
 
@@ -91,6 +96,11 @@ def test_int4_on_the_fused_graph(tiny_artifact, tmp_path):
     got = OnnxDecoder(out).logits(IDS)
     want = OnnxDecoder(art / "model.onnx").logits(IDS)
     assert np.isfinite(got).all() and (got.argmax(-1) == want.argmax(-1)).mean() > 0.5
+    # the fusion's own nodes (layers.N.attn.qkv_proj: no name scopes) still have a layer,
+    # so --keep-layers and --auto reach them
+    facts = _facts(art / "model.onnx")
+    assert any(w.node.endswith("qkv_proj") for w in facts.body_matmuls())
+    assert all(w.layer is not None for w in facts.body_matmuls())
 
 
 def test_static_qdq_refuses_a_fused_graph(tiny_artifact, tmp_path):
@@ -106,10 +116,13 @@ def _quantize(art, tmp_path, **recipe):
     return out, report
 
 
-@pytest.mark.parametrize("block,symmetric", [(32, False), (64, True)])
-def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path, block, symmetric):
+@pytest.mark.parametrize("block,symmetric,algorithm", [(32, False, None), (64, True, None),
+                                                       (32, False, "gptq-act")])
+def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path, block, symmetric,
+                                                                algorithm):
+    extra = {"algorithm": algorithm, "calibration": SMALL_CALIB} if algorithm else {}
     out, report = _quantize(llama, tmp_path, scheme="int4", block_size=block, symmetric=symmetric,
-                            accuracy_level=1)
+                            accuracy_level=1, **extra)
     q = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     deq = {}
@@ -117,8 +130,14 @@ def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path,
         if node.op_type == "MatMulNBits":
             fix = zero_point_correction(node, q.graph, inits)
             deq[node.name.rsplit("_Q", 1)[0]] = dequantize_nbits(node, inits, fix)
+    if algorithm == "gptq-act":  # integer zero points: no correction term, fast kernels
+        assert report.zero_points is None
+        assert not any(zero_point_correction(n, q.graph, inits) is not None
+                       for n in q.graph.node if n.op_type == "MatMulNBits")
+        assert report.calibration["prefill_samples"] == SMALL_CALIB["prefill_samples"]
     ref = onnx.load(str(llama / "model.onnx"))
     fold_weight_transposes(ref)
+    pack_shared_input_matmuls(ref)
     facts = analyze(ref)
     assert set(deq) == {w.node for w in facts.weight_matmuls}
     for node in ref.graph.node:
@@ -139,7 +158,7 @@ def test_int4_structure_and_lm_head_precision(llama, tmp_path):
     out, report = _quantize(llama, tmp_path, scheme="int4", algorithm="rtn", block_size=32,
                             embedding="int4")
     q = onnx.load(str(out), load_external_data=False)
-    facts = _facts(llama / "model.onnx")
+    facts = _facts(llama / "model.onnx", packed=True)
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     bits = sorted(_attrs(n)["bits"] for n in nbits)
     assert bits == [4] * (len(facts.weight_matmuls) - 1) + [8]  # lm_head int8 by default
@@ -158,7 +177,8 @@ def test_keep_layers_go_one_step_up(llama, tmp_path):
                             lm_head="float")
     q = onnx.load(str(out), load_external_data=False)
     by_bits = [_attrs(n)["bits"] for n in q.graph.node if n.op_type == "MatMulNBits"]
-    assert by_bits.count(8) == 7 and by_bits.count(4) == 7  # 7 projections per Llama layer
+    # 7 projections per Llama layer, packed into 4: qkv, o, gate+up, down
+    assert by_bits.count(8) == 4 and by_bits.count(4) == 4
     assert report.lm_head == "float"
 
 
@@ -257,3 +277,19 @@ def test_calibration_reader_feeds_the_fp32_models_own_cache(llama):
         feed |= {n: empty for n in s if n.startswith("past_key_values")}
         present = session.run(["present.1.value"], feed)[0]
         np.testing.assert_allclose(s["past_key_values.1.value"], present, atol=1e-5)
+
+
+def test_int8_embedding_lookup_in_an_int4_recipe(llama, tmp_path):
+    out, report = _quantize(llama, tmp_path, scheme="int4", algorithm="rtn", embedding="int8")
+    q = onnx.load(str(out), load_external_data=False)
+    gbq = [n for n in q.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1 and _attrs(gbq[0])["bits"] == 8
+    assert report.embedding == "int8" and report.label.endswith("emb8")
+    got = OnnxDecoder(out).logits(IDS)
+    want = OnnxDecoder(llama / "model.onnx").logits(IDS)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.5
+
+
+def test_gptq_act_recipe_needs_zero_points():
+    with pytest.raises(ValueError, match="gptq-act computes a zero point per block"):
+        QuantRecipe(scheme="int4", algorithm="gptq-act", symmetric=True)
