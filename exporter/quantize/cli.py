@@ -23,8 +23,7 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)")
     g.add_argument("--calibration", type=Path, metavar="FILE",
                    help="calibration text (static QDQ, gptq, gptq-act, --lm-head-int8-tokens); "
-                   "default: the "
-                   "shared calib_emma.txt")
+                   "default: the shared calib_emma.txt")
     g.add_argument("--calib-method", choices=[m.value for m in CalibrationMethod],
                    help="static range estimator (default minmax)")
     g.add_argument("--calib-samples", type=int, metavar="N",
