@@ -23,19 +23,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph import unique_name
+
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def fold_float_zero_points(model: onnx.ModelProto) -> int:
@@ -94,10 +88,10 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
             ind_key = (blocks, bs, corr.dtype.num)
             if ind_key not in indicators:
                 ind = np.kron(np.eye(blocks, dtype=corr.dtype), np.ones((bs, 1), corr.dtype))
-                name = _unique(f"zp_fold/block_indicator_{blocks}x{bs}", names)
+                name = unique_name(f"zp_fold/block_indicator_{blocks}x{bs}", names)
                 graph.initializer.append(numpy_helper.from_array(ind, name))
                 indicators[ind_key] = name
-            total = _unique(f"{base}/zp_fold/blocksum", names)
+            total = unique_name(f"{base}/zp_fold/blocksum", names)
             new_nodes.append(helper.make_node("MatMul", [x, indicators[ind_key]], [total],
                                               name=total))
             sums[key] = total
@@ -107,15 +101,15 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         else:
             del node.input[3]
         y = node.output[0]
-        y_main = _unique(f"{y}/zp_fold/main", names)
+        y_main = unique_name(f"{y}/zp_fold/main", names)
         node.output[0] = y_main
-        m_name = _unique(f"{base}/zp_fold/correction", names)
+        m_name = unique_name(f"{base}/zp_fold/correction", names)
         graph.initializer.append(numpy_helper.from_array(corr, m_name))
-        delta = _unique(f"{base}/zp_fold/delta", names)
+        delta = unique_name(f"{base}/zp_fold/delta", names)
         new_nodes.append(node)
         new_nodes.append(helper.make_node("MatMul", [sums[key], m_name], [delta], name=delta))
         new_nodes.append(helper.make_node("Add", [y_main, delta], [y],
-                                          name=_unique(f"{base}/zp_fold/add", names)))
+                                          name=unique_name(f"{base}/zp_fold/add", names)))
 
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -96,6 +96,15 @@ def _module_and_layer(node: onnx.NodeProto) -> tuple[str, int | None]:
     return module, None
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken`` (added to it)."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def constant_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Initializers and ``Constant`` node outputs of the main graph, by name."""
     consts = {i.name: i for i in model.graph.initializer}

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import constant_values
+from .graph import constant_values, unique_name
 
 #: Rows are chosen in aligned groups of this many token ids (when the vocabulary divides):
 #: putting the logits back in order is then a Gather of V / 64 rows of 64 values, not of V
@@ -82,11 +82,7 @@ def split_lm_head(model: onnx.ModelProto, head: str, tokens: Sequence[int],
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
 
     def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in names:
-            name, i = f"{base}_{i}", i + 1
-        names.add(name)
-        return name
+        return unique_name(base, names)
 
     x, y = node.input[0], node.output[0]
     parts = []

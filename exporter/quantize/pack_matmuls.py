@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph import unique_name
+
 
 def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozenset()) -> list[str]:
     """Pack each group of MatMuls (names not in ``skip``) that read the same activation with
@@ -47,16 +49,16 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozen
             continue
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
         first = nodes[0]
-        wname = _unique(first.input[1] + "_packed", taken)
-        yname = _unique(first.output[0] + "_packed", taken)
+        wname = unique_name(first.input[1] + "_packed", taken)
+        yname = unique_name(first.output[0] + "_packed", taken)
         graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), wname))
-        sizes = _unique(first.name + "_split_sizes", taken)
+        sizes = unique_name(first.name + "_split_sizes", taken)
         graph.initializer.append(numpy_helper.from_array(
             np.array([w.shape[1] for w in weights], dtype=np.int64), sizes))
         matmul = helper.make_node("MatMul", [first.input[0], wname], [yname], name=first.name)
         matmul.metadata_props.extend(first.metadata_props)
         split = helper.make_node("Split", [yname, sizes], [n.output[0] for n in nodes],
-                                 name=_unique(first.name + "_split", taken), axis=-1)
+                                 name=unique_name(first.name + "_split", taken), axis=-1)
         split.metadata_props.extend(first.metadata_props)
         for n in nodes:
             graph.initializer.remove(inits.pop(n.input[1]))
@@ -67,11 +69,3 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozen
         graph.node.insert(at, matmul)
         packed.append(first.name)
     return packed
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
