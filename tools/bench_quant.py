@@ -56,8 +56,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     # Q4_1-sourced weights, i.e. what the zero-point correction of "int4-hqq-split" costs
     "int4-rtn": (("--quant", "int4", "--symmetric", "--lm-head", "int4", "--embedding", "int4",
                   "--max-ppl-increase", "100"), "int4"),
-    # MatMulNBits 8-bit at block 64: +0.46% perplexity (GenAI's int8: +0.59%), ~8% faster
-    # than block 32 (+0.25%) in an A/B
+    # MatMulNBits 8-bit at block 64: +0.46% perplexity (GenAI's int8: +0.59%); in A/Bs of one
+    # session block 32 (+0.25%) ran at 0.94x GenAI, block 64 at 1.04x (README)
     "int8": (("--quant", "int8", "--block-size", "64"), "int8"),
     "int8-b32": (("--quant", "int8"), "int8"),
     # int8 without zero points, as GenAI's int8 (+0.60% perplexity vs +0.25%)

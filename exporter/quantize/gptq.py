@@ -90,18 +90,18 @@ def collect_hessians(
             onnx.save(copy, str(probe))
             session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
             acc = {n: np.zeros((inputs[n], inputs[n])) for n in group}
-            rows = 0
+            rows = dict.fromkeys(group, 0)  # per activation: one may see fewer positions
             for i, feed in enumerate(samples()):
                 values = session.run(group, feed)
                 for name, x in zip(group, values, strict=True):
                     x = x.reshape(-1, inputs[name]).astype(np.float64)
                     acc[name] += x.T @ x
-                rows += x.shape[0]
+                    rows[name] += x.shape[0]
                 if i % 16 == 15:
                     say(f"gptq: calibration pass {k + 1}/{len(passes)}, {i + 1} samples")
-            if not rows:
+            if not all(rows.values()):
                 raise ValueError("the calibration reader gave no samples")
-            out.update({n: a / rows for n, a in acc.items()})
+            out.update({n: a / rows[n] for n, a in acc.items()})
             del session
     finally:
         probe.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ A decoder's MLP reads its normed input twice (``gate_proj`` and ``up_proj``; att
 q/k/v are packed at export already). As ``MatMulNBits`` with ``accuracy_level`` 4 each
 node quantizes its input to int8 on its own and is one more kernel launch per token;
 one node with the weights side by side (``[K, N1 + N2]``) followed by a ``Split`` does the
-same work once. SmolLM2-135M int4: ~0.15 ms per decode token (README).
+same work once. SmolLM2-135M int8, A/B in one session: 107.6 vs 104.1 tok/s (README).
 
 The packed node keeps the first node's name and metadata (its layer and module for
 ``graph.analyze``); the ``Split`` writes the original outputs, so nothing downstream
@@ -62,7 +62,9 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozen
         split.metadata_props.extend(first.metadata_props)
         for n in nodes:
             graph.initializer.remove(inits.pop(n.input[1]))
-        at = min(i for i, n in enumerate(graph.node) if n.name in {m.name for m in nodes})
+        # the group is in graph order: the packed pair goes where its first node was (output
+        # names are unique; node names may be empty)
+        at = next(i for i, n in enumerate(graph.node) if n.output[0] == first.output[0])
         for n in nodes:
             graph.node.remove(n)
         graph.node.insert(at, split)
