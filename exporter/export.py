@@ -20,7 +20,7 @@ from .manifest import graph_io, onnx_facts, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_decoder
 from .parity import check_parity
 from .passes import FusionOptions, fuse_onnx_file
-from .quantize.pipeline import QualityConfig, fp32_card, quantize_in_stage
+from .quantize.pipeline import QualityConfig, check_quant_texts, fp32_card, quantize_in_stage
 from .quantize.recipe import QuantRecipe
 from .quiet import quiet_libraries
 from .sources import DEFAULT_MODEL, load_source
@@ -179,6 +179,7 @@ def run_export(
 def _run_export(config: ExportConfig, progress: Progress | None, command: str | None) -> dict:
     say = progress or (lambda _msg: None)
     check_output(config.output, config.overwrite)  # before minutes of work
+    check_quant_texts(config.quant, config.quality)  # missing texts: exit 2 before the export
     t0 = time.perf_counter()
     loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec

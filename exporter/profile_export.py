@@ -313,7 +313,7 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
 
 def _eval_text(config) -> Path | None:
     """``--eval-text`` (a missing file is a usage error, as for dynamic exports), else the
-    shared eval_mansfield_park.txt; None when that is not here."""
+    packaged eval_mansfield_park.txt; None when that is not here."""
     return config.quality.settings().text_path()
 
 

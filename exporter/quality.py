@@ -32,9 +32,10 @@ import numpy as np
 from slmedge.runtimes.errors import UsageError
 from slmedge.runtimes.evaluate import plan_windows, token_nll
 from slmedge.runtimes.generation import Decoder
+from slmedge.runtimes.texts import default_eval_text
 
-#: Evaluation text shipped in the workspace; calibration uses a different book.
-DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_mansfield_park.txt"
+#: Evaluation text shipped in the package (runtimes/data); calibration uses a different book.
+DEFAULT_EVAL_TEXT = default_eval_text()
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",

@@ -361,10 +361,10 @@ def _reuse_fp32(config: TfliteExportConfig, source: dict) -> tuple[bytes, Tflite
 
 
 def _calibration_ids(stage: Path) -> list[int]:
-    """Token ids of the shared calibration text (a different book from the evaluation one)."""
-    from .quality import DEFAULT_EVAL_TEXT
+    """Token ids of the packaged calibration text (a different book from the evaluation one)."""
+    from slmedge.runtimes.texts import default_calibration_text
 
-    path = DEFAULT_EVAL_TEXT.parent / "calib_emma.txt"
+    path = default_calibration_text()
     if not path.is_file():
         from slmedge.runtimes.errors import UsageError
 

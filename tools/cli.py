@@ -29,7 +29,7 @@ and measure how they run there.
 
   slmedge export  --model SRC --output DIR    PyTorch / HF / GGUF -> ONNX with KV cache
   slmedge generate DIR --prompt TEXT          generate text (greedy unless --temperature)
-  slmedge eval DIR --text FILE                perplexity on a text file
+  slmedge eval DIR [--text FILE]              perplexity on a text file
   slmedge bench DIR                           load time, TTFT, decode speed, memory, size
 """
 
@@ -189,6 +189,10 @@ def cmd_eval(args) -> int:
     from slmedge.runtimes.evaluate import perplexity
 
     _, decoder, tokenizer = _open_decoder(args.artifact, args.threads, args)
+    if args.text is None:
+        from slmedge.runtimes.texts import default_eval_text
+
+        args.text = str(default_eval_text())
     text_path = Path(args.text)
     if not text_path.is_file():
         raise UsageError(f"--text {args.text}: no such file")
@@ -364,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity on a text file",
                        epilog=EXIT_CODES_HELP, formatter_class=fmt)
     runtime_flags(p)
-    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--text", help="UTF-8 text file (default: the packaged "
+                   "eval_mansfield_park.txt, the export quality card's text)")
     p.add_argument("--max-tokens", type=int, default=4096, help="score the first N tokens")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)

@@ -62,7 +62,7 @@ def quantize_a16w8(
     Weight MatMuls, norms, residual adds and data movement get 16-bit activations; the
     attention-mask path (mask arithmetic, the mask Add, Softmax) stays float — see
     ``static.OP_POLICY``; the report's ``op_decisions`` lists every op type. Calibration:
-    ``calibration_ids``, or ``calibration_text`` (default: the shared calibration book)
+    ``calibration_ids``, or ``calibration_text`` (default: the packaged calibration book)
     tokenized with the tokenizer in ``tokenizer_dir`` (default: the model's directory).
     """
     decode = max(samples - samples // 4, 0)

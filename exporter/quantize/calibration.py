@@ -24,11 +24,13 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
 from slmedge.runtimes.errors import UsageError
+from slmedge.runtimes.texts import default_calibration_text
 
 from .recipe import CalibrationConfig
 
-#: The calibration text shipped in the workspace (kept apart from the evaluation text).
-DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "calib_emma.txt"
+#: The calibration text shipped in the package (runtimes/data; a different book from the
+#: evaluation text).
+DEFAULT_CALIBRATION_TEXT = default_calibration_text()
 
 
 def calibration_text(config: CalibrationConfig) -> Path:

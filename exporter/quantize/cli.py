@@ -23,7 +23,7 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
                    "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)")
     g.add_argument("--calibration", type=Path, metavar="FILE",
                    help="calibration text (static QDQ, gptq, gptq-act, --lm-head-int8-tokens); "
-                   "default: the shared calib_emma.txt")
+                   "default: the packaged calib_emma.txt (Emma)")
     g.add_argument("--calib-method", choices=[m.value for m in CalibrationMethod],
                    help="static range estimator (default minmax)")
     g.add_argument("--calib-samples", type=int, metavar="N",
@@ -58,7 +58,7 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
     q.add_argument("--auto", action="store_true",
                    help="try recipes from the smallest up; keep the smallest inside the gate")
     q.add_argument("--eval-text", type=Path, metavar="FILE",
-                   help="evaluation text (default: shared eval_mansfield_park.txt)")
+                   help="evaluation text (default: the packaged eval_mansfield_park.txt)")
     q.add_argument("--eval-tokens", type=int, metavar="N", help="score the first N tokens (4096)")
 
 

@@ -21,12 +21,13 @@ from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
 from slmedge.runtimes.errors import QualityGateFailed, UsageError
 
 from ..manifest import onnx_facts, write_manifest
-from ..quality import QualitySettings, artifact_card
+from ..quality import DEFAULT_EVAL_TEXT, QualitySettings, artifact_card
 from ..staging import check_output, staged_directory
 from .auto import candidates
+from .calibration import calibration_text
 from .core import copy_support_files, quantize_model
 from .graph import analyze, fold_weight_transposes, split_gemms
-from .recipe import QuantRecipe
+from .recipe import Int4Algorithm, QuantRecipe, QuantScheme
 
 Say = Callable[[str], None]
 MODEL_FILE = "model.onnx"
@@ -40,7 +41,7 @@ class QualityConfig(BaseModel):
     max_ppl_increase: float = Field(5.0, ge=0, description="gate: allowed perplexity rise, percent")
     auto: bool = Field(False, description="try recipes from the smallest up; keep the smallest "
                        "inside the gate")
-    eval_text: Path | None = Field(None, description="evaluation text; default eval_mansfield_park.txt")
+    eval_text: Path | None = Field(None, description="evaluation text; default: the packaged eval_mansfield_park.txt")
     eval_tokens: int = Field(4096, ge=2, description="score the first N tokens of the text")
     new_tokens: int = Field(64, ge=1, description="greedy tokens per prompt for agreement")
     threads: int | None = Field(None, ge=1, description="ORT threads while measuring")
@@ -48,6 +49,47 @@ class QualityConfig(BaseModel):
     def settings(self) -> QualitySettings:
         return QualitySettings(eval_text=self.eval_text, eval_tokens=self.eval_tokens,
                                new_tokens=self.new_tokens)
+
+
+def _check_readable(path: Path, what: str, flag: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise UsageError(f"{what} '{path}' cannot be read ({e.strerror or e}); pass a readable "
+                         f"UTF-8 file with {flag} FILE") from None
+    if empty:
+        raise UsageError(f"{what} '{path}' is empty; pass a UTF-8 text with {flag} FILE")
+
+
+def needs_calibration_text(recipe: QuantRecipe, auto: bool = False) -> bool:
+    """Whether quantizing with ``recipe`` reads the calibration text: static QDQ, GPTQ and
+    gptq-act, a split lm_head (its frequent tokens), and ``--auto`` on int4 (it tries one)."""
+    if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8):
+        return True
+    if recipe.scheme is not QuantScheme.int4:
+        return False
+    return (recipe.int4_algorithm in (Int4Algorithm.gptq, Int4Algorithm.gptq_act)
+            or recipe.lm_head_int8_tokens > 0 or auto)
+
+
+def check_quant_texts(recipe: QuantRecipe | None, quality: QualityConfig) -> None:
+    """Fail with a usage error (exit 2) before any model is loaded when a quantization's texts
+    are missing or unreadable: the evaluation text of its quality card and gate, and the
+    calibration text when the recipe reads one. Nothing to check for ``recipe=None`` (fp32)."""
+    if recipe is None:
+        return
+    path = quality.settings().text_path()  # a missing --eval-text FILE raises here
+    if path is None:
+        raise UsageError(
+            "a quantized artifact needs an evaluation text for its quality card and gate; the "
+            f"packaged one ({DEFAULT_EVAL_TEXT}) is missing, so this install is incomplete: "
+            "reinstall slmedge or pass --eval-text FILE")
+    _check_readable(path, "evaluation text", "--eval-text")
+    if needs_calibration_text(recipe, quality.auto):
+        # calibration_text raises a usage error naming the file when it does not exist
+        _check_readable(calibration_text(recipe.calibration), "calibration text",
+                        "--calibration")
 
 
 def fp32_card(model_path: Path, tokenizer_dir: Path, quality: QualityConfig,
@@ -153,6 +195,7 @@ def quantize_artifact(
 ) -> dict:
     """``slmedge quantize``: a quantized artifact from an fp32 one; returns its manifest."""
     quality = quality or QualityConfig()
+    check_quant_texts(recipe, quality)  # before the model is read
     art = open_artifact(source)
     if not art.manifest:
         raise UsageError(f"'{source}' is a bare model file; pass an artifact directory written by "

@@ -61,7 +61,7 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: Path | None = Field(None, description="UTF-8 text file; default: the shared calib_emma.txt")
+    text: Path | None = Field(None, description="UTF-8 text file; default: the packaged calib_emma.txt")
     method: CalibrationMethod = Field(CalibrationMethod.minmax, description="range estimator")
     percentile: float = Field(99.999, gt=90, le=100, description="for method=percentile")
     prefill_samples: int = Field(8, ge=1, description="prompt chunks fed with an empty cache")
