@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .artifact import open_artifact
 from .errors import MissingDependency
+from .memory_budget import estimate_memory
 
 QNN = "QNNExecutionProvider"
 NNAPI = "NnapiExecutionProvider"
@@ -72,6 +73,12 @@ class CheckReport:
     graphs: list[GraphCheck]
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    #: weights + KV cache + runtime vs the profile's device.ram_budget_mb (memory_budget.py)
+    memory: dict | None = None
+
+    @property
+    def fits_memory(self) -> bool:
+        return self.memory is None or bool(self.memory["fits"])
 
     @property
     def ops(self) -> dict[str, int]:
@@ -95,6 +102,7 @@ class CheckReport:
             "rows": [asdict(r) for r in rows],
             "rows_truncated": len(self.rows) - len(rows),
             "notes": self.notes,
+            "memory": self.memory,
         }
 
 
@@ -105,11 +113,16 @@ def graph_files(artifact) -> list[Path]:
     return [artifact.model_path]
 
 
-def check_artifact(path: str | Path, profile) -> CheckReport:
-    """Placement of every graph of the artifact at ``path`` on ``profile``'s target."""
+def check_artifact(path: str | Path, profile, context: int | None = None) -> CheckReport:
+    """Placement of every graph of the artifact at ``path`` on ``profile``'s target, and its
+    memory (weights + KV cache at ``context`` tokens) against the profile's RAM budget."""
     artifact = open_artifact(path)
     target = profile.accelerator or profile.runtime.providers[0].name
     report = CheckReport(profile.name, str(path), target, [], [])
+    memory = estimate_memory(artifact, profile, context)
+    report.memory = memory.to_dict()
+    if not memory.fits:
+        report.notes.append(memory.message())
     for file in graph_files(artifact):
         if target == QNN:
             _check_qnn(file, profile, report)

@@ -243,6 +243,11 @@ def cmd_bench(args) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from .cli_profiles import memory_gate
+
+    refused = memory_gate(args, args.artifact, args.profile)
+    if refused is not None:
+        return refused
     progress = Progress()
     try:
         from .cli_profiles import bench_session_kwargs
@@ -388,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "carries as last_bench)")
     p.add_argument("--target", help="run there: ssh://[user@]host[:port][/dir] or "
                    "adb://[SERIAL][/dir] (default: here); more flags: tools/cli_runner.py")
+    from .cli_profiles import add_context_flag
+
+    add_context_flag(p)  # with --profile: weights + KV cache vs its ram_budget_mb
     p.set_defaults(func=cmd_bench)
 
     import importlib

@@ -24,7 +24,12 @@ def cmd_bundle(args) -> int:
     from slmedge.device_profiles import load_profile
     from slmedge.runtimes.artifact import open_artifact
 
+    from .cli_profiles import memory_gate
+
     profile = load_profile(args.profile)
+    refused = memory_gate(args, args.artifact, args.profile)
+    if refused is not None:
+        return refused
     if open_artifact(args.artifact).format != "tflite":
         try:
             import onnx  # noqa: F401  (bundle reads and rewrites graphs; verify does not need it)
@@ -97,6 +102,8 @@ def register(sub) -> None:
     """Add ``bundle`` and ``verify`` to the ``slmedge`` parser."""
     import argparse
 
+    from .cli_profiles import add_context_flag
+
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "bundle", help="package an artifact for an app (model, tokenizer, genai_config, snippets)",
@@ -118,6 +125,9 @@ def register(sub) -> None:
                    "profile's artifact.formats that the artifact has")
     p.add_argument("--zip", action="store_true", help="also write OUTPUT.zip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--strict", action="store_true", help="exit 4 when weights + KV cache "
+                   "exceed the profile's device.ram_budget_mb (default: a warning)")
+    add_context_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON document (the manifest)")
     p.set_defaults(func=cmd_bundle)
 

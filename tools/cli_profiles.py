@@ -81,7 +81,7 @@ def cmd_check(args) -> int:
     from slmedge.runtimes.placement import check_artifact
 
     profile = load_profile(args.profile)
-    report = check_artifact(args.artifact, profile)
+    report = check_artifact(args.artifact, profile, context=args.context)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -90,7 +90,29 @@ def cmd_check(args) -> int:
         print(f"slmedge check: {len(report.rows)} nodes would not run on {report.target} "
               "(--strict)", file=sys.stderr)
         return EXIT_UNSUPPORTED
+    if args.strict and not report.fits_memory:
+        print("slmedge check: the artifact does not fit the profile's memory budget (--strict)",
+              file=sys.stderr)
+        return EXIT_UNSUPPORTED
     return EXIT_OK
+
+
+def memory_gate(args, artifact: str, profile_name: str | None) -> int | None:
+    """``bench`` / ``bundle`` with a profile: warn on stderr when weights + KV cache exceed the
+    profile's ``device.ram_budget_mb``; with ``--strict`` return exit 4 (before any work)."""
+    if not profile_name:
+        return None
+    from slmedge.device_profiles import load_profile
+    from slmedge.runtimes.memory_budget import check_memory
+
+    estimate = check_memory(artifact, load_profile(profile_name),
+                            context=getattr(args, "context", None))
+    if estimate.fits:
+        return None
+    strict = getattr(args, "strict", False)
+    print(f"{'error' if strict else 'warning'}: {estimate.message()}"
+          + (" (--strict)" if strict else ""), file=sys.stderr)
+    return EXIT_UNSUPPORTED if strict else None
 
 
 def register(sub) -> None:
@@ -120,8 +142,17 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--max-rows", type=int, default=40, help="table rows to print (default 40)")
     p.add_argument("--strict", action="store_true",
-                   help="exit 4 when any node would not run on the target")
+                   help="exit 4 when any node would not run on the target, or when weights + "
+                   "KV cache exceed the profile's device.ram_budget_mb")
+    add_context_flag(p)
     p.set_defaults(func=cmd_check)
+
+
+def add_context_flag(p) -> None:
+    """``--context``: KV-cache tokens of the memory-budget check."""
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="KV-cache tokens for the memory-budget check (default: the profile's "
+                   "static context_length, else 4096 capped by the model's maximum)")
 
 
 def runtime_kwargs(args, threads: int | None = None) -> dict:
