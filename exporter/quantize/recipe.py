@@ -155,7 +155,7 @@ class QuantRecipe(BaseModel):
         int8 activations of ``accuracy_level`` 4). The report says ``zero_points: folded``.
         The correction's small nodes cost decode speed (SmolLM2: ~0.67x GenAI's int4);
         ``gptq-act`` (needs calibration text) keeps integer zero points and no correction
-        at a similar quality (tools/bench_quant.py's ``int4``)."""
+        at a similar quality (tools/bench/bench_quant.py's ``int4``)."""
         if self.algorithm is not None:
             return self.algorithm
         return Int4Algorithm.rtn if self.symmetric else Int4Algorithm.hqq

@@ -1,4 +1,5 @@
-"""Pure helpers of tools/bench_anchors.py and tools/anchors/prepare_hf.py (no models, no venvs).
+"""Pure helpers of tools/bench/bench_anchors.py and tools/bench/anchors/prepare_hf.py
+(no models, no venvs).
 
 Speeds are never asserted: they depend on the machine and its load.
 """
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from slmedge.tools import bench_anchors as ba
+from bench_scripts import bench_anchors as ba
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_prepare_hf():
     spec = importlib.util.spec_from_file_location(
-        "prepare_hf", REPO / "tools" / "anchors" / "prepare_hf.py"
+        "prepare_hf", REPO / "tools" / "bench" / "anchors" / "prepare_hf.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

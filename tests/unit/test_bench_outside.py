@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from slmedge.tools import bench_outside as bo
+from bench_scripts import bench_outside as bo
 
 #: Runner vs outside decode time and tok/s: wide enough for a busy shared host (0.85 seen on
 #: the tiny model, 1.108 on SmolLM2), narrow enough that a step counted twice or a round

@@ -1,12 +1,12 @@
 """The greedy tokens slmedge generates for the benchmark prompt (an untimed sanity run).
 
 ``slmedge bench --json`` reports timings, not the tokens it generated, so
-``tools/bench_anchors.py`` runs this once to compare slmedge's greedy output with
+``tools/bench/bench_anchors.py`` runs this once to compare slmedge's greedy output with
 PyTorch's. The prompt is built exactly as ``slmedge.runtimes.bench.run_bench`` builds it
 (the vocabulary size read from the session, ``bench_prompt_ids`` with the same seed),
 and printed too, so the caller can check every tool got the same ids.
 
-    python tools/anchors/slmedge_tokens.py ARTIFACT_DIR --prompt-tokens 128 --new-tokens 128
+    python tools/bench/anchors/slmedge_tokens.py ARTIFACT_DIR --prompt-tokens 128 --new-tokens 128
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Child processes of ``tools/bench_anchors.py``: run, log, measure peak RSS, fail by name.
+"""Child processes of ``tools/bench/bench_anchors.py``: run, log, measure peak RSS, fail by name.
 
 Every tool's step (export, venv build, measurement) runs through :class:`Runner`, so each
 one's peak RSS is taken the same way, from outside (``wait4``), and a failure is one line
@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-ANCHORS = REPO / "tools" / "anchors"
+REPO = Path(__file__).resolve().parents[3]
+ANCHORS = REPO / "tools" / "bench" / "anchors"
 VERSION_PACKAGES = (
     "slmedge",
     "torch",

@@ -2,7 +2,7 @@
 """SmolLM2-135M static-shape graphs on the QNN HTP emulator (onnxruntime-qnn) next to the CPU
 provider and the fp32 reference: placement, quality card, time per call (issue 4).
 
-    python tools/bench_qnn.py [--variants a16w8 fp16] [--providers cpu qnn] \
+    python tools/bench/bench_qnn.py [--variants a16w8 fp16] [--providers cpu qnn] \
         [--eval-tokens 1024] [--prompts 3] [--new-tokens 16] [--json out.json]
 
 Builds what is missing under --out (later runs reuse it), timing each export:
@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "artifacts"
 #: variant -> built-in profile that exports it
 VARIANTS = {"a16w8": "android-qnn-htp", "fp16": "android-qnn-htp-fp16"}

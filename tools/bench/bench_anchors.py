@@ -19,19 +19,19 @@ How it measures (DESIGN.md: +-15% noise between passes here, so compare within a
   ``slmedge bench`` does not report its tokens, so an untimed ``slmedge_tokens.py`` run
   on the same artifact and prompt provides them (and checks the prompt is the same).
 
-The steps of each side live in ``tools/anchors/``: ``runner.py`` (child processes, their
+The steps of each side live in ``tools/bench/anchors/``: ``runner.py`` (child processes, their
 logs and peak RSS), ``slmedge_tool.py`` (export, ``slmedge bench``), ``hf_tools.py`` (HF
 directory, Optimum venv and export, ``run_hf.py``); this script prepares, alternates the
 rounds and reports.
 
 Everything is built on first use and cached under ``--cache-dir``: the GGUF as a plain
-HF directory (``tools/anchors/prepare_hf.py``), the slmedge export, the venv for
+HF directory (``tools/bench/anchors/prepare_hf.py``), the slmedge export, the venv for
 Optimum (``.venv-optimum``: optimum-onnx 0.1.0 pins transformers<4.58, slmedge uses 5.x)
 and Optimum's export. ``--slmedge-artifact DIR`` benchmarks an existing artifact instead
 (e.g. one exported with other flags).
 
-    python tools/bench_anchors.py                      # 3 rounds, 128 + 128 tokens, 2 threads
-    python tools/bench_anchors.py --repeats 1 --new-tokens 16 --tools slmedge,pytorch --json
+    python tools/bench/bench_anchors.py                      # 3 rounds, 128 + 128 tokens, 2 threads
+    python tools/bench/bench_anchors.py --repeats 1 --new-tokens 16 --tools slmedge,pytorch --json
 
 Exit codes: 0 ok, 1 a step failed (the message names it), 2 usage.
 """
@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmedge.tools.anchors.hf_tools import (
+from anchors.hf_tools import (
     OPTIMUM_PINS,
     TORCH_PIN,
     ensure_optimum_venv,
@@ -60,7 +60,7 @@ from slmedge.tools.anchors.hf_tools import (
     measure_hf,
     prepare_hf_dir,
 )
-from slmedge.tools.anchors.runner import (
+from anchors.runner import (
     ANCHORS,
     REPO,
     Completed,
@@ -70,14 +70,14 @@ from slmedge.tools.anchors.runner import (
     slmedge_command,
     venv_versions,
 )
-from slmedge.tools.anchors.slmedge_tool import (
+from anchors.slmedge_tool import (
     export_slmedge,
     exporter_source_key,
     manifest_summary,
     measure_slmedge,
 )
 
-#: Re-exported: the runners live in tools/anchors/ (runner.py: child processes; slmedge_tool.py
+#: Re-exported: the runners live in tools/bench/anchors/ (runner.py: child processes; slmedge_tool.py
 #: and hf_tools.py: each side's export and measurement).
 __all__ = ["OPTIMUM_PINS", "TORCH_PIN", "Completed", "Runner", "StepFailed", "ensure_optimum_venv",
            "export_optimum", "export_slmedge", "exporter_source_key", "main", "prepare_hf_dir",

@@ -1,4 +1,4 @@
-"""The slmedge side of ``tools/bench_anchors.py``: its export (cached while the exporter's
+"""The slmedge side of ``tools/bench/bench_anchors.py``: its export (cached while the exporter's
 code and stack are unchanged) and one ``slmedge bench`` measurement."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """slmedge vs ONNX Runtime GenAI's model builder, side by side in one run (issue 3).
 
-    python tools/bench_genai.py [--variants fp32] [--rounds 3] [--json out.json]
+    python tools/bench/bench_genai.py [--variants fp32] [--rounds 3] [--json out.json]
 
 What it does, on SmolLM2-135M (the embedded model) by default:
 
@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_WORKDIR = REPO / "artifacts" / "bench"
 DEFAULT_SOURCE = "embedded:smollm2-135m-instruct"
 GENAI_REQUIREMENT = "onnxruntime-genai==0.18.0"  # needs onnxruntime>=1.31: no conflict with ours

@@ -1,4 +1,4 @@
-"""The Hugging Face side of ``tools/bench_anchors.py``: the model as a plain HF directory,
+"""The Hugging Face side of ``tools/bench/bench_anchors.py``: the model as a plain HF directory,
 the Optimum venv and export, and one timed ``generate`` (``run_hf.py``) with PyTorch eager
 or Optimum's ``ORTModelForCausalLM``."""
 

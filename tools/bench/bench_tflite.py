@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SmolLM2-135M as TFLite (LiteRT) next to ONNX (ONNX Runtime): speed, memory, size, quality.
 
-    python tools/bench_tflite.py [--rounds 3] [--out artifacts/bench/tflite]
+    python tools/bench/bench_tflite.py [--rounds 3] [--out artifacts/bench/tflite]
 
 Builds what is missing (once; later runs reuse the artifacts under --out):
   onnx-fp32   slmedge export                                      (main venv)
@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / ".venv" / "bin" / "slmedge"
 TFL = REPO / ".venv-tflite" / "bin" / "slmedge"
 TFL_PY = REPO / ".venv-tflite" / "bin" / "python"

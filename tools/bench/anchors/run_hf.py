@@ -1,6 +1,6 @@
 """One timed greedy generation with Hugging Face ``generate``: PyTorch eager or Optimum ORT.
 
-Run by ``tools/bench_anchors.py`` in a process of its own (so that its peak RSS is this
+Run by ``tools/bench/bench_anchors.py`` in a process of its own (so that its peak RSS is this
 process's alone): ``--backend pytorch`` in the main venv, ``--backend optimum`` in the
 Optimum venv (transformers 4.57). It imports neither slmedge nor anything outside
 torch / transformers / optimum / onnxruntime, and prints one JSON object on stdout.
@@ -12,7 +12,7 @@ End-of-sequence is switched off (``eos_token_id = None``), so exactly ``--new-to
 tokens come out and an EOS is fed back like any other token -- as ``slmedge bench``
 does. (``min_new_tokens`` would instead mask EOS and change the greedy choice.)
 
-    python tools/anchors/run_hf.py --backend pytorch --model-dir DIR --prompt-file ids.json
+    python tools/bench/anchors/run_hf.py --backend pytorch --model-dir DIR --prompt-file ids.json
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Write the embedded GGUF as a plain Hugging Face directory (fp32 safetensors + tokenizer).
 
-Run by ``tools/bench_anchors.py`` in the main venv (transformers 5.x), once; PyTorch eager
+Run by ``tools/bench/bench_anchors.py`` in the main venv (transformers 5.x), once; PyTorch eager
 and Optimum both load this directory, so both run the very weights slmedge exports from
 the GGUF. The directory is written next to its final place and renamed into it, so an
 interrupted run leaves nothing that looks finished.
 
-    python tools/anchors/prepare_hf.py --model embedded:smollm2-135m-instruct --output DIR
+    python tools/bench/anchors/prepare_hf.py --model embedded:smollm2-135m-instruct --output DIR
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Quantized slmedge artifacts vs ONNX Runtime GenAI's builder, side by side (issue 3).
 
-    python tools/bench_quant.py --fp32 artifacts/bench/slmedge-fp32 \
+    python tools/bench/bench_quant.py --fp32 artifacts/bench/slmedge-fp32 \
         [--variants int4 int8] [--rounds 2] [--json out.json]
 
 For each variant (slmedge recipe vs the builder's same precision, built from the same HF
@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "artifacts" / "bench"
 
 #: variant -> (slmedge quantize flags, GenAI builder precision)

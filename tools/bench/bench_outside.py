@@ -1,6 +1,6 @@
 """The bench runner's figures against an outside measurement of the same work.
 
-    python tools/bench_outside.py ARTIFACT [--prompt 128 --small 8 --big 72 --repeats 2
+    python tools/bench/bench_outside.py ARTIFACT [--prompt 128 --small 8 --big 72 --repeats 2
                                             --pairs 3 --threads 2] [--json out.json]
 
 Peak RSS: the runner's ``peak_rss_mb`` against the kernel's maximum resident set size of

@@ -1,0 +1,1 @@
+"""Steps of bench_anchors.py (a repository script, not installed with slmedge)."""
