@@ -35,6 +35,9 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"profile {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"profile {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -70,7 +73,10 @@ def _raw(ref: str, origin: Path | None, chain: tuple[Path, ...] = ()) -> tuple[d
         if not path.is_absolute() and origin is not None:
             path = origin.parent / path
         if not path.is_file():
-            raise UsageError(f"profile file {path} does not exist; built-in profiles: "
+            # name the file that refers to the missing one (issue 14: "profile file / does
+            # not exist" did not say which profile had `extends: /`)
+            where = f"profile {origin}: field extends: " if origin else ""
+            raise UsageError(f"{where}profile file {path} does not exist; built-in profiles: "
                              f"{', '.join(builtin_names())}")
     else:
         path = BUILTIN_DIR / f"{ref}.yaml"
@@ -87,7 +93,12 @@ def _raw(ref: str, origin: Path | None, chain: tuple[Path, ...] = ()) -> tuple[d
         if not isinstance(base, str):
             raise UsageError(f"profile {path}: field extends: must be a profile name or path, "
                              f"got {base!r}")
-        parent, _ = _raw(base, path, (*chain, path))
+        try:
+            parent, _ = _raw(base, path, (*chain, path))
+        except UsageError as e:  # a problem in the file it extends: say who extends it
+            if str(path) in str(e):
+                raise
+            raise UsageError(f"profile {path}: field extends: {e}") from None
         parent.pop("name", None)
         parent.pop("description", None)
         data = _merge(parent, data)

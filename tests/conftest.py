@@ -7,12 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Offline and quiet: tests never reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Property tests (Hypothesis): CI and tools/test.sh run the "ci" profile, derandomized (the
+# same examples every run, so CI cannot pass or fail by chance; every failure found is kept as
+# an @example); HYPOTHESIS_PROFILE=explore draws new random examples (local runs, bare pytest).
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True, database=None)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI") else "explore"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
