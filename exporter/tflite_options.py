@@ -1,4 +1,6 @@
-"""``slmedge export --format tflite``: its typed config and its flags (no torch, no LiteRT).
+"""``slmedge export --format tflite``: its typed config (no torch, no LiteRT).
+
+The flags that build it live with the CLI (``tools/cli_tflite.py``).
 
 The TFLite path has its own ``--quant`` vocabulary, validated here and not by the ONNX
 quantization recipe: the LiteRT kernels are different ones (ai-edge-quantizer recipes).
@@ -123,8 +125,8 @@ class TfliteExportConfig(BaseModel):
         return self
 
 
-def _profile_fields(name: str) -> dict:
-    """Sizes, recipe and threads a device profile gives the TFLite export."""
+def profile_fields(name: str) -> dict:
+    """Sizes, recipe and threads a device profile gives the TFLite export (config fields)."""
     from slmedge.device_profiles.loader import load_profile
 
     profile = load_profile(name)
@@ -152,94 +154,6 @@ def _profile_fields(name: str) -> dict:
     return fields
 
 
-def config_from_args(args) -> TfliteExportConfig:
-    """Flags (and ``--profile`` / ``--config``) -> :class:`TfliteExportConfig`."""
-    import json
-
-    from pydantic import ValidationError
-
-    fields: dict = {}
-    if getattr(args, "config", None):
-        try:
-            fields = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"--config {args.config}: cannot read it as JSON ({e})") from None
-    if getattr(args, "profile", None):
-        fields.update(_profile_fields(args.profile))
-    for name in (
-        "model",
-        "output",
-        "parity_atol",
-        "context_length",
-        "prefill_chunks",
-        "eval_text",
-        "eval_tokens",
-        "from_artifact",
-        "max_ppl_increase",
-    ):
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = str(value) if isinstance(value, Path) else value
-    if getattr(args, "quant", None):
-        fields["quant"] = parse_quant(args.quant).value
-    if getattr(args, "overwrite", False):
-        fields["overwrite"] = True
-    dtype = getattr(args, "dtype", None)
-    if dtype == "fp16":
-        if fields.get("quant", "fp32") not in ("fp32", "fp16"):
-            raise UsageError("--dtype fp16 and --quant exclude each other with --format tflite")
-        fields["quant"] = "fp16"
-    for onnx_only in ("opset", "external_data"):
-        if getattr(args, onnx_only, None):
-            raise UsageError(f"--{onnx_only.replace('_', '-')} applies to --format onnx only")
-    if "output" not in fields:
-        raise UsageError("slmedge export needs --output DIR (or a --config file that names one)")
-    fields["format"] = "tflite"
-    try:
-        return TfliteExportConfig(**fields)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
-        )
-        raise UsageError(f"invalid TFLite export config: {problems}") from None
-
-
-def add_tflite_flags(parser) -> None:
-    """``--format`` and the TFLite-only flags of ``slmedge export``; the TFLite ``--quant`` names."""
-    g = parser.add_argument_group("TFLite (--format tflite)")
-    g.add_argument(
-        "--format",
-        choices=["onnx", "tflite"],
-        help="artifact format (default onnx, or what --profile writes); tflite needs "
-        "the [tflite] venv: tools/setup_tflite.sh",
-    )
-    g.add_argument(
-        "--context-length",
-        type=int,
-        metavar="N",
-        help=f"static KV-cache rows (default {DEFAULT_CONTEXT})",
-    )
-    g.add_argument(
-        "--prefill-chunks",
-        metavar="T,T",
-        type=lambda s: [int(x) for x in s.split(",") if x],
-        help=f"prefill signature sizes (default {','.join(map(str, DEFAULT_CHUNKS))})",
-    )
-    g.add_argument(
-        "--from-artifact",
-        type=Path,
-        metavar="DIR",
-        help="quantize the graph of this fp32 TFLite artifact (same model and sizes) "
-        "instead of converting again",
-    )
-    for action in parser._actions:  # --quant is defined by the ONNX quantization flags
-        if "--quant" in action.option_strings and action.choices is not None:
-            action.choices = list(dict.fromkeys([*action.choices, *TFLITE_QUANT_CHOICES]))
-            action.help = (
-                (action.help or "") + "; with --format tflite: " + ", ".join(TFLITE_QUANT_CHOICES)
-            )
-
-
 def require_tflite_extra() -> None:
     """A clear :class:`MissingDependency` (exit 2) before any work when [tflite] is absent."""
     import importlib.util
@@ -263,79 +177,3 @@ def require_tflite_extra() -> None:
             "clashes with the main venv's pins (typing-extensions), so it has its own venv: "
             "tools/setup_tflite.sh, then .venv-tflite/bin/slmedge export --format tflite ..."
         )
-
-
-def wants_tflite(args) -> bool:
-    """Whether ``slmedge export`` takes the TFLite path: ``--format tflite``, or a profile that
-    writes tflite only. TFLite-only flags with the ONNX path are a usage error."""
-    fmt = getattr(args, "format", None)
-    if fmt is None and getattr(args, "profile", None):
-        from slmedge.device_profiles.loader import load_profile
-
-        formats = {f.value for f in load_profile(args.profile).artifact.formats}
-        fmt = "tflite" if formats == {"tflite"} else "onnx"
-    if fmt == "tflite":
-        return True
-    given = [
-        flag
-        for flag, name in (
-            ("--context-length", "context_length"),
-            ("--prefill-chunks", "prefill_chunks"),
-            ("--from-artifact", "from_artifact"),
-        )
-        if getattr(args, name, None) is not None
-    ]
-    quant = getattr(args, "quant", None)
-    if quant in TFLITE_QUANT_CHOICES and quant not in QUANT_ALIASES and quant != "int8-static":
-        given.append(f"--quant {quant}")
-    if given:
-        raise UsageError(f"{', '.join(given)} apply to --format tflite only; add --format tflite")
-    return False
-
-
-def cmd_export_tflite(args) -> int:
-    """``slmedge export --format tflite``: build the config, run the export, print a summary."""
-    import json
-    import sys
-
-    config = config_from_args(args)
-    if getattr(args, "dry_run", False):
-        sys.stdout.write(json.dumps(json.loads(config.model_dump_json()), indent=2) + "\n")
-        return 0
-    require_tflite_extra()
-    from slmedge.tools.progress import Progress
-
-    from .tflite_export import run_tflite_export
-
-    progress = Progress()
-    try:
-        manifest = run_tflite_export(config, progress=progress.say)
-    finally:
-        progress.close()
-    if getattr(args, "json", False):
-        sys.stdout.write(
-            json.dumps({"output": str(config.output), **manifest}, indent=2, default=str) + "\n"
-        )
-    else:
-        print(summary_line(manifest, config.output))
-    return 0
-
-
-def summary_line(manifest: dict, output) -> str:
-    size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
-    parity = manifest["verification"]["parity"]
-    line = (
-        f"exported {manifest['architecture']['family']} to {output} ({size:.1f} MB TFLite, "
-        f"{manifest['recipe']['quant']}); parity max |diff| {parity['max_abs_diff']:.2e} <= "
-        f"{parity['atol']:.2e}"
-    )
-    card = manifest.get("quality", {})
-    if "perplexity" in card:
-        line += f"; perplexity {card['perplexity']:.3f}"
-        if card.get("reference_perplexity") is not None:
-            line += (
-                f" vs fp32 {card['reference_perplexity']:.3f} ({card['ppl_increase_pct']:+.2f}%)"
-            )
-        if card.get("greedy"):
-            line += f", greedy agreement {card['greedy']['top1_agreement']:.1%}"
-    return line

@@ -54,7 +54,7 @@ def _load_exporter():
 
 
 def cmd_export(args) -> int:
-    from slmedge.exporter.tflite_options import cmd_export_tflite, wants_tflite
+    from .cli_tflite import cmd_export_tflite, wants_tflite
 
     if wants_tflite(args):  # --format tflite: its own config, recipes and venv
         return cmd_export_tflite(args)
@@ -79,7 +79,7 @@ def cmd_export(args) -> int:
         fields["external_data"] = True
     if "output" not in fields:
         raise UsageError("slmedge export needs --output DIR (or a --config file that names one)")
-    from slmedge.exporter.quantize.cli import quant_fields, summary_line
+    from .cli_quant import quant_fields, summary_line
 
     fields.update(quant_fields(args))
     from pydantic import ValidationError
@@ -297,7 +297,7 @@ def _record_last_bench(artifact: str, result: dict) -> None:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.exporter.quantize.cli", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle"]
+COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,12 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="read the export config from a JSON file (see --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    from slmedge.exporter.quantize.cli import add_quant_flags
+    from .cli_quant import add_quant_flags
+    from .cli_tflite import TFLITE_QUANT_CHOICES, TFLITE_QUANT_HELP, add_tflite_flags
 
-    add_quant_flags(p)
-    from slmedge.exporter.tflite_options import add_tflite_flags
-
-    add_tflite_flags(p)  # --format, --context-length, --prefill-chunks; TFLite --quant names
+    add_quant_flags(p, extra_choices=TFLITE_QUANT_CHOICES, extra_help=TFLITE_QUANT_HELP)
+    add_tflite_flags(p)  # --format, --context-length, --prefill-chunks, --from-artifact
     p.set_defaults(func=cmd_export)
 
     def runtime_flags(p, threads_default=None):

@@ -3,7 +3,8 @@
 ``add_quant_flags`` is shared by ``slmedge export`` and ``slmedge quantize``; flags map
 one-to-one onto :class:`QuantRecipe` / :class:`QualityConfig` fields (no key=value bags).
 Heavy imports happen inside the command, so building the parser stays torch- and
-onnx-free.
+onnx-free. The library (``exporter.quantize``) knows nothing of flags: it takes the typed
+recipe and a ``say(message)`` callback, which :class:`Progress` draws here.
 """
 
 from __future__ import annotations
@@ -11,16 +12,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from .recipe import CalibrationMethod, Int4Algorithm, Int8Format, QuantScheme, TensorPrecision
+from slmedge.exporter.quantize.recipe import (
+    CalibrationMethod,
+    Int4Algorithm,
+    Int8Format,
+    QuantScheme,
+    TensorPrecision,
+)
 
 
-def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
+                    extra_choices: Sequence[str] = (), extra_help: str = "") -> None:
+    """The quantization and quality-gate flags. ``extra_choices`` / ``extra_help``: more
+    ``--quant`` names another format offers (``slmedge export --format tflite``'s)."""
     g = p.add_argument_group("quantization (onnxruntime.quantization)")
-    g.add_argument("--quant", choices=[s.value for s in QuantScheme], required=required,
+    g.add_argument("--quant", choices=list(dict.fromkeys([*(s.value for s in QuantScheme),
+                                                          *extra_choices])),
+                   required=required,
                    help="int4: MatMulNBits 4-bit weights; int8: int8 weights, dynamic activations; "
-                   "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)")
+                   "int8-static: QDQ calibrated on text; a16w8: QDQ 16-bit activations (NPUs)"
+                   + (f"; {extra_help}" if extra_help else ""))
     g.add_argument("--calibration", type=Path, metavar="FILE",
                    help="calibration text (static QDQ, gptq, gptq-act, --lm-head-int8-tokens); "
                    "default: the packaged calib_emma.txt (Emma)")
@@ -113,10 +127,10 @@ def cmd_quantize(args) -> int:
     from pydantic import ValidationError
 
     from slmedge.runtimes.errors import UsageError
-    from slmedge.tools.progress import Progress
+    from slmedge.exporter.quantize.pipeline import QualityConfig, quantize_artifact
+    from slmedge.exporter.quantize.recipe import QuantRecipe
 
-    from .pipeline import QualityConfig, quantize_artifact
-    from .recipe import QuantRecipe
+    from .progress import Progress
 
     fields = quant_fields(args)
     try:
