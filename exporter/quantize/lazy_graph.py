@@ -1,0 +1,186 @@
+"""The quantizer's graph preparation without the weights in memory.
+
+:func:`core.quantize_model` prepares a graph before quantizing it: ``Gemm`` -> ``MatMul`` +
+``Add`` (:func:`graph.split_gemms`), ``MatMul(x, Transpose(W))`` -> a constant ``W.T``
+(:func:`graph.fold_weight_transposes`), MatMuls reading one input packed side by side
+(:func:`pack_matmuls.pack_shared_input_matmuls`). Those work on a model whose weights are
+loaded. Here the same rewrites act on a graph loaded without its external data: each new
+weight is a *placeholder* initializer (name, type, shape, no data) with a recipe in
+:class:`LazyWeights` (transpose of, concatenation of) that computes its values from the
+sources when it is written, one tensor at a time. Node and initializer names, node order
+and shapes are the same as the in-memory functions give (tests/unit/quantize/
+test_streaming_quant.py compares them), so everything downstream sees the same graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .external_data import TensorSource
+from .graph import unique_name
+
+
+class LazyWeights:
+    """Values of the graph's initializers by name: sources read on demand, derived ones
+    computed on demand. Keeps references to the source initializers even after the graph
+    drops them (a derived weight still reads them)."""
+
+    def __init__(self, model: onnx.ModelProto, source: TensorSource):
+        self.source = source
+        self.protos: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
+        self.recipes: dict[str, Callable[[], np.ndarray]] = {}
+
+    def placeholder(self, name: str, dims, data_type: int,
+                    recipe: Callable[[], np.ndarray]) -> TensorProto:
+        tensor = TensorProto(name=name, dims=list(dims), data_type=data_type)
+        self.recipes[name] = recipe
+        self.protos[name] = tensor
+        return tensor
+
+    def is_placeholder(self, name: str) -> bool:
+        return name in self.recipes
+
+    def array(self, name: str) -> np.ndarray:
+        if name in self.recipes:
+            return self.recipes[name]()
+        return self.source.read(self.protos[name])
+
+    def forget(self, name: str) -> None:
+        """Drop a source nothing will read again (its inline bytes can be freed)."""
+        if name not in self.recipes:
+            self.protos.pop(name, None)
+
+
+def split_gemms(model: onnx.ModelProto, lazy: LazyWeights) -> int:
+    """:func:`graph.split_gemms` on placeholders: a transposed ``B`` is a recipe."""
+    graph = model.graph
+    consts = {i.name: i for i in graph.initializer}
+    new_nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        b = consts.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if (
+            b is None or len(b.dims) != 2 or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+        ):
+            new_nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            src = node.input[1]
+            weight = src + "_T"
+            graph.initializer.append(lazy.placeholder(
+                weight, [b.dims[1], b.dims[0]], b.data_type,
+                lambda s=src: np.ascontiguousarray(lazy.array(s).T)))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        mm = helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name + "_mm")
+        mm.metadata_props.extend(node.metadata_props)
+        new_nodes.append(mm)
+        if has_bias:
+            new_nodes.append(helper.make_node(
+                "Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        _drop_unused(graph, set())
+    return count
+
+
+def fold_weight_transposes(model: onnx.ModelProto, lazy: LazyWeights) -> int:
+    """:func:`graph.fold_weight_transposes` on placeholders (the tied ``lm_head``'s ``W.T``)."""
+    graph = model.graph
+    consts = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    folded: dict[str, str] = {}
+    count = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        t = producer.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in consts:
+            continue
+        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+        table = consts[t.input[0]]
+        if len(table.dims) != 2 or (perm and perm[0] != [1, 0]):
+            continue
+        if t.output[0] not in folded:
+            name = t.input[0] + "_T"
+            graph.initializer.append(lazy.placeholder(
+                name, [table.dims[1], table.dims[0]], table.data_type,
+                lambda s=t.input[0]: np.ascontiguousarray(lazy.array(s).T)))
+            folded[t.output[0]] = name
+        node.input[1] = folded[t.output[0]]
+        count += 1
+    if count:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        keep = [n for n in graph.node
+                if not (n.op_type == "Transpose" and n.output[0] in folded and n.output[0] not in used)]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return count
+
+
+def pack_shared_input_matmuls(model: onnx.ModelProto, lazy: LazyWeights) -> list[str]:
+    """:func:`pack_matmuls.pack_shared_input_matmuls` on placeholders: the packed ``[K, N1 +
+    N2]`` weight is a concatenation computed when written."""
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        return []
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            uses[name] += 1
+    groups: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = inits.get(node.input[1])
+        if w is None or len(w.dims) != 2 or uses[w.name] != 1:
+            continue
+        groups[(node.input[0], int(w.dims[0]), w.data_type)].append(node)
+    taken = {n.name for n in graph.node} | set(inits) | {o for n in graph.node for o in n.output}
+    packed = []
+    for (_x, k, dtype), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        parts = [n.input[1] for n in nodes]
+        widths = [int(inits[p].dims[1]) for p in parts]
+        first = nodes[0]
+        wname = unique_name(first.input[1] + "_packed", taken)
+        yname = unique_name(first.output[0] + "_packed", taken)
+        graph.initializer.append(lazy.placeholder(
+            wname, [k, sum(widths)], dtype,
+            lambda ps=tuple(parts): np.concatenate([lazy.array(p) for p in ps], axis=1)))
+        sizes = unique_name(first.name + "_split_sizes", taken)
+        graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), sizes))
+        matmul = helper.make_node("MatMul", [first.input[0], wname], [yname], name=first.name)
+        matmul.metadata_props.extend(first.metadata_props)
+        split = helper.make_node("Split", [yname, sizes], [n.output[0] for n in nodes],
+                                 name=unique_name(first.name + "_split", taken), axis=-1)
+        split.metadata_props.extend(first.metadata_props)
+        for n in nodes:
+            graph.initializer.remove(inits.pop(n.input[1]))
+        at = next(i for i, n in enumerate(graph.node) if n.output[0] == first.output[0])
+        for n in nodes:
+            graph.node.remove(n)
+        graph.node.insert(at, split)
+        graph.node.insert(at, matmul)
+        packed.append(first.name)
+    return packed
+
+
+def _drop_unused(graph: onnx.GraphProto, extra_used: set[str]) -> None:
+    used = {i for n in graph.node for i in n.input} | extra_used
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)

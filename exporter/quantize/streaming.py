@@ -1,0 +1,484 @@
+"""Weight-only quantization that streams: one tensor in memory at a time, any model size.
+
+:func:`core.quantize_model` loads the whole graph with its weights (and ONNX Runtime's
+quantizer copies it again): ~3x the fp32 model at its peak, and its output must fit in one
+2 GB protobuf. :func:`quantize_file_streaming` reads the graph alone
+(``load_external_data=False``), prepares it as today's path does but without the weights
+(:mod:`.lazy_graph`), then walks the nodes: each weight is read from the source (by offset
+and length from its external-data file, or inline), quantized by ONNX Runtime's own
+per-tensor code, appended to ``<dst>.data`` and dropped. Every tensor that stays float is
+copied across in chunks. Peak memory: the graph plus a few copies of the largest weight.
+
+Same numbers as today's path: the per-tensor calls are the ones
+``MatMulNBitsQuantizer`` makes (RTN: ``DefaultWeightOnlyQuantizer.qbits_block_quant``,
+i.e. ``quantize_matmul_4bits`` / ``_8bits``; HQQ: ``HQQWeightOnlyQuantizer.quantize``), the
+``MatMulNBits`` nodes carry the same names and attributes, the embedding goes through
+:func:`weight_only.embedding_int8` (row blocks at a time) or ONNX Runtime's
+``quantize_gather``, and the graph passes after quantization (``share_tied_int4_table``,
+``fold_float_zero_points``) are today's functions with the few tensors they read
+brought inline. tests/parity/test_streaming_quant.py checks byte-identical initializers
+and equal logits against ``quantize_model`` on every architecture.
+
+Not streamed (they need every weight, calibration activations, or ``quantize_dynamic``):
+k_quant, gptq, gptq-act, int8 qoperator, int8-static, a16w8, the split ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from slmedge.runtimes.errors import UnsupportedOp
+
+from .core import QuantReport
+from .external_data import INLINE_BELOW, DataFileWriter, TensorSource, is_external, tensor_nbytes
+from .fold_zero_points import fold_float_zero_points
+from .graph import GraphFacts, analyze
+from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
+from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
+from .tied_table import share_tied_int4_table
+from .weight_only import embedding_int8
+
+Say = Callable[[str], None]
+#: embedding rows quantized per call of ``embedding_int8`` (bounded memory, same bytes)
+EMBEDDING_ROWS = 8192
+STREAMED_ALGORITHMS = (Int4Algorithm.rtn, Int4Algorithm.hqq)
+
+
+def streaming_unsupported(recipe: QuantRecipe) -> str | None:
+    """Why ``recipe`` cannot be streamed, or None when it can."""
+    if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8):
+        return f"{recipe.scheme.value} is calibrated static QDQ (needs activations of the whole graph)"
+    if recipe.scheme is QuantScheme.int8 and recipe.int8_format is Int8Format.qoperator:
+        return "int8 qoperator goes through onnxruntime's quantize_dynamic (whole model)"
+    if recipe.scheme is QuantScheme.int4 and recipe.int4_algorithm not in STREAMED_ALGORITHMS:
+        return (f"int4 algorithm {recipe.int4_algorithm.value} needs calibration activations or "
+                "the whole model")
+    if recipe.lm_head_int8_tokens:
+        return "the split lm_head (lm_head_int8_tokens) needs calibration text"
+    return None
+
+
+def check_streamable(recipe: QuantRecipe) -> None:
+    reason = streaming_unsupported(recipe)
+    if reason:
+        raise UnsupportedOp(
+            f"the streaming quantizer does not do recipe {recipe.label()}: {reason}. It streams "
+            "int4 (rtn symmetric or asymmetric, hqq; --block-size, --mlp-block-size, "
+            "--accuracy-level), int8 nbits, --lm-head float/int8/int4, --keep-layers and "
+            "--embedding float/int8/int4; other recipes load the whole model (quantize_model)"
+        )
+
+
+def prepare(model: onnx.ModelProto, lazy: LazyWeights, recipe: QuantRecipe, say: Say) -> GraphFacts:
+    """Today's graph preparation (core.quantize_model), on placeholders; returns the facts."""
+    gemms = split_gemms(model, lazy)
+    if gemms:
+        say(f"{gemms} Gemm -> MatMul + Add (the weight-only quantizer takes MatMul)")
+    folded = fold_weight_transposes(model, lazy)
+    if folded:
+        say(f"{folded} MatMul weights behind a Transpose folded (tied lm_head)")
+    if recipe.scheme is QuantScheme.int4 or (
+        recipe.scheme is QuantScheme.int8 and recipe.int8_format is Int8Format.nbits
+    ):
+        packed = pack_shared_input_matmuls(model, lazy)
+        if packed:
+            say(f"{len(packed)} MatMul groups reading one input packed into one MatMul + Split "
+                "(gate/up: one activation quantization per layer)")
+    return analyze(model)
+
+
+def plan(facts: GraphFacts, recipe: QuantRecipe) -> tuple[dict[str, tuple], dict[str, str]]:
+    """``node -> (bits, block_size, symmetric, algorithm)`` and ``node -> precision`` as
+    :func:`weight_only.quantize_weight_only` decides them."""
+    bits = 4 if recipe.scheme is QuantScheme.int4 else 8
+    keep = set(recipe.keep_layers)
+    head = facts.lm_head
+    body = {w.node for w in facts.body_matmuls() if w.layer not in keep}
+    kept = {w.node for w in facts.body_matmuls() if w.layer in keep}
+    first = set(body)
+    if head and recipe.lm_head_precision.value == f"int{bits}":
+        first.add(head)
+    algorithm = recipe.int4_algorithm if bits == 4 else Int4Algorithm.rtn
+    mlp = set()
+    if bits == 4 and recipe.mlp_block_size and recipe.mlp_block_size != recipe.block_size:
+        mlp = {w.node for w in facts.weight_matmuls if w.mlp_input and w.node in first}
+    todo: dict[str, tuple] = {}
+    for n in first:
+        block = recipe.mlp_block_size if n in mlp else recipe.block_size
+        todo[n] = (bits, block, recipe.symmetric, algorithm)
+    second = set(kept) if bits == 4 else set()
+    if head and recipe.lm_head_precision is TensorPrecision.int8 and head not in first:
+        second.add(head)
+    for n in second:
+        todo[n] = (8, recipe.block_size, recipe.symmetric, Int4Algorithm.rtn)
+    precision = {n: f"int{spec[0]}" for n, spec in todo.items()}
+    for w in facts.weight_matmuls:
+        precision.setdefault(w.node, "float")
+    return todo, precision
+
+
+class _Writer:
+    """Where new initializers go: small ones inline, the rest appended to the data file."""
+
+    def __init__(self, data: DataFileWriter):
+        self.data = data
+
+    def store(self, name: str, array: np.ndarray) -> TensorProto:
+        if array.nbytes < INLINE_BELOW:
+            return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return self.data.add_array(name, array)
+
+    def store_proto(self, tensor: TensorProto) -> TensorProto:
+        if is_external(tensor) or tensor_nbytes(tensor) >= INLINE_BELOW:
+            return self.data.add_proto(tensor)
+        return tensor
+
+
+def _nbits_rtn(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
+               out: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """One MatMul -> MatMulNBits exactly as ``DefaultWeightOnlyQuantizer.quantize_matmul``
+    writes it (QOperator format): same kernel, tensor names, attributes."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    bits, block, symmetric, _ = spec
+    config = mnq.DefaultWeightOnlyQuantConfig(
+        block_size=block, is_symmetric=symmetric, accuracy_level=level or None,
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=bits)
+    packed, scales, zero_points = mnq.DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
+    name = node.input[1]
+    tensors = [out.store(name + f"_Q{bits}", packed), out.store(name + "_scales", scales)]
+    if not symmetric:
+        tensors.append(out.store(name + "_zero_points", zero_points))
+    attrs = {"K": w.shape[0], "N": w.shape[1], "bits": bits, "block_size": block}
+    if level:
+        attrs["accuracy_level"] = level
+    new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)],
+                           [node.output[0]], name=node.name + f"_Q{bits}" if node.name else "",
+                           domain="com.microsoft", **attrs)
+    return new, tensors
+
+
+def _nbits_hqq(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
+               out: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """HQQ through ONNX Runtime's own node quantizer on a one-tensor graph. The packed
+    weights go to the data file; scales and float zero points stay inline for
+    ``fold_float_zero_points`` (1/16 of the fp32 weights at block 32)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    bits, block, _, _ = spec
+    config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=("MatMul",))
+    mini = onnx.GraphProto(initializer=[numpy_helper.from_array(w, node.input[1])])
+    del w
+    nodes = mnq.HQQWeightOnlyQuantizer(config).quantize(node, [mini])
+    if len(nodes) != 1 or nodes[0].op_type != "MatMulNBits":
+        raise UnsupportedOp(f"{node.name}: HQQ returned {[n.op_type for n in nodes]}, expected "
+                            "one MatMulNBits")
+    new = nodes[0]
+    if level and not any(a.name == "accuracy_level" for a in new.attribute):
+        new.attribute.append(helper.make_attribute("accuracy_level", level))
+    made = {t.name: t for t in mini.initializer if t.name != node.input[1]}
+    tensors = [out.store_proto(made[new.input[1]])]
+    tensors += [made[n] for n in new.input[2:] if n]  # scales, zero points: inline for now
+    return new, tensors
+
+
+def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: int,
+                      out: _Writer, say: Say) -> int:
+    graph = model.graph
+    nodes = list(graph.node)
+    new_nodes, count, total = [], 0, len(todo)
+    last_layer = None
+    for node in nodes:
+        spec = todo.get(node.name) if node.op_type == "MatMul" else None
+        if spec is None or node.input[1] not in lazy.protos:
+            new_nodes.append(node)
+            continue
+        w = lazy.array(node.input[1])
+        if w.ndim != 2:
+            new_nodes.append(node)
+            continue
+        if w.dtype not in (np.float32, np.float16):
+            raise UnsupportedOp(f"{node.name}: weight {node.input[1]} is {w.dtype}; the streaming "
+                                "quantizer takes fp32 or fp16 weights")
+        quantize = _nbits_hqq if spec[3] is Int4Algorithm.hqq else _nbits_rtn
+        new, tensors = quantize(node, w, spec, level, out)
+        del w
+        graph.initializer.extend(tensors)
+        new_nodes.append(new)
+        count += 1
+        layer = _layer_of(node.name)
+        if layer is not None and layer != last_layer:
+            say(f"quantizing layer {layer} ({count}/{total} tensors)")
+            last_layer = layer
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return count
+
+
+def _layer_of(name: str) -> int | None:
+    import re
+
+    m = re.search(r"(?:layers|h|blocks)\.(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def _embedding_int8(model, lazy: LazyWeights, gathers: list[str], block: int,
+                    out: _Writer) -> list[str]:
+    """:func:`weight_only.embedding_int8` a block of rows at a time (it is row-wise)."""
+    graph = model.graph
+    done = []
+    for idx, node in enumerate(list(graph.node)):
+        if node.name not in gathers or node.op_type != "Gather" or node.input[0] not in lazy.protos:
+            continue
+        table = lazy.protos[node.input[0]]
+        if len(table.dims) != 2:
+            continue
+        vocab, k = (int(d) for d in table.dims)
+        full = lazy.array(node.input[0]) if not is_external(table) else None
+        q_ref, offset, scales, gbq = None, None, [], None
+        for start in range(0, vocab, EMBEDDING_ROWS):
+            rows = (full[start:start + EMBEDDING_ROWS] if full is not None
+                    else _read_rows(lazy, table, start, min(vocab, start + EMBEDDING_ROWS)))
+            mini = onnx.ModelProto(graph=onnx.GraphProto(
+                node=[node], initializer=[numpy_helper.from_array(np.ascontiguousarray(rows),
+                                                                  node.input[0])]))
+            del rows
+            if not embedding_int8(mini, [node.name], block):
+                break  # not a table embedding_int8 takes (axis, block): the lookup stays float
+            made = {t.name: t for t in mini.graph.initializer}
+            gbq = mini.graph.node[0]
+            q = numpy_helper.to_array(made[gbq.input[0]])
+            scales.append(numpy_helper.to_array(made[gbq.input[2]]))
+            if offset is None:
+                offset = out.data.begin(vocab * k)
+            out.data.append(q)
+        if gbq is None:
+            continue
+        q_ref = out.data.end(gbq.input[0], TensorProto.UINT8, [vocab, k], offset)
+        graph.initializer.extend([q_ref, out.store(gbq.input[2], np.concatenate(scales))])
+        graph.node.remove(graph.node[idx])
+        graph.node.insert(idx, gbq)
+        if not any(node.input[0] in n.input for n in graph.node):
+            graph.initializer.remove(next(t for t in graph.initializer if t.name == node.input[0]))
+        done.append(node.name)
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def _read_rows(lazy: LazyWeights, table: TensorProto, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of an external 2-D table (a positioned read of just them)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(table)
+    dtype = helper.tensor_dtype_to_np_dtype(table.data_type)
+    k = int(table.dims[1])
+    with open(lazy.source.file_of(table), "rb") as f:
+        arr = np.fromfile(f, dtype=dtype, count=(stop - start) * k,
+                          offset=(info.offset or 0) + start * k * dtype.itemsize)
+    return arr.reshape(stop - start, k)
+
+
+def _embedding_int4(model, lazy: LazyWeights, gathers: list[str], recipe: QuantRecipe) -> list[str]:
+    """ONNX Runtime's ``quantize_gather`` on each table (as ``weight_only._quantize_embedding``
+    runs it), with the graph-level settings its ``process`` makes."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    config = mnq.DefaultWeightOnlyQuantConfig(
+        block_size=recipe.block_size, is_symmetric=recipe.symmetric,
+        op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),), bits=4)
+    quantizer = mnq.DefaultWeightOnlyQuantizer(config)
+    graph = model.graph
+    done = []
+    for idx, node in enumerate(list(graph.node)):
+        if node.name not in gathers or node.op_type != "Gather" or node.input[0] not in lazy.protos:
+            continue
+        mini = onnx.GraphProto(initializer=[numpy_helper.from_array(lazy.array(node.input[0]),
+                                                                    node.input[0])])
+        new = quantizer.quantize(node, [mini])
+        graph.node.remove(graph.node[idx])
+        for j, n in enumerate(new):
+            graph.node.insert(idx + j, n)
+        graph.initializer.extend(t for t in mini.initializer if t.name != node.input[0])
+        done.append(node.name)
+    _set_opset(model, "com.microsoft", 1)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21
+    if model.ir_version < 10:
+        model.ir_version = 10
+    return done
+
+
+def _set_opset(model, domain: str, version: int) -> None:
+    for opset in model.opset_import:
+        if opset.domain == domain:
+            opset.version = version
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def _share_tied_table(model, data_path: Path) -> list[str]:
+    """``share_tied_int4_table`` with the int4 MatMulNBits weights it may compare brought
+    inline from the data file (only those shaped like an int4 lookup table)."""
+    graph = model.graph
+    tables = {}
+    for node in graph.node:
+        if node.op_type == "GatherBlockQuantized":
+            data = next((t for t in graph.initializer if t.name == node.input[0]), None)
+            if data is not None and data.data_type == TensorProto.INT4 and len(data.dims) == 2:
+                tables[(int(data.dims[0]), int(data.dims[1]))] = node
+    if not tables:
+        return []
+    reader = TensorSource(data_path.parent)
+    inlined = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if a.get("bits") != 4 or (a.get("N"), a.get("K")) not in tables:
+            continue
+        for t in graph.initializer:
+            if t.name in node.input[1:3] and is_external(t):
+                inlined[t.name] = TensorProto()
+                inlined[t.name].CopyFrom(t)
+                arr = reader.read(t)
+                t.ClearField("external_data")
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = arr.tobytes()
+    shared = share_tied_int4_table(model)
+    for t in graph.initializer:  # put the references back: the bytes are in the file already
+        if t.name in inlined:
+            t.CopyFrom(inlined[t.name])
+    return shared
+
+
+def _finish(model, lazy: LazyWeights, out: _Writer, say: Say) -> None:
+    """Every initializer still inline above the threshold, still a placeholder or still in the
+    source's data file goes to the output's data file, in graph order."""
+    graph = model.graph
+    finished = []
+    for t in graph.initializer:
+        if lazy.is_placeholder(t.name) and not t.HasField("raw_data") and not is_external(t):
+            finished.append(out.store(t.name, lazy.array(t.name)))
+        elif is_external(t) and t.external_data and _location(t) != out.data.location:
+            finished.append(out.data.add_proto(t, lazy.source))
+        elif not is_external(t) and tensor_nbytes(t) >= INLINE_BELOW:
+            finished.append(out.data.add_proto(t))
+        else:
+            finished.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(finished)
+
+
+def _location(t: TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
+def _op_table(model) -> dict:
+    table: dict[str, dict] = {}
+    for node in model.graph.node:
+        row = table.setdefault(node.op_type, {"quantized": 0, "float": 0, "reasons": []})
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul",
+                            "MatMulInteger", "DynamicQuantizeLinear"):
+            row["quantized"] += 1
+        else:
+            row["float"] += 1
+    for row in table.values():
+        if not row["quantized"]:
+            row["reasons"].append("weight-only scheme: activations and this op stay float")
+    return table
+
+
+def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecipe, *,
+                            progress: Say | None = None) -> QuantReport:
+    """Quantize the decoder graph ``src`` into ``dst`` + ``<dst>.data`` (external data,
+    any size), one weight in memory at a time. Raises :class:`UnsupportedOp` for the
+    recipes listed in :func:`streaming_unsupported`."""
+    say = progress or (lambda _m: None)
+    check_streamable(recipe)
+    src, dst = Path(src), Path(dst)
+    t0 = time.perf_counter()
+    _quiet_ort_logging()
+    model = onnx.load(str(src), load_external_data=False)
+    lazy = LazyWeights(model, TensorSource(src.parent))
+    facts = prepare(model, lazy, recipe, say)
+    todo, precision = plan(facts, recipe)
+    level = recipe.accuracy_level
+    data_path = dst.with_name(dst.name + ".data")
+    zero_points = None
+    with DataFileWriter(data_path) as data:
+        out = _Writer(data)
+        bits = 4 if recipe.scheme is QuantScheme.int4 else 8
+        say(f"{sum(1 for s in todo.values() if s[0] == bits)} MatMuls -> MatMulNBits {bits}-bit, "
+            f"{sum(1 for s in todo.values() if s[0] != bits)} -> 8-bit (lm_head / kept layers), "
+            "streamed one tensor at a time")
+        count = _quantize_matmuls(model, lazy, todo, level, out, say)
+        if count:
+            _set_opset(model, "com.microsoft", 1)
+            _drop_unused(model)
+        gathers = facts.embedding_gathers
+        if recipe.embedding is TensorPrecision.int4 and gathers:
+            say(f"embedding -> GatherBlockQuantized int4 (block {recipe.block_size})")
+            done = _embedding_int4(model, lazy, gathers, recipe)
+            _drop_unused(model)
+            precision.update({g: "int4" for g in done})
+            data.flush()
+            if _share_tied_table(model, data_path):
+                say("embedding lookup reads the tied lm_head's int4 table (stored once)")
+        elif recipe.embedding is TensorPrecision.int8 and gathers:
+            say(f"embedding -> GatherBlockQuantized int8 (block {recipe.block_size})")
+            done = _embedding_int8(model, lazy, gathers, recipe.block_size, out)
+            precision.update({g: "int8" for g in done})
+        n_folded = fold_float_zero_points(model)
+        if n_folded:
+            zero_points = "folded"
+            say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
+                "correction (fast integer kernels)")
+        _finish(model, lazy, out, say)
+    onnx.save_model(model, str(dst))
+    contrib = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node
+                      if n.domain not in ("", "ai.onnx")})
+    return QuantReport(
+        recipe=recipe.model_dump(mode="json"),
+        label=recipe.label(),
+        weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
+        embedding=recipe.embedding.value if facts.embedding_gathers else "none",
+        lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
+        op_decisions=_op_table(model),
+        contrib_ops=contrib,
+        calibration=None,
+        seconds=round(time.perf_counter() - t0, 2),
+        ort_tools=["onnxruntime.quantization.matmul_nbits_quantizer (per tensor, streamed)"],
+        zero_points=zero_points,
+    )
+
+
+def _quiet_ort_logging() -> None:
+    """ORT's matmul_nbits_quantizer turns the root logger to INFO on import (one line per
+    node on stderr); put it back to WARNING, as core.quantize_model does."""
+    import logging
+
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+    root = logging.getLogger()
+    if root.level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+
+
+def _drop_unused(model) -> None:
+    """Initializers nothing reads leave the graph (as the quantizer's clean_initializers)."""
+    graph = model.graph
+    used = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
