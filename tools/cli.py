@@ -27,10 +27,13 @@ DESCRIPTION = """\
 slmedge: export small language models to phones, Raspberry Pis and NPUs, run them,
 and measure how they run there.
 
-  slmedge export  --model SRC --output DIR    PyTorch / HF / GGUF -> ONNX with KV cache
-  slmedge generate DIR --prompt TEXT          generate text (greedy unless --temperature)
-  slmedge eval DIR [--text FILE]              perplexity on a text file
-  slmedge bench DIR                           load time, TTFT, decode speed, memory, size
+  make     export (ONNX or TFLite) -> quantize (an fp32 artifact, no re-export)
+  run      generate, eval (perplexity), bench (here, over SSH or ADB)
+  read     compare (bench results as ratios), report (HTML / Markdown)
+  target   profiles (device profiles), check (what a profile's providers would run)
+  ship     bundle (files for an app) -> verify (where only the runtime exists)
+
+`slmedge COMMAND --help` lists a command's flags.
 """
 
 

@@ -81,8 +81,9 @@ def fuse_model(model: ir.Model, options: FusionOptions | None = None) -> FusionR
     seconds["cleanup"] = time.perf_counter() - t
     gqa = GroupQueryAttentionFusion(options.max_sequence_length, options.sliding_windows,
                                     padding_mask=options.padding_mask)
+    gelu = GeluFusion()
     fusions = [Linear3dFusion(), RmsNormFusion(), gqa, SkipRmsNormFusion(), SkipLayerNormFusion(),
-               GeluFusion()]
+               gelu]
     if options.logits_to_keep:
         fusions.append(LogitsToKeep())
     counts: dict[str, int] = {}
@@ -96,7 +97,7 @@ def fuse_model(model: ir.Model, options: FusionOptions | None = None) -> FusionR
             notes[fusion.name] = fusion.reasons[:8]
     counts["RotaryEmbedding(in GroupQueryAttention)"] = gqa.rotary
     counts["packed QKV (GroupQueryAttention)"] = gqa.packed
-    counts["BiasGelu/FastGelu+bias"] = getattr(fusions[5], "bias", 0)
+    counts["BiasGelu/FastGelu+bias"] = getattr(gelu, "bias", 0)  # set by its fuse()
     counts["unused norm statistics outputs dropped"] = drop_unused_norm_outputs(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)

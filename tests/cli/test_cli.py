@@ -1,6 +1,7 @@
 """The CLI contract that tests, benchmarks and users rely on: JSON output, exit codes, errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -275,3 +276,23 @@ def test_quantize_json_stays_one_document_when_ort_draws_progress(capsys, tiny_a
     doc = json.loads(stdout)
     assert doc["quantization"]["weight_precision"]["int4"] > 0
     assert "Progress" in err and "Progress" not in stdout
+
+
+def test_top_level_help_names_every_command(capsys):
+    """`slmedge --help` names each subcommand twice: in the flow of the description and in
+    argparse's list with its one-line help (a command added without either fails here)."""
+    import argparse
+
+    from slmedge.tools.cli import DESCRIPTION, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = {c.dest: c.help for c in sub._choices_actions}
+    assert len(commands) == len(sub.choices) >= 11  # every parser has a help line
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    described = set(re.findall(r"[a-z]+", DESCRIPTION))
+    for name, text in commands.items():
+        assert name in described, f"the description's flow does not name {name}"
+        assert f"{name} {' '.join(text.split())}" in help_text, name
