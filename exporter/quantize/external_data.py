@@ -107,6 +107,7 @@ class DataFileWriter:
         self.location = self.path.name
         self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.bytes_written = 0
+        self.names: set[str] = set()  # tensors whose bytes this writer holds
 
     def _start(self, nbytes: int) -> int:
         pos = self._f.tell()
@@ -118,6 +119,7 @@ class DataFileWriter:
     def _reference(self, name: str, data_type: int, dims, offset: int) -> TensorProto:
         length = self._f.tell() - offset
         self.bytes_written += length
+        self.names.add(name)
         tensor = TensorProto(name=name, data_type=data_type, dims=list(dims))
         set_reference(tensor, self.location, offset, length)
         return tensor

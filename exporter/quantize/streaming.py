@@ -369,7 +369,7 @@ def _finish(model, lazy: LazyWeights, out: _Writer, say: Say) -> None:
     for t in graph.initializer:
         if lazy.is_placeholder(t.name) and not t.HasField("raw_data") and not is_external(t):
             finished.append(out.store(t.name, lazy.array(t.name)))
-        elif is_external(t) and t.external_data and _location(t) != out.data.location:
+        elif is_external(t) and t.name not in out.data.names:
             finished.append(out.data.add_proto(t, lazy.source))
         elif not is_external(t) and tensor_nbytes(t) >= INLINE_BELOW:
             finished.append(out.data.add_proto(t))
@@ -377,10 +377,6 @@ def _finish(model, lazy: LazyWeights, out: _Writer, say: Say) -> None:
             finished.append(t)
     del graph.initializer[:]
     graph.initializer.extend(finished)
-
-
-def _location(t: TensorProto) -> str:
-    return next((e.value for e in t.external_data if e.key == "location"), "")
 
 
 def _op_table(model) -> dict:

@@ -1,0 +1,164 @@
+"""The streaming quantizer (quantize_file_streaming) against today's in-memory one
+(quantize_model): the same fp32 graph through both must give the same nodes (order, names,
+inputs, attributes), byte-identical initializers and equal logits through onnxruntime.
+
+The fp32 source is given to the streaming path with its weights in an external-data file
+(how a large export arrives), so the offset/length reads are what is compared.
+"""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from tiny_models import TINY_MODEL_TYPES
+
+from slmedge.exporter.quantize.core import quantize_model
+from slmedge.exporter.quantize.recipe import QuantRecipe
+from slmedge.exporter.quantize.streaming import quantize_file_streaming
+from slmedge.runtimes.errors import UnsupportedOp
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+IDS = list(range(6, 40))
+#: the recipes the brief names, on every architecture
+CORE_RECIPES = {
+    "int4-rtn-asym": dict(scheme="int4", algorithm="rtn"),
+    "int4-rtn-sym": dict(scheme="int4", symmetric=True),
+    "int8-nbits": dict(scheme="int8"),
+    "int4-head8-emb8": dict(scheme="int4", algorithm="rtn", lm_head="int8", embedding="int8"),
+}
+#: the other settings the streaming path takes, on a tied (gemma3) and an untied (llama) model
+MORE_RECIPES = {
+    "int4-hqq-folded": dict(scheme="int4"),  # the default int4: HQQ + fold_float_zero_points
+    "int4-sym-mlp64-head4-emb4": dict(scheme="int4", symmetric=True, mlp_block_size=64,
+                                      lm_head="int4", embedding="int4"),  # tied: one shared table
+    "int4-keep1-headf-emb8": dict(scheme="int4", algorithm="rtn", keep_layers=[1], lm_head="float",
+                                  embedding="int8", block_size=16, accuracy_level=0),
+    "int8-keep0-head-float": dict(scheme="int8", keep_layers=[0], lm_head="float"),
+}
+
+
+def external_copy(model_path: Path, out_dir: Path) -> Path:
+    """``model_path`` re-saved with every initializer of 1 KB or more in ``model.onnx.data``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(model_path))
+    dst = out_dir / "model.onnx"
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return dst
+
+
+def _node_key(node):
+    attrs = sorted((a.name, repr(helper.get_attribute_value(a))) for a in node.attribute)
+    return node.op_type, node.domain, node.name, list(node.input), list(node.output), attrs
+
+
+def assert_same_quantized_graph(mem_path: Path, stream_path: Path) -> None:
+    mem, streamed = onnx.load(str(mem_path)), onnx.load(str(stream_path))
+    assert Counter(n.op_type for n in streamed.graph.node) == Counter(n.op_type for n in mem.graph.node)
+    assert [_node_key(n) for n in streamed.graph.node] == [_node_key(n) for n in mem.graph.node]
+    assert {(o.domain, o.version) for o in streamed.opset_import} == {
+        (o.domain, o.version) for o in mem.opset_import}
+    assert streamed.ir_version == mem.ir_version
+    a = {t.name: t for t in mem.graph.initializer}
+    b = {t.name: t for t in streamed.graph.initializer}
+    assert sorted(b) == sorted(a)
+    for name, t in a.items():
+        x, y = numpy_helper.to_array(t), numpy_helper.to_array(b[name])
+        assert (t.data_type, list(t.dims)) == (b[name].data_type, list(b[name].dims)), name
+        assert x.tobytes() == y.tobytes(), f"{name}: bytes differ"
+    got, want = OnnxDecoder(stream_path).logits(IDS), OnnxDecoder(mem_path).logits(IDS)
+    np.testing.assert_array_equal(got, want)
+
+
+def _both(source: Path, tmp_path: Path, recipe: QuantRecipe, external: bool = True):
+    mem = tmp_path / "mem" / "model.onnx"
+    mem.parent.mkdir()
+    mem_report = quantize_model(source, mem, recipe)
+    src = external_copy(source, tmp_path / "src") if external else source
+    streamed = tmp_path / "streamed" / "model.onnx"
+    streamed.parent.mkdir()
+    report = quantize_file_streaming(src, streamed, recipe)
+    return mem, mem_report, streamed, report
+
+
+@pytest.mark.parametrize("name", sorted(CORE_RECIPES))
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_streamed_equals_in_memory(model_type, name, tiny_artifact, tmp_path):
+    recipe = QuantRecipe(**CORE_RECIPES[name])
+    mem, mem_report, streamed, report = _both(tiny_artifact(model_type) / "model.onnx", tmp_path,
+                                              recipe)
+    assert_same_quantized_graph(mem, streamed)
+    for field in ("label", "weight_precision", "embedding", "lm_head", "op_decisions",
+                  "contrib_ops", "zero_points"):
+        assert getattr(report, field) == getattr(mem_report, field), field
+    # the weights are outside the graph, in the data file named after it
+    model = onnx.load(str(streamed), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    # and quantization did change the model
+    fp32 = OnnxDecoder(tiny_artifact(model_type) / "model.onnx").logits(IDS)
+    assert np.abs(OnnxDecoder(streamed).logits(IDS) - fp32).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(MORE_RECIPES))
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_streamed_equals_in_memory_other_settings(model_type, name, tiny_artifact, tmp_path):
+    recipe = QuantRecipe(**MORE_RECIPES[name])
+    mem, mem_report, streamed, report = _both(tiny_artifact(model_type) / "model.onnx", tmp_path,
+                                              recipe)
+    assert_same_quantized_graph(mem, streamed)
+    assert report.weight_precision == mem_report.weight_precision
+    assert report.zero_points == mem_report.zero_points
+    if name == "int4-hqq-folded":
+        assert report.zero_points == "folded"
+    if name.startswith("int4-sym-mlp64") and model_type == "gemma3_text":
+        ops = [n.op_type for n in onnx.load(str(streamed), load_external_data=False).graph.node]
+        assert "GatherBlockQuantized" in ops and ops.count("Reshape") >= 1
+        names = [n.name for n in onnx.load(str(streamed), load_external_data=False).graph.node]
+        assert any(n.endswith("/tied_reshape") for n in names)  # one table for both
+
+
+def test_inline_source_streams_too(tiny_artifact, tmp_path):
+    """A small graph whose weights are inside model.onnx: the same result."""
+    recipe = QuantRecipe(scheme="int4", algorithm="rtn", embedding="int8")
+    mem, _, streamed, _ = _both(tiny_artifact("qwen2") / "model.onnx", tmp_path, recipe,
+                                external=False)
+    assert_same_quantized_graph(mem, streamed)
+
+
+def test_fp16_source_streams(tiny_artifact, tmp_path):
+    source = tiny_artifact("llama", "fp16") / "model.onnx"
+    mem, _, streamed, _ = _both(source, tmp_path, QuantRecipe(scheme="int4", algorithm="rtn"))
+    assert_same_quantized_graph(mem, streamed)
+    scales = [t for t in onnx.load(str(streamed), load_external_data=False).graph.initializer
+              if t.name.endswith("_scales")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+
+
+@pytest.mark.parametrize("recipe, what", [
+    (dict(scheme="int4", algorithm="gptq-act"), "gptq-act"),
+    (dict(scheme="int4", algorithm="k_quant"), "k_quant"),
+    (dict(scheme="int8", int8_format="qoperator"), "quantize_dynamic"),
+    (dict(scheme="int8-static"), "static QDQ"),
+    (dict(scheme="int4", lm_head="int4", lm_head_int8_tokens=512), "split lm_head"),
+])
+def test_recipes_that_need_the_whole_model_are_refused_by_name(recipe, what, tiny_artifact,
+                                                                tmp_path):
+    with pytest.raises(UnsupportedOp, match=what) as err:
+        quantize_file_streaming(tiny_artifact("llama") / "model.onnx", tmp_path / "q.onnx",
+                                QuantRecipe(**recipe))
+    assert "int4 (rtn symmetric or asymmetric, hqq" in str(err.value)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["int4-head8-emb8", "int8-nbits"])
+def test_smollm2_streamed_equals_in_memory(name, smollm2_artifact, tmp_path):
+    recipe = QuantRecipe(**CORE_RECIPES[name])
+    mem, mem_report, streamed, report = _both(smollm2_artifact / "model.onnx", tmp_path, recipe)
+    assert_same_quantized_graph(mem, streamed)
+    assert report.weight_precision == mem_report.weight_precision
