@@ -232,12 +232,12 @@ def test_killed_connection_keeps_partial_results_and_stops_the_remote_runner(
                 started[0].kill()
 
     partial_file = tmp_path / "partial.json"
-    t0 = time.monotonic()
     with pytest.raises(ConnectionLost) as err:
         run_remote_bench(f"ssh://slmedge-pi{remote_root}", spaced_artifact, long_run,
                          progress=progress, partial_path=partial_file,
                          on_started=started.append, max_seconds=300)
-    assert killed.is_set() and time.monotonic() - t0 < 120
+    # ConnectionLost, not the runner's own --max-seconds stop: no wall-clock bound needed
+    assert killed.is_set()
     assert running_before_kill == [1]  # the runner was found on the target while it ran
     message = str(err.value)
     print(message)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -121,9 +120,21 @@ def test_lengths_beyond_the_models_context_are_skipped_with_a_warning(tiny):
 # -- the spread verdict, on a decoder with known timings -------------------------------------
 
 
+class FakeClock:
+    """The runner's ``time.perf_counter``: advanced only by :class:`TimedDecoder`'s steps, so
+    the figures are exact and a busy machine cannot move them (a sleep can overshoot)."""
+
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
 class TimedDecoder:
-    """Sleeps a scripted time per decode step: round r (0-based, warm-up included) sleeps
-    ``base * factors[r]``; so the runner's statistics can be checked against known values."""
+    """Takes a scripted time per decode step on :class:`FakeClock`: round r (0-based, warm-up
+    included) takes ``base * factors[r]``; so the runner's statistics can be checked against
+    known values."""
 
     instances: list = []
 
@@ -143,13 +154,14 @@ class TimedDecoder:
     def step(self, ids, all_logits=False):
         # resets per round = number of context lengths visited (3 here)
         rnd = (self.resets - 1) // 3
-        time.sleep(self.base * self.factors[min(rnd, len(self.factors) - 1)])
+        FakeClock.now += self.base * self.factors[min(rnd, len(self.factors) - 1)]
         return np.zeros(self.vocab_size, dtype=np.float32)
 
 
 def _bench_with(monkeypatch, tiny, factors, max_spread):
     monkeypatch.setattr("slmedge.runtimes.onnx_decoder.OnnxDecoder",
                         lambda *a, **k: TimedDecoder(factors=factors))
+    monkeypatch.setattr("slmedge.runtimes.generation.time", FakeClock)
     cfg = BenchConfig(prompt_tokens=4, new_tokens=6, warmup=1, repeats=3, prompt_buckets=(2,),
                       decode_depths=(8,), depth_tokens=5, max_spread=max_spread)
     return validate_result(run_bench(tiny, cfg))
@@ -157,12 +169,12 @@ def _bench_with(monkeypatch, tiny, factors, max_spread):
 
 def test_decode_speed_matches_the_known_step_time(monkeypatch, tiny):
     r = _bench_with(monkeypatch, tiny, factors=(1.0,), max_spread=5.0)
-    # 2 ms per step -> at most 500 tok/s; sleep overshoot (a busy machine) only slows it
+    # 2 ms per step on the fake clock: 500 tok/s, whatever else the machine is doing
     for d in r.decode:
-        assert 50 < d.tokens_per_s.median <= 500
-        assert 2.0 <= d.ms_p50 < 20.0
+        assert d.tokens_per_s.median == pytest.approx(500)
+        assert d.ms_p50 == pytest.approx(2.0)
     for b in r.ttft:
-        assert b.ttft_ms.min >= 2.0
+        assert b.ttft_ms.min == pytest.approx(2.0)
     assert r.stability.verdict == "ok" and r.stability.unstable == []
 
 
@@ -258,11 +270,11 @@ def test_runner_stops_when_its_stdin_closes(tiny):
                    stdin=subprocess.PIPE)
     first = proc.stdout.readline().decode()
     assert first.startswith(EVENT_PREFIX)
-    t0 = time.monotonic()
     proc.stdin.close()
-    proc.wait(timeout=30)
+    # 100000 rounds would take hours: ending at all, with the hang-up code and reason, is the
+    # check (the timeout only keeps a broken runner from hanging the suite; no timing asserted)
+    proc.wait(timeout=300)
     assert proc.returncode == EXIT_HANGUP
-    assert time.monotonic() - t0 < 20
     assert b"stdin EOF" in proc.stderr.read()
 
 

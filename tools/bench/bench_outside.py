@@ -15,8 +15,10 @@ Prints the figures (``time_ratio`` = inside / outside decode time, ``rss_worst_r
 outside vs runner decode tok/s) as JSON and a one-line summary. The defaults are the
 SmolLM2-135M measurement the README quotes (a step ~50 ms, so the loop's own Python
 outside the timestamps is small). A timing figure, not a gate: on a shared 2-core host the
-ratio moves with the other jobs (1.108 seen), so tests check only that the runner counts the
-right steps and time (tests/unit/test_bench_outside.py).
+ratio moves with the other jobs (1.108 and 1.26 seen), so the tests
+(tests/unit/test_bench_outside.py) assert no ratio: only facts a busy machine cannot move
+(the steps and rounds the runner counted, its decode time inside the process's lifetime,
+peak RSS against the kernel's). Read the ratios here, in one run, alternating.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def timed_bench(artifact: Path, out: Path, *, prompt: int, new: int, repeats: in
         # the runner's own account of the decode time: each round's steps / its tok/s
         "decode_s": sum(d["tokens"] / v for v in d["tokens_per_s"]["values"]),
         "decode_tokens_per_s": result["decode_tokens_per_s"],
+        # what the runner counted (the tests' structural check: steps and rounds asked for)
+        "new_tokens": new,
+        "decode_steps": d["tokens"],
+        "rounds": len(d["tokens_per_s"]["values"]),
     }
 
 
@@ -91,6 +97,7 @@ def outside_check(artifact: Path, workdir: Path, *, prompt: int, small: int, big
         "rss_worst_ratio": round(max(abs(a / b - 1) for a, b in rss), 4),
         "wall_small_s": [r["wall_s"] for r in runs["small"]],
         "wall_big_s": [r["wall_s"] for r in runs["big"]],
+        "runs": runs,
     }
 
 
