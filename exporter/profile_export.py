@@ -261,7 +261,7 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     from .quantize.calibration import calibration_text
-    from .static_quant import quantize_static_graphs, static_quality
+    from .static_shapes_qdq import quantize_static_graphs, static_quality
 
     tokenizer = TextTokenizer(stage)
     calib = tokenizer.encode(calibration_text(config.quant.calibration).read_text(
@@ -335,7 +335,7 @@ def _float_quality(stage: Path, static: dict, model, config, say) -> dict:
 
     from .parity import TorchDecoder
     from .quantize.calibration import DEFAULT_CALIBRATION_TEXT
-    from .static_quant import static_quality
+    from .static_shapes_qdq import static_quality
 
     t0 = time.perf_counter()
     text_path = _eval_text(config) or (DEFAULT_CALIBRATION_TEXT

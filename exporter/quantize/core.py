@@ -27,7 +27,7 @@ from .pack_matmuls import pack_shared_input_matmuls
 from .recipe import (
     CalibrationConfig, Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision,
 )
-from .static import quantize_static_qdq
+from .qdq import quantize_static_qdq
 from .weight_only import quantize_weight_only
 
 Say = Callable[[str], None]

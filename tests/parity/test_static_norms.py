@@ -171,7 +171,7 @@ def test_a16w8_keeps_the_fused_norms_float_and_runs_on_the_htp(tiny_dir, tmp_pat
     from slmedge.exporter.architectures.registry import get_spec
     from slmedge.exporter.profile_export import A16W8_OPSET
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_quant import quantize_static_graphs, static_quality
+    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs, static_quality
     from slmedge.exporter.static_shapes import export_static
 
     profile = load_profile("android-qnn-htp")

@@ -150,7 +150,7 @@ def test_a16w8_qdq_of_static_graphs_tracks_float_on_cpu(static_llama, tmp_path):
     import shutil
 
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_quant import quantize_static_graphs, static_quality
+    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs, static_quality
 
     work = tmp_path / "q"
     shutil.copytree(static_llama, work)
@@ -317,11 +317,11 @@ def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, t
                                                                      capsys, monkeypatch):
     """A float static graph whose card is over --max-ppl-increase fails as a quantized one
     does: exit 3, nothing written. The graphs here are fine, so the card is made worse."""
-    from slmedge.exporter import static_quant
+    from slmedge.exporter import static_shapes_qdq
     from slmedge.runtimes.errors import EXIT_QUALITY_GATE
     from slmedge.tools.cli import main
 
-    real = static_quant.static_quality
+    real = static_shapes_qdq.static_quality
 
     def worse(*args, **kwargs):
         card = real(*args, **kwargs)
@@ -329,7 +329,7 @@ def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, t
         card["ppl_increase_pct"] = 6.0
         return card
 
-    monkeypatch.setattr(static_quant, "static_quality", worse)
+    monkeypatch.setattr(static_shapes_qdq, "static_quality", worse)
     profile = tmp_path / "test-coreml.yaml"
     profile.write_text(COREML_TINY.replace("extends: ios-coreml", "extends: android-nnapi"))
     out = tmp_path / "gated"

@@ -98,7 +98,7 @@ def test_qnn_check_says_why_norm_and_softmax_are_not_8_bit(static_llama, tmp_pat
     import numpy as np
 
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_quant import quantize_static_graphs
+    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs
 
     work = tmp_path / "q"
     shutil.copytree(static_llama, work)
@@ -114,5 +114,5 @@ def test_qnn_check_says_why_norm_and_softmax_are_not_8_bit(static_llama, tmp_pat
     assert not [r for r in doc["rows"] if "8-bit QDQ" in r["reason"]], doc["rows"]
     kept = [n for n in doc["notes"] if "diverged on the HTP emulator" in n]
     assert any("Softmax x" in n and "kept in float" in n for n in kept), doc["notes"]
-    # the norms' statistics are part of the residual stream a16w8 keeps float (static_quant)
+    # the norms' statistics are part of the residual stream a16w8 keeps float (static_shapes_qdq)
     assert any("Reciprocal x" in n and "kept in float" in n for n in kept), doc["notes"]

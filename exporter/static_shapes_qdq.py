@@ -1,6 +1,8 @@
-"""Static QDQ (a16w8 for QNN HTP, or int8-static) of the static-shape graphs.
+"""QDQ quantization (a16w8 for QNN HTP, or int8-static) of the static-shape graphs.
 
-The quantizer is issue 3's (``quantize.static.quantize_static_qdq`` on top of
+"static" in this package means fixed shapes; the quantization is named QDQ (``quantize/qdq.py``).
+
+The quantizer is issue 3's (``quantize.qdq.quantize_static_qdq`` on top of
 ``onnxruntime.quantization``); what is new here is the calibration data of the static
 contract: real text run through the float prefill / decode graphs by the runtime's own
 :class:`~slmedge.runtimes.static_decoder.StaticDecoder`, whose feeds (full fixed-size cache,
@@ -231,7 +233,7 @@ def residual_stream(graph: onnx.GraphProto, embedding_nodes: list[str]) -> tuple
 def _kept_float(model: onnx.ModelProto, facts, float_ops: list[str]) -> tuple[dict[str, str], dict]:
     """Node -> reason for every node kept float beyond the op policy, and a summary per
     decision (node counts by op type) for the manifest."""
-    from .quantize.static import MASK_PATH_REASON
+    from .quantize.qdq import MASK_PATH_REASON
 
     graph = model.graph
     ops = {n.name: n.op_type for n in graph.node}
@@ -263,7 +265,7 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
     the union of the two graphs' ranges (``merge_ranges``), when this onnxruntime takes
     precomputed ranges; else each graph calibrates on its own samples."""
     from .quantize.graph import analyze
-    from .quantize.static import (
+    from .quantize.qdq import (
         calibrate_ranges,
         merge_ranges,
         plan_static,
