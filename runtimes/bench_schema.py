@@ -153,6 +153,31 @@ class BenchConfigModel(BaseModel):
     label: str | None = Field(description="name of this variant in tables and plots")
 
 
+class EnergyReport(BaseModel):
+    """Energy per token (``runtimes/energy.py``): measured, or absent with the reason."""
+
+    model_config = _STRICT
+    available: bool = Field(description="False: no meter here, or it was refused (see reason)")
+    reason: str | None = Field(default=None, description="why there is no figure")
+    method: str | None = Field(default=None, description="meter: rapl, rpi5-pmic, "
+                               "android-battery")
+    source: str | None = Field(default=None, description="what was read (sysfs path, command)")
+    sample_hz: float | None = Field(default=None, description="meter samples per second")
+    samples: int | None = Field(default=None, description="samples taken during the rounds")
+    idle_w: float | None = Field(default=None, description="idle baseline power subtracted, W "
+                                 "(None: not subtracted)")
+    decode_mj_per_token: float | None = Field(default=None, description="mJ per decoded token "
+                                              "(median over rounds)")
+    prefill_mj_per_token: float | None = Field(default=None, description="mJ per prompt token "
+                                               "in prefill (median over rounds)")
+    decode_uncertainty_mj: float | None = Field(default=None, description="+- on the decode "
+                                                "figure (round spread and sampling)")
+    prefill_uncertainty_mj: float | None = Field(default=None, description="+- on the prefill "
+                                                 "figure")
+    decode_w: float | None = Field(default=None, description="mean power during decode, W")
+    notes: list[str] = Field(default_factory=list, description="caveats of the method")
+
+
 class BenchResult(BaseModel):
     """One ``slmedge bench`` result (schema version 2)."""
 
@@ -197,6 +222,11 @@ class BenchResult(BaseModel):
     warnings: list[str] = Field(description="skipped buckets, unstable figures, ...")
     wall_s: float = Field(ge=0, description="wall time of the whole benchmark in the runner")
     environment: Environment | None = Field(description="None only before the model loaded")
+    # additive, optional (issue 17): absent in results written before them
+    device: str | None = Field(default=None, description="fleet device name (slmedge bench "
+                               "--fleet); None for a single-target run")
+    energy: EnergyReport | None = Field(default=None, description="energy per token where the "
+                                        "target has a meter (runtimes/energy.py), or why not")
 
 
 def validate_result(doc: dict, source: str = "result") -> BenchResult:

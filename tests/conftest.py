@@ -14,6 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Offline and quiet: tests never reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The results store (runtimes/results_store.py): the CLI writes every bench / quality card
+# there; tests never touch the home directory's store (child processes inherit this).
+if not os.environ.get("SLMEDGE_RESULTS"):
+    import tempfile
+
+    os.environ["SLMEDGE_RESULTS"] = os.path.join(tempfile.mkdtemp(prefix="slmedge-results-"),
+                                                 "results.sqlite")
 
 # Property tests (Hypothesis): CI and tools/test.sh run the "ci" profile, derandomized (the
 # same examples every run, so CI cannot pass or fail by chance; every failure found is kept as

@@ -102,6 +102,9 @@ def cmd_export(args) -> int:
         manifest = exp.run_export(config, progress=progress.say, command=args.command_line)
     finally:
         progress.close()
+    from .cli_results import store_quality
+
+    store_quality(args, manifest, config.output)  # the results store, unless --no-store
     if args.json:
         _print_json({"output": str(config.output), **manifest})
     else:
@@ -246,6 +249,13 @@ def cmd_bench(args) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if getattr(args, "fleet", None):  # several devices at once: tools/cli_fleet.py
+        from .cli_fleet import cmd_bench_fleet
+
+        return cmd_bench_fleet(args, config)
+    if getattr(args, "more_artifacts", None):
+        raise UsageError("several artifacts need --fleet FLEET.yaml; bench one artifact at a time "
+                         "otherwise")
     from .cli_profiles import memory_gate
 
     refused = memory_gate(args, args.artifact, args.profile)
@@ -266,6 +276,9 @@ def cmd_bench(args) -> int:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
         _record_last_bench(args.artifact, result)
+    from .cli_results import store_bench
+
+    store_bench(args, result)  # the results store, unless --no-store
     if args.json:
         _print_json(result)
     else:
@@ -300,7 +313,7 @@ def _record_last_bench(artifact: str, result: dict) -> None:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle"]
+COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle", "slmedge.tools.cli_fleet", "slmedge.tools.cli_results"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output", help="also write the JSON result to this file")
+    p.add_argument("--output", "-o", help="also write the JSON result to this file")
     p.add_argument("--no-record", action="store_true",
                    help="do not keep the result as ARTIFACT/bench.json (what slmedge bundle "
                    "carries as last_bench)")

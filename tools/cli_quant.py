@@ -148,6 +148,9 @@ def cmd_quantize(args) -> int:
                                      overwrite=args.overwrite, say=progress.say)
     finally:
         progress.close()
+    from .cli_results import store_quality
+
+    store_quality(args, manifest, args.output)  # the results store, unless --no-store
     if args.json:
         sys.stdout.write(json.dumps({"output": str(args.output), **manifest}, indent=2) + "\n")
     else:

@@ -141,7 +141,7 @@ def register(sub) -> None:
                        epilog=EXIT_CODES_HELP, formatter_class=fmt,
                        description="Render bench results as one self-contained HTML page "
                                    "(inline SVG plots, no network) or as Markdown for a PR.")
-    p.add_argument("results", nargs="+", metavar="[LABEL=]RUN.json")
+    p.add_argument("results", nargs="*", metavar="[LABEL=]RUN.json")  # or --from-store
     p.add_argument("-o", "--output", help="write here (default: stdout)")
     p.add_argument("--format", choices=["html", "markdown"],
                    help="default: html, or markdown when -o ends in .md")

@@ -45,7 +45,9 @@ def variant_name(r: BenchResult) -> str:
     """The run's label, with its precision (``quant`` label, else ``dtype``) when not in it."""
     recipe = r.model.recipe or {}
     kind = recipe.get("quant") or recipe.get("dtype")
-    return f"{r.label} ({kind})" if kind and str(kind) not in r.label else r.label
+    name = f"{r.label} ({kind})" if kind and str(kind) not in r.label else r.label
+    device = getattr(r, "device", None)  # fleet runs: one row per device
+    return f"{name} @ {device}" if device else name
 
 
 def _backend(r: BenchResult) -> str:
@@ -428,8 +430,10 @@ def _environment_table(results: list[BenchResult]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def render_html(results: list[BenchResult], title: str = "slmedge benchmark report") -> str:
-    """One self-contained HTML page: plots (inline SVG), tables, environment, warnings."""
+def render_html(results: list[BenchResult], title: str = "slmedge benchmark report",
+                failures: list[str] | None = None) -> str:
+    """One self-contained HTML page: plots (inline SVG), tables, environment, warnings
+    (``failures``: e.g. fleet devices that gave no result, listed first)."""
     figs = plots(results)
     captions = {"decode-speed": "Decode tok/s per variant (bars: median, whiskers: min-max)",
                 "ttft": "Time to first token vs prompt length (median, min-max)",
@@ -440,7 +444,8 @@ def render_html(results: list[BenchResult], title: str = "slmedge benchmark repo
     if "quality-size" not in figs:
         fig_html += ('<p class="note">No quality figures in these results (the artifacts\' '
                      "manifests carry no quality card), so no quality vs size plot.</p>")
-    warnings = [f"{r.label}: {w}" for r in results for w in r.warnings]
+    warnings = [f"failed: {f}" for f in failures or []]
+    warnings += [f"{r.label}: {w}" for r in results for w in r.warnings]
     warnings += environment_notes(results)
     warn_html = ("<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in warnings)
                  + "</ul>") if warnings else '<p class="ok">No warnings.</p>'
@@ -459,9 +464,11 @@ def render_html(results: list[BenchResult], title: str = "slmedge benchmark repo
     )
 
 
-def render_markdown(results: list[BenchResult], title: str = "slmedge benchmark report") -> str:
+def render_markdown(results: list[BenchResult], title: str = "slmedge benchmark report",
+                    failures: list[str] | None = None) -> str:
     """The report's tables in Markdown, for a PR description."""
     parts = [f"### {title}", "", bench_table(results), "", memory_table(results), ""]
+    parts += [f"- **failed**: {f}" for f in failures or []]
     if len(results) > 1:
         parts += ["Ratios to the first result:", "", format_compare(results, markdown=True), ""]
     for r in results:
