@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,12 +26,19 @@ from ..quality import DEFAULT_EVAL_TEXT, QualitySettings, artifact_card
 from ..staging import check_output, staged_directory
 from .auto import candidates
 from .calibration import calibration_text
-from .core import copy_support_files, quantize_model
-from .graph import analyze, fold_weight_transposes, split_gemms
+from .core import QuantReport, copy_support_files, quantize_model
+from .external_data import TensorSource
+from .graph import analyze
+from .lazy_graph import LazyWeights, fold_weight_transposes, split_gemms
 from .recipe import Int4Algorithm, QuantRecipe, QuantScheme
+from .streaming import quantize_file_streaming, streaming_unsupported
 
 Say = Callable[[str], None]
 MODEL_FILE = "model.onnx"
+DATA_FILE = MODEL_FILE + ".data"
+#: a quantized graph smaller than this (graph + weights) is kept as one file, as
+#: core.save_model does; above it the weights stay in model.onnx.data
+ONE_FILE_BELOW = 2 * 1024**3 - (64 << 20)
 
 
 class QualityConfig(BaseModel):
@@ -102,11 +110,39 @@ def fp32_card(model_path: Path, tokenizer_dir: Path, quality: QualityConfig,
     return card.to_dict()
 
 
+def _model_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def quantize_candidate(reference: Path, out: Path, recipe: QuantRecipe, tokenizer_dir: Path,
+                       say: Say = lambda _m: None) -> QuantReport:
+    """Quantize ``reference`` into ``out`` (+ ``out.data`` when it is large).
+
+    Weight-only recipes stream (streaming.py: one weight in memory at a time, the same
+    bytes as quantize_model); the others (calibrated, k_quant, int8 qoperator, static QDQ,
+    a split lm_head) load the whole graph (core.quantize_model). A streamed graph below
+    ``ONE_FILE_BELOW`` is folded back into one file, as quantize_model writes it."""
+    if streaming_unsupported(recipe) is not None:
+        return quantize_model(reference, out, recipe, tokenizer_dir=tokenizer_dir, say=say)
+    report = quantize_file_streaming(reference, out, recipe, progress=say)
+    data = out.with_name(out.name + ".data")
+    if _model_bytes(out) < ONE_FILE_BELOW:
+        model = onnx.load(str(out))  # the quantized weights only: a fraction of the fp32 model
+        onnx.save_model(model, str(out))
+        del model
+        data.unlink()
+    return report
+
+
 def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: QualityConfig,
              out_name: str, say: Say) -> tuple[dict, dict, Path]:
-    out = stage / out_name
+    # each candidate in its own directory: its weights file is model.onnx.data from the start
+    # (the reference's own model.onnx.data may sit in the stage beside it)
+    out = stage / out_name / MODEL_FILE
+    out.parent.mkdir()
     say(f"quantizing: {recipe.label()}")
-    report = quantize_model(reference, out, recipe, tokenizer_dir=stage, say=say)
+    report = quantize_candidate(reference, out, recipe, stage, say)
     card = artifact_card(out, stage, quality.settings(), reference_model=reference,
                          threads=quality.threads, progress=say)
     if card is None:
@@ -128,9 +164,11 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     reference = reference or stage / MODEL_FILE
     limit = quality.max_ppl_increase
     if quality.auto:
+        # the graph's structure only: its weights stay where they are (lazy_graph.py)
         model = onnx.load(str(reference), load_external_data=False)
-        split_gemms(model)
-        fold_weight_transposes(model)
+        lazy = LazyWeights(model, TensorSource(reference.parent))
+        split_gemms(model, lazy)
+        fold_weight_transposes(model, lazy)
         ladder = candidates(recipe, analyze(model))
         del model
         say(f"--auto: {len(ladder)} candidate recipes, smallest first")
@@ -139,12 +177,12 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     tried = []
     chosen = None
     for i, (cand, estimate) in enumerate(ladder):
-        report, card, path = _attempt(reference, stage, cand, quality, f"candidate-{i}.onnx", say)
+        report, card, path = _attempt(reference, stage, cand, quality, f".candidate-{i}", say)
         passed = card["ppl_increase_pct"] <= limit
         tried.append({
             "label": cand.label(),
             "estimated_mb": round(estimate / 1e6, 2) if estimate is not None else None,
-            "size_mb": round(path.stat().st_size / 1e6, 2),
+            "size_mb": round(_model_bytes(path) / 1e6, 2),
             "perplexity": round(card["perplexity"], 4),
             "ppl_increase_pct": round(card["ppl_increase_pct"], 3),
             "kl_mean": round(card["kl_mean"], 5),
@@ -153,7 +191,7 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
         if passed:
             chosen = (cand, report, card, path)
             break
-        path.unlink()
+        shutil.rmtree(path.parent)
     if chosen is None:
         last = tried[-1]
         what = (f"none of the {len(tried)} recipes tried stays" if quality.auto
@@ -169,13 +207,15 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     cand, report, card, path = chosen
     final = stage / MODEL_FILE
     if reference == final:
-        for stale in (final, final.with_name(MODEL_FILE + ".data")):
+        for stale in (final, stage / DATA_FILE):
             if stale.exists():
                 stale.unlink()
     os.replace(path, final)
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(DATA_FILE)
+    report["external_data"] = data.exists()  # the manifest's model files then include it
     if data.exists():
-        raise UsageError("quantized graphs above 2 GB are not supported yet")
+        os.replace(data, stage / DATA_FILE)
+    path.parent.rmdir()
     return {
         "quantization": report,
         "quality": card,
@@ -207,11 +247,11 @@ def quantize_artifact(
             "artifact it was made from"
         )
     check_output(Path(output), overwrite)
-    model_files = {MODEL_FILE}
     with staged_directory(Path(output), overwrite) as stage:
         copy_support_files(art.root, stage, skip={MANIFEST_NAME, art.model_path.name,
                                                   art.model_path.name + ".data"})
         fields = quantize_in_stage(stage, recipe, quality, say, reference=art.model_path)
+        model_files = {MODEL_FILE} | ({DATA_FILE} if (stage / DATA_FILE).exists() else set())
         m = art.manifest
         manifest = write_manifest(stage, {
             "format": "onnx",

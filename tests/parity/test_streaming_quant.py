@@ -162,3 +162,63 @@ def test_smollm2_streamed_equals_in_memory(name, smollm2_artifact, tmp_path):
     mem, mem_report, streamed, report = _both(smollm2_artifact / "model.onnx", tmp_path, recipe)
     assert_same_quantized_graph(mem, streamed)
     assert report.weight_precision == mem_report.weight_precision
+
+
+def _fp32_artifact_with_external_data(art: Path, root: Path) -> Path:
+    """A copy of the fp32 artifact ``art`` whose weights sit in model.onnx.data."""
+    import json
+    import shutil
+
+    from slmedge.exporter.manifest import file_table
+
+    out = root / "fp32-external"
+    shutil.copytree(art, out)
+    external_copy(art / "model.onnx", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"] = file_table(out, {"model.onnx", "model.onnx.data"})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_slmedge_quantize_keeps_large_weights_in_model_onnx_data(tiny_artifact, tmp_path,
+                                                                  monkeypatch):
+    """quantize_artifact streams the weight-only recipe; a graph above the one-file limit
+    (lowered here) keeps model.onnx.data, listed in the manifest as a model file."""
+    from slmedge.exporter.quantize import pipeline
+    from slmedge.runtimes.artifact import open_artifact
+
+    art = _fp32_artifact_with_external_data(tiny_artifact("llama"), tmp_path)
+    recipe = QuantRecipe(scheme="int4", algorithm="rtn", embedding="int8")
+    quality = pipeline.QualityConfig(eval_tokens=128, new_tokens=4, max_ppl_increase=1000)
+    monkeypatch.setattr(pipeline, "ONE_FILE_BELOW", 0)
+    manifest = pipeline.quantize_artifact(art, tmp_path / "q", recipe, quality)
+    out = tmp_path / "q"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == [
+        "model.onnx", "model.onnx.data"]
+    assert not any(p.name.startswith(".candidate") for p in out.iterdir())
+    assert manifest["files"]["model.onnx.data"]["role"] == "model"
+    assert manifest["quantization"]["external_data"] is True
+    assert open_artifact(out).verify_hashes() == []
+    # the same graph quantize_model writes, through the artifact's own files
+    mem = tmp_path / "mem" / "model.onnx"
+    mem.parent.mkdir()
+    quantize_model(tiny_artifact("llama") / "model.onnx", mem, recipe)
+    assert_same_quantized_graph(mem, out / "model.onnx")
+
+
+def test_slmedge_quantize_of_a_small_model_is_one_file_as_before(tiny_artifact, tmp_path):
+    from slmedge.exporter.quantize import pipeline
+
+    art = _fp32_artifact_with_external_data(tiny_artifact("gpt2"), tmp_path)
+    recipe = QuantRecipe(scheme="int8")
+    quality = pipeline.QualityConfig(eval_tokens=128, new_tokens=4, max_ppl_increase=1000)
+    manifest = pipeline.quantize_artifact(art, tmp_path / "q", recipe, quality)
+    out = tmp_path / "q"
+    assert not (out / "model.onnx.data").exists()
+    assert manifest["quantization"]["external_data"] is False
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert not any(t.external_data for t in model.graph.initializer)
+    mem = tmp_path / "mem" / "model.onnx"
+    mem.parent.mkdir()
+    quantize_model(tiny_artifact("gpt2") / "model.onnx", mem, recipe)
+    assert_same_quantized_graph(mem, out / "model.onnx")

@@ -1,0 +1,118 @@
+"""GGUF Q4_0 / Q8_0 blocks as ``MatMulNBits`` weights: a byte re-layout, no requantization.
+
+Both formats quantize a weight row (``ne0 = K``, the input dimension, fastest in the file)
+in blocks of 32 values with one fp16 scale ``d`` each and no offset:
+
+=========  ==============================================  =================================
+format     one block in the GGUF file                       value
+=========  ==============================================  =================================
+Q4_0       ``d`` (fp16) + 16 bytes: value ``j`` in the      ``(q - 8) * d``
+           low nibble of byte ``j``, value ``j + 16`` in
+           its high nibble
+Q8_0       ``d`` (fp16) + 32 signed bytes                   ``q * d``
+=========  ==============================================  =================================
+
+``MatMulNBits`` (com.microsoft) stores ``B`` as ``[N, K / block, block * bits / 8]`` uint8,
+blocks along ``K`` for each output column, 4-bit values two to a byte with value ``2i`` in
+the low nibble of byte ``i``; one scale per block (``[N, K / block]``, the activation's
+float type) and, without a ``zero_points`` input, the zero point ``2**(bits - 1)``: 8 for 4
+bits, 128 for unsigned 8 bits. So Q4_0 is ``bits=4, block_size=32`` with its nibbles
+reordered and no zero points; Q8_0 is ``bits=8, block_size=32`` with ``q + 128`` as uint8.
+The fp16 scales widen to fp32 exactly. Nothing is rounded again: the graph computes with
+the file's own weights (tests/unit/quantize/test_gguf_blocks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slmedge.runtimes.errors import UnsupportedOp
+
+BLOCK = 32
+#: GGML type name -> (bits, bytes per block)
+_FORMATS = {"Q4_0": (4, 2 + BLOCK // 2), "Q8_0": (8, 2 + BLOCK)}
+
+
+@dataclass
+class NBitsBlocks:
+    """One weight as ``MatMulNBits`` inputs and attributes (``W`` is ``[K, N]``)."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    packed: np.ndarray  # uint8 [N, K / block_size, block_size * bits / 8]
+    scales: np.ndarray  # [N, K / block_size], float32 or float16
+    zero_points: np.ndarray | None  # None: MatMulNBits' default (8 for 4 bits, 128 for 8)
+
+    def attributes(self, accuracy_level: int = 0) -> dict:
+        attrs = {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        return attrs
+
+
+def supported_type(type_name: str) -> bool:
+    """Whether a GGML tensor type (its name, e.g. ``"Q4_0"``) maps to MatMulNBits exactly."""
+    return type_name in _FORMATS
+
+
+def blocks_from_bytes(data: np.ndarray, type_name: str, k: int, n: int,
+                      scale_dtype=np.float32) -> NBitsBlocks:
+    """The ``MatMulNBits`` form of a GGUF tensor's raw bytes.
+
+    ``data``: the tensor's bytes (uint8, any shape, ``n`` rows of ``k / 32`` blocks), as
+    ``gguf.GGUFReader`` gives them; ``type_name``: ``"Q4_0"`` or ``"Q8_0"``; ``k``: the row
+    length (GGUF ``ne0``, the MatMul's input size); ``n``: the rows (``ne1``, its output
+    size); ``scale_dtype``: the graph's float type (fp16 scales widen exactly)."""
+    if type_name not in _FORMATS:
+        raise UnsupportedOp(
+            f"GGUF tensor type {type_name} has no exact MatMulNBits form; exact: "
+            f"{', '.join(_FORMATS)} (other types are dequantized and quantized again)")
+    bits, block_bytes = _FORMATS[type_name]
+    if k % BLOCK:
+        raise ValueError(f"a {type_name} row of {k} values is not whole blocks of {BLOCK}")
+    blocks = k // BLOCK
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size != n * blocks * block_bytes:
+        raise ValueError(f"{type_name} [{n} x {k}] needs {n * blocks * block_bytes} bytes, got "
+                         f"{raw.size}")
+    raw = raw.reshape(n, blocks, block_bytes)
+    scales = raw[:, :, :2].copy().view(np.float16).reshape(n, blocks).astype(scale_dtype)
+    qs = raw[:, :, 2:]
+    if bits == 4:
+        # GGUF: value j (< 16) in the low nibble of byte j, value j + 16 in its high nibble
+        values = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [n, blocks, 32] in order
+        packed = (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+    else:
+        packed = qs ^ np.uint8(0x80)  # int8 q -> uint8 q + 128 (two's complement, top bit)
+    return NBitsBlocks(k=k, n=n, bits=bits, block_size=BLOCK, packed=np.ascontiguousarray(packed),
+                       scales=scales, zero_points=None)
+
+
+def blocks_from_gguf(tensor, scale_dtype=np.float32) -> NBitsBlocks:
+    """``blocks_from_bytes`` of a ``gguf.GGUFReader`` tensor (``ReaderTensor``): its type,
+    its shape (``[ne0, ne1]`` = ``[K, N]``) and its bytes. The MatMul it feeds computes
+    ``x @ W`` with ``W[k, n]`` the file's row ``n``, value ``k``."""
+    shape = [int(d) for d in tensor.shape]
+    if len(shape) != 2:
+        raise ValueError(f"{tensor.name}: a 2-D weight is needed, GGUF shape {shape}")
+    k, n = shape
+    name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
+    return blocks_from_bytes(np.asarray(tensor.data), name, k, n, scale_dtype)
+
+
+def dequantize(blocks: NBitsBlocks) -> np.ndarray:
+    """``W`` ``[K, N]`` in fp32 as ``MatMulNBits`` reads ``blocks`` (a reference for tests
+    and for the manifest's exactness check)."""
+    n, nb = blocks.n, blocks.k // blocks.block_size
+    if blocks.bits == 4:
+        p = blocks.packed.reshape(n, nb, -1)
+        q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(n, nb, blocks.block_size)
+    else:
+        q = blocks.packed.reshape(n, nb, blocks.block_size)
+    zero = 2 ** (blocks.bits - 1)
+    w = (q.astype(np.float32) - zero) * blocks.scales.astype(np.float32)[..., None]
+    return w.reshape(n, blocks.k).T

@@ -1,0 +1,110 @@
+"""GGUF Q4_0 / Q8_0 tensors as MatMulNBits weights without requantization (gguf_blocks.py).
+
+GGUFs are written with the gguf package (the tensors of a tiny model from
+tests/gguf_writer.py, quantized by gguf's own Q4_0 / Q8_0 code), read back with
+``gguf.GGUFReader``, mapped to MatMulNBits, and run through onnxruntime: the logits equal
+``x @ dequantize(file)`` (gguf's own dequantizer) to fp32 rounding, and the weights
+MatMulNBits reads are the file's dequantized values bit for bit.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from gguf_writer import gguf_tensors, tiny_gguf_model
+from onnx import TensorProto, helper, numpy_helper
+
+from slmedge.exporter.quantize.gguf_blocks import blocks_from_gguf, dequantize
+from slmedge.runtimes.errors import UnsupportedOp
+
+gguf = pytest.importorskip("gguf")
+
+
+def write_matrices(path, matrices: dict[str, np.ndarray], qtype) -> None:
+    """A GGUF holding each ``[N, K]`` matrix (PyTorch's Linear layout) quantized to ``qtype``."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, m in matrices.items():
+        w.add_tensor(name, gguf.quants.quantize(m.astype(np.float32), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def nbits_logits(blocks, x: np.ndarray, accuracy_level: int = 0) -> np.ndarray:
+    """``x @ W`` through one MatMulNBits node built from ``blocks``."""
+    inits = [numpy_helper.from_array(blocks.packed, "B"),
+             numpy_helper.from_array(blocks.scales, "scales")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft",
+                            **blocks.attributes(accuracy_level))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, blocks.k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, blocks.n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_matrices():
+    """The 2-D weights of the tiny Llama in llama.cpp's names and layouts, plus a wide one."""
+    model = tiny_gguf_model("llama")
+    mats = {n: a for n, a in gguf_tensors(model, "llama").items() if a.ndim == 2}
+    mats["wide"] = np.random.default_rng(3).standard_normal((40, 256)).astype(np.float32)
+    return mats
+
+
+@pytest.mark.parametrize("qtype_name, bits", [("Q4_0", 4), ("Q8_0", 8)])
+def test_gguf_blocks_run_as_matmul_nbits_without_requantization(qtype_name, bits, tiny_matrices,
+                                                                 tmp_path):
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    path = tmp_path / f"tiny-{qtype_name}.gguf"
+    write_matrices(path, tiny_matrices, qtype)
+    reader = gguf.GGUFReader(str(path))
+    assert {t.name for t in reader.tensors} == set(tiny_matrices)
+    rng = np.random.default_rng(0)
+    for tensor in reader.tensors:
+        assert tensor.tensor_type == qtype
+        blocks = blocks_from_gguf(tensor)
+        n, k = tiny_matrices[tensor.name].shape
+        assert (blocks.k, blocks.n, blocks.bits, blocks.block_size) == (k, n, bits, 32)
+        assert blocks.zero_points is None  # the default zero point is the format's own
+        file_w = gguf.quants.dequantize(tensor.data, qtype).reshape(n, k).T  # [K, N]
+        # the weights MatMulNBits reads are the file's, bit for bit
+        np.testing.assert_array_equal(dequantize(blocks), file_w)
+        # and the kernel computes with them: x @ W to fp32 rounding
+        x = rng.standard_normal((5, k)).astype(np.float32)
+        want = x.astype(np.float64) @ file_w.astype(np.float64)
+        got = nbits_logits(blocks, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        # a requantization would have moved them: the original float weights differ
+        assert not np.array_equal(file_w, tiny_matrices[tensor.name].T)
+
+
+def test_nibble_order_is_reordered_not_copied(tmp_path):
+    """Q4_0 keeps value j and j + 16 in one byte; MatMulNBits values 2i and 2i + 1: a block
+    0, 1, ..., 31 (times a scale) must come back in order."""
+    ramp = (np.arange(32) // 2 - 8).astype(np.float32)  # -8, -8, -7, ..., 7, 7: scale 1, exact
+    m = np.stack([ramp, ramp[::-1]])
+    write_matrices(tmp_path / "ramp.gguf", {"ramp": m}, gguf.GGMLQuantizationType.Q4_0)
+    tensor = gguf.GGUFReader(str(tmp_path / "ramp.gguf")).tensors[0]
+    w = dequantize(blocks_from_gguf(tensor))
+    np.testing.assert_array_equal(w, m.T)  # every value at its own place
+
+
+def test_other_gguf_types_are_refused_by_name(tmp_path):
+    m = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    write_matrices(tmp_path / "q41.gguf", {"w": m}, gguf.GGMLQuantizationType.Q4_1)
+    tensor = gguf.GGUFReader(str(tmp_path / "q41.gguf")).tensors[0]
+    with pytest.raises(UnsupportedOp, match="Q4_1 has no exact MatMulNBits form; exact: Q4_0, Q8_0"):
+        blocks_from_gguf(tensor)
+
+
+def test_fp16_graph_scales(tiny_matrices, tmp_path):
+    write_matrices(tmp_path / "q8.gguf", {"w": tiny_matrices["wide"]}, gguf.GGMLQuantizationType.Q8_0)
+    tensor = gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors[0]
+    b16, b32 = blocks_from_gguf(tensor, np.float16), blocks_from_gguf(tensor)
+    assert b16.scales.dtype == np.float16
+    np.testing.assert_array_equal(b16.scales.astype(np.float32), b32.scales)  # fp16 -> fp32 exact
+    assert onnx.helper.np_dtype_to_tensor_dtype(b16.scales.dtype) == TensorProto.FLOAT16
