@@ -53,6 +53,7 @@ from slmedge.runtimes.ort_format import (
 )
 from slmedge.runtimes.verify import minimum_onnxruntime, open_bundle_decoder
 
+from .architectures import get_spec, supported_model_types
 from .bundle_snippets import genai_dependency, litert_version, render_snippets
 from .manifest import onnx_facts
 from .staging import check_output, staged_directory
@@ -63,11 +64,6 @@ GENAI_CONFIG = "genai_config.json"
 #: Tokenizer and generation files an app needs beside the graph (copied when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "config.json")
-#: model_type values whose graphs use GenAI's decoder contract (input_ids, attention_mask,
-#: position_ids, past_key_values.N.key/value -> logits, present.N.key/value). Each was loaded
-#: by onnxruntime-genai 0.18.0 with a tiny fused Llama graph; it rejects unknown types
-#: ("Unsupported model_type in config.json").
-GENAI_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "phi3"})
 #: ORT provider name -> the name onnxruntime-genai 0.18.0 takes in provider_options. NNAPI
 #: is not one of them ("Unknown provider name 'NNAPI'"); the CPU provider needs no entry.
 GENAI_PROVIDER_NAMES = {"QNNExecutionProvider": "QNN", "XnnpackExecutionProvider": "XNNPACK",
@@ -140,6 +136,14 @@ def _graph_meta(path: Path) -> tuple[list[str], dict[str, str]]:
     return inputs, {p.key: p.value for p in model.metadata_props}
 
 
+def _genai_model_type(model_type: str | None) -> str | None:
+    """onnxruntime-genai's ``model.type`` for an artifact's ``model_type`` (its spec's)."""
+    try:
+        return get_spec(model_type).genai_model_type if model_type else None
+    except UnsupportedError:  # an artifact of a family this version no longer registers
+        return None
+
+
 def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[dict | None, str]:
     """``(genai_config.json contents, why)`` for the bundle at ``root``; ``(None, reason)``
     when GenAI cannot express the artifact."""
@@ -149,10 +153,15 @@ def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[di
                       "run this bundle with slmedge's runtime or ONNX Runtime directly")
     if manifest.get("format", "onnx") != "onnx":
         return None, f"format {manifest.get('format')} is not an ONNX decoder"
+    # The graphs use GenAI's decoder contract (input_ids, attention_mask, position_ids,
+    # past_key_values.N.key/value -> logits, present.N.key/value); the spec says whether GenAI
+    # has loaded its family (ArchitectureSpec.genai_model_type).
     model_type = manifest.get("architecture", {}).get("model_type")
-    if model_type not in GENAI_MODEL_TYPES:
+    genai_type = _genai_model_type(model_type)
+    if genai_type is None:
+        checked = sorted(t for t in map(_genai_model_type, supported_model_types()) if t)
         return None, (f"model_type {model_type!r} has not been checked with onnxruntime-genai "
-                      f"(checked: {', '.join(sorted(GENAI_MODEL_TYPES))})")
+                      f"(checked: {', '.join(checked)})")
     try:
         hf = json.loads((root / "config.json").read_text())
     except FileNotFoundError:
@@ -196,7 +205,7 @@ def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[di
             },
             "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else eos[0],
-            "type": model_type,
+            "type": genai_type,
             "vocab_size": arch["vocab_size"],
         },
         "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,

@@ -28,7 +28,7 @@ import torch
 
 from slmedge.runtimes.errors import SlmEdgeError, UnsupportedArchitecture
 
-from .architectures import ArchitectureSpec
+from .architectures import ArchitectureSpec, get_spec, tflite_model_types
 
 DECODE_SIGNATURE = "decode"
 PREFILL_PREFIX = "prefill_"
@@ -45,40 +45,21 @@ class TfliteConversionFailed(SlmEdgeError):
     """litert-torch could not trace or lower the model."""
 
 
-# -- which families the static-cache wrapper expresses --------------------------------------
+# -- which families the static-cache wrapper expresses (the registry's specs say) ----------
 
 
-@dataclass(frozen=True)
-class TfliteFamily:
-    """What the wrapper must know about a family beyond the shared Llama-like shape."""
-
-    #: attention layer type -> sliding window (None: full attention), when the family mixes them
-    layer_types_attr: str | None = None
-
-
-#: HF model_type -> TFLite facts. Families missing here fail with exit 4 and the reason below.
-TFLITE_FAMILIES: dict[str, TfliteFamily] = {
-    "llama": TfliteFamily(),
-    "qwen2": TfliteFamily(),
-    "qwen3": TfliteFamily(),
-    "phi3": TfliteFamily(),
-    "gemma3_text": TfliteFamily(layer_types_attr="layer_types"),
-}
-#: Registered (ONNX) families the TFLite path does not take, and why.
-NOT_SUPPORTED_WHY = {
-    "gpt2": "GPT-2's attention keeps the cache in its own Conv1D layout and learned absolute "
-    "positions; it is not wired to the static-cache wrapper (ONNX export works)",
-}
-
-
-def check_family(model_type: str, config=None) -> TfliteFamily:
-    """The TFLite facts of ``model_type``; :class:`UnsupportedArchitecture` (exit 4) otherwise."""
-    family = TFLITE_FAMILIES.get(model_type)
-    if family is None:
-        why = NOT_SUPPORTED_WHY.get(model_type, "no TFLite mapping for this model_type")
+def check_family(model_type: str, config=None) -> type[ArchitectureSpec]:
+    """The spec of ``model_type`` when ``--format tflite`` takes it (``tflite_unsupported`` is
+    None); :class:`UnsupportedArchitecture` (exit 4) with the reason otherwise."""
+    try:
+        family = get_spec(model_type)
+        why = family.tflite_unsupported
+    except UnsupportedArchitecture:
+        why = "no architecture spec for this model_type"
+    if why is not None:
         raise UnsupportedArchitecture(
             f"--format tflite: model_type '{model_type}' is not supported ({why}); TFLite "
-            f"supports {', '.join(sorted(TFLITE_FAMILIES))}. Use --format onnx for it"
+            f"supports {', '.join(tflite_model_types())}. Use --format onnx for it"
         )
     if config is not None:
         scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
@@ -191,7 +172,7 @@ class StaticCacheDecoder(torch.nn.Module):
         config = model.config
         self.family = check_family(config.model_type, config)
         self.sliding_window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, self.family.layer_types_attr or "", None)
+        layer_types = getattr(config, self.family.tflite_layer_types_attr or "", None)
         self.layer_types = sorted(set(layer_types)) if layer_types else None
 
     def _masks(self, input_pos: torch.Tensor):

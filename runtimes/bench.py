@@ -245,6 +245,7 @@ class _Run:
         self.buckets: list[int] = []
         self.depths: list[int] = []
         self.phase = "load"
+        self.energy: dict | None = None  # runtimes/energy.py: the energy block, at the end
 
     def plan(self, limit: int | None) -> None:
         cfg = self.config
@@ -385,6 +386,7 @@ class _Run:
             "warnings": warnings,
             "wall_s": r(time.perf_counter() - self.t_start),
             "environment": self.env,
+            **({"energy": self.energy} if self.energy is not None else {}),
         }
 
 
@@ -442,14 +444,21 @@ def run_bench(
     lengths = sorted({*run.buckets, *run.depths})
     if on_partial:
         on_partial(run.document("partial"))
+    from .energy import EnergyProbe
+
+    energy = EnergyProbe.open()  # a no-op with its reason where there is no meter
+    energy.idle_baseline()
+    energy.start()  # samples in a thread; generations below record their intervals
     for i in range(config.warmup + config.repeats):
         warm = i < config.warmup
         run.phase = "warm-up" if warm else f"round {i - config.warmup + 1}/{config.repeats}"
         say(f"bench {run.phase}: context lengths {', '.join(map(str, lengths))}")
         for length in lengths:
+            t_gen = time.perf_counter()
             result = generate(decoder, prompt[:length], run.new_tokens_at(length))
             if not warm:
                 run.record(length, result)
+                energy.record(i - config.warmup, length, t_gen, result)
         if warm:
             run.m.warmups_done += 1
         else:
@@ -457,6 +466,7 @@ def run_bench(
             if on_partial and run.m.rounds_done < config.repeats:
                 on_partial(run.document("partial"))
     run.phase = "done"
+    run.energy = energy.finish()
     run.env["at_end"] = thermal_snapshot()
     return run.document("complete")
 

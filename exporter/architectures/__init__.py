@@ -8,6 +8,7 @@ from .registry import (
     register_architecture,
     supported_gguf_architectures,
     supported_model_types,
+    tflite_model_types,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "register_architecture",
     "supported_gguf_architectures",
     "supported_model_types",
+    "tflite_model_types",
 ]

@@ -14,6 +14,8 @@ class Gemma3Spec(ArchitectureSpec):
     examples = "gemma-3-270m(-it), gemma-3-1b-it"
     gguf_architectures = ("gemma3",)
     end_of_turn_tokens = ("<end_of_turn>",)
+    tflite_unsupported = None
+    tflite_layer_types_attr = "layer_types"  # sliding_attention / full_attention per layer
     # Gemma's embedding scaling (sqrt(hidden)) and soft-capping make logits larger;
     # measured differences on tiny random models stay near 1e-6.
     parity_atol = 1e-4

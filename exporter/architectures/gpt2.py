@@ -9,6 +9,10 @@ class GPT2Spec(ArchitectureSpec):
     examples = "gpt2, distilgpt2"
     gguf_architectures = ("gpt2",)
     end_of_turn_tokens = ("<|endoftext|>",)
+    tflite_unsupported = (
+        "GPT-2's attention keeps the cache in its own Conv1D layout and learned absolute "
+        "positions; it is not wired to the static-cache wrapper (ONNX export works)"
+    )
 
     @classmethod
     def kv_layout(cls, config) -> tuple[int, int, int]:

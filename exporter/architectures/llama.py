@@ -10,3 +10,5 @@ class LlamaSpec(ArchitectureSpec):
     gguf_architectures = ("llama",)
     # ChatML (SmolLM2) and Llama 3 chat templates end a turn with these.
     end_of_turn_tokens = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>")
+    tflite_unsupported = None
+    genai_model_type = "llama"

@@ -9,3 +9,5 @@ class Phi3Spec(ArchitectureSpec):
     examples = "Phi-3-mini-4k-instruct, Phi-3.5-mini-instruct, Phi-4-mini-instruct"
     gguf_architectures = ("phi3",)
     end_of_turn_tokens = ("<|end|>", "<|endoftext|>")
+    tflite_unsupported = None
+    genai_model_type = "phi3"

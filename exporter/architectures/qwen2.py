@@ -10,3 +10,4 @@ class Qwen2Spec(LlamaSpec):
     examples = "Qwen2.5-0.5B/1.5B/3B-Instruct"
     gguf_architectures = ("qwen2",)
     end_of_turn_tokens = ("<|im_end|>", "<|endoftext|>")
+    genai_model_type = "qwen2"

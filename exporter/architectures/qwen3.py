@@ -9,3 +9,4 @@ class Qwen3Spec(Qwen2Spec):
     family = "Qwen3"
     examples = "Qwen3-0.6B/1.7B/4B"
     gguf_architectures = ("qwen3",)
+    genai_model_type = "qwen3"

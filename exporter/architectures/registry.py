@@ -36,6 +36,18 @@ class ArchitectureSpec:
     parity_rtol: ClassVar[float] = 1e-5
     #: End-of-turn tokens of the family's chat templates: generation stops on them too.
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()
+    #: ``--format tflite`` (litert-torch, exporter/tflite_graph.py's static-cache wrapper):
+    #: ``None`` when the wrapper expresses the family, else why not (exit 4 with the reason).
+    #: A new family is refused until its TFLite parity test passes.
+    tflite_unsupported: ClassVar[str | None] = "not wired to the TFLite static-cache wrapper"
+    #: TFLite: the config attribute listing each layer's attention type, for families that mix
+    #: sliding-window and full attention (the wrapper builds one mask per type).
+    tflite_layer_types_attr: ClassVar[str | None] = None
+    #: onnxruntime-genai's ``model.type`` for the bundle's genai_config.json: set for the
+    #: families whose fused graphs GenAI has loaded (onnxruntime-genai 0.18.0, a tiny fused
+    #: graph each); ``None``: no genai_config.json (GenAI rejects unknown types with
+    #: "Unsupported model_type in config.json").
+    genai_model_type: ClassVar[str | None] = None
 
     @classmethod
     def kv_layout(cls, config) -> tuple[int, int, int]:
@@ -73,6 +85,11 @@ def supported_model_types() -> list[str]:
 
 def supported_gguf_architectures() -> list[str]:
     return sorted(_GGUF_TO_MODEL_TYPE)
+
+
+def tflite_model_types() -> list[str]:
+    """The ``model_type`` values ``--format tflite`` exports."""
+    return sorted(mt for mt, spec in _REGISTRY.items() if spec.tflite_unsupported is None)
 
 
 def get_spec(model_type: str) -> type[ArchitectureSpec]:

@@ -29,7 +29,7 @@ from slmedge.exporter.tflite_export import (  # noqa: E402
     check_tflite_parity,
     run_tflite_export,
 )
-from slmedge.exporter.tflite_graph import TFLITE_FAMILIES  # noqa: E402
+from slmedge.exporter.architectures import tflite_model_types  # noqa: E402
 from slmedge.exporter.tflite_options import TfliteExportConfig, TfliteQuant  # noqa: E402
 from slmedge.exporter.tflite_quant import quantize_tflite  # noqa: E402
 from slmedge.runtimes.errors import QualityGateFailed  # noqa: E402
@@ -38,7 +38,7 @@ from slmedge.runtimes.litert_decoder import LiteRTDecoder  # noqa: E402
 
 CONTEXT = 48
 CHUNKS = [8]
-FAMILIES = sorted(TFLITE_FAMILIES)
+FAMILIES = tflite_model_types()
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,36 @@ def test_kv_layout_matches_the_config(model_type):
     assert layers == 2
     assert head_dim == 16
     assert kv_heads in (1, 2, 4)
+
+
+def test_specs_carry_their_tflite_support_and_genai_type():
+    """The former side tables (tflite_graph.TFLITE_FAMILIES, bundle.GENAI_MODEL_TYPES) are spec
+    attributes: an unsupported family says why; GenAI's type is the one GenAI 0.18 loaded."""
+    from slmedge.exporter.architectures import tflite_model_types
+
+    assert tflite_model_types() == ["gemma3_text", "llama", "phi3", "qwen2", "qwen3"]
+    for model_type in supported_model_types():
+        why = get_spec(model_type).tflite_unsupported
+        assert why is None or len(why) > 20, model_type  # a reason, not a flag
+    assert "Conv1D" in get_spec("gpt2").tflite_unsupported
+    assert get_spec("gemma3_text").tflite_layer_types_attr == "layer_types"
+    genai = {mt: get_spec(mt).genai_model_type for mt in supported_model_types()}
+    assert genai == {"gemma3_text": None, "gpt2": None, "llama": "llama", "phi3": "phi3",
+                     "qwen2": "qwen2", "qwen3": "qwen3"}  # not inherited: qwen3 is no qwen2
+
+
+def test_a_new_family_is_refused_by_tflite_until_it_says_otherwise():
+    from slmedge.exporter.architectures.registry import ArchitectureSpec
+
+    assert ArchitectureSpec.tflite_unsupported and ArchitectureSpec.genai_model_type is None
+
+
+@pytest.mark.parametrize("model_type, reason", [("gpt2", "Conv1D"), ("mamba", "no architecture")])
+def test_tflite_refuses_a_family_with_its_reason_and_the_supported_list(model_type, reason):
+    tflite_graph = pytest.importorskip("slmedge.exporter.tflite_graph")  # needs torch
+    with pytest.raises(UnsupportedArchitecture) as err:
+        tflite_graph.check_family(model_type)
+    message = str(err.value)
+    assert f"model_type '{model_type}' is not supported" in message and reason in message
+    assert "TFLite supports gemma3_text, llama, phi3, qwen2, qwen3" in message
+    assert tflite_graph.check_family("qwen3").family == "Qwen3"
