@@ -196,6 +196,7 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
     nodes = list(graph.node)
     new_nodes, count, total = [], 0, len(todo)
     last_layer = None
+    t0 = time.perf_counter()
     for node in nodes:
         spec = todo.get(node.name) if node.op_type == "MatMul" else None
         if spec is None or node.input[1] not in lazy.protos:
@@ -216,7 +217,9 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
         count += 1
         layer = _layer_of(node.name)
         if layer is not None and layer != last_layer:
-            say(f"quantizing layer {layer} ({count}/{total} tensors)")
+            spent = time.perf_counter() - t0
+            eta = f", ~{spent / count * (total - count):.0f} s left" if count > 1 else ""
+            say(f"layer {layer}: {count}/{total} tensors quantized{eta}")
             last_layer = layer
     del graph.node[:]
     graph.node.extend(new_nodes)
