@@ -417,7 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    _add_verbose(parser, sub)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser, sub) -> None:
+    """``-v/--verbose`` before or after the command: the dependencies' own warnings, logs and
+    progress bars reach the terminal (slmedge.exporter.quiet silences them by default)."""
+    text = "show the dependencies' warnings and logs (hidden by default)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=text)
+    for command in sub.choices.values():
+        try:  # SUPPRESS: a command without -v keeps the value given before it
+            command.add_argument("-v", "--verbose", action="store_true",
+                                 default=argparse.SUPPRESS, help=text)
+        except argparse.ArgumentError:  # a command that uses -v itself keeps its meaning
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["slmedge", *argv])
+    if args.verbose:  # read by slmedge.exporter.quiet, here and in the processes it starts
+        os.environ["SLMEDGE_VERBOSE"] = "1"
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2

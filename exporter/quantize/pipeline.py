@@ -23,6 +23,7 @@ from slmedge.runtimes.errors import QualityGateFailed, UsageError
 
 from ..manifest import onnx_facts, write_manifest
 from ..quality import DEFAULT_EVAL_TEXT, QualitySettings, artifact_card
+from ..quiet import quiet_libraries
 from ..staging import check_output, staged_directory
 from .auto import candidates
 from .calibration import calibration_text
@@ -224,6 +225,7 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     }
 
 
+@quiet_libraries()  # ORT's int4 quantizer makes PyTorch warn on every run (quiet.py)
 def quantize_artifact(
     source: Path,
     output: Path,
