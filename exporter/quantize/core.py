@@ -1,7 +1,8 @@
 """One entry point: ``quantize_model(src, dst, recipe)`` for every scheme.
 
-The scheme-specific work lives beside this file (:mod:`.weight_only`, :mod:`.static`);
-here the graph is prepared (Gemm -> MatMul + Add), analysed once, dispatched, and the
+The scheme-specific work lives beside this file (:mod:`.weight_only`, :mod:`.qdq`); here
+the graph is prepared (Gemm -> MatMul + Add), analysed once, dispatched through a table of
+per-scheme strategies (:data:`STRATEGIES`), and the
 result summarised for the manifest (which op types were quantized and which stayed
 float, with the reason).
 """
@@ -21,7 +22,7 @@ import onnx
 from .calibration import KVCacheCalibrationReader, calibration_text
 from .fold_zero_points import fold_float_zero_points
 from .gptq import collect_hessians
-from .graph import analyze, fold_weight_transposes, split_gemms
+from .graph import GraphFacts, analyze, fold_weight_transposes, split_gemms
 from .head_split import frequent_tokens, group_size
 from .pack_matmuls import pack_shared_input_matmuls
 from .recipe import (
@@ -106,6 +107,175 @@ def _tokens_for_calibration(tokenizer_dir: Path | None, calibration: Calibration
     return TextTokenizer(tokenizer_dir).encode(text)
 
 
+@dataclass
+class _Job:
+    """What a scheme's strategy works on: the prepared graph, its facts, and where to write."""
+
+    model: onnx.ModelProto
+    facts: GraphFacts
+    recipe: QuantRecipe
+    src: Path
+    dst: Path
+    tmp: Path
+    tokenizer_dir: Path
+    calibration_ids: Sequence[int] | None
+    say: Say
+
+    @property
+    def prepared(self) -> Path:
+        """The prepared float graph on disk (calibration and ORT's file-based tools read it)."""
+        return self.tmp / "prepared.onnx"
+
+    def calibration(self, *, gptq_act: bool = False):
+        """Save the prepared graph; its calibration reader and the manifest's account of it."""
+        save_model(self.model, self.prepared)
+        ids = _tokens_for_calibration(self.tokenizer_dir, self.recipe.calibration,
+                                      self.calibration_ids)
+        calibration = self.recipe.calibration
+        if gptq_act and "prefill_samples" not in calibration.model_fields_set:
+            # GPTQ's statistics want many rows (well above K = 1536 for SmolLM2's
+            # down_proj) more than cache states: 64 prompt chunks of 128 tokens; 160
+            # did no better on SmolLM2 (README)
+            calibration = calibration.model_copy(update={"prefill_samples": GPTQ_PREFILL_SAMPLES})
+        reader = KVCacheCalibrationReader(self.prepared, ids, calibration)
+        doc = {**calibration.model_dump(mode="json"), "tokens_available": len(ids),
+               "samples": len(reader)}
+        if self.recipe.calibration.text is None and self.calibration_ids is None:
+            from .calibration import DEFAULT_CALIBRATION_TEXT
+
+            doc["text"] = str(DEFAULT_CALIBRATION_TEXT)
+        return reader, doc
+
+
+@dataclass
+class _Done:
+    """What a strategy did: per weight MatMul precision, the op table, ORT's tools used."""
+
+    precision: dict[str, str]
+    table: dict
+    tools: list[str]
+    calibration: dict | None = None
+    zero_points: str | None = None
+
+
+class _Strategy:
+    """One scheme's quantization: ``check`` refuses a graph before any work, ``__call__`` does it."""
+
+    #: pack MatMuls reading one input (gate/up) before quantizing: one activation
+    #: quantization per layer for the weight-only kernels
+    packs_matmuls = False
+
+    def check(self, model: onnx.ModelProto, recipe: QuantRecipe) -> None:
+        """Raise when this strategy cannot take ``model``; nothing by default."""
+
+    def __call__(self, job: _Job) -> _Done:
+        raise NotImplementedError
+
+
+class _WeightOnly(_Strategy):
+    """int4, and int8 as MatMulNBits 8-bit: weight-only blocks (weight_only.py), HQQ / RTN /
+    ORT's GPTQ / gptq-act, an optional split lm_head, float zero points folded."""
+
+    packs_matmuls = True
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def __call__(self, job: _Job) -> _Done:
+        recipe, facts, say = job.recipe, job.facts, job.say
+        algorithm = recipe.int4_algorithm if self.bits == 4 else None
+        gptq_act = algorithm is Int4Algorithm.gptq_act
+        reader, calib_doc = None, None
+        if algorithm in (Int4Algorithm.gptq, Int4Algorithm.gptq_act):
+            reader, calib_doc = job.calibration(gptq_act=gptq_act)
+        gptq_reader = reader.materialize() if reader is not None and not gptq_act else None
+        frequent = None
+        if self.bits == 4 and recipe.lm_head_int8_tokens and facts.lm_head:
+            ids = _tokens_for_calibration(job.tokenizer_dir, recipe.calibration,
+                                          job.calibration_ids)
+            vocab = next(w.n for w in facts.weight_matmuls if w.node == facts.lm_head)
+            rows = recipe.lm_head_int8_tokens
+            frequent = frequent_tokens(ids, rows, vocab, group_size(vocab, rows))
+            if not frequent or len(frequent) >= vocab:
+                frequent = None  # nothing to split on: the whole lm_head stays int4
+            calib_doc = {**(calib_doc or {}),
+                         "text": None if job.calibration_ids is not None
+                         else str(calibration_text(recipe.calibration)),
+                         "tokens_available": len(ids),
+                         "lm_head_int8_rows": len(frequent or [])}
+        hessians = None
+        if gptq_act:
+            def hessians(names, _reader=reader):
+                return collect_hessians(job.prepared, names, _reader.samples, say=say)
+        model, precision = quantize_weight_only(job.model, facts, recipe, body_bits=self.bits,
+                                                calibration_reader=gptq_reader,
+                                                hessians=hessians,
+                                                frequent_tokens=frequent, say=say)
+        zero_points = None
+        n_folded = fold_float_zero_points(model)
+        if n_folded:
+            zero_points = "folded"
+            say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
+                "correction (fast integer kernels)")
+        save_model(model, job.dst)
+        return _Done(precision, _weight_only_table(model, precision),
+                     ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"],
+                     calib_doc, zero_points)
+
+
+class _DynamicInt8(_Strategy):
+    """int8 as ORT's ``quantize_dynamic`` (QOperator: DynamicQuantizeMatMul)."""
+
+    def __call__(self, job: _Job) -> _Done:
+        precision, table = _dynamic_int8(job.model, job.facts, job.recipe, job.tmp, job.dst,
+                                         job.say)
+        return _Done(precision, table, ["onnxruntime.quantization.quantize_dynamic"])
+
+
+class _StaticQdq(_Strategy):
+    """int8-static and a16w8: QDQ calibrated on text (qdq.py), for graphs of standard ops."""
+
+    def check(self, model: onnx.ModelProto, recipe: QuantRecipe) -> None:
+        fused = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+        if fused:
+            from slmedge.runtimes.errors import UsageError
+
+            raise UsageError(
+                f"{recipe.scheme.value} is QDQ for NPUs and needs a graph of standard ONNX ops; "
+                f"this one is fused for ONNX Runtime's CPU provider ({', '.join(fused)}). Export "
+                "with --no-fuse (NPU device profiles do) and quantize that artifact"
+            )
+
+    def __call__(self, job: _Job) -> _Done:
+        recipe, facts = job.recipe, job.facts
+        reader, calib_doc = job.calibration()
+        table = quantize_static_qdq(job.prepared, job.dst, facts, recipe, reader, say=job.say)
+        keep = set(recipe.keep_layers)
+        head_float = recipe.lm_head_precision is TensorPrecision.float
+        precision = {
+            w.node: "float" if (w.layer in keep or (w.node == facts.lm_head and head_float))
+            else "int8" for w in facts.weight_matmuls
+        }
+        return _Done(precision, table, ["onnxruntime.quantization.quantize_static (QDQ)"],
+                     calib_doc)
+
+
+#: (scheme, int8 kernel family or None) -> the strategy that quantizes it.
+STRATEGIES: dict[tuple[QuantScheme, Int8Format | None], _Strategy] = {
+    (QuantScheme.int4, None): _WeightOnly(bits=4),
+    (QuantScheme.int8, Int8Format.nbits): _WeightOnly(bits=8),
+    (QuantScheme.int8, Int8Format.qoperator): _DynamicInt8(),
+    (QuantScheme.int8_static, None): _StaticQdq(),
+    (QuantScheme.a16w8, None): _StaticQdq(),
+}
+
+
+def strategy_for(recipe: QuantRecipe) -> _Strategy:
+    """The entry of :data:`STRATEGIES` for ``recipe``."""
+    fmt = recipe.int8_format if recipe.scheme is QuantScheme.int8 else None
+    return STRATEGIES[(recipe.scheme, fmt)]
+
+
 def quantize_model(
     src: str | Path,
     dst: str | Path,
@@ -119,11 +289,13 @@ def quantize_model(
 
     Static schemes and GPTQ need calibration tokens: ``calibration_ids``, or the
     recipe's calibration text tokenized with the tokenizer in ``tokenizer_dir`` (the
-    artifact directory).
+    artifact directory). The graph is prepared here; the scheme's strategy
+    (:data:`STRATEGIES`) quantizes it.
     """
     say = say or (lambda _m: None)
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
+    strategy = strategy_for(recipe)
     _quiet_ort_logging()
     model = onnx.load(str(src))
     gemms = split_gemms(model)
@@ -132,115 +304,33 @@ def quantize_model(
     folded = fold_weight_transposes(model)
     if folded:
         say(f"{folded} MatMul weights behind a Transpose folded (tied lm_head)")
-    if recipe.scheme is QuantScheme.int4 or (
-        recipe.scheme is QuantScheme.int8 and recipe.int8_format is Int8Format.nbits
-    ):
+    if strategy.packs_matmuls:
         packed = pack_shared_input_matmuls(model)
         if packed:
             say(f"{len(packed)} MatMul groups reading one input packed into one MatMul + Split "
                 "(gate/up: one activation quantization per layer)")
     facts = analyze(model)
-    fused = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
-    if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) and fused:
-        from slmedge.runtimes.errors import UsageError
-
-        raise UsageError(
-            f"{recipe.scheme.value} is QDQ for NPUs and needs a graph of standard ONNX ops; this "
-            f"one is fused for ONNX Runtime's CPU provider ({', '.join(fused)}). Export with "
-            "--no-fuse (NPU device profiles do) and quantize that artifact"
-        )
-    gptq_act = (recipe.scheme is QuantScheme.int4
-                and recipe.int4_algorithm is Int4Algorithm.gptq_act)
-    needs_calibration = recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) or (
-        recipe.scheme is QuantScheme.int4 and recipe.int4_algorithm.value == "gptq"
-    ) or gptq_act
-    calib_doc = None
-    reader = None
-    zero_points = None
+    strategy.check(model, recipe)
     with tempfile.TemporaryDirectory(prefix="slmedge-quant-", dir=dst.parent) as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        if needs_calibration:
-            save_model(model, prepared)
-            ids = _tokens_for_calibration(Path(tokenizer_dir) if tokenizer_dir else src.parent,
-                                          recipe.calibration, calibration_ids)
-            calibration = recipe.calibration
-            if gptq_act and "prefill_samples" not in calibration.model_fields_set:
-                # GPTQ's statistics want many rows (well above K = 1536 for SmolLM2's
-                # down_proj) more than cache states: 64 prompt chunks of 128 tokens; 160
-                # did no better on SmolLM2 (README)
-                calibration = calibration.model_copy(
-                    update={"prefill_samples": GPTQ_PREFILL_SAMPLES})
-            reader = KVCacheCalibrationReader(prepared, ids, calibration)
-            calib_doc = {**calibration.model_dump(mode="json"), "tokens_available": len(ids),
-                         "samples": len(reader)}
-            if recipe.calibration.text is None and calibration_ids is None:
-                from .calibration import DEFAULT_CALIBRATION_TEXT
-
-                calib_doc["text"] = str(DEFAULT_CALIBRATION_TEXT)
-        if recipe.scheme in (QuantScheme.int4, QuantScheme.int8) and not (
-            recipe.scheme is QuantScheme.int8 and recipe.int8_format.value == "qoperator"
-        ):
-            bits = 4 if recipe.scheme is QuantScheme.int4 else 8
-            gptq_reader = reader.materialize() if reader is not None and not gptq_act else None
-            frequent = None
-            if bits == 4 and recipe.lm_head_int8_tokens and facts.lm_head:
-                ids = _tokens_for_calibration(Path(tokenizer_dir) if tokenizer_dir else src.parent,
-                                              recipe.calibration, calibration_ids)
-                vocab = next(w.n for w in facts.weight_matmuls if w.node == facts.lm_head)
-                rows = recipe.lm_head_int8_tokens
-                frequent = frequent_tokens(ids, rows, vocab, group_size(vocab, rows))
-                if not frequent or len(frequent) >= vocab:
-                    frequent = None  # nothing to split on: the whole lm_head stays int4
-                calib_doc = {**(calib_doc or {}),
-                             "text": None if calibration_ids is not None
-                             else str(calibration_text(recipe.calibration)),
-                             "tokens_available": len(ids),
-                             "lm_head_int8_rows": len(frequent or [])}
-            hessians = None
-            if gptq_act:
-                def hessians(names, _reader=reader):
-                    return collect_hessians(prepared, names, _reader.samples, say=say)
-            model, precision = quantize_weight_only(model, facts, recipe, body_bits=bits,
-                                                    calibration_reader=gptq_reader,
-                                                    hessians=hessians,
-                                                    frequent_tokens=frequent, say=say)
-            n_folded = fold_float_zero_points(model)
-            if n_folded:
-                zero_points = "folded"
-                say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
-                    "correction (fast integer kernels)")
-            save_model(model, dst)
-            table = _weight_only_table(model, precision)
-            tools = ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"]
-        elif recipe.scheme is QuantScheme.int8:
-            precision, table = _dynamic_int8(model, facts, recipe, Path(tmp), dst, say)
-            tools = ["onnxruntime.quantization.quantize_dynamic"]
-        else:
-            if not prepared.exists():
-                save_model(model, prepared)
-            table = quantize_static_qdq(prepared, dst, facts, recipe, reader, say=say)
-            keep = set(recipe.keep_layers)
-            head_float = recipe.lm_head_precision is TensorPrecision.float
-            precision = {
-                w.node: "float" if (w.layer in keep or (w.node == facts.lm_head and head_float))
-                else "int8" for w in facts.weight_matmuls
-            }
-            tools = ["onnxruntime.quantization.quantize_static (QDQ)"]
+        job = _Job(model, facts, recipe, src, dst, Path(tmp),
+                   Path(tokenizer_dir) if tokenizer_dir else src.parent, calibration_ids, say)
+        done = strategy(job)
     out = onnx.load(str(dst), load_external_data=False)
     contrib = sorted({f"{n.domain}.{n.op_type}" for n in out.graph.node
                       if n.domain not in ("", "ai.onnx")})
     return QuantReport(
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
-        weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
+        weight_precision=dict(Counter(done.precision.get(w.node, "float")
+                                      for w in facts.weight_matmuls)),
         embedding=recipe.embedding.value if facts.embedding_gathers else "none",
-        lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
-        op_decisions=table,
+        lm_head=done.precision.get(facts.lm_head, "none") if facts.lm_head else "none",
+        op_decisions=done.table,
         contrib_ops=contrib,
-        calibration=calib_doc,
+        calibration=done.calibration,
         seconds=round(time.perf_counter() - t0, 2),
-        ort_tools=tools,
-        zero_points=zero_points,
+        ort_tools=done.tools,
+        zero_points=done.zero_points,
     )
 
 
