@@ -6,17 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
 
 from slmedge.runtimes.evaluate import plan_windows, token_nll
 from slmedge.runtimes.generation import generate
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.texts import default_eval_text
 from slmedge.runtimes.tokenizer import TextTokenizer
 from slmedge.tools.cli import main
 
 pytestmark = pytest.mark.slow
-EVAL_TEXT = SHARED_DATA / "eval_mansfield_park.txt"
-PPL_REFERENCE = 33.08  # shared/data/README.md: PyTorch fp32, first 4096 tokens, 512/256 windows
+EVAL_TEXT = default_eval_text()  # the packaged text: a clone needs nothing beside it
+PPL_REFERENCE = 33.08  # runtimes/data/SOURCES.md: PyTorch fp32, first 4096 tokens, 512/256 windows
 
 
 def test_128_greedy_tokens_identical_to_pytorch(smollm2_artifact, smollm2_torch):
