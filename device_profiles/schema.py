@@ -51,14 +51,43 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Quantization(str, Enum):
-    """Names match ``slmedge export --quant`` (issue 3); ``none`` keeps the precision as is."""
+class QuantScheme(str, Enum):
+    """Every quantization scheme, one name each: ``--quant``, the ONNX recipe
+    (``QuantRecipe.scheme``), the TFLite config and a profile's ``recipe.quantization`` all
+    take this type. Which ones a format offers: :data:`ONNX_SCHEMES`, :data:`TFLITE_SCHEMES`,
+    :data:`PROFILE_SCHEMES`. Lives here, below the exporter, so profiles can name it too."""
 
-    none = "none"
-    int4 = "int4"
-    int8 = "int8"
-    int8_static = "int8-static"
-    a16w8 = "a16w8"
+    none = "none"  # keep the precision as is
+    # ONNX (onnxruntime.quantization)
+    int4 = "int4"  # weight-only MatMulNBits, 4-bit blocks
+    int8 = "int8"  # int8 weights, activations quantized at run time
+    int8_static = "int8-static"  # QDQ, activations calibrated on text (TFLite: FC/BMM only)
+    a16w8 = "a16w8"  # QDQ, 16-bit activations, 8-bit weights (NPUs such as QNN HTP)
+    # TFLite (ai-edge-quantizer recipes)
+    fp32 = "fp32"  # no quantization (the TFLite path's name for none)
+    fp16 = "fp16"  # fp16 weights, fp32 compute (weights cast up when the model loads)
+    int8_dynamic = "int8-dynamic"  # int8 channel-wise weights, activations quantized per run
+    int8_weight = "int8-weight"  # int8 channel-wise weights, dequantized: float compute
+    int4_block32 = "int4-block32"  # int4 weights in blocks of 32, int8 dynamic activations
+
+
+#: What ``slmedge export`` / ``slmedge quantize --quant`` offer for ONNX graphs.
+ONNX_SCHEMES = (QuantScheme.int4, QuantScheme.int8, QuantScheme.int8_static, QuantScheme.a16w8)
+#: What ``--format tflite`` offers (the ONNX names int8 / int4 / none are aliases there).
+TFLITE_SCHEMES = (QuantScheme.fp32, QuantScheme.fp16, QuantScheme.int8_dynamic,
+                  QuantScheme.int8_weight, QuantScheme.int4_block32, QuantScheme.int8_static)
+#: What a profile's ``recipe.quantization`` may name (the TFLite path maps them on).
+PROFILE_SCHEMES = (QuantScheme.none, *ONNX_SCHEMES)
+
+
+def require_scheme(value, offered: tuple[QuantScheme, ...], where: str) -> QuantScheme:
+    """``value`` (a scheme or its name) when ``where`` offers it; a ValueError listing what
+    ``where`` offers otherwise (not every scheme: a profile need not hear of TFLite's)."""
+    name = value.value if isinstance(value, QuantScheme) else value
+    if not isinstance(name, str) or name not in {s.value for s in offered}:
+        raise ValueError(f"{where} does not offer quantization {name!r}; choose one of "
+                         f"{', '.join(s.value for s in offered)}")
+    return QuantScheme(name)
 
 
 # -- provider options: one typed model per execution provider -----------------------------
@@ -328,7 +357,8 @@ class Recipe(BaseModel):
     model_config = _STRICT
 
     precision: Precision = Field(Precision.fp32, description="float precision of the graph")
-    quantization: Quantization = Field(Quantization.none, description="quantization scheme")
+    quantization: QuantScheme = Field(
+        QuantScheme.none, description="quantization scheme: none, int4, int8, int8-static, a16w8")
     float_ops: list[str] = Field(
         default_factory=list, description="op types kept in float / 16-bit by static QDQ "
         "(measured: int8 Softmax, norms and the mask add destroy decoder accuracy)")
@@ -338,13 +368,18 @@ class Recipe(BaseModel):
         "as its RmsNorm op, which stays finite where the decomposed chain's x^2 overflows fp16 "
         "(measured on the HTP emulator; NNAPI and CoreML have no such op)")
 
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _offered(cls, value) -> QuantScheme:
+        return require_scheme(value, PROFILE_SCHEMES, "a profile's recipe")
+
     @model_validator(mode="after")
     def _consistent(self):
-        if self.precision is Precision.fp16 and self.quantization is not Quantization.none:
+        if self.precision is Precision.fp16 and self.quantization is not QuantScheme.none:
             raise ValueError(f"quantization {self.quantization.value} starts from fp32 weights; "
                              "use precision fp32 with it, or quantization none with fp16")
-        if self.float_ops and self.quantization not in (Quantization.int8_static,
-                                                        Quantization.a16w8):
+        if self.float_ops and self.quantization not in (QuantScheme.int8_static,
+                                                        QuantScheme.a16w8):
             raise ValueError("float_ops applies to static QDQ (int8-static, a16w8) only")
         return self
 
@@ -404,7 +439,7 @@ class DeviceProfile(BaseModel):
                     and self.shapes.policy is not ShapePolicy.static:
                 raise ValueError("shapes.policy: CoreML require_static_input_shapes needs policy "
                                  "static, or set require_static_input_shapes false")
-        if accel and self.recipe.quantization in (Quantization.int4, Quantization.int8):
+        if accel and self.recipe.quantization in (QuantScheme.int4, QuantScheme.int8):
             raise ValueError(
                 f"recipe.quantization: {self.recipe.quantization.value} uses com.microsoft "
                 f"contrib ops (MatMulNBits / DynamicQuantizeMatMul) that {accel[0]} cannot run; "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slmedge.device_profiles.schema import QuantScheme
 from slmedge.runtimes.errors import QualityGateFailed
 from slmedge.runtimes.litert_decoder import LiteRTDecoder, parity_fixture
 from slmedge.runtimes.tokenizer import TextTokenizer
@@ -28,7 +29,7 @@ from .parity import torch_step_logits
 from .sources import classify, load_source, read_model_type
 from .staging import check_output, staged_directory
 from .tflite_graph import TfliteGraphInfo, check_family, convert_decoder
-from .tflite_options import TfliteExportConfig, TfliteQuant, require_tflite_extra
+from .tflite_options import TfliteExportConfig, require_tflite_extra
 from .tflite_quant import quantize_tflite
 
 MODEL_FILE = "model.tflite"
@@ -48,11 +49,11 @@ _STACK = (
 FP32_RTOL_OF_SCALE = 1e-4
 #: Weight bits of each scheme: the size of one quantization step of the logits (see _tolerance).
 WEIGHT_BITS = {
-    TfliteQuant.fp16: 11,
-    TfliteQuant.int8_weight: 8,
-    TfliteQuant.int8_dynamic: 8,
-    TfliteQuant.int8_static: 8,
-    TfliteQuant.int4_block32: 4,
+    QuantScheme.fp16: 11,
+    QuantScheme.int8_weight: 8,
+    QuantScheme.int8_dynamic: 8,
+    QuantScheme.int8_static: 8,
+    QuantScheme.int4_block32: 4,
 }
 
 
@@ -83,11 +84,11 @@ def parity_inputs(
 
 
 def tolerance(
-    scheme: TfliteQuant, ref: list[np.ndarray], fp32_atol: float, steps: float
+    scheme: QuantScheme, ref: list[np.ndarray], fp32_atol: float, steps: float
 ) -> tuple[float, str]:
     """The parity tolerance: the family's fp32 atol, or ``steps`` quantization steps of the
     reference logits' range at the scheme's weight bits (ExecuTorch's tester does the same)."""
-    if scheme is TfliteQuant.fp32:
+    if scheme is QuantScheme.fp32:
         scale = float(max(np.abs(r).max() for r in ref))
         if FP32_RTOL_OF_SCALE * scale > fp32_atol:
             return FP32_RTOL_OF_SCALE * scale, f"{FP32_RTOL_OF_SCALE:g} x logit scale {scale:.3g}"
@@ -99,7 +100,7 @@ def tolerance(
 
 
 def check_tflite_parity(
-    model, decoder: LiteRTDecoder, scheme: TfliteQuant, *, atol: float, steps: float, seed: int = 0
+    model, decoder: LiteRTDecoder, scheme: QuantScheme, *, atol: float, steps: float, seed: int = 0
 ) -> TfliteParity:
     """PyTorch and LiteRT logits on the same prefill (full chunk + padded tail) and decode steps."""
     prompt, decode = parity_inputs(
@@ -207,7 +208,7 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
                 context_length=config.context_length,
                 prefill_chunks=config.prefill_chunks,
             )
-        fp32_path = stage / (MODEL_FILE if scheme is TfliteQuant.fp32 else REFERENCE_FILE)
+        fp32_path = stage / (MODEL_FILE if scheme is QuantScheme.fp32 else REFERENCE_FILE)
         fp32_path.write_bytes(fp32)
         say("saving tokenizer and generation config")
         tokenizer_report = save_support_files(stage, model, tokenizer, spec)
@@ -216,7 +217,7 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
         atol = config.parity_atol or spec.parity_atol
         reference = LiteRTDecoder(fp32_path, threads=config.threads)
         parity_fp32 = check_tflite_parity(
-            model, reference, TfliteQuant.fp32, atol=atol, steps=config.quant_steps
+            model, reference, QuantScheme.fp32, atol=atol, steps=config.quant_steps
         )
         if not parity_fp32.passed:
             raise QualityGateFailed(
@@ -226,11 +227,11 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
                 parity_fp32.to_dict(),
             )
         quant_report = None
-        if scheme is TfliteQuant.fp32:
+        if scheme is QuantScheme.fp32:
             candidate, parity = reference, parity_fp32
         else:
             calib_ids: list[int] = []
-            if scheme is TfliteQuant.int8_static:
+            if scheme is QuantScheme.int8_static:
                 calib_ids = _calibration_ids(stage)
             data, quant_report = quantize_tflite(
                 fp32,
@@ -261,10 +262,10 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
         if config.quality:
             say("quality card")
             quality = _quality(
-                config, stage, candidate, reference if scheme is not TfliteQuant.fp32 else None, say
+                config, stage, candidate, reference if scheme is not QuantScheme.fp32 else None, say
             )
             rise = quality.get("ppl_increase_pct")
-            if scheme is not TfliteQuant.fp32 and rise is not None:
+            if scheme is not QuantScheme.fp32 and rise is not None:
                 quality["gate"] = {"max_ppl_increase_pct": config.max_ppl_increase,
                                    "passed": rise <= config.max_ppl_increase}
                 if rise > config.max_ppl_increase:
@@ -280,7 +281,7 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
         )
         fixture = parity_fixture(candidate, fixture_prompt[:8], fixture_steps)
         del reference, candidate
-        if scheme is not TfliteQuant.fp32:
+        if scheme is not QuantScheme.fp32:
             fp32_path.unlink()
         manifest = write_manifest(
             stage,

@@ -10,11 +10,11 @@ The ONNX names ``int8`` and ``int4`` are accepted as aliases of ``int8-dynamic``
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from slmedge.device_profiles.schema import TFLITE_SCHEMES, QuantScheme
 from slmedge.runtimes.errors import UsageError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"  # same default as the ONNX path (sources.py)
@@ -22,41 +22,29 @@ DEFAULT_CONTEXT = 1024
 DEFAULT_CHUNKS = (32, 128)
 
 
-class TfliteQuant(str, Enum):
-    """What ``--quant`` means for a ``.tflite`` (ai-edge-quantizer recipes)."""
-
-    fp32 = "fp32"  # no quantization
-    fp16 = "fp16"  # fp16 weights, fp32 compute (weights cast up when the model loads)
-    int8_dynamic = "int8-dynamic"  # int8 channel-wise weights, activations quantized per run
-    int8_weight = "int8-weight"  # int8 channel-wise weights, dequantized: float compute
-    int4_block32 = "int4-block32"  # int4 weights in blocks of 32, int8 dynamic activations
-    int8_static = "int8-static"  # int8 weights and calibrated int8 activations, FC/BMM only
-
-
 #: Names of the ONNX path (``--quant`` of exporter.quantize) that mean the same here.
 QUANT_ALIASES = {
-    "int8": TfliteQuant.int8_dynamic,
-    "int4": TfliteQuant.int4_block32,
-    "none": TfliteQuant.fp32,
+    "int8": QuantScheme.int8_dynamic,
+    "int4": QuantScheme.int4_block32,
+    "none": QuantScheme.fp32,
 }
-TFLITE_QUANT_CHOICES = [q.value for q in TfliteQuant]
+TFLITE_QUANT_CHOICES = [q.value for q in TFLITE_SCHEMES]
 
 
-def parse_quant(value: str | TfliteQuant | None) -> TfliteQuant:
-    """A ``--quant`` value of the TFLite path; a :class:`UsageError` naming the choices."""
+def parse_quant(value: str | QuantScheme | None) -> QuantScheme:
+    """A ``--quant`` value of the TFLite path (one of :data:`TFLITE_SCHEMES`, or an ONNX alias);
+    a :class:`UsageError` naming the choices."""
     if value is None:
-        return TfliteQuant.fp32
-    if isinstance(value, TfliteQuant):
-        return value
-    if value in QUANT_ALIASES:
-        return QUANT_ALIASES[value]
-    try:
-        return TfliteQuant(value)
-    except ValueError:
-        raise UsageError(
-            f"--format tflite does not offer --quant {value}; choose one of "
-            f"{', '.join(TFLITE_QUANT_CHOICES)} (int8 = int8-dynamic, int4 = int4-block32)"
-        ) from None
+        return QuantScheme.fp32
+    name = value.value if isinstance(value, QuantScheme) else value
+    if name in QUANT_ALIASES:
+        return QUANT_ALIASES[name]
+    if name in TFLITE_QUANT_CHOICES:
+        return QuantScheme(name)
+    raise UsageError(
+        f"--format tflite does not offer --quant {name}; choose one of "
+        f"{', '.join(TFLITE_QUANT_CHOICES)} (int8 = int8-dynamic, int4 = int4-block32)"
+    )
 
 
 class TfliteExportConfig(BaseModel):
@@ -69,7 +57,8 @@ class TfliteExportConfig(BaseModel):
         DEFAULT_MODEL, description="HF directory, hub id, .gguf file or embedded:NAME"
     )
     output: Path = Field(..., description="artifact directory to write (replaced atomically)")
-    quant: TfliteQuant = Field(TfliteQuant.fp32, description="ai-edge-quantizer recipe")
+    quant: QuantScheme = Field(QuantScheme.fp32, description="ai-edge-quantizer recipe: "
+                               + ", ".join(TFLITE_QUANT_CHOICES))
     context_length: int = Field(
         DEFAULT_CONTEXT,
         ge=8,
@@ -148,7 +137,7 @@ def profile_fields(name: str) -> dict:
             raise UsageError(f"--profile {name}: a16w8 has no TFLite recipe here; use int8-static")
         fields["quant"] = parse_quant(recipe.quantization.value).value
     elif recipe.precision.value == "fp16":
-        fields["quant"] = TfliteQuant.fp16.value
+        fields["quant"] = QuantScheme.fp16.value
     if profile.runtime.threads:
         fields["threads"] = profile.runtime.threads
     return fields

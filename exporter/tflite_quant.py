@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tflite_options import TfliteQuant
+from slmedge.device_profiles.schema import QuantScheme
 
 Say = Callable[[str], None]
 
@@ -55,7 +55,7 @@ class TfliteQuantReport:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], {})}
 
 
-def _recipe(scheme: TfliteQuant):
+def _recipe(scheme: QuantScheme):
     """The ai-edge-quantizer recipe of a scheme, and its facts for the report."""
     from ai_edge_quantizer import algorithm_manager, qtyping, recipe_manager
 
@@ -63,22 +63,22 @@ def _recipe(scheme: TfliteQuant):
     gran = qtyping.QuantGranularity
     rm = recipe_manager.RecipeManager()
     facts: dict = {}
-    if scheme is TfliteQuant.fp16:
+    if scheme is QuantScheme.fp16:
         rm.add_weight_only_config(
             ".*", ops.ALL_SUPPORTED, 16, algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING
         )
         facts = {"weight_bits": 16, "granularity": "float16"}
-    elif scheme is TfliteQuant.int8_weight:
+    elif scheme is QuantScheme.int8_weight:
         rm.add_weight_only_config(".*", ops.ALL_SUPPORTED, 8, gran.CHANNELWISE)
         facts = {"weight_bits": 8, "granularity": "channelwise"}
-    elif scheme is TfliteQuant.int8_dynamic:
+    elif scheme is QuantScheme.int8_dynamic:
         rm.add_dynamic_config(".*", ops.ALL_SUPPORTED, 8, gran.CHANNELWISE)
         facts = {
             "weight_bits": 8,
             "granularity": "channelwise",
             "activations": "int8, quantized per call (dynamic range)",
         }
-    elif scheme is TfliteQuant.int4_block32:
+    elif scheme is QuantScheme.int4_block32:
         # int4 blocks of 32 for the projections; the embedding gather keeps int8 channel-wise
         # (LiteRT's blockwise kernels are fully-connected ones).
         rm.add_dynamic_config(".*", ops.ALL_SUPPORTED, 8, gran.CHANNELWISE)
@@ -88,7 +88,7 @@ def _recipe(scheme: TfliteQuant):
             "granularity": "blockwise-32 (FULLY_CONNECTED); other weights int8 channel-wise",
             "activations": "int8, quantized per call",
         }
-    elif scheme is TfliteQuant.int8_static:
+    elif scheme is QuantScheme.int8_static:
         for op in STATIC_INT8_OPS:
             rm.add_static_config(".*", getattr(ops, op), 8, 8, gran.CHANNELWISE)
         facts = {
@@ -169,7 +169,7 @@ def calibration_data(
 
 def quantize_tflite(
     fp32: bytes,
-    scheme: TfliteQuant,
+    scheme: QuantScheme,
     *,
     fp32_path: Path | None = None,
     calib_ids: Sequence[int] = (),

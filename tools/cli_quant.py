@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from slmedge.device_profiles.schema import ONNX_SCHEMES
 from slmedge.exporter.quantize.recipe import (
     CalibrationMethod,
     Int4Algorithm,
     Int8Format,
-    QuantScheme,
     TensorPrecision,
 )
 
@@ -29,7 +29,7 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
     """The quantization and quality-gate flags. ``extra_choices`` / ``extra_help``: more
     ``--quant`` names another format offers (``slmedge export --format tflite``'s)."""
     g = p.add_argument_group("quantization (onnxruntime.quantization)")
-    g.add_argument("--quant", choices=list(dict.fromkeys([*(s.value for s in QuantScheme),
+    g.add_argument("--quant", choices=list(dict.fromkeys([*(s.value for s in ONNX_SCHEMES),
                                                           *extra_choices])),
                    required=required,
                    help="int4: MatMulNBits 4-bit weights; int8: int8 weights, dynamic activations; "

@@ -1,8 +1,9 @@
 """Quantization recipes: typed, validated, and written into the manifest as they were applied.
 
 A recipe says *what* to do (scheme, bits, block size, algorithm, which tensors keep a
-higher precision); :mod:`.weight_only`, :mod:`.dynamic` and :mod:`.static` turn it into
-calls of ``onnxruntime.quantization``.
+higher precision); :mod:`.weight_only` and :mod:`.qdq` turn it into calls of
+``onnxruntime.quantization``. The scheme names are the one :class:`QuantScheme` of
+``device_profiles/schema.py`` (profiles and the TFLite path name the same type).
 """
 
 from __future__ import annotations
@@ -10,17 +11,9 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class QuantScheme(str, Enum):
-    """The four families ``--quant`` offers."""
-
-    int4 = "int4"  # weight-only MatMulNBits, 4-bit blocks
-    int8 = "int8"  # int8 weights, activations quantized at run time
-    int8_static = "int8-static"  # QDQ, activations calibrated on text
-    a16w8 = "a16w8"  # QDQ, 16-bit activations, 8-bit weights (NPUs such as QNN HTP)
-
+from slmedge.device_profiles.schema import ONNX_SCHEMES, QuantScheme, require_scheme
 
 class Int4Algorithm(str, Enum):
     """How 4-bit weights are chosen: ``onnxruntime.quantization.matmul_nbits_quantizer``'s
@@ -77,6 +70,11 @@ class QuantRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scheme: QuantScheme = Field(..., description="int4 | int8 | int8-static | a16w8")
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _onnx_scheme(cls, value) -> QuantScheme:
+        return require_scheme(value, ONNX_SCHEMES, "the ONNX quantizer")
     # int4
     block_size: int = Field(32, description="int4/nbits weights per scale (16/32/64/128/256)")
     mlp_block_size: int | None = Field(

@@ -30,7 +30,8 @@ from slmedge.exporter.tflite_export import (  # noqa: E402
     run_tflite_export,
 )
 from slmedge.exporter.architectures import tflite_model_types  # noqa: E402
-from slmedge.exporter.tflite_options import TfliteExportConfig, TfliteQuant  # noqa: E402
+from slmedge.device_profiles.schema import QuantScheme  # noqa: E402
+from slmedge.exporter.tflite_options import TfliteExportConfig  # noqa: E402
 from slmedge.exporter.tflite_quant import quantize_tflite  # noqa: E402
 from slmedge.runtimes.errors import QualityGateFailed  # noqa: E402
 from slmedge.runtimes.generation import generate  # noqa: E402
@@ -131,10 +132,10 @@ def teacher_forced_agreement(decoder, prompt, tokens) -> float:
 @pytest.mark.parametrize(
     "scheme, floor",
     [
-        (TfliteQuant.fp16, 1.0),
-        (TfliteQuant.int8_weight, 1.0),
-        (TfliteQuant.int8_dynamic, 0.8),
-        (TfliteQuant.int4_block32, 0.5),
+        (QuantScheme.fp16, 1.0),
+        (QuantScheme.int8_weight, 1.0),
+        (QuantScheme.int8_dynamic, 0.8),
+        (QuantScheme.int4_block32, 0.5),
     ],
 )
 def test_quantized_logits_within_quantization_steps(scheme, floor, tflite_artifact, tmp_path):
@@ -170,7 +171,7 @@ def test_int8_static_is_limited_to_fc_and_bmm_and_judged_by_the_gate(tflite_arti
     calib = np.random.default_rng(3).integers(0, 128, 400).tolist()
     data, report = quantize_tflite(
         fp32_path.read_bytes(),
-        TfliteQuant.int8_static,
+        QuantScheme.int8_static,
         fp32_path=fp32_path,
         calib_ids=calib,
         calib_samples=8,
@@ -183,7 +184,7 @@ def test_int8_static_is_limited_to_fc_and_bmm_and_judged_by_the_gate(tflite_arti
     parity = check_tflite_parity(
         tiny_model("llama"),
         LiteRTDecoder(path, threads=1),
-        TfliteQuant.int8_static,
+        QuantScheme.int8_static,
         atol=1e-4,
         steps=4.0,
     )
