@@ -117,3 +117,23 @@ def test_quantized_export_without_the_packaged_eval_text_fails_early(
                        "--quant", "int4")
     assert code == 2
     assert "evaluation text" in err and str(gone) in err and "--eval-text" in err
+
+
+@pytest.mark.parametrize("recipe, fused", [
+    ({"scheme": "int4", "algorithm": "gptq-act"}, True),
+    ({"scheme": "int4", "algorithm": "gptq"}, False),  # ORT's GPTQ fails on fused graphs
+    ({"scheme": "int4", "lm_head": "int4", "lm_head_int8_tokens": 64}, True),
+    ({"scheme": "int8-static"}, False),
+    ({"scheme": "a16w8"}, False),
+])
+def test_every_recipe_that_calibrates_reads_the_packaged_text_by_default(
+        tiny_artifact, tmp_path, recipe, fused):
+    """No calibration flag: the manifest names the packaged Emma as the text it calibrated on."""
+    art = tiny_artifact("llama", fuse=fused)
+    quality_cfg = pipeline.QualityConfig(max_ppl_increase=1e6, eval_tokens=256, new_tokens=4)
+    manifest = pipeline.quantize_artifact(art, tmp_path / "q", pipeline.QuantRecipe(**recipe),
+                                          quality_cfg)
+    calib = manifest["quantization"]["calibration"]
+    assert calib["text"] == str(default_calibration_text())
+    assert calib["tokens_available"] > 10_000  # the whole book, tokenized
+    assert manifest["quality"]["perplexity"] > 1  # scored on the packaged evaluation text
