@@ -32,6 +32,13 @@ import numpy as np
 from slmedge.runtimes.errors import UsageError
 from slmedge.runtimes.evaluate import plan_windows, token_nll
 from slmedge.runtimes.generation import Decoder
+from slmedge.runtimes.target_card import (
+    REPLAY_NEW_TOKENS,
+    REPLAY_PROMPT,
+    REPLAY_WINDOW,
+    run_spec,
+    window_perplexity,
+)
 from slmedge.runtimes.texts import default_eval_text
 
 #: Evaluation text shipped in the package (runtimes/data); calibration uses a different book.
@@ -81,6 +88,7 @@ class QualityCard:
     greedy: dict | None = None
     reference: str = "self"
     seconds: float = 0.0
+    replay: dict | None = None  # what a target replays (runtimes/target_card.py), this machine's result
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -238,9 +246,32 @@ def decoder_card(
         return None
     ids, info = found
     prompts = [tokenizer.encode(p) for p in settings.prompts] if reference else []
-    return quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
+    card = quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
                         window=settings.window, stride=settings.stride,
                         new_tokens=settings.new_tokens, eval_info=info, progress=progress)
+    card.replay = replay_record(candidate, tokenizer.encode(REPLAY_PROMPT), ids,
+                                reference=reference)
+    return card
+
+
+def replay_record(candidate: Decoder, prompt_ids: Sequence[int], eval_ids: Sequence[int], *,
+                  reference: Decoder | None = None) -> dict:
+    """The card's replay record (``quality.replay`` in the manifest): a fixed prompt's greedy
+    tokens and a short window's perplexity as this machine computes them, which ``slmedge check
+    --target`` replays where the model runs (x86 and ARM kernels differ, e.g. int4)."""
+    import platform
+
+    import onnxruntime as ort
+
+    spec = {"prompt": REPLAY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids],
+            "new_tokens": REPLAY_NEW_TOKENS,
+            "window_ids": [int(i) for i in list(eval_ids)[:REPLAY_WINDOW]]}
+    measured = run_spec(candidate, spec)
+    record = {**spec, "tokens": measured["tokens"], "perplexity": measured.get("perplexity"),
+              "machine": platform.machine(), "onnxruntime": ort.__version__}
+    if reference is not None and len(spec["window_ids"]) >= 2:
+        record["reference_perplexity"] = window_perplexity(reference, spec["window_ids"])
+    return record
 
 
 def artifact_card(

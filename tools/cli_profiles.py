@@ -80,6 +80,15 @@ def cmd_check(args) -> int:
     from slmedge.device_profiles import load_profile
     from slmedge.runtimes.placement import check_artifact
 
+    if getattr(args, "target", None):  # the quality card replayed on a device: cli_target_card
+        from .cli_target_card import cmd_check_target
+
+        return cmd_check_target(args)
+    if not args.profile:
+        from slmedge.runtimes.errors import UsageError
+
+        raise UsageError("slmedge check needs --profile NAME (where nodes would run) or "
+                         "--target ssh://user@host (replay the quality card there)")
     profile = load_profile(args.profile)
     report = check_artifact(args.artifact, profile, context=args.context)
     if args.json:
@@ -138,7 +147,10 @@ def register(sub) -> None:
         "without an optimized kernel. Prints one node / op / reason table.",
         epilog=EXIT_CODES_HELP, formatter_class=fmt)
     p.add_argument("artifact", help="artifact directory written by slmedge export")
-    p.add_argument("--profile", required=True, help="built-in profile name or a YAML file")
+    p.add_argument("--profile", help="built-in profile name or a YAML file")
+    p.add_argument("--target", help="replay the artifact's quality card there (ssh://user@host"
+                   "[:port] or adb://SERIAL): greedy tokens, perplexity window and KL against "
+                   "the card recorded at export; --strict exits 3 outside the quality gate")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--max-rows", type=int, default=40, help="table rows to print (default 40)")
     p.add_argument("--strict", action="store_true",

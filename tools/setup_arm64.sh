@@ -78,7 +78,7 @@ grep -q '^enabled' "$BINFMT/qemu-aarch64" || echo 1 >"$BINFMT/qemu-aarch64"
 if [ ! -f "$MARKER" ]; then
   if [ -e "$ROOT" ]; then
     step "removing an incomplete root filesystem at $ROOT"
-    for m in proc dev/pts; do umount -l "$ROOT/$m" 2>/dev/null || true; done
+    for m in proc sys dev/pts; do umount -l "$ROOT/$m" 2>/dev/null || true; done
     rm -rf --one-file-system "$ROOT"
     done_step
   fi
@@ -105,8 +105,20 @@ fi
 
 # 5. what a running target needs, every time (mounts do not survive a reboot)
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true  # pip inside the chroot
+# The host's trust store (a proxy's CA, e.g.), so pip on the target reaches PyPI as pip here does;
+# pip uses its own certifi bundle unless told, hence /etc/pip.conf.
+if [ -s /etc/ssl/certs/ca-certificates.crt ] \
+    && ! cmp -s /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"; then
+  cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+fi
+grep -qs '^cert' "$ROOT/etc/pip.conf" \
+  || printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >>"$ROOT/etc/pip.conf"
 mkdir -p "$ROOT/run/sshd"
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
+# No /sys on purpose: with the host's sysfs (an x86 CPU topology, no ARM MIDR registers) ONNX
+# Runtime's CPU detection (pytorch cpuinfo) crashes the emulated process (SIGSEGV, measured
+# with onnxruntime 1.32.0 / qemu 7.2); without it, cpuinfo fails cleanly (warnings on stderr)
+# and ORT picks its ARM kernels from the HWCAP bits qemu reports for QEMU_CPU.
 chroot "$ROOT" /usr/bin/python3 -c 'import platform, venv; assert platform.machine() == "aarch64", platform.machine()' \
   || { echo "setup_arm64: python3 in $ROOT does not run as aarch64 through qemu" >&2; exit 1; }
 echo "$ROOT"
