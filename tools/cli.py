@@ -29,9 +29,10 @@ and measure how they run there.
 
   make     export (ONNX or TFLite) -> quantize (an fp32 artifact, no re-export)
   run      generate, eval (perplexity), bench (here, over SSH or ADB)
-  read     compare (bench results as ratios), report (HTML / Markdown)
+  read     compare (bench results as ratios), report (HTML / Markdown), results (the store)
   target   profiles (device profiles), check (what a profile's providers would run)
   ship     bundle (files for an app) -> verify (where only the runtime exists)
+  choose   sweep (models x recipes x profiles: export, quantize, bench, Pareto pick)
 
 `slmedge COMMAND --help` lists a command's flags.
 """
