@@ -31,6 +31,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Run the arm64 tests last: tools/test.sh builds the root filesystem in the background
+    (minutes, the first time) while the other tests run; the fixture then waits for it."""
+    here = Path(__file__).parent
+    items.sort(key=lambda item: here in Path(str(item.path)).parents)
+
+
 @pytest.fixture(scope="session")
 def arm64_root() -> Path:
     """The arm64 root filesystem, built on first use (minutes) and reused afterwards."""
