@@ -286,7 +286,7 @@ def _model_mb(artifact: Path) -> float:
 def cell_task(spec: dict) -> dict:
     """Quantize (unless fp32) -> quality card -> bench here (unless a fleet benches later).
     Writes the cell file atomically when it benched here; returns the cell document."""
-    from slmedge.runtimes.errors import SlmEdgeError
+    from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError
 
     t0 = time.perf_counter()
     doc = {"kind": CELL_KIND, "schema_version": SWEEP_SCHEMA_VERSION, "key": spec["key"],
@@ -331,7 +331,7 @@ def cell_task(spec: dict) -> dict:
             doc.update(bench=bench, decode_tokens_per_s=bench.get("decode_tokens_per_s"),
                        ttft_ms=bench.get("ttft_ms"))
     except SlmEdgeError as e:
-        doc.update(status="gate-failed" if type(e).__name__ == "QualityGateFailed" else "failed",
+        doc.update(status="gate-failed" if isinstance(e, QualityGateFailed) else "failed",
                    error=f"{type(e).__name__}: {e}", figures=getattr(e, "figures", None))
     doc["seconds"] = round(time.perf_counter() - t0, 2)
     doc["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -171,3 +171,38 @@ def test_sweep_file_errors(tmp_path, text, expected):
     path.write_text(text)
     with pytest.raises(UsageError, match=expected):
         load_sweep(path)
+
+
+def test_sweep_benches_on_a_fleet(pool_run, workdir):
+    """With ``fleet:``, every cell is benched on each device (two ``local`` devices here), one
+    bench at a time per device; the cell keeps each device's result and the slowest speed."""
+    (workdir / "devices.yaml").write_text("devices:\n  - {name: here-a, target: local}\n"
+                                        "  - {name: here-b, target: local}\n")
+    path = write_sweep(workdir, "onfleet", "  - {name: fp32}\n")
+    path.write_text(path.read_text() + "fleet: devices.yaml\n")
+    summary = run_sweep(path)
+    assert len(summary["computed"]) == 2 and summary["cached"] == []
+    for c in summary["cells"]:
+        doc = json.loads((workdir / "onfleet" / "cells" / f"{c['key']}.json").read_text())
+        assert sorted(doc["benches"]) == ["here-a", "here-b"]
+        speeds = [b["decode_tokens_per_s"] for b in doc["benches"].values()]
+        assert c["status"] == "complete" and c["decode_tokens_per_s"] == min(speeds)
+    # the fleet is part of a cell's inputs: the same recipe benched locally is another cell
+    local = {c["key"] for c in pool_run[0]["cells"]}
+    assert not local & {c["key"] for c in summary["cells"]}
+
+
+def test_a_recipe_refused_by_its_gate_is_a_cell_not_an_abort(pool_run, workdir):
+    path = write_sweep(workdir, "gate", "  - {name: fp32}\n"
+                       "  - {name: int4-strict, quant: {scheme: int4}, max_ppl_increase: 0}\n")
+    summary = run_sweep(path)
+    cells = {c["cell"]: c for c in summary["cells"]}
+    refused = [c for c in cells.values() if c["status"] == "gate-failed"]
+    # int4 raises the tiny Qwen's perplexity (see the pool run), so a 0% gate refuses it
+    pool = {c["cell"]: c for c in pool_run[0]["cells"]}
+    assert pool["tqwen/int4/default"]["ppl_increase_pct"] > 0
+    assert "tqwen/int4-strict/default" in {c["cell"] for c in refused}
+    for c in refused:
+        assert c["error"].startswith("QualityGateFailed: ") and c["cell"] not in str(
+            summary["pareto"]["default"]["front"])
+    assert cells["tqwen/fp32/default"]["status"] == "complete"
