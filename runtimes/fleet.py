@@ -35,6 +35,7 @@ No torch; no pydantic beyond what the profiles already need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -282,10 +283,8 @@ def _device_worker(run: _DeviceRun, artifacts: list[str], config: BenchConfig, s
 def _kill(run: _DeviceRun) -> None:
     for proc in run.procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(OSError):
                 proc.kill()
-            except OSError:
-                pass
 
 
 class _Timeout(SlmEdgeError):
