@@ -104,6 +104,23 @@ def blocks_from_gguf(tensor, scale_dtype=np.float32) -> NBitsBlocks:
     return blocks_from_bytes(np.asarray(tensor.data), name, k, n, scale_dtype)
 
 
+def concat_blocks(parts: list[NBitsBlocks]) -> NBitsBlocks:
+    """Weights side by side along ``N`` (``[K, N1 + N2 ...]``, a packed gate/up MatMul):
+    blocks run along ``K`` per output column, so the rows simply follow each other."""
+    first = parts[0]
+    if any((p.k, p.bits, p.block_size) != (first.k, first.bits, first.block_size) for p in parts):
+        raise ValueError("only blocks of one K, bit width and block size can be packed")
+    if any((p.zero_points is None) != (first.zero_points is None) for p in parts):
+        raise ValueError("blocks with and without zero points cannot be packed")
+    zp = (None if first.zero_points is None
+          else np.concatenate([p.zero_points for p in parts], axis=0))
+    return NBitsBlocks(k=first.k, n=sum(p.n for p in parts), bits=first.bits,
+                       block_size=first.block_size,
+                       packed=np.concatenate([p.packed for p in parts], axis=0),
+                       scales=np.concatenate([p.scales for p in parts], axis=0),
+                       zero_points=zp)
+
+
 def dequantize(blocks: NBitsBlocks) -> np.ndarray:
     """``W`` ``[K, N]`` in fp32 as ``MatMulNBits`` reads ``blocks`` (a reference for tests
     and for the manifest's exactness check)."""

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .external_data import TensorSource
-from .graph import unique_name
+from .graph import _module_and_layer, unique_name
 
 
 class LazyWeights:
@@ -34,6 +34,8 @@ class LazyWeights:
         self.source = source
         self.protos: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
         self.recipes: dict[str, Callable[[], np.ndarray]] = {}
+        #: packed weight -> the modules whose weights it concatenates along N, in order
+        self.parts: dict[str, list[str]] = {}
 
     def placeholder(self, name: str, dims, data_type: int,
                     recipe: Callable[[], np.ndarray]) -> TensorProto:
@@ -160,6 +162,7 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, lazy: LazyWeights) -> list
         graph.initializer.append(lazy.placeholder(
             wname, [k, sum(widths)], dtype,
             lambda ps=tuple(parts): np.concatenate([lazy.array(p) for p in ps], axis=1)))
+        lazy.parts[wname] = [_module_and_layer(n)[0] for n in nodes]
         sizes = unique_name(first.name + "_split_sizes", taken)
         graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), sizes))
         matmul = helper.make_node("MatMul", [first.input[0], wname], [yname], name=first.name)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,17 @@ from slmedge.runtimes.errors import UnsupportedOp
 from .core import QuantReport
 from .external_data import INLINE_BELOW, DataFileWriter, TensorSource, is_external, tensor_nbytes
 from .fold_zero_points import fold_float_zero_points
-from .graph import GraphFacts, analyze
+from .gguf_blocks import NBitsBlocks, concat_blocks
+from .graph import GraphFacts, _module_and_layer, analyze
 from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
 from .tied_table import share_tied_int4_table
 from .weight_only import embedding_int8
 
 Say = Callable[[str], None]
+#: ``exact(module)``: a source's own quantized blocks of the weight of that HF module
+#: (``W`` ``[K, N]``, e.g. from a GGUF's Q4_0 / Q8_0 tensor: gguf_blocks.py), or None
+ExactBlocks = Callable[[str], "NBitsBlocks | None"]
 #: embedding rows quantized per call of ``embedding_int8`` (bounded memory, same bytes)
 EMBEDDING_ROWS = 8192
 STREAMED_ALGORITHMS = (Int4Algorithm.rtn, Int4Algorithm.hqq)
@@ -166,6 +171,38 @@ def _nbits_rtn(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
     return new, tensors
 
 
+def _nbits_exact(node: onnx.NodeProto, blocks: NBitsBlocks, dtype, level: int,
+                 out: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """One MatMul -> MatMulNBits with a source's own blocks (no quantization), laid out and
+    named as ``_nbits_rtn`` lays out its own."""
+    name, bits = node.input[1], blocks.bits
+    tensors = [out.store(name + f"_Q{bits}", blocks.packed),
+               out.store(name + "_scales", blocks.scales.astype(dtype))]
+    if blocks.zero_points is not None:
+        tensors.append(out.store(name + "_zero_points", blocks.zero_points))
+    new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)],
+                           [node.output[0]], name=node.name + f"_Q{bits}" if node.name else "",
+                           domain="com.microsoft", **blocks.attributes(level))
+    return new, tensors
+
+
+def _exact_for(node, lazy: LazyWeights, exact: ExactBlocks | None, spec: tuple,
+               k: int, n: int) -> NBitsBlocks | None:
+    """The source's blocks for ``node``'s weight when they fit the recipe's bits and block
+    size (packed weights: every part's blocks, side by side), else None."""
+    if exact is None:
+        return None
+    modules = lazy.parts.get(node.input[1]) or [_module_and_layer(node)[0]]
+    found = []
+    for module in modules:
+        b = exact(module)
+        if b is None or b.k != k or (b.bits, b.block_size) != spec[:2]:
+            return None
+        found.append(b)
+    blocks = found[0] if len(found) == 1 else concat_blocks(found)
+    return blocks if blocks.n == n else None
+
+
 def _nbits_hqq(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
                out: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """HQQ through ONNX Runtime's own node quantizer on a one-tensor graph. The packed
@@ -191,9 +228,11 @@ def _nbits_hqq(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
 
 
 def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: int,
-                      out: _Writer, say: Say) -> int:
+                      out: _Writer, say: Say, exact: ExactBlocks | None = None,
+                      kept_exact: list[str] | None = None) -> int:
     graph = model.graph
     nodes = list(graph.node)
+    kept_exact = kept_exact if kept_exact is not None else []
     new_nodes, count, total = [], 0, len(todo)
     last_layer = None
     t0 = time.perf_counter()
@@ -201,6 +240,16 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
         spec = todo.get(node.name) if node.op_type == "MatMul" else None
         if spec is None or node.input[1] not in lazy.protos:
             new_nodes.append(node)
+            continue
+        shape = [int(d) for d in lazy.protos[node.input[1]].dims]
+        blocks = _exact_for(node, lazy, exact, spec, *shape) if len(shape) == 2 else None
+        if blocks is not None:
+            dtype = helper.tensor_dtype_to_np_dtype(lazy.protos[node.input[1]].data_type)
+            new, tensors = _nbits_exact(node, blocks, dtype, level, out)
+            graph.initializer.extend(tensors)
+            new_nodes.append(new)
+            count += 1
+            kept_exact.append(node.name)
             continue
         w = lazy.array(node.input[1])
         if w.ndim != 2:
@@ -397,11 +446,25 @@ def _op_table(model) -> dict:
     return table
 
 
+@dataclass
+class StreamedReport(QuantReport):
+    """:class:`core.QuantReport` plus the MatMuls whose weights are the source's own blocks."""
+
+    exact_blocks: list[str] = field(default_factory=list)  # node names, no requantization
+
+
 def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecipe, *,
-                            progress: Say | None = None) -> QuantReport:
+                            progress: Say | None = None,
+                            exact: ExactBlocks | None = None) -> StreamedReport:
     """Quantize the decoder graph ``src`` into ``dst`` + ``<dst>.data`` (external data,
     any size), one weight in memory at a time. Raises :class:`UnsupportedOp` for the
-    recipes listed in :func:`streaming_unsupported`."""
+    recipes listed in :func:`streaming_unsupported`.
+
+    ``exact(module)``: for a weight whose HF module (``graph.analyze``'s
+    ``WeightMatMul.module``; a packed gate/up asks for each of its parts) has quantized blocks
+    in the source, return them (gguf_blocks.py); when their shape, bits and block size are
+    the recipe's for that node they are written as they are, not quantized again (the
+    report's ``exact_blocks`` lists those nodes)."""
     say = progress or (lambda _m: None)
     check_streamable(recipe)
     src, dst = Path(src), Path(dst)
@@ -420,7 +483,11 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
         say(f"{sum(1 for s in todo.values() if s[0] == bits)} MatMuls -> MatMulNBits {bits}-bit, "
             f"{sum(1 for s in todo.values() if s[0] != bits)} -> 8-bit (lm_head / kept layers), "
             "streamed one tensor at a time")
-        count = _quantize_matmuls(model, lazy, todo, level, out, say)
+        kept_exact: list[str] = []
+        count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact)
+        if kept_exact:
+            say(f"{len(kept_exact)} MatMuls keep the source's own quantized blocks (no "
+                "requantization)")
         if count:
             _set_opset(model, "com.microsoft", 1)
             _drop_unused(model)
@@ -446,7 +513,8 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
     onnx.save_model(model, str(dst))
     contrib = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node
                       if n.domain not in ("", "ai.onnx")})
-    return QuantReport(
+    return StreamedReport(
+        exact_blocks=kept_exact,
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),

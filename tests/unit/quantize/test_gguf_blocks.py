@@ -108,3 +108,58 @@ def test_fp16_graph_scales(tiny_matrices, tmp_path):
     assert b16.scales.dtype == np.float16
     np.testing.assert_array_equal(b16.scales.astype(np.float32), b32.scales)  # fp16 -> fp32 exact
     assert onnx.helper.np_dtype_to_tensor_dtype(b16.scales.dtype) == TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("qtype_name, recipe", [
+    ("Q4_0", dict(scheme="int4", symmetric=True, lm_head="int4")),
+    ("Q8_0", dict(scheme="int8", lm_head="int8")),
+])
+def test_streaming_quantizer_writes_a_sources_blocks_as_they_are(qtype_name, recipe, tiny_artifact,
+                                                                  tmp_path):
+    """Every weight of the tiny Llama as a GGUF would hold it (gguf's own Q4_0 / Q8_0 of the
+    ``[N, K]`` rows): the fp32 graph of the file's values, quantized by
+    quantize_file_streaming with ``exact``, computes the same logits to fp32 rounding; the
+    gate/up MatMuls it packs take both parts' blocks side by side."""
+    from slmedge.exporter.quantize.gguf_blocks import blocks_from_bytes
+    from slmedge.exporter.quantize.graph import analyze
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+    from slmedge.exporter.quantize.streaming import quantize_file_streaming
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    source_blocks = {}
+    for w in analyze(model).weight_matmuls:
+        rows = numpy_helper.to_array(inits[w.weight]).T.astype(np.float32)  # [N, K], as in a GGUF
+        blocks = blocks_from_bytes(gguf.quants.quantize(rows, qtype), qtype_name, w.k, w.n)
+        source_blocks[w.module] = blocks
+        inits[w.weight].CopyFrom(numpy_helper.from_array(dequantize(blocks), w.weight))
+    assert any(m.endswith("gate_proj") for m in source_blocks)
+    ref = tmp_path / "ref" / "model.onnx"
+    ref.parent.mkdir()
+    onnx.save_model(model, str(ref), save_as_external_data=True, location="model.onnx.data")
+    rec = QuantRecipe(**recipe, accuracy_level=1)  # fp32 arithmetic: no int8 activations
+    exact = tmp_path / "exact" / "model.onnx"
+    exact.parent.mkdir()
+    report = quantize_file_streaming(ref, exact, rec, exact=source_blocks.get)
+    nbits = [n for n in onnx.load(str(exact), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    bits = 4 if qtype_name == "Q4_0" else 8
+    assert sorted(n.name for n in nbits) == sorted(f"{node}_Q{bits}" for node in report.exact_blocks)
+    assert len(report.exact_blocks) == len(nbits) == len(source_blocks) - 2  # 2 layers' gate+up packed
+    want = OnnxDecoder(ref).logits(IDS)
+    got = OnnxDecoder(exact).logits(IDS)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # quantizing the file's values again instead (RTN on the dequantized weights) moves them
+    # for Q8_0 (ORT's 8-bit grid is not Q8_0's); Q4_0's symmetric grid happens to be RTN's
+    again = tmp_path / "again" / "model.onnx"
+    again.parent.mkdir()
+    assert quantize_file_streaming(ref, again, rec).exact_blocks == []
+    drift = np.abs(OnnxDecoder(again).logits(IDS) - want).max()
+    print(f"{qtype_name}: kept blocks {np.abs(got - want).max():.2e}, requantized {drift:.2e}")
+    if qtype_name == "Q8_0":
+        assert drift > 10 * np.abs(got - want).max()
+
+
+IDS = list(range(6, 40))
