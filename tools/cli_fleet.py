@@ -65,9 +65,9 @@ def cmd_bench_fleet(args, config) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(merged, indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
-    from .cli_results import open_store_for
+    from .cli_results import open_store_or_notice
 
-    store = open_store_for(args)
+    store = open_store_or_notice(args)
     if store is not None:
         with store:
             manifests = {}

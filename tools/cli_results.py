@@ -49,9 +49,19 @@ def _manifest_of(artifact) -> dict | None:
         return None
 
 
+def open_store_or_notice(args):
+    """The store for writing, or None (``--no-store``, or it cannot be opened: a notice, since
+    the measurement itself succeeded and is printed / written anyway)."""
+    try:
+        return open_store_for(args)
+    except UsageError as e:
+        print(f"notice: not stored: {e}", file=sys.stderr)
+        return None
+
+
 def store_bench(args, result: dict, artifact=None) -> None:
     """Keep a bench result (``slmedge bench``) in the store; say where on stderr."""
-    store = open_store_for(args)
+    store = open_store_or_notice(args)
     if store is None:
         return
     with store:
@@ -63,7 +73,7 @@ def store_quality(args, manifest: dict, artifact) -> None:
     """Keep an export's / quantization's quality card in the store."""
     if not manifest.get("quality"):
         return
-    store = open_store_for(args)
+    store = open_store_or_notice(args)
     if store is None:
         return
     with store:

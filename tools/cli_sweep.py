@@ -15,7 +15,7 @@ from slmedge.runtimes.errors import EXIT_CODES_HELP, EXIT_OK
 def cmd_sweep(args) -> int:
     from slmedge.exporter.sweep import run_sweep
 
-    from .cli_results import open_store_for
+    from .cli_results import open_store_or_notice
 
     # SIGTERM (a CI job cancelled, `kill`): stop like Ctrl-C, so the workers are stopped too;
     # finished cells are on disk already, a re-run resumes from them
@@ -23,7 +23,7 @@ def cmd_sweep(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
-    store = open_store_for(args)
+    store = open_store_or_notice(args)
     t0 = time.monotonic()
 
     def say(message: str) -> None:

@@ -181,3 +181,13 @@ def test_no_store_writes_nothing(tiny_artifact, tmp_path):
     proc = cli("bench", tiny_artifact("llama"), *BENCH_FLAGS, "--store", store, "--no-store")
     assert proc.returncode == 0, proc.stderr
     assert not store.exists() and "stored in" not in proc.stderr
+
+
+def test_a_broken_store_is_a_notice_not_a_lost_measurement(tiny_artifact, tmp_path):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database " * 100)
+    out = tmp_path / "r.json"
+    proc = cli("bench", tiny_artifact("llama"), *BENCH_FLAGS, "--store", junk, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "notice: not stored: results store" in proc.stderr and "junk.sqlite" in proc.stderr
+    validate_result(json.loads(out.read_text()))
