@@ -28,6 +28,9 @@ from pathlib import Path
 from slmedge.runtimes.artifact import sha256_file
 from slmedge.runtimes.errors import ModelSourceError
 
+from .lazy_weights import WeightSource, empty_model
+from .source_info import SourceInfo
+
 # GGUFReader raises these on a malformed or short file (reshape of a short memmap,
 # index past the end, unpacking a cut header).
 _GGUF_READ_ERRORS = (ValueError, IndexError, KeyError, struct.error, OSError, UnicodeDecodeError)
@@ -395,8 +398,6 @@ def load_gguf(path: Path, torch_dtype, *, share_parse: bool = True):
     """
     from transformers import AutoModelForCausalLM
 
-    from .sources import SourceInfo
-
     path = Path(path)
     reader = open_gguf(path)
     with _parse_once(path, reader) if share_parse else _nothing():
@@ -431,3 +432,83 @@ def load_gguf(path: Path, torch_dtype, *, share_parse: bool = True):
 @contextmanager
 def _nothing():
     yield
+
+
+# -- streaming: one tensor at a time ---------------------------------------------------------
+
+
+class GGUFWeights(WeightSource):
+    """A GGUF's tensors by Hugging Face parameter name, each dequantized when read.
+
+    The mapping and the per-tensor fix-ups are transformers' own (the legacy loader that
+    ``load_gguf`` goes through): ``get_gguf_hf_weights_map`` names, and the architecture's
+    ``TensorProcessor`` (Llama's q/k un-permute, GPT-2's transposes, Gemma's norm - 1), applied
+    to one dequantized tensor instead of the whole file."""
+
+    def __init__(self, path: Path, reader, model, parsed_config: dict):
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+        )
+
+        self.path = Path(path)
+        arch = field_value(reader, "general.architecture")
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed_config)
+        self.key_map = get_gguf_hf_weights_map(model, self.processor)
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._gguf_of = {hf: g for g, hf in self.key_map.items() if g in self._tensors}
+        if arch == "gpt2" and "output.weight" in self._tensors:
+            # GPT2TensorProcessor stores output.weight as lm_head.weight itself
+            self._gguf_of["lm_head.weight"] = "output.weight"
+
+    def names(self) -> set[str]:
+        return set(self._gguf_of)
+
+    def read(self, name: str):
+        import numpy as np
+        import torch
+        from gguf import dequantize
+
+        gguf_name = self._gguf_of[name]
+        tensor = self._tensors[gguf_name]
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, ValueError) as e:
+            raise ModelSourceError(f"{self.path}: cannot dequantize {gguf_name} "
+                                   f"({_first_line(e)})") from None
+        result = self.processor.process(weights=weights, name=gguf_name,
+                                        tensor_key_mapping=self.key_map,
+                                        parsed_parameters={"tensors": {}})
+        return torch.from_numpy(np.copy(result.weights))
+
+    def describe(self) -> str:
+        return f"GGUF {self.path}"
+
+
+def open_gguf_streamed(path: Path, torch_dtype):
+    """A GGUF as (empty model, tokenizer, SourceInfo, GGUFWeights): the config, tokenizer and
+    tensor map are read now, the weights only when each is written."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = Path(path)
+    reader = open_gguf(path)
+    with _parse_once(path, reader):
+        tokenizer, notes = load_gguf_tokenizer(path, reader)
+        try:
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        except (RuntimeError, ValueError, KeyError, NotImplementedError) as e:
+            raise ModelSourceError(f"could not read the model config of {path} "
+                                   f"({_first_line(e)})") from None
+    if hasattr(config, "quantization_config"):  # the weights become plain floats
+        del config.quantization_config
+    model = empty_model(config, torch_dtype)
+    weights = GGUFWeights(path, reader, model, parsed.get("config", {}))
+    eot = field_value(reader, "tokenizer.ggml.eot_token_id")
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    model.generation_config.eos_token_id = sorted({int(t) for t in (eos, eot) if t is not None})
+    info = SourceInfo(kind="gguf", location=str(path.resolve()),
+                      sha256={path.name: sha256_file(path)}, notes=notes)
+    return model, tokenizer, info, weights

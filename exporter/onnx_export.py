@@ -96,15 +96,10 @@ class ExportFailed(SlmEdgeError):
     """torch.export / ONNX translation failed."""
 
 
-def export_decoder(
-    model,
-    spec: type[ArchitectureSpec],
-    path: Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    external_data: bool | None = None,
-) -> OnnxExportInfo:
-    """Export ``model`` (eval mode) to ``path``. ``external_data=None``: only above 2 GB."""
+def trace_decoder(model, spec: type[ArchitectureSpec], *, opset: int = DEFAULT_OPSET):
+    """Trace ``model`` (eval mode) to an ``onnx_ir`` model with the KV-cache contract; no
+    cleanup. The parameters' data is not read (they may be empty: streaming export).
+    Returns (ir.Model, input names, output names)."""
     config = model.config
     layers, _, _ = spec.kv_layout(config)
     dtype = next(model.parameters()).dtype
@@ -122,7 +117,6 @@ def export_decoder(
     }
     inputs = ["input_ids", "attention_mask", "position_ids", *past_names(layers)]
     outputs = ["logits", *present_names(layers)]
-    t0 = time.perf_counter()
     # torch.onnx prints its step log with print(); keep stdout clean for --json.
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), spec.export_patches():
         warnings.simplefilter("ignore")
@@ -146,10 +140,32 @@ def export_decoder(
                 f"torch.onnx.export failed for {type(model).__name__}: "
                 f"{str(e).strip().splitlines()[-1][:400]}"
             ) from e
+    return program.model, inputs, outputs
+
+
+def weights_bytes(model) -> int:
+    """Bytes of the model's parameters (tied ones once), at their dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def export_decoder(
+    model,
+    spec: type[ArchitectureSpec],
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> OnnxExportInfo:
+    """Export ``model`` (eval mode, weights in memory) to ``path``, cleaned up, unfused.
+    ``external_data=None``: only above 2 GB. (``slmedge export`` streams instead:
+    :func:`slmedge.exporter.streaming.export_streamed`; this is the in-memory reference.)"""
+    t0 = time.perf_counter()
+    graph, inputs, outputs = trace_decoder(model, spec, opset=opset)
     from .passes.cleanup import CleanupPass
 
-    CleanupPass()(program.model)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    use_external = size >= TWO_GB if external_data is None else external_data
-    program.save(str(path), external_data=use_external)
+    CleanupPass()(graph)
+    use_external = weights_bytes(model) >= TWO_GB if external_data is None else external_data
+    from .graph_writer import save_graph
+
+    save_graph(graph, path, external_data=use_external)
     return OnnxExportInfo(path, opset, inputs, outputs, use_external, time.perf_counter() - t0)

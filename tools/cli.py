@@ -111,10 +111,11 @@ def cmd_export(args) -> int:
     else:
         parity = manifest["verification"]["parity"]
         size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
+        checked = ("parity skipped (see the manifest)" if parity.get("skipped") else
+                   f"parity max |diff| {parity['max_abs_diff']:.2e} <= {parity['atol']:.0e}")
         print(
             f"exported {manifest['architecture']['family']} to {config.output} "
-            f"({size:.1f} MB, {manifest['recipe']['dtype']}); parity max |diff| "
-            f"{parity['max_abs_diff']:.2e} <= {parity['atol']:.0e}"
+            f"({size:.1f} MB, {manifest['recipe']['dtype']}); {checked}"
         )
         print(summary_line(manifest, config.output))
     return EXIT_OK

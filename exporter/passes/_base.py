@@ -78,6 +78,35 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer or Constant output without reading its data (weights may
+    be lazy: streaming export), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+    return tensor
+
+
+def make_derived_initializer(graph: ir.Graph, name: str, fn, tensors: list[ir.TensorProtocol],
+                             dtype: ir.DataType, shape) -> ir.Value:
+    """Register ``fn(*arrays of tensors)`` as an initializer computed only when the graph is
+    written (a lazy tensor: a transposed or concatenated weight costs no memory before)."""
+    from ..lazy_weights import lazy_apply
+
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype),
+                     const_value=lazy_apply(fn, tensors, dtype=dtype, shape=shape, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def scalar(value: ir.Value | None) -> float | None:
     """A constant with exactly one element, as a float."""
     array = constant(value)

@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._base import MS_DOMAIN, FusionPass, attr, constant, ints, make_initializer, producer, scalar
+from ._base import (MS_DOMAIN, FusionPass, attr, const_tensor, ints, make_derived_initializer,
+                    make_initializer, producer, scalar)
 
 _PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 
@@ -568,26 +569,32 @@ class GroupQueryAttentionFusion(FusionPass):
             bias = None
             add = producer(t, "Add")
             if add is not None:
-                consts = [i for i in (0, 1) if constant(add.inputs[i]) is not None]
+                consts = [i for i in (0, 1) if const_tensor(add.inputs[i]) is not None]
                 if len(consts) != 1:
                     return None
-                bias, t = constant(add.inputs[consts[0]]), add.inputs[1 - consts[0]]
+                bias, t = const_tensor(add.inputs[consts[0]]), add.inputs[1 - consts[0]]
             mm = producer(t, "MatMul")
-            w = constant(mm.inputs[1]) if mm is not None else None
-            if w is None or w.ndim != 2 or (bias is not None and bias.ndim != 1):
+            # Tensors, not arrays: a streamed export's weights are read when written.
+            w = const_tensor(mm.inputs[1]) if mm is not None else None
+            if w is None or len(w.shape) != 2 or (bias is not None and len(bias.shape) != 1):
                 return None
             parts.append((mm.inputs[0], w, bias))
-        if len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1:
+        if len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1 \
+                or len({(w.dtype, int(w.shape[0])) for _, w, _ in parts}) != 1:
             return None
         x = parts[0][0]
-        weight = make_initializer(graph, f"{prefix}.qkv_proj.weight",
-                                  np.concatenate([w for _, w, _ in parts], axis=1))
+        ws = [w for _, w, _ in parts]
+        weight = make_derived_initializer(
+            graph, f"{prefix}.qkv_proj.weight", lambda *a: np.concatenate(a, axis=1), ws,
+            ws[0].dtype, (int(ws[0].shape[0]), sum(int(w.shape[1]) for w in ws)))
         node = ir.node("MatMul", [x, weight], name=f"{prefix}.qkv_proj")
         new.append(node)
         out = node.outputs[0]
         if parts[0][2] is not None:
-            bias = make_initializer(graph, f"{prefix}.qkv_proj.bias",
-                                    np.concatenate([b for _, _, b in parts]))
+            bs = [b for _, _, b in parts]
+            bias = make_derived_initializer(
+                graph, f"{prefix}.qkv_proj.bias", lambda *a: np.concatenate(a), bs, bs[0].dtype,
+                (sum(int(b.shape[0]) for b in bs),))
             node = ir.node("Add", [out, bias], name=f"{prefix}.qkv_proj.bias_add")
             new.append(node)
             out = node.outputs[0]

@@ -67,6 +67,45 @@ class NoOpEliminationPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=removed > 0)
 
 
+class LazyTransposeFoldPass(ir.passes.InPlacePass):
+    """Fold ``Transpose(weight)`` of a lazy weight (streaming export) into a lazy initializer,
+    as FoldConstantsPass folds it for a weight in memory (same name: the Transpose's output;
+    same rule), without reading the weight now."""
+
+    def __init__(self, size_limit: int) -> None:
+        super().__init__()
+        self.size_limit = size_limit
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from ..lazy_weights import lazy_apply
+
+        graph = model.graph
+        folded = 0
+        for node in list(graph):
+            if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            tensor = x.const_value if x is not None and x.is_initializer() else None
+            perm = attr(node, "perm")
+            # FoldConstantsPass folds a Transpose above the size limit too when its input has
+            # no other consumer (onnxscript's _DEFAULT_ALWAYS_FOLD_OPS): every untied weight.
+            if not isinstance(tensor, ir.LazyTensor) or y.is_graph_output() or (
+                    tensor.size > self.size_limit and len(x.consumers()) != 1):
+                continue
+            perm = list(perm) if perm is not None else list(range(len(tensor.shape)))[::-1]
+            shape = [int(tensor.shape[i]) for i in perm]
+            name = y.name
+            y.name = f"{name}.folded"
+            value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(tensor.dtype),
+                             const_value=lazy_apply(lambda a, p=perm: np.transpose(a, p), [tensor],
+                                                    dtype=tensor.dtype, shape=shape, name=name))
+            graph.register_initializer(value)
+            ir.convenience.replace_all_uses_with(y, value)
+            graph.remove(node, safe=True)
+            folded += 1
+        return ir.passes.PassResult(model, modified=folded > 0)
+
+
 class CleanupPass(ir.passes.InPlacePass):
     """Fold constants, simplify shape ops, share duplicates, drop dead nodes (2 rounds)."""
 
@@ -80,6 +119,7 @@ class CleanupPass(ir.passes.InPlacePass):
 
         inner = ir.passes.PassManager(
             [
+                LazyTransposeFoldPass(self.fold_size_limit),
                 FoldConstantsPass(shape_inference=False, input_size_limit=self.fold_size_limit,
                                   output_size_limit=self.fold_size_limit),
                 common_passes.IdentityEliminationPass(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._base import FusionPass, attr, constant, make_initializer, producer, replace_value
+from ._base import FusionPass, attr, const_tensor, make_derived_initializer, producer, replace_value
 
 
 def _same_leading_dims(a: ir.Value, b: ir.Value) -> bool:
@@ -45,11 +45,13 @@ class Linear3dFusion(FusionPass):
                 continue
             weight = gemm.inputs[1]
             if attr(gemm, "transB", 0):
-                w = constant(weight)
-                if w is None:
+                w = const_tensor(weight)
+                if w is None or len(w.shape) != 2:
                     self.reasons.append(f"{gemm.name}: transB on a non-constant weight")
                     continue
-                weight = make_initializer(graph, f"{weight.name}.T", np.ascontiguousarray(w.T))
+                rows, cols = (int(d) for d in w.shape)
+                weight = make_derived_initializer(graph, f"{weight.name}.T", np.transpose, [w],
+                                                  w.dtype, (cols, rows))
             new = [ir.node("MatMul", [x, weight], name=f"{gemm.name}.matmul")]
             bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
             if bias is not None:

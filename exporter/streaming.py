@@ -1,0 +1,57 @@
+"""Streaming export: trace an empty model, attach lazy weights, clean up and fuse in memory,
+write once (one tensor at a time).
+
+The graph is the in-memory export's (``onnx_export.export_decoder`` + ``fuse_onnx_file``):
+tests/parity/test_streaming_export.py compares op counts, initializer names, shapes and
+bytes for every tiny architecture and SmolLM2's GGUF.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .graph_writer import save_graph
+from .lazy_weights import attach_weights
+from .onnx_export import DEFAULT_OPSET, TWO_GB, OnnxExportInfo, trace_decoder, weights_bytes
+from .passes.cleanup import CleanupPass
+
+Say = Callable[[str], None]
+
+
+def build_streamed_graph(streamed, *, opset: int = DEFAULT_OPSET, fuse_options=None,
+                         say: Say | None = None):
+    """The cleaned-up (and, with ``fuse_options``, fused) ``onnx_ir`` model of a
+    :class:`~slmedge.exporter.sources.StreamedModel`, every weight still on disk.
+    Returns (ir.Model, inputs, outputs, fusion report or None)."""
+    say = say or (lambda _m: None)
+    model, spec = streamed.model, streamed.spec
+    torch_dtype = next(model.parameters()).dtype
+    say("tracing the model (weights are not loaded)")
+    graph, inputs, outputs = trace_decoder(model, spec, opset=opset)
+    attach_weights(graph.graph, model, streamed.weights, torch_dtype)
+    CleanupPass()(graph)
+    fusion = None
+    if fuse_options is not None:
+        from .passes import fuse_model
+
+        say("fusing the graph for ONNX Runtime (GroupQueryAttention, norms, GELU)")
+        fusion = fuse_model(graph, fuse_options)
+    return graph, inputs, outputs, fusion
+
+
+def export_streamed(streamed, path: Path, *, opset: int = DEFAULT_OPSET,
+                    external_data: bool | None = None, fuse_options=None,
+                    say: Say | None = None):
+    """Write the graph of ``streamed`` to ``path``; returns (OnnxExportInfo, fusion report or
+    None). ``external_data=None``: only when the weights reach 2 GB."""
+    t0 = time.perf_counter()
+    graph, inputs, outputs, fusion = build_streamed_graph(
+        streamed, opset=opset, fuse_options=fuse_options, say=say)
+    use_external = weights_bytes(streamed.model) >= TWO_GB if external_data is None \
+        else external_data
+    layers = streamed.spec.kv_layout(streamed.model.config)[0]
+    save_graph(graph, path, external_data=use_external, say=say, layers=layers)
+    return OnnxExportInfo(path, opset, inputs, outputs, use_external,
+                          time.perf_counter() - t0), fusion
