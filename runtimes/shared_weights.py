@@ -17,7 +17,7 @@ tensor as an ``OrtValue`` over that mapping and registers it in each session's o
 turns pre-packing off — a pre-packed kernel would keep its own copy *and* the shared original
 alive, more memory than not sharing — and puts both sessions on one CPU arena
 (``session.use_env_allocators``; that arena is process-wide and keeps its memory after the
-sessions are gone). Measured on SmolLM2-135M, x86 CPU, 2 threads (``tools/static_rss.py``):
+sessions are gone). Measured on SmolLM2-135M, x86 CPU, 2 threads (``tools/bench/static_rss.py``):
 the fp32 static export (android-nnapi) holds 759 MB instead of 1212 MB after a 128-token
 prompt and 16 decode steps, loads in 0.65 s instead of 1.7 s, and runs prefill chunks ~30%
 and decode steps ~15% slower (unpacked GEMM weights). The fp16 (ios-coreml) and a16w8

@@ -13,7 +13,7 @@
 # DEVICE_CARD=full|short|off (default off) is the QNN export's --device-card: how much of its
 # quality card runs on the QNN HTP emulator. off: the CPU card of the QDQ graphs gates; on x86
 # the emulator runs a 64-token chunk in minutes and the full card took > 50 min here
-# (tools/bench_qnn.py is where the emulator is measured). The placement check still opens the
+# (tools/bench/bench_qnn.py is where the emulator is measured). The placement check still opens the
 # graphs on the emulator.
 # Timings of each step go to $OUT/timings.tsv.
 set -euo pipefail

@@ -272,7 +272,7 @@ def quantize_weight_only(
         # would need fold_zero_points' correction MatMul over the whole vocabulary (SmolLM2:
         # 18 x 45056 floats, 3.2 MB read per token): measured ~0.6 ms per decode token more
         # for +0.5% perplexity less; 8192 int8 rows with symmetric int4 beat 4096 with HQQ on
-        # both (tools/bench_quant.py, README).
+        # both (tools/bench/bench_quant.py, README).
         model = _run_nbits(model, {split[1]}, bits=4, algorithm=Int4Algorithm.rtn,
                            block_size=recipe.block_size, symmetric=True,
                            accuracy_level=recipe.accuracy_level)

@@ -204,7 +204,7 @@ def test_quality_card_of_a_static_artifact_directory(static_llama, tiny_artifact
 def test_quality_card_on_the_qnn_htp_emulator_without_cpu_fallback(static_llama, tiny_artifact,
                                                                    tiny_dir, tmp_path):
     """The card's candidate on the profile's providers with CPU fallback off (what
-    tools/bench_qnn.py measures on SmolLM2); the reference stays on CPU."""
+    tools/bench/bench_qnn.py measures on SmolLM2); the reference stays on CPU."""
     from slmedge.device_profiles import load_profile
 
     profile = load_profile("android-qnn-htp")
