@@ -159,7 +159,8 @@ class _Done:
 
 
 class _Strategy:
-    """One scheme's quantization: ``check`` refuses a graph before any work, ``__call__`` does it."""
+    """One scheme's quantization: ``check`` refuses a graph before any work, ``__call__``
+    does the work."""
 
     #: pack MatMuls reading one input (gate/up) before quantizing: one activation
     #: quantization per layer for the weight-only kernels

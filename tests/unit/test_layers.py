@@ -229,7 +229,8 @@ def test_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
 
 def test_checker_finds_layer_violations_and_heavy_imports(tmp_path):
     graph = _write(tmp_path, {
-        "runtimes/r.py": "import numpy\n\ndef f():\n    import torch\n    from ..tools import cli\n",
+        "runtimes/r.py": "import numpy\n\ndef f():\n    import torch\n"
+                         "    from ..tools import cli\n",
         "device_profiles/p.py": "from slmedge.exporter.x import y\n",
         "exporter/x.py": "y = 1\nfrom slmedge.runtimes import r\n",
         "tools/cli.py": "from slmedge.exporter import x\n",

@@ -1,6 +1,6 @@
 """Memory of a static export's StaticDecoder, with and without shared weights.
 
-    python tools/bench/static_rss.py ARTIFACT [ARTIFACT ...] [--threads 2] [--tokens 64] [--decode 8]
+    python tools/bench/static_rss.py ARTIFACT... [--threads 2] [--tokens 64] [--decode 8]
 
 Each measurement runs in a fresh process (CPU provider): RSS (VmRSS, split into anonymous
 and file-backed pages) and PSS (file pages mapped twice count once) after loading the decoder,
