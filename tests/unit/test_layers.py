@@ -9,6 +9,8 @@ as an import of ``pkg.name`` when that is a module. On that graph:
 - a layer imports only the layers to its left (the CLI is the top: nothing imports it);
 - no module is part of an import cycle (strongly connected components of the graph), save
   the ones in :data:`KNOWN_CYCLES`, each naming the issue that removes it;
+- the library parses no command line (argparse is tools/'), except the processes the CLI
+  starts on a device (:data:`ARGPARSE_ENTRY_POINTS`);
 - runtimes/ and device_profiles/ never import the export stack (torch, transformers, onnx,
   onnxscript, ...): they run on a Pi with onnxruntime + numpy (``test_torch_free.py`` imports
   them in a fresh interpreter; this test also sees the function-level imports it cannot).
@@ -36,6 +38,16 @@ NOT_PACKAGE = (REPO / "tools" / "bench",)
 #: Imported by runtimes/ or device_profiles/ these would put the export stack on a phone.
 HEAVY = {"torch", "transformers", "onnx", "onnxscript", "onnx_ir", "tensorflow",
          "litert_torch", "ai_edge_quantizer", "accelerate", "safetensors", "gguf", "optimum"}
+
+#: Library modules that parse a command line: processes the CLI starts on a target, where only
+#: runtimes/ is copied (``python -m ...`` over SSH / ADB). Any other argparse belongs in tools/.
+ARGPARSE_ENTRY_POINTS: dict[str, str] = {
+    "slmedge.runtimes.bench": "the runner on the device (runtimes/remote.py starts it)",
+    "slmedge.runtimes.target_card": "the quality card replayed on the device (remote_card.py)",
+    "slmedge.exporter.passes.__main__":
+        "issue 13: `python -m slmedge.exporter.passes` moves to tools/ (exporter/passes/ was "
+        "another helper's folder in that session)",
+}
 
 #: Cycles that exist today and belong to work in progress elsewhere; any other cycle fails.
 #: Remove an entry when its cycle is gone (test_known_cycles_still_exist says when).
@@ -189,6 +201,14 @@ def test_known_cycles_still_exist(graph):
     present = set(cycles(graph))
     gone = [sorted(c) for c in KNOWN_CYCLES if c not in present]
     assert gone == [], f"remove from KNOWN_CYCLES: {gone}"
+
+
+def test_the_library_parses_no_command_line_but_its_device_entry_points(graph):
+    """Flags live in tools/ (DESIGN.md: the CLI is thin; the library takes typed configs)."""
+    parsers = {m for m, targets in graph.items()
+               if "argparse" in targets and not m.startswith("slmedge.tools")}
+    assert sorted(parsers - set(ARGPARSE_ENTRY_POINTS)) == []
+    assert set(ARGPARSE_ENTRY_POINTS) <= parsers, "an ARGPARSE_ENTRY_POINTS entry is gone"
 
 
 def test_runtimes_and_profiles_never_import_the_export_stack(graph):
