@@ -490,34 +490,35 @@ def run_sweep(path: str | Path, *, ray: str | None = None, say: Say | None = Non
     say(f"{len(cells)} cells: {len(cached)} cached, {len(todo)} to compute")
     need = {c["export_key"] for c in todo}
     ex_specs = [e for k, e in exports.items() if k in need]
-    runner = _Ray(ray) if ray else _Pool(config.resources.workers)
     t0 = time.perf_counter()
     computed: list[dict] = []
-    try:
-        if todo:
-            say(f"executor: {runner.name}")
-        for spec, doc in runner.map_as_completed(export_task, ex_specs,
-                                                 config.resources.export_memory_mb):
-            how = "cached" if doc.get("cached") else f"done ({doc['seconds']} s)"
-            say(f"export {spec['model']} / {spec['profile'] or 'default'}: {how}")
-        for spec, doc in runner.map_as_completed(cell_task, todo,
-                                                 config.resources.cell_memory_mb):
-            say(f"cell {spec['cell']}: {doc['status']}"
-                + (f" ({doc['error']})" if doc["error"] else ""))
-            computed.append(doc)
-            if on_cell and spec["bench_local"]:
-                on_cell(doc)
-        if config.fleet and computed:
-            _bench_on_fleet(config, base, runner, computed, todo, say, on_cell)
-    except BaseException:
-        runner.close(cancel=True)
-        raise
-    runner.close()
+    runner = None
+    if todo:  # nothing to compute: no pool started, no Ray cluster contacted
+        runner = _Ray(ray) if ray else _Pool(config.resources.workers)
+        say(f"executor: {runner.name}")
+        try:
+            for spec, doc in runner.map_as_completed(export_task, ex_specs,
+                                                     config.resources.export_memory_mb):
+                how = "cached" if doc.get("cached") else f"done ({doc['seconds']} s)"
+                say(f"export {spec['model']} / {spec['profile'] or 'default'}: {how}")
+            for spec, doc in runner.map_as_completed(cell_task, todo,
+                                                     config.resources.cell_memory_mb):
+                say(f"cell {spec['cell']}: {doc['status']}"
+                    + (f" ({doc['error']})" if doc["error"] else ""))
+                computed.append(doc)
+                if on_cell and spec["bench_local"]:
+                    on_cell(doc)
+            if config.fleet and computed:
+                _bench_on_fleet(config, base, runner, computed, todo, say, on_cell)
+        except BaseException:
+            runner.close(cancel=True)
+            raise
+        runner.close()
     every = [json.loads(Path(c["cell_file"]).read_text()) for c in cells
              if Path(c["cell_file"]).is_file()]
     summary = {"kind": "slmedge.sweep", "schema_version": SWEEP_SCHEMA_VERSION,
                "sweep": str(Path(path).resolve()), "output": str(out),
-               "executor": runner.name if todo else None,
+               "executor": runner.name if runner else None,
                "wall_s": round(time.perf_counter() - t0, 2),
                "computed": [d["cell"] for d in computed],
                "cached": [c["cell"] for c in cells if c["key"] in cached],

@@ -52,6 +52,9 @@ def cmd_bench_fleet(args, config) -> int:
     if getattr(args, "target", None):
         raise UsageError("--fleet and --target exclude each other: the fleet file names the "
                          "targets")
+    if getattr(args, "profile", None):
+        raise UsageError("--fleet takes each device's profile from the fleet file "
+                         "(devices: - profile: NAME); drop --profile")
     fleet = load_fleet(args.fleet)
     tags = [t for spec in (args.tags or []) for t in spec.split(",") if t.strip()]
     artifacts = [args.artifact, *(args.more_artifacts or [])]
