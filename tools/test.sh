@@ -6,9 +6,16 @@
 #         typing-extensions<4.13, which the main venv's pydantic cannot take
 #         (tools/setup_tflite.sh). Its set-up (mostly downloads) runs during step 1.
 #         SLMEDGE_SKIP_TFLITE=1 leaves this step out.
-# The exit code is the first failing step's (pytest's own codes).
+# Step 3: the wheel (tools/ci_wheel.sh): build it, install it in clean venvs outside the
+#         checkout ([export], then the torch-free core) and run export --quant int4 /
+#         generate / eval / bench / bundle / verify on the embedded SmolLM2 from a directory
+#         with no shared/ above it. SLMEDGE_SKIP_WHEEL=1 leaves it out.
+# Property tests run derandomized (Hypothesis profile "ci", tests/conftest.py), as in CI;
+# HYPOTHESIS_PROFILE=explore draws new examples.
+# The exit code is the first failing step's (pytest's own codes; 1 for the wheel step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 tools/setup.sh
 # The emulated arm64 target (tests/arm64, issue 18): its root filesystem builds in the
 # background (first time ~12 min, cached in /var/cache/slmedge: ~2 s) while the other tests run;
@@ -37,5 +44,13 @@ if [ "$tflite" = 1 ]; then
     tests/parity/test_tflite_bundle.py \
     || tflite_status=$?
   [ "$status" -ne 0 ] || status=$tflite_status
+fi
+if [ "${SLMEDGE_SKIP_WHEEL:-0}" != 1 ]; then
+  wheel_start=$SECONDS
+  wheel_status=0
+  tools/ci_wheel.sh || wheel_status=$?
+  echo "tools/test.sh: wheel step $([ "$wheel_status" = 0 ] && echo passed || echo FAILED)" \
+    "in $((SECONDS - wheel_start)) s (tools/ci_wheel.sh)" >&2
+  [ "$status" -ne 0 ] || status=$wheel_status
 fi
 exit "$status"
