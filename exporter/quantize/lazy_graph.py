@@ -78,7 +78,7 @@ def split_gemms(model: onnx.ModelProto, lazy: LazyWeights) -> int:
             weight = src + "_T"
             graph.initializer.append(lazy.placeholder(
                 weight, [b.dims[1], b.dims[0]], b.data_type,
-                lambda s=src: np.ascontiguousarray(lazy.array(s).T)))
+                lambda s=src: lazy.array(s).T))  # a view: readers copy what they need
         has_bias = len(node.input) > 2 and node.input[2]
         mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
         mm = helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name + "_mm")
@@ -116,7 +116,7 @@ def fold_weight_transposes(model: onnx.ModelProto, lazy: LazyWeights) -> int:
             name = t.input[0] + "_T"
             graph.initializer.append(lazy.placeholder(
                 name, [table.dims[1], table.dims[0]], table.data_type,
-                lambda s=t.input[0]: np.ascontiguousarray(lazy.array(s).T)))
+                lambda s=t.input[0]: lazy.array(s).T))  # a view, as above
             folded[t.output[0]] = name
         node.input[1] = folded[t.output[0]]
         count += 1

@@ -54,6 +54,10 @@ ExactBlocks = Callable[[str], "NBitsBlocks | None"]
 #: embedding rows quantized per call of ``embedding_int8`` (bounded memory, same bytes)
 EMBEDDING_ROWS = 8192
 STREAMED_ALGORITHMS = (Int4Algorithm.rtn, Int4Algorithm.hqq)
+#: RTN quantizes a weight this many values (columns of K) at a time: the blocks run along K
+#: per output column, so column slices give the same bytes in order, and a transposed
+#: source (the tied lm_head) is never copied whole
+CHUNK_VALUES = 8 << 20
 
 
 def streaming_unsupported(recipe: QuantRecipe) -> str | None:
@@ -157,9 +161,27 @@ def _nbits_rtn(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
     config = mnq.DefaultWeightOnlyQuantConfig(
         block_size=block, is_symmetric=symmetric, accuracy_level=level or None,
         quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=bits)
-    packed, scales, zero_points = mnq.DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
+    quantizer = mnq.DefaultWeightOnlyQuantizer(config)
     name = node.input[1]
-    tensors = [out.store(name + f"_Q{bits}", packed), out.store(name + "_scales", scales)]
+    k, n = w.shape
+    step = max(1, CHUNK_VALUES // k)
+    if step >= n:
+        packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(w))
+        tensors = [out.store(name + f"_Q{bits}", packed)]
+    else:  # packed rows straight to the file; scales and zero points (small) after them
+        offset, scale_parts, zp_parts = None, [], []
+        for start in range(0, n, step):
+            packed, part_scales, part_zp = quantizer.qbits_block_quant(
+                np.ascontiguousarray(w[:, start:start + step]))
+            if offset is None:
+                offset = out.data.begin(n * packed.shape[1] * packed.shape[2])
+            out.data.append(packed)
+            scale_parts.append(part_scales)
+            zp_parts.append(part_zp)
+        tensors = [out.data.end(name + f"_Q{bits}", TensorProto.UINT8,
+                                [n, packed.shape[1], packed.shape[2]], offset)]
+        scales, zero_points = np.concatenate(scale_parts), np.concatenate(zp_parts)
+    tensors.append(out.store(name + "_scales", scales))
     if not symmetric:
         tensors.append(out.store(name + "_zero_points", zero_points))
     attrs = {"K": w.shape[0], "N": w.shape[1], "bits": bits, "block_size": block}

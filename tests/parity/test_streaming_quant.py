@@ -122,6 +122,20 @@ def test_streamed_equals_in_memory_other_settings(model_type, name, tiny_artifac
         assert any(n.endswith("/tied_reshape") for n in names)  # one table for both
 
 
+@pytest.mark.parametrize("recipe", [dict(scheme="int4", algorithm="rtn"),
+                                    dict(scheme="int8", lm_head="int8")])
+def test_weights_quantized_a_column_slice_at_a_time_give_the_same_bytes(recipe, tiny_artifact,
+                                                                         tmp_path, monkeypatch):
+    """Large weights are quantized in slices of columns (CHUNK_VALUES; SmolLM2's lm_head and
+    tied table are); slices of 24 columns here, which do not divide N: same bytes."""
+    from slmedge.exporter.quantize import streaming
+
+    monkeypatch.setattr(streaming, "CHUNK_VALUES", 64 * 24)
+    mem, _, streamed, _ = _both(tiny_artifact("gemma3_text") / "model.onnx", tmp_path,
+                                QuantRecipe(**recipe))
+    assert_same_quantized_graph(mem, streamed)
+
+
 def test_inline_source_streams_too(tiny_artifact, tmp_path):
     """A small graph whose weights are inside model.onnx: the same result."""
     recipe = QuantRecipe(scheme="int4", algorithm="rtn", embedding="int8")
