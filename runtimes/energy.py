@@ -353,14 +353,18 @@ class EnergyProbe:
     def start(self) -> None:
         if not self.meter:
             return
+        try:  # the first sample now, so the curve covers everything recorded after start()
+            self.curve.add(*self._sample())
+        except (OSError, ValueError, MeterUnavailable, subprocess.SubprocessError) as e:
+            self._fail(f"sampling failed: {e}")
+            return
         self._thread = threading.Thread(target=self._loop, name="energy-sampler", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._stop.wait(self.meter.period_s):
                 self.curve.add(*self._sample())
-                self._stop.wait(self.meter.period_s)
             self.curve.add(*self._sample())  # close the last interval
         except (OSError, ValueError, MeterUnavailable, subprocess.SubprocessError) as e:
             self._fail(f"sampling failed: {e}")

@@ -126,6 +126,13 @@ def compare_rows(results: list[BenchResult]) -> list[CompareRow]:
     add("model size", "MB", "lower", lambda r: r.model_size_mb)
     add("RSS after load", "MB", "lower", lambda r: r.memory.rss_after_load_mb)
     add("peak RSS", "MB", "lower", lambda r: r.memory.peak_rss_mb)
+
+    def joules(r, key):  # runtimes/energy.py's block, where the target had a meter
+        e = getattr(r, "energy", None)
+        return getattr(e, key) if e is not None and e.available else None
+
+    add("energy / decode token", "mJ", "lower", lambda r: joules(r, "decode_mj_per_token"))
+    add("energy / prompt token", "mJ", "lower", lambda r: joules(r, "prefill_mj_per_token"))
     buckets = sorted({b.prompt_tokens for r in results for b in r.ttft})
     depths = sorted({d.depth for r in results for d in r.decode})
 

@@ -4,7 +4,6 @@ probe inside a real bench, and a real RAPL reading where this machine has one.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -180,19 +179,18 @@ def test_counter_curve_interpolates_between_samples():
 # -- inside a real bench ----------------------------------------------------------------------
 
 
-class _CpuTimeMeter:
-    """A stand-in meter: 10 W per CPU-second of this process, so the energy follows the
-    work the bench does (near zero at rest). Checks that the probe's intervals line up with
-    prefill and decode, not what a real meter reads."""
+class _SteadyMeter:
+    """A stand-in power meter reading a steady 2 W: the idle baseline is then 2 W too, so
+    every interval's net energy is 0 and the mean power over the decode intervals is 2 W —
+    exact whatever the timing, as long as the intervals lie inside the sampled span."""
 
-    method = "rapl"
-    kind = "energy"
+    method = "android-battery"
+    kind = "power"
     period_s = 0.005
-    source = "process CPU time x 10 W (test stand-in)"
-    wraps = 0
+    source = "steady 2 W (test stand-in)"
 
     def read(self) -> float:
-        return os.times().user * 10.0 + os.times().system * 10.0
+        return 2.0
 
     def refusal(self):
         return None
@@ -200,20 +198,40 @@ class _CpuTimeMeter:
 
 def test_bench_carries_the_energy_block(tiny_artifact, monkeypatch):
     from slmedge.runtimes.bench import BenchConfig, run_bench
+    from slmedge.tools.report import compare_rows
 
-    monkeypatch.setattr(energy, "find_meter", lambda **_k: _CpuTimeMeter())
-    config = BenchConfig(prompt_tokens=16, new_tokens=48, warmup=1, repeats=2,
+    monkeypatch.setattr(energy, "find_meter", lambda **_k: _SteadyMeter())
+    config = BenchConfig(prompt_tokens=16, new_tokens=24, warmup=1, repeats=2,
                          prompt_buckets=(16,), decode_depths=(16,), threads=1)
-    doc = run_bench(tiny_artifact("llama"), config)
-    r = validate_result(doc)
+    r = validate_result(run_bench(tiny_artifact("llama"), config))
     e = r.energy
-    assert e.available and e.method == "rapl" and e.samples >= 2 and e.idle_w is not None
-    assert e.decode_mj_per_token > 0 and e.prefill_mj_per_token > 0
-    assert e.decode_uncertainty_mj is not None and e.sample_hz > 0
-    # 10 W x CPU time per decoded token ~ 10 W x wall time per token (one busy thread):
-    # the interval attribution is right to within a factor (the sampler thread adds CPU)
-    per_token_s = 1 / r.decode_tokens_per_s
-    assert 0.2 < e.decode_mj_per_token / (10 * per_token_s * 1000) < 3
+    assert e.available and e.method == "android-battery" and e.samples >= 2
+    assert e.idle_w == pytest.approx(2.0) and e.decode_w == pytest.approx(2.0)
+    assert e.decode_mj_per_token == pytest.approx(0.0, abs=1e-6)
+    assert e.prefill_mj_per_token == pytest.approx(0.0, abs=1e-6)
+    assert e.sample_hz > 0 and e.decode_uncertainty_mj > 0
+    # compare / report show it
+    rows = {row.metric: row for row in compare_rows([r, r])}
+    assert rows["energy / decode token"].values == [e.decode_mj_per_token] * 2
+    assert rows["energy / prompt token"].unit == "mJ"
+
+
+def test_probe_attributes_prefill_and_decode_intervals():
+    """EnergyProbe.finish on the discharging phone's samples (no thread, no clock): one
+    generation whose prefill is [1.0, 1.5] s (8 tokens) and decode [1.5, 3.0] s (15 steps)."""
+    from types import SimpleNamespace
+
+    probe = EnergyProbe(_SteadyMeter())
+    for t, _status, ua, uv in _battery_samples("android_battery_discharging.txt"):
+        probe.curve.add(t, abs(ua) * uv / 1e12)
+    probe.idle_w = 0.5
+    probe.record(0, 8, 1.0, SimpleNamespace(ttft_s=0.5, step_s=[0.1] * 15))
+    report = probe.finish()
+    assert report["prefill_mj_per_token"] == pytest.approx(125.0)
+    assert report["decode_mj_per_token"] == pytest.approx(200.0)
+    assert report["decode_w"] == pytest.approx(2.5) and report["samples"] == 13
+    assert "idle baseline subtracted" in report["notes"]
+    EnergyReport.model_validate(report)
 
 
 def test_bench_without_a_meter_says_why(tiny_artifact, monkeypatch):
