@@ -161,6 +161,9 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
 
     check_output(config.output, config.overwrite)
     _eval_text(config)  # a missing --eval-text fails now, not after the export
+    from .quantize.pipeline import check_quant_texts
+
+    check_quant_texts(config.quant, config.quality)  # and a missing --calibration (a16w8)
     t0 = time.perf_counter()
     loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec

@@ -10,6 +10,7 @@ import pytest
 
 import slmedge.runtimes
 from slmedge.exporter import export as export_module
+from slmedge.exporter import profile_export
 from slmedge.exporter import quality
 from slmedge.exporter.quantize import calibration, pipeline
 from slmedge.runtimes.texts import default_calibration_text, default_eval_text
@@ -61,7 +62,11 @@ def no_model_load(monkeypatch):
         calls.append(args)
         raise AssertionError("the model was loaded before the texts were checked")
 
-    monkeypatch.setattr(export_module, "load_source", refuse)
+    patched = [(module, name) for module in (export_module, profile_export)
+               for name in ("load_source", "open_source") if hasattr(module, name)]
+    assert (export_module, "open_source") in patched or (export_module, "load_source") in patched
+    for module, name in patched:
+        monkeypatch.setattr(module, name, refuse)
     monkeypatch.setattr(pipeline, "open_artifact", refuse)
     return calls
 
@@ -74,6 +79,9 @@ def no_model_load(monkeypatch):
     (["--quant", "int4", "--lm-head", "int4", "--lm-head-int8-tokens", "64", "--calibration",
       "{missing}"], ["calibration text", "missing.txt"]),
     (["--quant", "int4", "--eval-text", "{empty}"], ["evaluation text", "empty.txt", "is empty"]),
+    # a static-shape NPU profile (a16w8 QDQ) calibrates: checked before its export too
+    (["--profile", "android-qnn-htp", "--quant", "a16w8", "--calibration", "{missing}"],
+     ["calibration text", "missing.txt"]),
 ])
 def test_export_with_a_missing_text_is_a_usage_error_before_the_export(
         capsys, tmp_path, no_model_load, extra, fragments):
