@@ -5,6 +5,10 @@ Used by ``slmedge export --quant`` (after the fp32 graph passed the parity gate)
 graph is the reference of the quality card; a candidate whose perplexity rises by more
 than ``max_ppl_increase`` percent is refused with :class:`QualityGateFailed` (exit 3),
 and since everything happens in the staging directory nothing is left behind.
+
+Weight-only recipes (int4 rtn/hqq, int8 nbits) stream (streaming.py: one weight in memory
+at a time, byte-identical to quantize_model), so any model size quantizes; a result above
+2 GB keeps its weights in ``model.onnx.data``, which the manifest lists as a model file.
 """
 
 from __future__ import annotations
