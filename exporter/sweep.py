@@ -485,6 +485,8 @@ def run_sweep(path: str | Path, *, ray: str | None = None, say: Say | None = Non
     config, base = load_sweep(path)
     cells, exports = plan(config, base)
     out = (base / config.output).resolve()
+    for stale in (out / "cells").glob(".*.tmp"):  # a cell cut short while being written
+        stale.unlink(missing_ok=True)
     cached = {c["key"] for c in cells if Path(c["cell_file"]).is_file()}
     todo = [c for c in cells if c["key"] not in cached]
     say(f"{len(cells)} cells: {len(cached)} cached, {len(todo)} to compute")
