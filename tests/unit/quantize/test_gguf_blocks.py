@@ -18,6 +18,7 @@ from slmedge.exporter.quantize.gguf_blocks import blocks_from_gguf, dequantize
 from slmedge.runtimes.errors import UnsupportedOp
 
 gguf = pytest.importorskip("gguf")
+IDS = list(range(6, 40))
 
 
 def write_matrices(path, matrices: dict[str, np.ndarray], qtype) -> None:
@@ -160,6 +161,3 @@ def test_streaming_quantizer_writes_a_sources_blocks_as_they_are(qtype_name, rec
     print(f"{qtype_name}: kept blocks {np.abs(got - want).max():.2e}, requantized {drift:.2e}")
     if qtype_name == "Q8_0":
         assert drift > 10 * np.abs(got - want).max()
-
-
-IDS = list(range(6, 40))
