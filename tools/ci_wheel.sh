@@ -42,6 +42,9 @@ say "$(basename "$wheel"): $(du -k "$wheel" | cut -f1) KB, texts and profiles in
 # -- where the flow runs: no shared/ in it or anywhere above it -------------------------------
 run=$(mktemp -d "${TMPDIR:-/tmp}/slmedge-run.XXXXXX")
 trap 'rm -rf "$run"; [ "${SLMEDGE_WHEEL_KEEP:-0}" = 1 ] || rm -rf "$work"' EXIT
+# bench / export / quantize keep their results in a SQLite store (runtimes/results_store.py):
+# here, not in the home directory's ~/.cache/slmedge/results.sqlite
+export SLMEDGE_RESULTS="$run/results.sqlite"
 d=$run
 while :; do
   [ ! -e "$d/shared" ] || fail "$d/shared exists: the run must not be able to find it"
