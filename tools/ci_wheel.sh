@@ -11,6 +11,9 @@
 # live in a temporary directory removed at the end (pip's cache makes the installs quick);
 # SLMEDGE_WHEEL_KEEP=1 keeps it. SLMEDGE_WHEEL_GPTQ=0 leaves out the fp32 export + gptq-act
 # step (~3 of the step's minutes).
+# The body is one { ... } block: bash reads all of it before running any, so an edit of this
+# file during a run (a shared working tree) cannot make the run execute half-old lines.
+{
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -140,3 +143,5 @@ code=0
   2>/dev/null || code=$?
 check core-export.json '"[export]" in d["error"]["message"]' "d['error']['exit_code'] == $code"
 say "green in $((SECONDS - t0)) s"
+exit 0
+}
