@@ -205,3 +205,100 @@ def move_model(src: Path, dst: Path) -> list[Path]:
     if src != dst:
         src.unlink()
     return [dst, dst.parent / location]
+
+
+# -- a single-file graph read without its weights ------------------------------------------
+# ``onnx.load(path, load_external_data=False)`` still parses every inline ``raw_data`` into
+# memory (a 2 GB fp32 graph: 2 GB). ``load_graph`` walks the protobuf wire format over a
+# memory map instead and turns each large inline ``raw_data`` into an external-data
+# reference into the .onnx file itself (location = its own name, offset, length), which
+# TensorSource then reads one tensor at a time. Field numbers: onnx.proto3 (ModelProto.graph
+# = 7, GraphProto.initializer = 5, TensorProto.raw_data = 9).
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, field start, value start, value end) of each field."""
+    pos = start
+    while pos < end:
+        field_start = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, value_end = _varint(buf, pos)
+        elif wire == 1:
+            value_end = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value_end = pos + length
+        elif wire == 5:
+            value_end = pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {field_start}")
+        yield number, wire, field_start, pos, value_end
+        pos = value_end
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def load_graph(path: Path, inline_below: int = INLINE_BELOW) -> onnx.ModelProto:
+    """The model at ``path`` without the bytes of its large initializers: inline ones of
+    ``inline_below`` bytes or more become references into ``path`` itself; external ones
+    stay as they are. Peak memory: the graph's structure, not its weights."""
+    import mmap
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    moved: list[tuple[int, int, int]] = []  # (initializer index, offset, length)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        model_parts = []
+        for number, wire, fstart, vstart, vend in _fields(buf, 0, len(buf)):
+            if number != _MODEL_GRAPH or wire != 2:
+                model_parts.append(bytes(buf[fstart:vend]))
+                continue
+            graph_parts, index = [], 0
+            for g_number, g_wire, g_fstart, g_vstart, g_vend in _fields(buf, vstart, vend):
+                if g_number != _GRAPH_INITIALIZER or g_wire != 2:
+                    graph_parts.append(bytes(buf[g_fstart:g_vend]))
+                    continue
+                kept = []
+                for t_number, t_wire, t_fstart, t_vstart, t_vend in _fields(buf, g_vstart, g_vend):
+                    if (t_number == _TENSOR_RAW_DATA and t_wire == 2
+                            and t_vend - t_vstart >= inline_below):
+                        moved.append((index, t_vstart, t_vend - t_vstart))
+                    else:
+                        kept.append(bytes(buf[t_fstart:t_vend]))
+                graph_parts.append(_length_delimited(_GRAPH_INITIALIZER, b"".join(kept)))
+                index += 1
+            model_parts.append(_length_delimited(_MODEL_GRAPH, b"".join(graph_parts)))
+    model = onnx.ModelProto()
+    model.ParseFromString(b"".join(model_parts))
+    for index, offset, length in moved:
+        set_reference(model.graph.initializer[index], path.name, offset, length)
+    return model

@@ -32,7 +32,7 @@ from ..staging import check_output, staged_directory
 from .auto import candidates
 from .calibration import calibration_text
 from .core import QuantReport, copy_support_files, quantize_model
-from .external_data import TensorSource
+from .external_data import TensorSource, load_graph
 from .graph import analyze
 from .lazy_graph import LazyWeights, fold_weight_transposes, split_gemms
 from .recipe import Int4Algorithm, QuantRecipe, QuantScheme
@@ -170,7 +170,7 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     limit = quality.max_ppl_increase
     if quality.auto:
         # the graph's structure only: its weights stay where they are (lazy_graph.py)
-        model = onnx.load(str(reference), load_external_data=False)
+        model = load_graph(reference)
         lazy = LazyWeights(model, TensorSource(reference.parent))
         split_gemms(model, lazy)
         fold_weight_transposes(model, lazy)

@@ -3,9 +3,10 @@
 :func:`core.quantize_model` loads the whole graph with its weights (and ONNX Runtime's
 quantizer copies it again): ~3x the fp32 model at its peak, and its output must fit in one
 2 GB protobuf. :func:`quantize_file_streaming` reads the graph alone
-(``load_external_data=False``), prepares it as today's path does but without the weights
-(:mod:`.lazy_graph`), then walks the nodes: each weight is read from the source (by offset
-and length from its external-data file, or inline), quantized by ONNX Runtime's own
+(``external_data.load_graph``: large inline weights stay on disk too), prepares it as
+today's path does but without the weights (:mod:`.lazy_graph`), then walks the nodes: each
+weight is read from the source (by offset and length, from its external-data file or from
+inside the .onnx file), quantized by ONNX Runtime's own
 per-tensor code, appended to ``<dst>.data`` and dropped. Every tensor that stays float is
 copied across in chunks. Peak memory: the graph plus a few copies of the largest weight.
 
@@ -38,7 +39,9 @@ from onnx import TensorProto, helper, numpy_helper
 from slmedge.runtimes.errors import UnsupportedOp
 
 from .core import QuantReport
-from .external_data import INLINE_BELOW, DataFileWriter, TensorSource, is_external, tensor_nbytes
+from .external_data import (
+    INLINE_BELOW, DataFileWriter, TensorSource, is_external, load_graph, tensor_nbytes,
+)
 from .fold_zero_points import fold_float_zero_points
 from .gguf_blocks import NBitsBlocks, concat_blocks
 from .graph import GraphFacts, _module_and_layer, analyze
@@ -492,7 +495,7 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     _quiet_ort_logging()
-    model = onnx.load(str(src), load_external_data=False)
+    model = load_graph(src)  # large inline weights become references into src itself
     lazy = LazyWeights(model, TensorSource(src.parent))
     facts = prepare(model, lazy, recipe, say)
     todo, precision = plan(facts, recipe)

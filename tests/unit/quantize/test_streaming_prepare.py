@@ -123,3 +123,39 @@ def test_transposed_gemm_and_transposed_matmul_weights_are_computed_when_read(tm
     for name in ("w_gemm_T", "table_T"):
         assert lazy.is_placeholder(name)
         assert lazy.array(name).tobytes() == values[name].tobytes()
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2"])
+def test_a_single_file_graph_is_read_without_its_weights(model_type, tiny_artifact, tmp_path):
+    """load_graph: the structure onnx.load gives, large inline weights as references into
+    the .onnx file itself (read back exactly), small ones inline; external ones unchanged."""
+    from slmedge.exporter.quantize.external_data import load_graph
+
+    path = tiny_artifact(model_type) / "model.onnx"
+    full = onnx.load(str(path))
+    light = load_graph(path)
+    source = TensorSource(path.parent)
+    refs = [t for t in light.graph.initializer if t.external_data]
+    assert refs and all(next(e.value for e in t.external_data if e.key == "location") == "model.onnx"
+                        for t in refs)
+    assert all(not t.raw_data for t in refs)
+    assert [t.name for t in light.graph.initializer] == [t.name for t in full.graph.initializer]
+    for a, b in zip(light.graph.initializer, full.graph.initializer, strict=True):
+        assert source.read(a).tobytes() == numpy_helper.to_array(b).tobytes(), a.name
+        assert (not a.external_data) == (tensor_nbytes(b) < 1024)
+
+    def bare(model):
+        for t in model.graph.initializer:
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.ClearField("raw_data")
+        return model.SerializeToString(deterministic=True)
+
+    assert bare(light) == bare(full)
+    # a graph with external data already: its references are kept as they are
+    onnx.save_model(full, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    ext = load_graph(tmp_path / "m.onnx")
+    assert [list(t.external_data) for t in ext.graph.initializer] == [
+        list(t.external_data) for t in onnx.load(str(tmp_path / "m.onnx"),
+                                                  load_external_data=False).graph.initializer]
