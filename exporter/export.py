@@ -55,7 +55,8 @@ class ExportConfig(BaseModel):
     dtype: DType = Field(DType.fp32, description="weight and activation precision of the graph")
     opset: int = Field(DEFAULT_OPSET, ge=17, le=23, description="ONNX opset of the default domain")
     external_data: bool | None = Field(
-        None, description="weights in model.onnx.data; default: only when the model is over 2 GB"
+        None, description="weights in model.onnx.data; default: when the weights reach 1 GiB (ONNX "
+        "Runtime then loads them without a second in-memory copy of the graph proto)"
     )
     overwrite: bool = Field(False, description="replace an existing non-empty output directory")
     parity_atol: float | None = Field(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 Say = Callable[[str], None]
@@ -153,12 +154,14 @@ def _save_single_file(model: ir.Model, path: Path, progress: WriteProgress) -> N
         f.write(_GRAPH_TAG + _varint(graph_len))
         f.write(graph_bytes)
         for tensor, header, n, size in headers:
-            data = tensor.tobytes()
+            array = tensor.numpy()  # written from its buffer: no second copy as bytes
+            data = memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B") \
+                if array.dtype.kind in "biuf" else tensor.tobytes()
             if len(data) != n:
                 raise ValueError(f"tensor {tensor.name}: {len(data)} bytes, its shape and type "
                                  f"imply {n}")
             f.write(_INITIALIZER_TAG + _varint(size) + header + _RAW_DATA_TAG + _varint(n))
             f.write(data)
-            del data
+            del data, array
             progress(tensor)
     tmp.replace(path)
