@@ -281,10 +281,44 @@ def _device_worker(run: _DeviceRun, artifacts: list[str], config: BenchConfig, s
 
 
 def _kill(run: _DeviceRun) -> None:
+    """Kill the device's runner process, and the ``ssh`` / ``adb`` clients this process
+    started for it while preparing the target (probe, copy, venv: ``subprocess.run`` calls
+    that have their own, longer, time limits)."""
     for proc in run.procs:
         if proc.poll() is None:
             with contextlib.suppress(OSError):
                 proc.kill()
+    marker = _client_marker(run.device)
+    if marker is None:
+        return
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            argv = child.cmdline()
+            if argv and Path(argv[0]).name in ("ssh", "adb") and _is_for(argv, marker):
+                child.kill()
+        except psutil.Error:
+            continue
+
+
+def _client_marker(device: Device) -> tuple[str, str | None] | None:
+    """(host or serial, port) that the device's ssh / adb command lines carry."""
+    if device.target == "local":
+        return None
+    from .remote import parse_target
+
+    t = parse_target(device.target)
+    return (t.host, str(t.port) if t.port else None)
+
+
+def _is_for(argv: list[str], marker: tuple[str, str | None]) -> bool:
+    host, port = marker
+    if Path(argv[0]).name == "adb":
+        return "-s" in argv and argv[argv.index("-s") + 1:][:1] == [host]
+    if "--" not in argv or argv[argv.index("--") + 1:][:1] != [host]:
+        return False
+    return port is None or ("-p" in argv and argv[argv.index("-p") + 1:][:1] == [port])
 
 
 class _Timeout(SlmEdgeError):

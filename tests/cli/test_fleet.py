@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,43 @@ def test_a_slow_device_times_out_without_blocking_the_others(tmp_path, artifact)
     [err] = merged["errors"]
     assert err["device"] == "stuck" and "timed out after 3 s" in err["message"]
     assert sleepers[0].poll() is not None  # killed, not left behind
+
+
+def test_timeout_while_preparing_the_target_kills_its_ssh_clients(tmp_path, tmp_path_factory,
+                                                                  artifact, monkeypatch):
+    """A Pi whose sshd accepts the connection but never answers (stopped): the probe's
+    ``ssh`` would wait for its ConnectTimeout (60 s here); the device's 2 s limit kills it."""
+    import psutil
+
+    frozen = Sshd(tmp_path_factory.mktemp("sshd-frozen"))
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        # the command line's -o wins over the config file's ConnectTimeout 10
+        monkeypatch.setenv("SLMEDGE_SSH_ARGS", f"-o ConnectTimeout=60 {frozen.ssh_args}")
+        path = tmp_path / "fleet.yaml"
+        target = f"ssh://{frozen.user}@127.0.0.1:{frozen.port}{tmp_path}/r"
+        path.write_text(f"devices:\n  - {{name: frozen, target: '{target}', timeout_s: 2}}\n")
+        merged = run_fleet(load_fleet(path), [artifact], BenchConfig(
+            prompt_tokens=8, new_tokens=4, warmup=0, repeats=1, prompt_buckets=(8,),
+            decode_depths=(8,), threads=1))
+        [err] = merged["errors"]
+        assert err["device"] == "frozen" and "timed out after 2 s" in err["message"]
+
+        def live_clients():
+            found = []
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if p.name() == "ssh" and str(frozen.port) in p.cmdline() and \
+                            p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p)
+                except psutil.Error:
+                    continue
+            return found
+
+        deadline = time.monotonic() + 5  # well before the client's own 60 s ConnectTimeout
+        while live_clients() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not live_clients()
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.stop()
