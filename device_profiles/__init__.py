@@ -4,8 +4,10 @@
 which may ``extends:`` a built-in one. See ``schema.py`` for every field.
 """
 
-from .loader import builtin_names, load_builtin_profiles, load_profile, profile_summary
+from .loader import (
+    builtin_names, load_builtin_profiles, load_profile, profile_summary, session_kwargs,
+)
 from .schema import DeviceProfile
 
 __all__ = ["DeviceProfile", "builtin_names", "load_builtin_profiles", "load_profile",
-           "profile_summary"]
+           "profile_summary", "session_kwargs"]

@@ -219,3 +219,11 @@ def profile_summary(profile: DeviceProfile) -> dict:
 def to_jsonable(profile: DeviceProfile) -> dict:
     """The full profile as plain JSON types (enums as their values)."""
     return profile.model_dump(mode="json")
+
+
+def session_kwargs(name: str) -> dict:
+    """What a profile sets on a decoder session: its providers (with options) in order and its
+    CPU-fallback rule (the keywords of the runners' ``run_*_bench``)."""
+    profile = load_profile(name)
+    return {"providers": profile.provider_specs(),
+            "allow_cpu_fallback": profile.runtime.allow_cpu_fallback}

@@ -342,13 +342,15 @@ def cell_task(spec: dict) -> dict:
 
 def fleet_device_task(fleet_path: str, device: str, artifacts: list[str], bench: dict) -> dict:
     """Ray: all of one device's benches (one task per device: a device never runs two)."""
+    from slmedge.device_profiles import session_kwargs
     from slmedge.runtimes.bench import BenchConfig
     from slmedge.runtimes.fleet import load_fleet, run_fleet
 
     fleet = load_fleet(fleet_path)
     return run_fleet(fleet.model_copy(update={"devices": [d for d in fleet.devices
                                                           if d.name == device]}),
-                     artifacts, BenchConfig.from_dict(bench), fleet_path=fleet_path)
+                     artifacts, BenchConfig.from_dict(bench), fleet_path=fleet_path,
+                     session_kwargs=session_kwargs)
 
 
 # -- executors --------------------------------------------------------------------------------
@@ -374,11 +376,12 @@ class _Pool:
                 yield futures[f], f.result()
 
     def fleet(self, fleet_path: str, devices: list[str], artifacts: list[str], bench: dict):
+        from slmedge.device_profiles import session_kwargs
         from slmedge.runtimes.bench import BenchConfig
         from slmedge.runtimes.fleet import load_fleet, run_fleet
 
         return [run_fleet(load_fleet(fleet_path), artifacts, BenchConfig.from_dict(bench),
-                          fleet_path=fleet_path)]
+                          fleet_path=fleet_path, session_kwargs=session_kwargs)]
 
     def close(self, cancel: bool = False) -> None:
         self.ex.shutdown(wait=not cancel, cancel_futures=cancel)

@@ -213,14 +213,9 @@ def run_local_bench(artifact: str | Path, config: BenchConfig, *, providers=None
     return _stream_run(local, argv, local, progress or (lambda _m: None), None, on_started)
 
 
-def _profile_kwargs(device: Device) -> dict:
-    if not device.profile:
-        return {}
-    from slmedge.device_profiles import load_profile
-
-    profile = load_profile(device.profile)
-    return {"providers": profile.provider_specs(),
-            "allow_cpu_fallback": profile.runtime.allow_cpu_fallback}
+#: ``profile name -> run_*_bench keywords`` (providers, CPU-fallback rule); the caller passes
+#: ``slmedge.device_profiles.session_kwargs``: runtimes/ sits below device_profiles/.
+SessionKwargs = Callable[[str], dict]
 
 
 @dataclass
@@ -243,11 +238,14 @@ def _error(device: Device, artifact: str, exc: BaseException, partial=None) -> d
 
 
 def _bench_one(run: _DeviceRun, artifact: str, config: BenchConfig, say: DeviceSay,
-               bench_fn) -> None:
+               bench_fn, session_kwargs: SessionKwargs | None) -> None:
     d = run.device
     remaining = max(1.0, run.deadline - time.monotonic())
+    if d.profile and session_kwargs is None:
+        raise UsageError(f"device {d.name} names profile {d.profile}, but no profile loader "
+                         "was given to run_fleet (session_kwargs=)")
     kwargs = dict(progress=lambda m: say(d.name, m), on_started=run.procs.append,
-                  max_seconds=remaining, **_profile_kwargs(d))
+                  max_seconds=remaining, **(session_kwargs(d.profile) if d.profile else {}))
     if bench_fn is not None:
         result = bench_fn(d, artifact, config, **kwargs)
     elif d.target == "local":
@@ -261,14 +259,14 @@ def _bench_one(run: _DeviceRun, artifact: str, config: BenchConfig, say: DeviceS
 
 
 def _device_worker(run: _DeviceRun, artifacts: list[str], config: BenchConfig, say: DeviceSay,
-                   bench_fn) -> None:
+                   bench_fn, session_kwargs: SessionKwargs | None = None) -> None:
     run.t0 = time.monotonic()
     try:
         for artifact in artifacts:  # one bench at a time on this device
             if run.timed_out:
                 break
             try:
-                _bench_one(run, artifact, config, say, bench_fn)
+                _bench_one(run, artifact, config, say, bench_fn, session_kwargs)
                 say(run.device.name, f"done: {Path(artifact).name}")
             except Exception as e:  # noqa: BLE001 - every failure is this device's, recorded
                 if run.timed_out:
@@ -327,12 +325,14 @@ class _Timeout(SlmEdgeError):
 
 def run_fleet(fleet: Fleet, artifacts: list[str | Path], config: BenchConfig | None = None, *,
               tags: list[str] | None = None, progress: DeviceSay | None = None,
-              fleet_path: str | None = None, bench_fn=None) -> dict:
+              fleet_path: str | None = None, bench_fn=None,
+              session_kwargs: SessionKwargs | None = None) -> dict:
     """Bench every artifact on every selected device; return the merged document.
 
     ``bench_fn(device, artifact, config, progress=, on_started=, max_seconds=, ...)`` replaces
     the real runner (tests); by default ``local`` runs a child process here and ``ssh://`` /
-    ``adb://`` go through :func:`remote.run_remote_bench`.
+    ``adb://`` go through :func:`remote.run_remote_bench`. ``session_kwargs(profile_name)``
+    gives a device's session settings from its profile (``device_profiles.session_kwargs``).
     """
     config = config or BenchConfig()
     devices = fleet.select(tags)
@@ -350,7 +350,8 @@ def run_fleet(fleet: Fleet, artifacts: list[str | Path], config: BenchConfig | N
     threads = []
     for run in runs:
         say(run.device.name, f"starting on {run.device.target}: {len(arts)} artifact(s)")
-        t = threading.Thread(target=_device_worker, args=(run, arts, config, say, bench_fn),
+        t = threading.Thread(target=_device_worker, args=(run, arts, config, say, bench_fn,
+                                                           session_kwargs),
                              name=f"fleet-{run.device.name}", daemon=True)
         t.start()
         threads.append(t)

@@ -194,7 +194,7 @@ class ResultsStore:
         row.update(kind=kind, stored_at=_now(), doc=text,
                    doc_sha256=hashlib.sha256(f"{kind}\0{text}".encode()).hexdigest())
         row.setdefault("slmedge_version", _version())
-        values = [row.get(c) for c in _COLUMNS]
+        values = [_scalar(row.get(c)) for c in _COLUMNS]
         cur = self.db.execute(
             f"INSERT OR IGNORE INTO results({','.join(_COLUMNS)}) "
             f"VALUES({','.join('?' * len(_COLUMNS))})", values)
@@ -292,6 +292,18 @@ def _utc(text: str | None) -> str | None:
         return _iso(text, "time")
     except UsageError:
         return text
+
+
+def _scalar(value):
+    """A column value SQLite takes: a profile export's manifest names its profile as a
+    section (``{"name": ..., ...}``), which the column holds by name; other structures as
+    JSON text."""
+    if isinstance(value, dict):
+        return value.get("name") if isinstance(value.get("name"), str) else \
+            json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value, default=str)
+    return value
 
 
 def _columns_of(kind: str, doc: dict) -> dict:

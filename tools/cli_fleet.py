@@ -47,6 +47,7 @@ def fleet_table(merged: dict) -> str:
 
 def cmd_bench_fleet(args, config) -> int:
     """Run the benchmark config on every (selected) device of ``--fleet``."""
+    from slmedge.device_profiles import session_kwargs
     from slmedge.runtimes.fleet import load_fleet, run_fleet
 
     if getattr(args, "target", None):
@@ -64,7 +65,7 @@ def cmd_bench_fleet(args, config) -> int:
     if args.device_timeout:
         fleet = fleet.model_copy(update={"timeout_s": args.device_timeout})
     merged = run_fleet(fleet, artifacts, config, tags=tags, progress=_say_factory(),
-                       fleet_path=str(args.fleet))
+                       fleet_path=str(args.fleet), session_kwargs=session_kwargs)
     if args.output:
         Path(args.output).write_text(json.dumps(merged, indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)

@@ -191,3 +191,17 @@ def test_a_broken_store_is_a_notice_not_a_lost_measurement(tiny_artifact, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "notice: not stored: results store" in proc.stderr and "junk.sqlite" in proc.stderr
     validate_result(json.loads(out.read_text()))
+
+
+def test_a_profile_exports_card_is_stored_by_profile_name(tmp_path):
+    """A profile export's manifest holds its profile as a section (name, recipe, ...): the
+    column keeps the name and the document keeps the section (sqlite refused the dict)."""
+    manifest = {"created_at": "2026-12-06T10:00:00+00:00", "source": {"location": "m"},
+                "recipe": {"dtype": "fp32", "quant": "a16w8"},
+                "profile": {"name": "android-qnn-htp", "shapes": "static"},
+                "quality": {"perplexity": 40.0}}
+    with ResultsStore(tmp_path / "p.sqlite") as s:
+        s.add_quality(manifest, artifact=str(tmp_path / "qnn"))
+        (row,) = s.query(kind="quality")
+    assert row.profile == "android-qnn-htp"
+    assert row.doc["profile"] == manifest["profile"] and row.perplexity == 40.0
