@@ -22,7 +22,6 @@ from .parity import check_parity
 from .passes import FusionOptions
 from .quantize.pipeline import QualityConfig, check_quant_texts, fp32_card, quantize_in_stage
 from .quantize.recipe import QuantRecipe
-from .quiet import quiet_libraries
 from .sources import DEFAULT_MODEL, open_source
 from .staging import check_output, staged_directory
 from .streaming import export_streamed
@@ -222,21 +221,11 @@ def _parity_gate(config: ExportConfig, streamed, graph: Path, say: Progress) -> 
     return {**parity.to_dict(), "reference": reference}
 
 
-def run_export(
-    config: ExportConfig, progress: Progress | None = None, command: str | None = None
-) -> dict:
-    """Export, verify and write an artifact; returns the manifest.
-
-    ``command`` is recorded in the manifest (default: this process's ``sys.argv``)."""
-    with quiet_libraries():
-        if config.profile:  # the device profile's recipe decides the rest
-            from .profile_export import run_profile_export
-
-            return run_profile_export(config, progress)
-        return _run_export(config, progress, command)
-
-
-def _run_export(config: ExportConfig, progress: Progress | None, command: str | None) -> dict:
+def export_onnx(config: ExportConfig, progress: Progress | None = None,
+                command: str | None = None) -> dict:
+    """The ONNX flow (no device profile): stream the export, gate parity, quantize or card,
+    write the manifest; returns it. ``slmedge export`` enters through
+    :func:`slmedge.exporter.pipeline.run_export`, which also handles profiles."""
     say = progress or (lambda _msg: None)
     check_output(config.output, config.overwrite)  # before minutes of work
     check_quant_texts(config.quant, config.quality)  # missing texts: exit 2 before the export
@@ -264,7 +253,8 @@ def _run_export(config: ExportConfig, progress: Progress | None, command: str | 
         parity = _parity_gate(config, streamed, stage / MODEL_FILE, say)
         if config.quant is not None:
             quant_fields = quantize_in_stage(stage, config.quant, config.quality, say)
-            info.external_data = False
+            # a quantized graph above 2 GB keeps model.onnx.data (a model file of the manifest)
+            info.external_data = bool(quant_fields["quantization"].get("external_data", False))
         else:
             say("quality card: perplexity of the exported graph")
             quant_fields = {"quality": fp32_card(stage / MODEL_FILE, stage, config.quality, say)}

@@ -26,6 +26,7 @@ from slmedge.device_profiles.schema import ArtifactFormat, DeviceProfile, ShapeP
 from slmedge.runtimes.artifact import MANIFEST_NAME
 from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError, UsageError
 
+from .export import architecture_facts, export_onnx, save_support_files
 from .manifest import file_table, onnx_facts, write_manifest
 from .parity import FP16_RTOL_OF_SCALE
 from .sources import load_source
@@ -71,9 +72,7 @@ def run_profile_export(config, progress=None) -> dict:
         f"{derived.dtype.value}, quantization {derived.quant.scheme.value if derived.quant else 'none'}")
     if profile.shapes.policy is ShapePolicy.static:
         return _export_static_artifact(derived, profile, say)
-    from .export import run_export
-
-    run_export(derived, progress)
+    export_onnx(derived, progress)  # pipeline.run_export has quieted the libraries
     return _finish(Path(config.output), profile, say)
 
 
@@ -157,7 +156,6 @@ def convert_to_ort(root: Path, graphs: list[str], say, *, runtime_style: bool = 
 
 
 def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
-    from .export import architecture_facts, save_support_files
 
     check_output(config.output, config.overwrite)
     _eval_text(config)  # a missing --eval-text fails now, not after the export

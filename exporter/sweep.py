@@ -261,7 +261,7 @@ def export_task(spec: dict) -> dict:
     done = out / ".sweep-export.json"
     if done.is_file():
         return dict(json.loads(done.read_text()), cached=True)
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
     from slmedge.exporter.quantize.pipeline import QualityConfig
 
     t0 = time.perf_counter()

@@ -52,7 +52,7 @@ def tiny_dir(tmp_path_factory):
 def tiny_artifact(tmp_path_factory, tiny_dir):
     """``tiny_artifact(model_type, dtype="fp32", **ExportConfig fields)`` -> exported artifact
     dir (cached per session)."""
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
 
     cache: dict[tuple, Path] = {}
 
@@ -76,7 +76,7 @@ def smollm2_artifact(tmp_path_factory):
     reuse = os.environ.get("SLMEDGE_SMOLLM2_ARTIFACT")
     if reuse:
         return Path(reuse)
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
 
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     run_export(ExportConfig(model="embedded:smollm2-135m-instruct", output=out))

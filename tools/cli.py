@@ -45,7 +45,7 @@ def _print_json(doc) -> None:
 
 def _load_exporter():
     try:
-        from slmedge.exporter import export as export_module
+        from slmedge.exporter import pipeline as export_module
     except ImportError as e:
         raise MissingDependency(
             f"slmedge export needs the [export] extra ({e.name or e} is not installed): "

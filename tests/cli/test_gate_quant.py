@@ -29,7 +29,7 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def sharp(tiny_dir, tmp_path_factory):
     """(artifact dir, eval text) of the sharpened tiny Llama (unfused export)."""
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
     from slmedge.runtimes.generation import SamplingConfig, generate
     from slmedge.runtimes.onnx_decoder import OnnxDecoder
     from slmedge.runtimes.tokenizer import TextTokenizer
@@ -99,7 +99,7 @@ def test_auto_keeps_the_smallest_recipe_inside_the_gate(sharp, tmp_path):
 
 
 def test_export_with_quant_writes_card_recipe_and_decisions(tiny_dir, tmp_path):
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
 
     out = tmp_path / "q"
     manifest = run_export(ExportConfig(

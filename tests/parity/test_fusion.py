@@ -173,7 +173,7 @@ def test_padding_mask_keeps_the_exporters_mask_in_the_attention(tiny_artifact):
 
 
 def test_no_fuse_export_keeps_standard_ops(tiny_dir, tiny_artifact, tmp_path):
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
 
     out = tmp_path / "plain"
     manifest = run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, fuse=False))

@@ -24,7 +24,7 @@ from gguf_writer import (
 )
 
 from slmedge.exporter import gguf_source
-from slmedge.exporter.export import ExportConfig, run_export
+from slmedge.exporter.pipeline import ExportConfig, run_export
 from slmedge.exporter.parity import torch_step_logits
 from slmedge.runtimes.generation import generate
 from slmedge.runtimes.onnx_decoder import OnnxDecoder

@@ -69,7 +69,7 @@ def dequantize_nbits(node, inits, correction=None) -> np.ndarray:
 @pytest.fixture(scope="module")
 def llama(tiny_dir, tmp_path_factory):
     """The tiny Llama exported without fusion: standard ONNX ops, as NPU recipes need."""
-    from slmedge.exporter.export import ExportConfig, run_export
+    from slmedge.exporter.pipeline import ExportConfig, run_export
 
     out = tmp_path_factory.mktemp("plain-llama") / "artifact"
     run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, fuse=False,

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 from tiny_models import TINY_MODEL_TYPES
 
-from slmedge.exporter.export import ExportConfig, run_export
+from slmedge.exporter.pipeline import ExportConfig, run_export
 from slmedge.exporter.graph_writer import save_graph
 from slmedge.exporter.lazy_weights import SafetensorsWeights, empty_model
 from slmedge.exporter.onnx_export import export_decoder
