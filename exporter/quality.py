@@ -263,9 +263,19 @@ def replay_record(candidate: Decoder, prompt_ids: Sequence[int], eval_ids: Seque
 
     import onnxruntime as ort
 
+    # A static-shape decoder holds `context` tokens (prompt + generated, or one window): the
+    # replay fits inside it (a 32-token test export cannot take 16 tokens after a 20-token
+    # prompt, nor a 256-token window).
+    context = getattr(candidate, "context", None)
+    window, new_tokens = REPLAY_WINDOW, REPLAY_NEW_TOKENS
+    if context:
+        if len(prompt_ids) >= int(context):
+            prompt_ids = list(prompt_ids)[: int(context) // 2]
+        window = min(window, int(context))
+        new_tokens = max(0, min(new_tokens, int(context) - len(prompt_ids)))
     spec = {"prompt": REPLAY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids],
-            "new_tokens": REPLAY_NEW_TOKENS,
-            "window_ids": [int(i) for i in list(eval_ids)[:REPLAY_WINDOW]]}
+            "new_tokens": new_tokens,
+            "window_ids": [int(i) for i in list(eval_ids)[:window]]}
     measured = run_spec(candidate, spec)
     record = {**spec, "tokens": measured["tokens"], "perplexity": measured.get("perplexity"),
               "machine": platform.machine(), "onnxruntime": ort.__version__}
