@@ -152,6 +152,9 @@ def cmd_export_tflite(args) -> int:
         manifest = run_tflite_export(config, progress=progress.say)
     finally:
         progress.close()
+    from .cli_results import store_quality
+
+    store_quality(args, manifest, config.output)  # the results store, unless --no-store
     if getattr(args, "json", False):
         sys.stdout.write(
             json.dumps({"output": str(config.output), **manifest}, indent=2, default=str) + "\n"

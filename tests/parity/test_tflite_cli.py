@@ -124,10 +124,18 @@ def test_export_quantized_then_generate_eval_bench(capsys, tmp_path, tiny_dir):
         "--eval-tokens",
         "300",
         "--json",
+        "--store",
+        tmp_path / "results.sqlite",
     )
     assert code == 0, err
     manifest = json.loads(stdout)
     assert manifest["recipe"]["quant"] == "int8-dynamic"
+    # the TFLite card goes into the results store like the ONNX ones (issue 17)
+    from slmedge.runtimes.results_store import ResultsStore
+
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        (row,) = store.query(kind="quality")
+    assert row.artifact == str(out) and row.doc["quality"] == manifest["quality"]
     assert set(manifest["tflite"]["signatures"]) == {"prefill_8", "prefill_16", "decode"}
     assert manifest["tflite"]["quantization"]["weight_bits"] == 8
     card = manifest["quality"]
