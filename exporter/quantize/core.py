@@ -80,7 +80,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> bool:
     return external
 
 
-def _weight_only_table(model: onnx.ModelProto, precision: dict[str, str]) -> dict:
+def weight_only_table(model: onnx.ModelProto) -> dict:
+    """The manifest's op table of a weight-only graph: quantized / float nodes per op type."""
     table: dict[str, dict] = {}
     for node in model.graph.node:
         row = table.setdefault(node.op_type, {"quantized": 0, "float": 0, "reasons": []})
@@ -219,7 +220,7 @@ class _WeightOnly(_Strategy):
             say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
                 "correction (fast integer kernels)")
         save_model(model, job.dst)
-        return _Done(precision, _weight_only_table(model, precision),
+        return _Done(precision, weight_only_table(model),
                      ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"],
                      calib_doc, zero_points)
 
@@ -354,7 +355,7 @@ def _dynamic_int8(model, facts, recipe: QuantRecipe, tmp: Path, dst: Path, say: 
     chosen = set(targets)
     precision = {w.node: "int8" if w.node in chosen else "float" for w in facts.weight_matmuls}
     out = onnx.load(str(dst), load_external_data=False)
-    return precision, _weight_only_table(out, {})
+    return precision, weight_only_table(out)
 
 
 def copy_support_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> None:

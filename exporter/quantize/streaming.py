@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slmedge.runtimes.errors import UnsupportedOp
 
-from .core import QuantReport
+from .core import QuantReport, weight_only_table
 from .external_data import (
     INLINE_BELOW, DataFileWriter, TensorSource, is_external, load_graph, tensor_nbytes,
 )
@@ -456,21 +456,6 @@ def _finish(model, lazy: LazyWeights, out: _Writer, say: Say) -> None:
     graph.initializer.extend(finished)
 
 
-def _op_table(model) -> dict:
-    table: dict[str, dict] = {}
-    for node in model.graph.node:
-        row = table.setdefault(node.op_type, {"quantized": 0, "float": 0, "reasons": []})
-        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul",
-                            "MatMulInteger", "DynamicQuantizeLinear"):
-            row["quantized"] += 1
-        else:
-            row["float"] += 1
-    for row in table.values():
-        if not row["quantized"]:
-            row["reasons"].append("weight-only scheme: activations and this op stay float")
-    return table
-
-
 @dataclass
 class StreamedReport(QuantReport):
     """:class:`core.QuantReport` plus the MatMuls whose weights are the source's own blocks."""
@@ -545,7 +530,7 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
         embedding=recipe.embedding.value if facts.embedding_gathers else "none",
         lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
-        op_decisions=_op_table(model),
+        op_decisions=weight_only_table(model),
         contrib_ops=contrib,
         calibration=None,
         seconds=round(time.perf_counter() - t0, 2),
