@@ -14,15 +14,15 @@ test_streaming_quant.py compares them), so everything downstream sees the same g
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .external_data import TensorSource
-from .graph import _module_and_layer, unique_name
+from .graph import _module_and_layer
+from .pack_matmuls import pack_shared_input_matmuls as _pack
 
 
 class LazyWeights:
@@ -132,53 +132,18 @@ def fold_weight_transposes(model: onnx.ModelProto, lazy: LazyWeights) -> int:
 def pack_shared_input_matmuls(model: onnx.ModelProto, lazy: LazyWeights) -> list[str]:
     """:func:`pack_matmuls.pack_shared_input_matmuls` on placeholders: the packed ``[K, N1 +
     N2]`` weight is a concatenation computed when written."""
-    graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        return []
-    inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            uses[name] += 1
-    groups: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        w = inits.get(node.input[1])
-        if w is None or len(w.dims) != 2 or uses[w.name] != 1:
-            continue
-        groups[(node.input[0], int(w.dims[0]), w.data_type)].append(node)
-    taken = {n.name for n in graph.node} | set(inits) | {o for n in graph.node for o in n.output}
-    packed = []
-    for (_x, k, dtype), nodes in groups.items():
-        if len(nodes) < 2:
-            continue
-        parts = [n.input[1] for n in nodes]
-        widths = [int(inits[p].dims[1]) for p in parts]
-        first = nodes[0]
-        wname = unique_name(first.input[1] + "_packed", taken)
-        yname = unique_name(first.output[0] + "_packed", taken)
-        graph.initializer.append(lazy.placeholder(
-            wname, [k, sum(widths)], dtype,
-            lambda ps=tuple(parts): np.concatenate([lazy.array(p) for p in ps], axis=1)))
+
+    def placeholder(wname: str, nodes: list[onnx.NodeProto],
+                    inits: dict[str, onnx.TensorProto]) -> onnx.TensorProto:
+        parts = tuple(n.input[1] for n in nodes)
+        k = int(inits[parts[0]].dims[0])
+        width = sum(int(inits[p].dims[1]) for p in parts)
         lazy.parts[wname] = [_module_and_layer(n)[0] for n in nodes]
-        sizes = unique_name(first.name + "_split_sizes", taken)
-        graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), sizes))
-        matmul = helper.make_node("MatMul", [first.input[0], wname], [yname], name=first.name)
-        matmul.metadata_props.extend(first.metadata_props)
-        split = helper.make_node("Split", [yname, sizes], [n.output[0] for n in nodes],
-                                 name=unique_name(first.name + "_split", taken), axis=-1)
-        split.metadata_props.extend(first.metadata_props)
-        for n in nodes:
-            graph.initializer.remove(inits.pop(n.input[1]))
-        at = next(i for i, n in enumerate(graph.node) if n.output[0] == first.output[0])
-        for n in nodes:
-            graph.node.remove(n)
-        graph.node.insert(at, split)
-        graph.node.insert(at, matmul)
-        packed.append(first.name)
-    return packed
+        return lazy.placeholder(
+            wname, [k, width], inits[parts[0]].data_type,
+            lambda ps=parts: np.concatenate([lazy.array(p) for p in ps], axis=1))
+
+    return _pack(model, pack_weights=placeholder)
 
 
 def _drop_unused(graph: onnx.GraphProto, extra_used: set[str]) -> None:

@@ -14,6 +14,7 @@ changes. Only float weights that nothing else reads are packed.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -22,7 +23,20 @@ from onnx import helper, numpy_helper
 from .graph import unique_name
 
 
-def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozenset()) -> list[str]:
+#: ``(packed weight name, the group's nodes, initializers by name) -> the packed [K, N1 + N2]
+#: initializer`` (lazy_graph.py passes one whose bytes are computed when written)
+PackWeights = Callable[[str, list[onnx.NodeProto], dict[str, onnx.TensorProto]], onnx.TensorProto]
+
+
+def concat_weights(wname: str, nodes: list[onnx.NodeProto],
+                   inits: dict[str, onnx.TensorProto]) -> onnx.TensorProto:
+    """The group's weights side by side, in memory."""
+    weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+    return numpy_helper.from_array(np.concatenate(weights, axis=1), wname)
+
+
+def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozenset(),
+                              pack_weights: PackWeights = concat_weights) -> list[str]:
     """Pack each group of MatMuls (names not in ``skip``) that read the same activation with
     2-D initializer weights of one dtype and ``K``; returns the packed nodes' names."""
     graph = model.graph
@@ -47,14 +61,13 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, *, skip: set[str] = frozen
     for (_x, _k, _dtype), nodes in groups.items():
         if len(nodes) < 2:
             continue
-        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
         first = nodes[0]
         wname = unique_name(first.input[1] + "_packed", taken)
         yname = unique_name(first.output[0] + "_packed", taken)
-        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), wname))
+        graph.initializer.append(pack_weights(wname, nodes, inits))
         sizes = unique_name(first.name + "_split_sizes", taken)
         graph.initializer.append(numpy_helper.from_array(
-            np.array([w.shape[1] for w in weights], dtype=np.int64), sizes))
+            np.array([int(inits[n.input[1]].dims[1]) for n in nodes], dtype=np.int64), sizes))
         matmul = helper.make_node("MatMul", [first.input[0], wname], [yname], name=first.name)
         matmul.metadata_props.extend(first.metadata_props)
         split = helper.make_node("Split", [yname, sizes], [n.output[0] for n in nodes],
