@@ -42,8 +42,17 @@ def check_structure(figures: dict, *, small: int, big: int, repeats: int, pairs:
             # the runner's decode time is part of its process's wall time, seen from outside
             assert 0 < run["decode_s"] < run["wall_s"], run
     assert figures["rss_worst_ratio"] <= RSS_TOLERANCE, figures
-    for key in ("time_ratio", "tokens_per_s_ratio"):  # reported (not judged) and finite
-        assert figures[key] > 0, figures
+    # The ratios are reported, not judged. They exist only when the extra decode time seen
+    # from outside stands above the spread of the process wall times (on the tiny model it
+    # often does not: a difference of two noisy lifetimes, once -1.2 in CI); then positive.
+    resolved = figures["outside_extra_decode_s"] > figures["wall_noise_s"] and \
+        figures["inside_extra_decode_s"] > 0
+    assert figures["timing_resolved"] is resolved, figures
+    for key in ("time_ratio", "tokens_per_s_ratio"):
+        if resolved:
+            assert figures[key] > 0, figures
+        else:
+            assert figures[key] is None and "not above" in figures["timing_note"], figures
 
 
 def test_bench_agrees_with_usr_bin_time_on_the_tiny_model(time_tool, tiny_artifact, tmp_path,
