@@ -1,6 +1,6 @@
 """Sizes of bundles per file type and in total, as the README's Markdown table.
 
-    python tools/bundle_sizes.py artifacts/bundles/android-cpu artifacts/bundles/ios-coreml ...
+    python tools/bench/bundle_sizes.py artifacts/bundles/android-cpu artifacts/bundles/ios-coreml ...
 
 Reads each bundle's manifest (the sizes slmedge bundle recorded and verify re-checked) and
 the ``.zip`` beside it when there is one. MB = 10^6 bytes.
