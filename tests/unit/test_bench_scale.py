@@ -74,6 +74,12 @@ def test_floor_kills_when_the_machine_runs_low(tmp_path):
     assert r["killed"].startswith(f"killed: machine MemAvailable below {huge:g} GB")
 
 
+def test_timeout_kills_and_the_row_says_so(tmp_path):
+    r = bench_scale.run_measured([sys.executable, "-c", HOLD, "10", "120"], tmp_path / "log",
+                                 cap_gb=100.0, floor_gb=0.0, poll_s=0.05, timeout_s=0.5)
+    assert (r["exit_code"], r["killed"]) == (-9, "killed at timeout 0.5 s")
+
+
 def _row(model, precision, tool, **kw):
     base = {"model": model, "parameters": 494_032_768, "precision": precision, "tool": tool,
             "exit_code": 0, "wall_s": 10.0, "peak_rss_gb": 2.0, "output_gb": 1.0, "killed": None}

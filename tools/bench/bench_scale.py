@@ -248,15 +248,16 @@ def wait_for_memory(need_gb: float, max_wait_s: float, poll_s: float = 10.0) -> 
 
 
 def run_measured(cmd: list[str], log: Path, cap_gb: float = 20.0, floor_gb: float = 1.0,
-                 poll_s: float = 0.5, env: dict | None = None) -> dict:
+                 poll_s: float = 0.5, env: dict | None = None,
+                 timeout_s: float | None = None) -> dict:
     """Run ``cmd`` as a child in its own process group; its wall time, exit code and own peak
     RSS (``wait4``'s ru_maxrss, which covers the descendants it waited for).
 
     A watchdog polls the RSS of the child's whole process tree every ``poll_s`` seconds and
     kills the group (SIGKILL) when it passes ``cap_gb``, or when the machine's MemAvailable
     drops below ``floor_gb`` (another job is growing too: better lose this row than let the OOM
-    killer pick someone else's process). ``killed`` then says why, and ``peak_tree_rss_gb`` is
-    the largest tree RSS the watchdog saw."""
+    killer pick someone else's process), or after ``timeout_s`` seconds. ``killed`` then says
+    why, and ``peak_tree_rss_gb`` is the largest tree RSS the watchdog saw."""
     import signal
     import threading
 
@@ -277,6 +278,8 @@ def run_measured(cmd: list[str], log: Path, cap_gb: float = 20.0, floor_gb: floa
                 elif mem_available_bytes() < floor_gb * 1e9:
                     reason = (f"killed: machine MemAvailable below {floor_gb:g} GB (this tree "
                               f"{rss / 1e9:.1f} GB; other jobs hold the rest)")
+                elif timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                    reason = f"killed at timeout {timeout_s:g} s"
                 if reason:
                     state["killed"] = reason
                     try:
@@ -367,7 +370,7 @@ def bench(models: list[str], precisions: list[str], tools: list[str], workdir: P
           eval_tokens: int, *, cap_gb: float = 20.0, floor_gb: float = 1.0,
           wait_gb: float | None = None, max_wait_s: float = 900.0, keep_outputs: bool = False,
           source: str = "HEAD", json_path: Path | None = None,
-          previous: list[dict] | None = None) -> list[dict]:
+          previous: list[dict] | None = None, timeout_s: float | None = None) -> list[dict]:
     """Measure each (model, precision, tool), one process at a time; each row is merged into
     ``previous`` and written to ``json_path`` as soon as it is measured (a later crash or kill
     loses nothing)."""
@@ -401,7 +404,7 @@ def bench(models: list[str], precisions: list[str], tools: list[str], workdir: P
                 load_start = [round(x, 2) for x in os.getloadavg()]
                 result = run_measured(export_command(tool, precision, hf_dir, out, eval_tokens),
                                       workdir / name / f"{tool}-{precision}.log", cap_gb=cap_gb,
-                                      floor_gb=floor_gb,
+                                      floor_gb=floor_gb, timeout_s=timeout_s,
                                       env=env if tool == "slmedge" else None)
                 row = {"model": name, "parameters": params, "precision": precision,
                        "tool": tool, **result,
@@ -484,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", default="HEAD",
                     help="slmedge code to run: a commit (default HEAD, unpacked with git archive,"
                     " so other people's uncommitted edits are not measured) or 'worktree'")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="kill an export after this many seconds (the row says so)")
     ap.add_argument("--keep-outputs", action="store_true",
                     help="keep each export's output (default: deleted once measured)")
     ap.add_argument("--json", type=Path,
@@ -501,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench(models, args.precisions.split(","), tools, args.workdir, args.eval_tokens,
                  cap_gb=args.cap_gb, floor_gb=args.floor_gb, wait_gb=args.wait_gb,
                  max_wait_s=args.max_wait, keep_outputs=args.keep_outputs, source=args.source,
-                 json_path=args.json, previous=previous)
+                 json_path=args.json, previous=previous, timeout_s=args.timeout)
     print(table(merge_rows(previous, rows)))
     return 0
 
