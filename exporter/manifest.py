@@ -1,4 +1,9 @@
-"""Build ``manifest.json``: provenance, recipe, versions, graph facts and file hashes."""
+"""Build ``manifest.json``: provenance, recipe, versions, graph facts and file hashes.
+
+Every manifest is validated against the typed schema (``runtimes/manifest_schema.py``)
+before it is written: :func:`write_manifest` for a new artifact, :func:`save_manifest` for
+one a later step amends (profile exports, bundles).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,14 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from slmedge.runtimes.artifact import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, sha256_file
+from slmedge.runtimes.artifact import (
+    BUNDLE_SCHEMA_VERSION,
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    check_schema_version,
+    sha256_file,
+)
+from slmedge.runtimes.errors import SlmEdgeError
 
 _VERSIONED = ("slmedge", "torch", "transformers", "onnx", "onnxscript", "onnx-ir",
               "onnxruntime", "tokenizers", "gguf")
@@ -82,5 +94,29 @@ def write_manifest(root: Path, fields: dict, model_files: set[str]) -> dict:
         "versions": package_versions(),
         "files": file_table(root, model_files),
     }
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return save_manifest(root, manifest)
+
+
+def save_manifest(root: Path, manifest: dict, indent: int | None = 2) -> dict:
+    """Validate ``manifest`` against the typed schema, then write it into ``root``; returns
+    it. A manifest the schema refuses is slmedge's own bug: SlmEdgeError (exit 1) naming
+    the fields, and the file is not written."""
+    from pydantic import ValidationError
+
+    from slmedge.runtimes.manifest_schema import BundleManifest, Manifest
+
+    bundle = manifest.get("kind") == "bundle"
+    check_schema_version(manifest, root / MANIFEST_NAME, root)
+    try:
+        (BundleManifest if bundle else Manifest).model_validate(manifest)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors()[:5])
+        raise SlmEdgeError(
+            f"slmedge built a {'bundle ' if bundle else ''}manifest for {root} that its own "
+            f"schema (version {BUNDLE_SCHEMA_VERSION if bundle else MANIFEST_SCHEMA_VERSION}) "
+            f"refuses: {problems}; it was not written. This is a bug in slmedge: please "
+            "report it with the command") from None
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=indent)
+                                      + ("\n" if indent else ""))
     return manifest

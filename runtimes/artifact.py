@@ -2,22 +2,38 @@
 
 An artifact directory holds the model file(s), the tokenizer files, the generation
 config and ``manifest.json``. The manifest lists every file with its size and
-sha256; :func:`open_artifact` checks sizes (cheap, catches truncation) and
-:meth:`Artifact.verify_hashes` checks contents.
+sha256; :func:`open_artifact` checks the manifest's schema version and the sizes (cheap,
+catches truncation) and :meth:`Artifact.verify_hashes` checks contents.
+
+Two views of the manifest: ``Artifact.info`` is the typed, validated model
+(``runtimes/manifest_schema.py``, pydantic) that readers on the host use;
+``Artifact.manifest`` is the raw JSON dict, for the benchmark runner and the decoders it
+opens on a Pi or a phone, where only onnxruntime, numpy and psutil are installed (no
+pydantic). Both refuse a manifest of another major schema version (exit 2) through
+:func:`check_schema_version`, which needs nothing but the standard library.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, UsageError
+from .manifest_version import (  # noqa: F401  (re-exported: the names readers import from here)
+    BUNDLE_SCHEMA_VERSION,
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    check_schema_version,
+    read_manifest_json,
+    reexport_command,
+    schema_major,
+)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
-
+if TYPE_CHECKING:
+    from .manifest_schema import BundleManifest, Manifest
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in 1 MiB chunks."""
@@ -36,6 +52,17 @@ class Artifact:
     manifest: dict
     model_path: Path
     files: dict[str, dict] = field(default_factory=dict)
+
+    @cached_property
+    def info(self) -> Manifest | BundleManifest | None:
+        """The typed manifest, validated on first use (UsageError, exit 2, naming the file and
+        the fields at fault); None for a bare model file. Needs pydantic: the benchmark runner
+        on a target reads :attr:`manifest` instead."""
+        if not self.manifest:
+            return None
+        from .manifest_schema import validate_manifest
+
+        return validate_manifest(self.manifest, self.root / MANIFEST_NAME, self.root)
 
     @property
     def format(self) -> str:
@@ -89,10 +116,7 @@ def open_artifact(path: str | Path) -> Artifact:
             f"'{root}' has no {MANIFEST_NAME}, so it is not an slmedge artifact "
             f"(it holds: {', '.join(found) or 'nothing'}); export into it with slmedge export"
         )
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON ({e}); re-export the artifact") from None
+    manifest = read_manifest_json(mpath)
     files = manifest.get("files", {})
     model_rel = manifest.get("model_file", "model.onnx")
     model_path = root / model_rel

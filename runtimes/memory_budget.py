@@ -80,13 +80,14 @@ def _max_positions(artifact: Artifact) -> int | None:
 
 
 def kv_bytes_per_token(artifact: Artifact) -> int:
-    """Key + value bytes one token adds to the cache, from the manifest's architecture."""
-    arch = artifact.manifest.get("architecture") or {}
-    layers, heads, dim = (arch.get(k) for k in ("num_layers", "kv_heads", "head_dim"))
-    if not (layers and heads and dim):
+    """Key + value bytes one token adds to the cache, from the manifest's architecture
+    (0 for a bare model file, whose architecture is unknown)."""
+    info = artifact.info
+    arch = info.architecture if info else None
+    if arch is None:
         return 0
-    dtype = (artifact.manifest.get("recipe") or {}).get("dtype", "fp32")
-    return 2 * int(layers) * int(heads) * int(dim) * _KV_BYTES.get(dtype, 4)
+    dtype = (info.recipe.dtype if info.recipe else None) or "fp32"
+    return 2 * arch.num_layers * arch.kv_heads * arch.head_dim * _KV_BYTES.get(dtype, 4)
 
 
 def estimate_memory(artifact: Artifact, profile, context: int | None = None) -> MemoryEstimate:
@@ -94,7 +95,8 @@ def estimate_memory(artifact: Artifact, profile, context: int | None = None) -> 
 
     ``context`` None: the profile's static context length, else
     :data:`DEFAULT_DYNAMIC_CONTEXT` capped by the model's ``max_position_embeddings``."""
-    static = (artifact.manifest.get("static") or {}).get("context_length")
+    info = artifact.info
+    static = info.static.context_length if info and info.static else None
     if context is not None:
         tokens, why = int(context), "--context"
     elif profile.shapes.context_length:

@@ -107,9 +107,10 @@ class CheckReport:
 
 
 def graph_files(artifact) -> list[Path]:
-    static = artifact.manifest.get("static")
-    if static:
-        return [artifact.root / static["prefill_file"], artifact.root / static["decode_file"]]
+    """The graphs to place: a static export's prefill + decode, else the model file."""
+    info = artifact.info
+    if info and info.static:
+        return [artifact.root / info.static.prefill_file, artifact.root / info.static.decode_file]
     return [artifact.model_path]
 
 
@@ -130,7 +131,7 @@ def check_artifact(path: str | Path, profile, context: int | None = None) -> Che
             _check_mobile(file, profile, target, report)
         else:
             _check_cpu(file, profile, report)
-    if profile.shapes.policy.value == "static" and not artifact.manifest.get("static"):
+    if profile.shapes.policy.value == "static" and not (artifact.info and artifact.info.static):
         report.notes.append(
             f"profile {profile.name} wants static shapes but this artifact is a dynamic-shape "
             f"export: export it with `slmedge export --profile {profile.name}`")

@@ -36,14 +36,13 @@ from .remote import (
 
 def recorded_replay(artifact: str | Path) -> tuple[dict, float | None]:
     """The manifest's ``quality.replay`` record and the quality gate (percent) it was held to."""
-    manifest = open_artifact(artifact).manifest
-    quality = manifest.get("quality") or {}
-    replay = quality.get("replay")
+    info = open_artifact(artifact).info
+    replay = info.quality.replay if info and info.quality else None
     if not replay:
         raise UsageError(f"{artifact}: the manifest's quality card has no replay record (exported "
                          "before slmedge recorded one); export or quantize it again")
-    gate = (manifest.get("gate") or {}).get("max_ppl_increase_pct")
-    return replay, gate
+    gate = info.gate.max_ppl_increase_pct if getattr(info, "gate", None) else None
+    return replay.model_dump(mode="json", exclude_unset=True), gate
 
 
 def manifest_spec(artifact: str | Path, logprobs: bool = False) -> dict:

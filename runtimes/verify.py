@@ -22,15 +22,18 @@ files); keeping both in torch-free modules means bundle and verify can never dis
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .artifact import MANIFEST_NAME, open_artifact, sha256_file
 from .errors import ArtifactError, QualityGateFailed, UnsupportedOp, UsageError
 from .ort_format import format_problem, format_requirement, ort_file_facts, raise_minimum
+
+if TYPE_CHECKING:
+    from .manifest_schema import BundleManifest
 
 # -- what each ONNX Runtime release runs ----------------------------------------------------
 #
@@ -176,52 +179,52 @@ class VerifyReport:
                 "parity": self.parity}
 
 
-def read_bundle_manifest(root: Path) -> dict:
-    """The bundle's manifest, or a clear error if ``root`` is not a bundle."""
+def read_bundle_manifest(root: Path) -> BundleManifest:
+    """The bundle's typed manifest, or a clear error if ``root`` is not a bundle (or one of
+    another schema version: exit 2)."""
+    from .manifest_schema import BundleManifest, load_manifest
+
     if not root.is_dir():
         raise UsageError(f"bundle '{root}' is not a directory; write one with "
                          f"slmedge bundle ARTIFACT --profile NAME -o {root}")
     path = root / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         raise ArtifactError(f"'{root}' has no {MANIFEST_NAME}, so it is not an slmedge bundle; "
-                            "write one with slmedge bundle") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); bundle the artifact again") from None
-    if manifest.get("kind") != "bundle":
+                            "write one with slmedge bundle")
+    manifest = load_manifest(path)
+    if not isinstance(manifest, BundleManifest):
         raise ArtifactError(f"{path} is an artifact manifest, not a bundle's; verify checks "
                             "what slmedge bundle wrote (slmedge bundle DIR --profile NAME -o OUT)")
     return manifest
 
 
-def check_files(root: Path, manifest: dict) -> int:
+def check_files(root: Path, manifest: BundleManifest) -> int:
     """Re-hash every listed file; raise naming each missing, truncated or altered one."""
     problems = []
-    for rel, meta in sorted(manifest.get("files", {}).items()):
+    for rel, meta in sorted(manifest.files.items()):
         p = root / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
-        elif p.stat().st_size != meta["size"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {meta['size']} "
+        elif p.stat().st_size != meta.size:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {meta.size} "
                             "(truncated or altered)")
-        elif sha256_file(p) != meta["sha256"]:
+        elif sha256_file(p) != meta.sha256:
             problems.append(f"{rel}: sha256 differs from the manifest (altered or corrupt)")
     if problems:
-        raise ArtifactError(f"{root}: {len(problems)} of {len(manifest.get('files', {}))} files "
+        raise ArtifactError(f"{root}: {len(problems)} of {len(manifest.files)} files "
                             f"fail the check: {'; '.join(problems)} — copy the bundle again or "
                             "rebuild it with slmedge bundle")
-    return len(manifest.get("files", {}))
+    return len(manifest.files)
 
 
-def check_ort_files(root: Path, manifest: dict) -> dict[str, dict]:
+def check_ort_files(root: Path, manifest: BundleManifest) -> dict[str, dict]:
     """Read the header of every ``.ort`` file the manifest lists: ``{name: {format_version,
     minimum_onnxruntime, ir_version, opset, converted_with}}``. The producing onnxruntime is
     not in the file; it comes from the manifest (``ort_format.graphs``; None in bundles written
     before slmedge recorded it). Raises naming a file that is no ORT FlatBuffers file."""
-    recorded = (manifest.get("ort_format") or {}).get("graphs") or {}
+    recorded = (manifest.ort_format.graphs if manifest.ort_format else None) or {}
     out = {}
-    for rel in sorted(manifest.get("files", {})):
+    for rel in sorted(manifest.files):
         if not rel.lower().endswith(".ort"):
             continue
         facts = ort_file_facts(root / rel, f"{root / rel}",
@@ -248,30 +251,30 @@ def open_bundle_decoder(artifact, threads: int = 1):
             f"slmedge OnnxDecoder, onnxruntime {ort.__version__}")
 
 
-def check_parity(root: Path, manifest: dict, threads: int = 1) -> dict:
+def check_parity(root: Path, manifest: BundleManifest, threads: int = 1) -> dict:
     """Run the recorded prompt through slmedge's runtime; compare with the recorded tokens."""
-    ref = manifest.get("parity")
+    ref = manifest.parity
     if not ref:
         return {"skipped": "the bundle manifest records no parity reference"}
     from .generation import generate
 
     decoder, runtime = open_bundle_decoder(open_artifact(root), threads=threads)
-    first = np.asarray(decoder.logits(ref["prompt_ids"])[-1], dtype=np.float64)
-    ids = np.asarray(ref["first_step"]["top_ids"])
+    first = np.asarray(decoder.logits(ref.prompt_ids)[-1], dtype=np.float64)
+    ids = np.asarray(ref.first_step.top_ids)
     got = first[ids]
-    diff = float(np.max(np.abs(got - np.asarray(ref["first_step"]["top_logits"]))))
-    tokens = generate(decoder, ref["prompt_ids"], len(ref["greedy_tokens"])).tokens
-    result = {"prompt_tokens": len(ref["prompt_ids"]), "tokens": len(tokens),
-              "tokens_match": tokens == ref["greedy_tokens"], "max_abs_diff": diff,
-              "atol": ref["atol"], "runtime": runtime}
-    if not result["tokens_match"] or diff > ref["atol"]:
-        pairs = zip(tokens, ref["greedy_tokens"], strict=False)
+    diff = float(np.max(np.abs(got - np.asarray(ref.first_step.top_logits))))
+    tokens = generate(decoder, ref.prompt_ids, len(ref.greedy_tokens)).tokens
+    result = {"prompt_tokens": len(ref.prompt_ids), "tokens": len(tokens),
+              "tokens_match": tokens == ref.greedy_tokens, "max_abs_diff": diff,
+              "atol": ref.atol, "runtime": runtime}
+    if not result["tokens_match"] or diff > ref.atol:
+        pairs = zip(tokens, ref.greedy_tokens, strict=False)
         where = next((i for i, (a, b) in enumerate(pairs) if a != b),
-                     min(len(tokens), len(ref["greedy_tokens"])))
+                     min(len(tokens), len(ref.greedy_tokens)))
         said = "match" if result["tokens_match"] else f"differ from token {where}"
         raise QualityGateFailed(
             f"{root}: parity check failed: greedy tokens {said}, first-step logits max |diff| "
-            f"{diff:.2e} (allowed {ref['atol']:.0e}); this runtime does not reproduce the "
+            f"{diff:.2e} (allowed {ref.atol:.0e}); this runtime does not reproduce the "
             "bundle's recorded output", figures=result)
     return result
 
@@ -283,16 +286,16 @@ def verify_bundle(path: str | Path, runtime_version: str | None = None,
     manifest = read_bundle_manifest(root)
     report = VerifyReport(bundle=str(root))
     report.files_checked = check_files(root, manifest)
-    graphs = manifest.get("onnx", {})
+    graphs = manifest.onnx
     report.ort_files = check_ort_files(root, manifest)
     ort_needs = [format_requirement(rel, facts["format_version"])
                  for rel, facts in report.ort_files.items()]
     report.minimum_onnxruntime = raise_minimum(minimum_onnxruntime(graphs), ort_needs)["version"] \
         if graphs or ort_needs else None
-    if runtime_version and manifest.get("format") == "tflite":
+    if runtime_version and manifest.format == "tflite":
         raise UsageError(
             f"--runtime-version names an ONNX Runtime release, and {root} is a TFLite bundle "
-            f"(LiteRT {(manifest.get('litert') or {}).get('verified_with', '?')}); "
+            f"(LiteRT {(manifest.litert or {}).get('verified_with', '?')}); "
             "verify it without --runtime-version")
     if runtime_version:
         wanted = parse_version(runtime_version)

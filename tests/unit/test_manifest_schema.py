@@ -1,0 +1,200 @@
+"""The typed, versioned manifest (runtimes/manifest_schema.py): every manifest the exporters
+write validates and round-trips; unknown keys of a newer minor version are kept; another major
+version, or none, is refused with exit 2 naming the versions and the command that writes the
+artifact again (also by the benchmark runner, which has no pydantic); a missing field is named
+with its file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact
+from slmedge.runtimes.errors import EXIT_USAGE, SlmEdgeError, UsageError
+from slmedge.runtimes.manifest_schema import (
+    BundleManifest,
+    Manifest,
+    OnnxFacts,
+    load_manifest,
+    validate_manifest,
+)
+from slmedge.tools.cli import main
+
+ONE_THREAD_PROFILE = "name: x86-cpu-1t\nextends: x86-cpu\nruntime:\n  threads: 1\n"
+
+
+def _doc(root: Path) -> dict:
+    return json.loads((root / MANIFEST_NAME).read_text())
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(root: Path, **changes) -> dict:
+    doc = _doc(root)
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    (root / MANIFEST_NAME).write_text(json.dumps(doc))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_artifact):
+    return tiny_artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def written(fp32, tmp_path_factory, tiny_dir):
+    """The manifests the test fixtures produce: fp32, int4, int8 (slmedge quantize), a
+    static-shape profile export, and bundles of the fp32 and the static export."""
+    from static_fixtures import static_artifact_path
+
+    root = tmp_path_factory.mktemp("manifests")
+    out = {"fp32": fp32}
+    for scheme in ("int4", "int8"):
+        assert main(["quantize", str(fp32), "-o", str(root / scheme), "--quant", scheme,
+                     "--max-ppl-increase", "1000", "--eval-tokens", "256", "--no-store"]) == 0
+        out[scheme] = root / scheme
+    out["static"] = static_artifact_path(tmp_path_factory, tiny_dir)
+    profile = root / "x86-cpu-1t.yaml"
+    profile.write_text(ONE_THREAD_PROFILE)
+    assert main(["bundle", str(fp32), "--profile", str(profile), "-o", str(root / "bundle")]) == 0
+    out["bundle"] = root / "bundle"
+    assert main(["bundle", str(out["static"]), "--profile",
+                 str(out["static"].parent / "test-npu.yaml"), "-o", str(root / "sbundle")]) == 0
+    out["static-bundle"] = root / "sbundle"
+    return out
+
+
+def test_every_written_manifest_validates_and_round_trips(written):
+    kinds = {}
+    for name, root in written.items():
+        doc = _doc(root)
+        m = load_manifest(root)
+        kinds[name] = type(m)
+        # nothing lost, nothing added: the typed model writes back the same JSON
+        assert m.to_json() == doc, name
+        assert validate_manifest(m.to_json(), name).to_json() == doc
+        assert sum(f.size for f in m.files.values()) == sum(
+            (root / rel).stat().st_size for rel in doc["files"])
+    assert kinds == {"fp32": Manifest, "int4": Manifest, "int8": Manifest,
+                     "static": Manifest, "bundle": BundleManifest,
+                     "static-bundle": BundleManifest}
+
+
+def test_fields_read_what_the_exporters_wrote(written):
+    fp32, int4, static = (load_manifest(written[k]) for k in ("fp32", "int4", "static"))
+    assert fp32.architecture.family == "Llama" and fp32.architecture.vocab_size == 128
+    assert fp32.recipe.quant is None and int4.recipe.quant == int4.quantization.label
+    assert int4.derived_from.artifact == str(written["fp32"].resolve())
+    assert int4.gate.passed is True and int4.card().reference_perplexity is not None
+    assert isinstance(fp32.onnx, OnnxFacts) and fp32.graph_files() == ["model.onnx"]
+    assert "com.microsoft.MatMulNBits" in int4.onnx.contrib_ops
+    assert set(static.onnx) == {"prefill", "decode"}
+    assert static.graph_files() == [static.static.prefill_file, static.static.decode_file]
+    assert static.static.context_length == 32 and static.profile.name == "test-npu"
+    # the model files' bytes are the ones on disk
+    assert int4.model_bytes() == sum((written["int4"] / f).stat().st_size
+                                     for f in int4.model_files())
+    bundle = load_manifest(written["bundle"])
+    assert bundle.kind == "bundle" and bundle.parity.greedy_tokens
+    assert bundle.profile.name == "x86-cpu-1t"
+
+
+def test_unknown_keys_of_a_newer_minor_version_load_and_are_kept(fp32, tmp_path):
+    art = _copy(fp32, tmp_path / "a")
+    doc = _doc(art)
+    doc["schema_version"] = "1.7"
+    doc["energy_card"] = {"mj_per_token": 1.5}                 # a new section
+    doc["architecture"]["sliding_window"] = 4096                # a new key inside a known one
+    (art / MANIFEST_NAME).write_text(json.dumps(doc))
+    m = open_artifact(art).info
+    assert m.energy_card == {"mj_per_token": 1.5}
+    assert m.architecture.sliding_window == 4096 and m.architecture.num_layers == 2
+    assert m.to_json() == doc
+
+
+@pytest.mark.parametrize("version, found", [(2, "schema version 2"),
+                                            ("0.9", "schema version '0.9'"),
+                                            (None, "no schema_version")])
+def test_another_major_version_exits_2_naming_versions_and_command(fp32, tmp_path, capsys,
+                                                                   version, found):
+    art = _copy(fp32, tmp_path / "a")
+    _rewrite(art, schema_version=version)
+    code = main(["bench", str(art), "--prompt-tokens", "8", "--new-tokens", "2", "--repeats", "1",
+                 "--warmup", "0", "--no-store"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    source = _doc(art)["source"]["location"]
+    assert found in err and "reads manifest schema version 1" in err
+    assert f"slmedge export --model {source} --output {art}" in err
+
+
+def test_verify_refuses_a_bundle_of_another_major_version(written, tmp_path, capsys):
+    bundle = _copy(written["bundle"], tmp_path / "b")
+    _rewrite(bundle, schema_version=3)
+    code = main(["verify", str(bundle)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert "schema version 3" in err and "bundle manifest schema version 1" in err
+    assert f"slmedge bundle {written['fp32'].absolute()} --profile x86-cpu-1t -o {bundle}" in err
+
+
+def test_a_quantized_artifact_names_slmedge_quantize_to_write_it_again(written, tmp_path):
+    art = _copy(written["int4"], tmp_path / "q")
+    _rewrite(art, schema_version=2)
+    with pytest.raises(UsageError) as e:
+        open_artifact(art)
+    assert f"slmedge quantize {written['fp32'].resolve()} -o {art} --quant int4" in str(e.value)
+
+
+def test_the_runner_without_pydantic_refuses_another_major_version(fp32, tmp_path):
+    """The benchmark runner on a Pi or phone has no pydantic: the plain version check there
+    gives the same exit 2 and message."""
+    art = _copy(fp32, tmp_path / "a")
+    _rewrite(art, schema_version=2)
+    code = ("import runpy, sys; sys.modules['pydantic'] = None; "
+            "sys.argv = ['bench', sys.argv[1], '--events']; "
+            "runpy.run_module('slmedge.runtimes.bench', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "schema version 2" in proc.stdout and "slmedge export --model" in proc.stdout
+
+
+def test_a_missing_required_field_names_the_field_and_the_file(fp32, tmp_path):
+    art = _copy(fp32, tmp_path / "a")
+    _rewrite(art, architecture=None)
+    with pytest.raises(UsageError) as e:
+        load_manifest(art)
+    assert "'architecture' field required" in str(e.value)
+    assert str(art / MANIFEST_NAME) in str(e.value)
+    assert e.value.exit_code == EXIT_USAGE
+    # a wrong type inside a section names the dotted path
+    _rewrite(art, architecture={**_doc(fp32)["architecture"], "num_layers": "two"})
+    with pytest.raises(UsageError, match=r"'architecture\.num_layers'"):
+        open_artifact(art).info
+
+
+def test_a_manifest_the_schema_refuses_is_not_written(tmp_path):
+    from slmedge.exporter.manifest import write_manifest
+
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    with pytest.raises(SlmEdgeError, match="architecture") as e:
+        write_manifest(tmp_path, {"format": "onnx", "recipe": {"dtype": "fp32"}}, {"model.onnx"})
+    assert e.value.exit_code == 1 and "bug in slmedge" in str(e.value)
+    assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+def test_a_bare_model_file_has_no_typed_manifest(fp32):
+    assert open_artifact(fp32 / "model.onnx").info is None
