@@ -367,6 +367,14 @@ class Recipe(BaseModel):
         "Add eps, Sqrt, Reciprocal, Mul) into one SimplifiedLayerNormalization. QNN HTP runs it "
         "as its RmsNorm op, which stays finite where the decomposed chain's x^2 overflows fp16 "
         "(measured on the HTP emulator; NNAPI and CoreML have no such op)")
+    int4_accuracy_level: int | None = Field(
+        None, ge=0, le=4, description="int4: MatMulNBits accuracy level (compute type: 0 unset, "
+        "1 fp32, 2 fp16, 3 bf16, 4 int8 activations); default: the quantizer's (4). Used by int4 "
+        "ONNX exports only (a profile extending an ARM one with another scheme keeps it "
+        "unused, not an error). On ARM CPUs "
+        "with dot-product instructions level 4 runs another kernel than x86 (activations "
+        "quantized per row, not per block: SmolLM2-135M's greedy text leaves x86's after 8 "
+        "tokens under emulation); level 1 computes x86's model there (README, arm64 section)")
 
     @field_validator("quantization", mode="before")
     @classmethod

@@ -46,9 +46,17 @@ def profile_fields(config, profile: DeviceProfile) -> dict:
     update: dict = {"profile": None}
     if "dtype" not in explicit:
         update["dtype"] = profile.recipe.precision.value
+    level = profile.recipe.int4_accuracy_level
     if "quant" not in explicit:
         scheme = profile.recipe.quantization.value
         update["quant"] = None if scheme == "none" else {"scheme": scheme}
+        if scheme == "int4" and level is not None:
+            update["quant"]["accuracy_level"] = level
+    elif (level is not None and config.quant is not None
+          and config.quant.scheme.value == "int4"
+          and "accuracy_level" not in config.quant.model_fields_set):
+        # `--quant int4` with the profile: the profile's level, unless --accuracy-level is given
+        update["quant"] = config.quant.model_copy(update={"accuracy_level": level})
     return update
 
 
