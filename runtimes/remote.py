@@ -36,6 +36,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 from collections import deque
@@ -87,6 +88,9 @@ class Target:
     root: str = ""  # remote working directory
     python: str = "python3"
     venv: bool = True
+    #: Where the venv's wheels come from: "target" (its pip reaches an index) or "host" (this
+    #: machine downloads the target's wheels and copies them over: targets without internet).
+    wheels: str = "target"
 
     def describe(self) -> str:
         if self.scheme == "adb":
@@ -97,7 +101,8 @@ class Target:
 
 
 def parse_target(url: str) -> Target:
-    """Parse ``ssh://[user@]host[:port][/dir]`` or ``adb://[SERIAL][/dir]`` (+ ``?python=&venv=``)."""
+    """Parse ``ssh://[user@]host[:port][/dir]`` or ``adb://[SERIAL][/dir]``
+    (+ ``?python=&venv=&wheels=``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("ssh", "adb"):
         raise UsageError(
@@ -105,9 +110,14 @@ def parse_target(url: str) -> Target:
             "ssh://user@host[:port] or adb://SERIAL (adb:// for the only device)"
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    unknown = sorted(set(query) - {"python", "venv"})
+    unknown = sorted(set(query) - {"python", "venv", "wheels"})
     if unknown:
-        raise UsageError(f"--target {url!r}: unknown option(s) {unknown}; known: python, venv")
+        raise UsageError(f"--target {url!r}: unknown option(s) {unknown}; known: python, venv, "
+                         "wheels")
+    wheels = query.get("wheels", "target").lower() or "target"
+    if wheels not in ("target", "host"):
+        raise UsageError(f"--target {url!r}: wheels must be 'target' (the target's pip downloads "
+                         f"them) or 'host' (downloaded here, copied over), got {wheels!r}")
     path = unquote(parts.path)
     if path.startswith("/~/"):
         path = path[3:]  # ssh://host/~/dir -> dir under the home
@@ -117,11 +127,14 @@ def parse_target(url: str) -> Target:
     if venv_flag not in ("0", "1", "yes", "no", "true", "false"):
         raise UsageError(f"--target {url!r}: venv must be 0 or 1, got {venv_flag!r}")
     venv = venv_flag in ("1", "yes", "true")
+    if wheels == "host" and not venv:
+        raise UsageError(f"--target {url!r}: wheels=host installs into the runner's venv; it "
+                         "needs venv=1")
     python = query.get("python") or "python3"
     if parts.scheme == "adb":
         # A serial may contain ':' (adb over TCP: 192.168.1.5:5555): take the netloc as it is.
         return Target("adb", unquote(parts.netloc), root=path or DEFAULT_ADB_DIR,
-                      python=python, venv=venv)
+                      python=python, venv=venv, wheels=wheels)
     host = parts.hostname
     if not host or host.startswith("-"):
         raise UsageError(f"--target {url!r}: no host; use ssh://user@host[:port]")
@@ -130,7 +143,8 @@ def parse_target(url: str) -> Target:
     except ValueError:
         raise UsageError(f"--target {url!r}: the port is not a number") from None
     return Target("ssh", host, user=unquote(parts.username) if parts.username else None,
-                  port=port, root=path or DEFAULT_SSH_DIR, python=python, venv=venv)
+                  port=port, root=path or DEFAULT_SSH_DIR, python=python, venv=venv,
+                  wheels=wheels)
 
 
 def q(path: str) -> str:
@@ -387,23 +401,98 @@ def _ensure_python(transport, plan: RemotePlan, say: Say) -> str:
     if plan.facts.get("venv") == reqs:
         say(f"reusing the venv on {t.describe()} ({t.root}/{plan.venv_dir})")
         return python
-    say(f"making a venv on {t.describe()} ({t.root}/{plan.venv_dir}): pip install {reqs}")
+    source = ""
+    if t.wheels == "host":
+        wheels = host_wheels(transport, t, say)
+        transport.upload([(w, w.name) for w in wheels], f"{t.root}/{WHEELS_DIR}", say)
+        # --no-index: nothing is fetched by the target; every wheel came from this machine
+        source = f"--no-index --find-links {q(WHEELS_DIR)} "
+    say(f"making a venv on {t.describe()} ({t.root}/{plan.venv_dir}): pip install {reqs}"
+        + (" from wheels downloaded here" if source else ""))
     # --system-site-packages: an onnxruntime installed system-wide (e.g. by apt) is used as is.
     script = (
         f"cd {q(t.root)} && {q(t.python)} -m venv --system-site-packages {q(plan.venv_dir)} && "
-        f"{q(python)} -m pip install --disable-pip-version-check -q "
+        f"{q(python)} -m pip install --disable-pip-version-check -q {source}"
         + " ".join(q(r) for r in REMOTE_REQUIREMENTS)
         + f" && printf '%s\\n' {q(reqs)} > {q(plan.venv_dir + '/.slmedge-ready')}"
     )
     out = transport.run(script, timeout=1800)
     if out.returncode != 0:
+        access = ("the wheels copied from this machine (a dependency may have no wheel for "
+                  "the target: see the error)" if source else
+                  "access to PyPI (or ?wheels=host: this machine downloads the wheels)")
         raise RemoteError(
             f"making the Python environment on {t.describe()} failed (exit {out.returncode}): "
             f"{_tail(out.stderr.decode(errors='replace'))}; the target needs python3 with the "
-            "venv module (Debian/Raspberry Pi OS: sudo apt install python3-venv) and access to "
-            "PyPI, or pre-installed packages with ?venv=0"
+            f"venv module (Debian/Raspberry Pi OS: sudo apt install python3-venv) and {access}, "
+            "or pre-installed packages with ?venv=0"
         )
     return python
+
+
+#: Where host-downloaded wheels go on the target (under its root).
+WHEELS_DIR = "wheels"
+
+
+def target_platform(transport, target: Target) -> dict:
+    """The target Python's version, machine and C library, as pip's platform tags need them."""
+    code = ("import platform, sys; lib, ver = platform.libc_ver(); "
+            "print(sys.version_info[0], sys.version_info[1], platform.machine(), lib or '-', "
+            "ver or '-')")
+    out = transport.run(f"{q(target.python)} -c {q(code)}", timeout=300)
+    fields = out.stdout.decode(errors="replace").split()
+    if out.returncode != 0 or len(fields) != 5:
+        raise RemoteError(
+            f"cannot read the Python version and platform of {target.describe()} "
+            f"({target.python}): {_tail(out.stderr.decode(errors='replace'), 2)}; check that "
+            "python3 runs there, or name it with ?python=/path/to/python")
+    major, minor, machine, libc, libc_version = fields
+    return {"python": (int(major), int(minor)), "machine": machine, "libc": libc,
+            "libc_version": libc_version}
+
+
+def pip_platforms(machine: str, libc: str, libc_version: str) -> list[str]:
+    """pip ``--platform`` tags a glibc Linux target accepts, newest first (PEP 600)."""
+    if libc != "glibc":
+        raise RemoteError(
+            f"wheels=host supports glibc Linux targets; this one reports libc {libc!r} "
+            f"({machine}): install onnxruntime, numpy and psutil there and use ?venv=0")
+    try:
+        glibc_minor = int(libc_version.split(".")[1])
+    except (IndexError, ValueError):
+        raise RemoteError(f"cannot read the target's glibc version {libc_version!r}") from None
+    tags = [f"manylinux_2_{m}_{machine}" for m in range(glibc_minor, 16, -1)]
+    return tags + [f"manylinux2014_{machine}"]
+
+
+def host_wheels(transport, target: Target, say: Say, cache: Path | None = None) -> list[Path]:
+    """Download, on this machine, the wheels the runner's venv needs on ``target``.
+
+    ``pip download`` with the target's platform tags and Python version (binary wheels only,
+    dependencies resolved for the target); cached per platform under ``~/.cache/slmedge``."""
+    info = target_platform(transport, target)
+    major, minor = info["python"]
+    platforms = pip_platforms(info["machine"], info["libc"], info["libc_version"])
+    key = f"cp{major}{minor}-{platforms[0]}"
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "slmedge" / "wheels" / key
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
+           "--only-binary=:all:", "--python-version", f"{major}.{minor}",
+           "--implementation", "cp", "-d", str(cache)]
+    for tag in platforms:
+        cmd += ["--platform", tag]
+    say(f"downloading the runner's wheels for {target.describe()} ({key}) into {cache}")
+    out = subprocess.run(cmd + list(REMOTE_REQUIREMENTS), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RemoteError(
+            f"downloading wheels for {target.describe()} ({key}: Python {major}.{minor}, "
+            f"{info['machine']}, glibc {info['libc_version']}) failed: {_tail(out.stderr)}; "
+            "this machine needs pip and access to PyPI (or a local index in pip.conf)")
+    wheels = sorted(cache.glob("*.whl"))
+    if not wheels:
+        raise RemoteError(f"pip download left no wheel in {cache}")
+    return wheels
 
 
 def _lost_message(target: Target, partial: dict | None, rc: int, stderr: str, kept: str) -> str:
