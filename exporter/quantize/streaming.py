@@ -12,7 +12,8 @@ copied across in chunks. Peak memory: the graph plus a few copies of the largest
 
 Same numbers as today's path: the per-tensor calls are the ones
 ``MatMulNBitsQuantizer`` makes (RTN: ``DefaultWeightOnlyQuantizer.qbits_block_quant``,
-i.e. ``quantize_matmul_4bits`` / ``_8bits``; HQQ: ``HQQWeightOnlyQuantizer.quantize``), the
+i.e. ``quantize_matmul_4bits`` / ``_8bits``; HQQ: hqq.py, the bytes of
+``HQQWeightOnlyQuantizer.quantize`` several times faster), the
 ``MatMulNBits`` nodes carry the same names and attributes, the embedding goes through
 :func:`weight_only.embedding_int8` (row blocks at a time) or ONNX Runtime's
 ``quantize_gather``, and the graph passes after quantization (``share_tied_int4_table``,
@@ -45,6 +46,7 @@ from .external_data import (
 from .fold_zero_points import fold_float_zero_points
 from .gguf_blocks import NBitsBlocks, concat_blocks
 from .graph import GraphFacts, _module_and_layer, analyze
+from .hqq import hqq_quantize
 from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
 from .tied_table import share_tied_int4_table
@@ -230,9 +232,30 @@ def _exact_for(node, lazy: LazyWeights, exact: ExactBlocks | None, spec: tuple,
 
 def _nbits_hqq(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
                out: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
-    """HQQ through ONNX Runtime's own node quantizer on a one-tensor graph. The packed
-    weights go to the data file; scales and float zero points stay inline for
-    ``fold_float_zero_points`` (1/16 of the fp32 weights at block 32)."""
+    """HQQ with ONNX Runtime's numbers (hqq.py: the same bytes as its
+    ``HQQWeightOnlyQuantizer``, several times faster), the node named and laid out as that
+    quantizer writes it. The packed weights go to the data file; scales and float zero
+    points stay inline for ``fold_float_zero_points`` (1/16 of the fp32 weights at block 32)."""
+    bits, block, _, _ = spec
+    if w.shape[0] % block or w.shape[0] == block:  # not hqq.py's (its ValueError): ORT's code
+        return _nbits_hqq_ort(node, w, spec, level, out)
+    packed, scales, zero_points = hqq_quantize(w, bits, block)
+    name = node.input[1]
+    tensors = [out.store(name + f"_Q{bits}", packed),
+               numpy_helper.from_array(scales, name + "_scales"),
+               numpy_helper.from_array(zero_points, name + "_zero_points")]
+    new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)],
+                           [node.output[0]], name=node.name + f"_Q{bits}" if node.name else "",
+                           domain="com.microsoft", K=w.shape[0], N=w.shape[1], bits=bits,
+                           block_size=block)
+    if level:
+        new.attribute.append(helper.make_attribute("accuracy_level", level))
+    return new, tensors
+
+
+def _nbits_hqq_ort(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
+                   out: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """HQQ through ONNX Runtime's own node quantizer on a one-tensor graph."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     bits, block, _, _ = spec
