@@ -42,9 +42,15 @@ import numpy as np
 
 from slmedge.device_profiles import DeviceProfile
 from slmedge.device_profiles.schema import ArtifactFormat, ShapePolicy
-from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
+from slmedge.runtimes.artifact import (
+    BUNDLE_SCHEMA_VERSION,
+    MANIFEST_NAME,
+    open_artifact,
+    sha256_file,
+)
 from slmedge.runtimes.bench import LAST_BENCH_NAME
 from slmedge.runtimes.errors import ArtifactError, UnsupportedError, UsageError
+from slmedge.runtimes.manifest_schema import BundleManifest, Manifest
 from slmedge.runtimes.ort_format import (
     format_requirement,
     ort_file_facts,
@@ -55,10 +61,9 @@ from slmedge.runtimes.verify import minimum_onnxruntime, open_bundle_decoder
 
 from .architectures import get_spec, supported_model_types
 from .bundle_snippets import genai_dependency, litert_version, render_snippets
-from .manifest import onnx_facts
+from .manifest import onnx_facts, save_manifest
 from .staging import check_output, staged_directory
 
-BUNDLE_SCHEMA_VERSION = 1
 __all__ = ["build_bundle", "genai_config", "last_bench", "parity_reference", "render_snippets"]
 GENAI_CONFIG = "genai_config.json"
 #: Tokenizer and generation files an app needs beside the graph (copied when present).
@@ -144,19 +149,26 @@ def _genai_model_type(model_type: str | None) -> str | None:
         return None
 
 
-def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[dict | None, str]:
+def json_of(section) -> dict | None:
+    """A manifest section as the JSON it was read from (None stays None)."""
+    return section.model_dump(mode="json", exclude_unset=True) if section is not None else None
+
+
+def genai_config(manifest: Manifest, root: Path, profile: DeviceProfile
+                 ) -> tuple[dict | None, str]:
     """``(genai_config.json contents, why)`` for the bundle at ``root``; ``(None, reason)``
     when GenAI cannot express the artifact."""
-    if manifest.get("static"):
+    if manifest.static:
         return None, ("static-shape prefill/decode graphs over a fixed window: "
                       "genai_config.json describes one decoder with a growing KV cache, so "
                       "run this bundle with slmedge's runtime or ONNX Runtime directly")
-    if manifest.get("format", "onnx") != "onnx":
-        return None, f"format {manifest.get('format')} is not an ONNX decoder"
+    if manifest.format != "onnx":
+        return None, f"format {manifest.format} is not an ONNX decoder"
     # The graphs use GenAI's decoder contract (input_ids, attention_mask, position_ids,
     # past_key_values.N.key/value -> logits, present.N.key/value); the spec says whether GenAI
     # has loaded its family (ArchitectureSpec.genai_model_type).
-    model_type = manifest.get("architecture", {}).get("model_type")
+    arch = manifest.architecture
+    model_type = arch.model_type
     genai_type = _genai_model_type(model_type)
     if genai_type is None:
         checked = sorted(t for t in map(_genai_model_type, supported_model_types()) if t)
@@ -166,10 +178,9 @@ def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[di
         hf = json.loads((root / "config.json").read_text())
     except FileNotFoundError:
         return None, "the artifact has no config.json (hidden size, attention heads)"
-    inputs, meta = _graph_meta(root / manifest["model_file"])
+    inputs, meta = _graph_meta(root / manifest.model_file)
     if "logits_to_keep" in inputs:
         return None, "the graph still takes logits_to_keep, which GenAI does not feed"
-    arch = manifest["architecture"]
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if "position_ids" in inputs:
         names["position_ids"] = "position_ids"
@@ -184,7 +195,7 @@ def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[di
         session["intra_op_num_threads"] = profile.runtime.threads
     gen = json.loads((root / "generation_config.json").read_text()) \
         if (root / "generation_config.json").exists() else {}
-    eos = manifest.get("stop_token_ids") or gen.get("eos_token_id") or hf.get("eos_token_id")
+    eos = manifest.stop_token_ids or gen.get("eos_token_id") or hf.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
     pad = gen.get("pad_token_id", hf.get("pad_token_id"))
     config = {
@@ -193,20 +204,20 @@ def genai_config(manifest: dict, root: Path, profile: DeviceProfile) -> tuple[di
             "context_length": context,
             "decoder": {
                 "session_options": session,
-                "filename": manifest["model_file"],
-                "head_size": arch["head_dim"],
+                "filename": manifest.model_file,
+                "head_size": arch.head_dim,
                 "hidden_size": hf["hidden_size"],
                 "inputs": names,
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": hf["num_attention_heads"],
-                "num_hidden_layers": arch["num_layers"],
-                "num_key_value_heads": arch["kv_heads"],
+                "num_hidden_layers": arch.num_layers,
+                "num_key_value_heads": arch.kv_heads,
             },
             "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else eos[0],
             "type": genai_type,
-            "vocab_size": arch["vocab_size"],
+            "vocab_size": arch.vocab_size,
         },
         "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": shared,
@@ -229,7 +240,8 @@ def parity_reference(root: Path, tokens: int = PARITY_TOKENS) -> dict:
 
     artifact = open_artifact(root)
     decoder, runtime = open_bundle_decoder(artifact, threads=1)
-    vocab = artifact.manifest.get("architecture", {}).get("vocab_size") or 2
+    arch = artifact.info.architecture if artifact.info else None
+    vocab = arch.vocab_size if arch else 2
     ids: list[int] = []
     if (root / "tokenizer.json").exists():
         from tokenizers import Tokenizer
@@ -284,9 +296,9 @@ def last_bench(source: Path) -> tuple[dict | None, str | None]:
 # -- the bundle -----------------------------------------------------------------------------------
 
 
-def _check_fit(manifest: dict, profile: DeviceProfile, source: Path) -> list[str]:
+def _check_fit(manifest: Manifest, profile: DeviceProfile, source: Path) -> list[str]:
     """Refuse an artifact the profile cannot load; return notes on softer mismatches."""
-    fmt = manifest.get("format", "onnx")
+    fmt = manifest.format
     if fmt not in ("onnx", "onnx-static", "tflite"):
         raise UnsupportedError(
             f"{source} is a {fmt} artifact; slmedge bundle packages ONNX artifacts (onnx, "
@@ -303,13 +315,13 @@ def _check_fit(manifest: dict, profile: DeviceProfile, source: Path) -> list[str
             "Runtime; bundle it with a profile whose artifact.formats is [tflite] (runtime.engine "
             "litert), or export ONNX for this profile")
     if fmt == "tflite":
-        have = manifest.get("tflite", {}).get("context_length")
+        have = manifest.tflite.context_length if manifest.tflite else None
         want = profile.shapes.context_length
         if profile.shapes.policy is ShapePolicy.static and want and have != want:
             return [f"profile {profile.name} states context_length {want}; the TFLite graph's "
                     f"KV cache holds {have} (export with --profile {profile.name} to match)"]
         return []
-    static = bool(manifest.get("static"))
+    static = manifest.static is not None
     wants_static = profile.shapes.policy is ShapePolicy.static
     if static != wants_static:
         raise UsageError(
@@ -317,15 +329,6 @@ def _check_fit(manifest: dict, profile: DeviceProfile, source: Path) -> list[str
             f"{'static' if static else 'dynamic'} shapes; export for this profile first: "
             f"slmedge export --model SRC --profile {profile.name} --output DIR")
     return []
-
-
-def _graph_files(manifest: dict) -> list[str]:
-    if manifest.get("format") == "tflite":
-        return []
-    static = manifest.get("static")
-    if static:
-        return [static["prefill_file"], static["decode_file"]]
-    return [manifest.get("model_file", "model.onnx")]
 
 
 #: ORT format keeps every initializer inside the ``.ort`` file. Checked with onnxruntime
@@ -351,17 +354,18 @@ class Layout:
     weights_copies: int  #: how many times the model weights are in the bundle
 
 
-def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
+def bundle_layout(src: Manifest, profile: DeviceProfile,
                   requested: str | None = None) -> Layout:
     """The files of a bundle in the format ``requested`` (``onnx`` or ``ort``), by default the
     first of the profile's ``artifact.formats`` the artifact has. One format only: an app
     loads either the ``.onnx`` graphs (with their shared external weights) or the ``.ort``
     ones, and shipping both put the weights in the bundle three times (static graphs)."""
-    if src.get("format") == "tflite":
+    files = src.files
+    if src.format == "tflite":
         return Layout("tflite", f"profile {profile.name} loads .tflite (engine litert)",
-                      sorted(files), {}, src["model_file"], None, 1)
+                      sorted(files), {}, src.model_file, None, 1)
     listed = [f.value for f in profile.artifact.formats]
-    ort_files = src.get("ort_format", {}).get("files", [])
+    ort_files = src.ort_format.files if src.ort_format else []
     if requested is not None:
         if requested not in listed:
             raise UsageError(f"profile {profile.name} loads {', '.join(listed)}; --format "
@@ -372,8 +376,9 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
         fmt = requested
     else:
         fmt = "ort" if listed[0] == "ort" and ort_files else "onnx"
-    onnx_graphs = _graph_files(src)
-    static = src.get("static")
+    onnx_graphs = src.graph_files()
+    # the static section as the bundle manifest and the snippets carry it (JSON)
+    static = src.static.model_dump(mode="json", exclude_unset=True) if src.static else None
     if fmt == "onnx":
         left_out = f"; left out {', '.join(ort_files)} (--format ort ships those)" \
             if ort_files else ""
@@ -383,7 +388,7 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
                   if listed[0] == "onnx" else "the artifact has no .ort files")
         why = f"{chosen}: {', '.join(onnx_graphs)}{shared}{left_out}"
         return Layout("onnx", why, sorted(f for f in files if f not in ort_files),
-                      {g: g for g in onnx_graphs}, src.get("model_file") or onnx_graphs[-1],
+                      {g: g for g in onnx_graphs}, src.model_file or onnx_graphs[-1],
                       static, 1)
     to_ort = {g: f"{Path(g).stem}.ort" for g in onnx_graphs}  # convert_to_ort's names
     missing = [o for o in to_ort.values() if o not in ort_files]
@@ -391,7 +396,7 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
         raise ArtifactError(f"the artifact's ort_format section lacks {', '.join(missing)}; "
                             f"export it again with --profile {profile.name}")
     ship = sorted(f for f, meta in files.items()
-                  if f in ort_files or meta.get("role") != "model")
+                  if f in ort_files or meta.role != "model")
     if static:
         static = {**static, "prefill_file": to_ort[static["prefill_file"]],
                   "decode_file": to_ort[static["decode_file"]], "weights_file": None}
@@ -401,7 +406,7 @@ def bundle_layout(src: dict, files: dict, profile: DeviceProfile,
            "build): "
            f"{', '.join(to_ort.values())}; ORT format keeps the weights inside each .ort file"
            + (f", so the bundle holds them {copies} times" if copies > 1 else ""))
-    model_file = to_ort.get(src.get("model_file"), to_ort[onnx_graphs[-1]])
+    model_file = to_ort.get(src.model_file, to_ort[onnx_graphs[-1]])
     return Layout("ort", why, ship, {o: g for g, o in to_ort.items()}, model_file, static, copies)
 
 
@@ -413,13 +418,14 @@ def ort_graph_facts(ort_files: dict[str, Path], converted_with: str | None) -> d
             for name, path in sorted(ort_files.items())}
 
 
-def _runtime_section(facts: dict, src: dict, ort_files: dict[str, Path] | None = None
+def _runtime_section(facts: dict, src: Manifest | BundleManifest,
+                     ort_files: dict[str, Path] | None = None
                      ) -> tuple[dict | None, dict | None, str | None]:
     """``(onnxruntime, litert, minimum ORT version)`` sections of the bundle manifest;
     ``ort_files``: the bundle's ``.ort`` graphs, whose format version can raise the minimum."""
-    if src.get("format") == "tflite":
+    if src.format == "tflite":
         return None, {"verified_with": litert_version(),
-                      "export_versions": src.get("tflite", {}).get("versions")}, None
+                      "export_versions": src.tflite.versions if src.tflite else None}, None
     import onnxruntime as ort
 
     minimum = raise_minimum(minimum_onnxruntime(facts), [
@@ -445,9 +451,12 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
     if problems:
         raise ArtifactError(f"{source} does not match its manifest: {'; '.join(problems)}; "
                             "export it again before bundling")
-    src = artifact.manifest
+    src = artifact.info
+    if src is None or isinstance(src, BundleManifest):
+        raise UsageError(f"{source} is {'a bundle' if src else 'a bare model file'}, not an "
+                         "artifact directory; bundle what slmedge export wrote")
     notes = _check_fit(src, profile, source)
-    layout = bundle_layout(src, artifact.files, profile, model_format)
+    layout = bundle_layout(src, profile, model_format)
     zip_path = output.parent / f"{output.name}.zip"
     if make_zip and zip_path.exists() and not overwrite:
         raise UsageError(f"'{zip_path}' exists; pass --overwrite to replace it")
@@ -462,7 +471,7 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
         for rel in layout.files:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / rel, stage / rel)
-            roles[rel] = "model" if artifact.files[rel].get("role") == "model" else (
+            roles[rel] = "model" if src.files[rel].role == "model" else (
                 "tokenizer" if rel in TOKENIZER_FILES else "support")
         # The .onnx each graph is (a staged copy, changed below) or was converted from.
         onnx_of = {g: stage / g if layout.format == "onnx" else source / src_g
@@ -481,7 +490,7 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             (stage / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             roles[GENAI_CONFIG] = "support"
         if ArtifactFormat.ort in profile.artifact.formats and \
-                not src.get("ort_format", {}).get("files"):
+                not (src.ort_format and src.ort_format.files):
             notes.append(f"profile {profile.name} lists the .ort format but the artifact has no "
                          f".ort files; export with --profile {profile.name} to get them")
         facts = {g: graph_facts(path) for g, path in onnx_of.items()}
@@ -497,24 +506,24 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             "command": command,
             "source": {"path": str(source.absolute()),
                        "manifest_sha256": sha256_file(source / MANIFEST_NAME)},
-            "format": src.get("format", "onnx"), "model_file": layout.model_file,
+            "format": src.format, "model_file": layout.model_file,
             "model_format": {"shipped": layout.format, "why": layout.why,
                              "profile_formats": [f.value for f in profile.artifact.formats],
                              "weights_copies": layout.weights_copies,
                              "converted_from": {g: s for g, s in layout.graphs.items() if g != s}},
             **({"static": static} if static else {}),
-            **({"ort_format": {**src["ort_format"], "graphs": ort_graph_facts(
-                {g: stage / g for g in layout.graphs},
-                (src.get("versions") or {}).get("onnxruntime"))}}
+            **({"ort_format": {**json_of(src.ort_format), "graphs": ort_graph_facts(
+                {g: stage / g for g in layout.graphs}, src.versions.get("onnxruntime"))}}
                if layout.format == "ort" else {}),
-            **({"tflite": src["tflite"]} if src.get("tflite") else {}),
-            "architecture": src.get("architecture"), "stop_token_ids": src.get("stop_token_ids"),
+            **({"tflite": json_of(src.tflite)} if src.tflite else {}),
+            "architecture": json_of(src.architecture),
+            "stop_token_ids": src.stop_token_ids,
             "profile": {"name": profile.name, **profile.model_dump(mode="json")},
             # a quantized static export keeps its card (vs the float graphs) in quantization
-            "recipe": src.get("recipe"),
-            "quality": src.get("quality") or (src.get("quantization") or {}).get("quality"),
-            "quantization": src.get("quantization"),
-            "source_verification": src.get("verification"),
+            "recipe": json_of(src.recipe),
+            "quality": json_of(src.card()),
+            "quantization": json_of(src.quantization),
+            "source_verification": json_of(src.verification),
             "onnx": facts,
             "onnxruntime": ort_section,
             **({"litert": litert_section} if litert_section else {}),
@@ -526,8 +535,9 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             "notes": notes,
         }
         # Parity runs on the staged files, through the same loader verify uses.
-        (stage / MANIFEST_NAME).write_text(json.dumps({**bundle_manifest, "files": {
-            rel: {"sha256": "", "size": (stage / rel).stat().st_size} for rel in roles}}))
+        save_manifest(stage, {**bundle_manifest, "files": {
+            rel: {"sha256": "", "size": (stage / rel).stat().st_size} for rel in roles}},
+            indent=None)
         bundle_manifest["parity"] = parity_reference(stage)
         files = sorted(roles)
         genai = genai_dependency() if config is not None else None
@@ -538,7 +548,7 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             (f for f in files if f.endswith(".data") and roles[f] == "model"), None)
         for rel, text in render_snippets(profile, layout.model_file, files,
                                          ort_version, minimum, genai=genai, genai_reason=why,
-                                         tflite=src.get("tflite"), static=static,
+                                         tflite=json_of(src.tflite), static=static,
                                          weights_file=weights).items():
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             (stage / rel).write_text(text)
@@ -546,7 +556,7 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
         bundle_manifest["files"] = {
             rel: {"sha256": sha256_file(stage / rel), "size": (stage / rel).stat().st_size,
                   "role": roles[rel]} for rel in sorted(roles)}
-        (stage / MANIFEST_NAME).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
+        save_manifest(stage, bundle_manifest)
         if make_zip:
             say(f"writing {zip_path}")
             _write_zip(stage, zip_path)

@@ -23,11 +23,12 @@ import numpy as np
 
 from slmedge.device_profiles import load_profile
 from slmedge.device_profiles.schema import ArtifactFormat, DeviceProfile, ShapePolicy
-from slmedge.runtimes.artifact import MANIFEST_NAME
+from slmedge.runtimes.artifact import MANIFEST_NAME, read_manifest_json
 from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError, UsageError
+from slmedge.runtimes.manifest_schema import validate_manifest
 
 from .export import architecture_facts, export_onnx, save_support_files
-from .manifest import file_table, onnx_facts, write_manifest
+from .manifest import file_table, onnx_facts, save_manifest, write_manifest
 from .parity import FP16_RTOL_OF_SCALE
 from .sources import load_source
 from .staging import check_output, staged_directory
@@ -88,10 +89,11 @@ def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None,
             final: Path | None = None) -> dict:
     """Add .ort files, the profile and the placement check to a written artifact. ``final``:
     where ``root`` (a staging directory) will be renamed to; the manifest names that path."""
-    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    manifest = read_manifest_json(root / MANIFEST_NAME)  # amended below, then re-validated
+    info = validate_manifest(manifest, root / MANIFEST_NAME, root)
     if ArtifactFormat.ort in profile.artifact.formats:
         manifest["ort_format"] = convert_to_ort(
-            root, _graphs(manifest), say,
+            root, info.graph_files(), say,
             runtime_style=profile.accelerator in ("NnapiExecutionProvider",
                                                   "CoreMLExecutionProvider"),
             arm=profile.device.arch.value != "x86_64")
@@ -100,7 +102,7 @@ def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None,
     say(f"placement check on {profile.accelerator or profile.runtime.providers[0].name}")
     from slmedge.runtimes.placement import check_artifact
 
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    save_manifest(root, manifest)
     try:
         manifest["placement"] = check_artifact(root, profile).to_dict(max_rows=50)
     except SlmEdgeError as e:  # the artifact is fine; say why its placement is unknown
@@ -109,18 +111,9 @@ def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None,
         manifest["placement"] = json.loads(
             json.dumps(manifest["placement"]).replace(json.dumps(str(root))[1:-1],
                                                       json.dumps(str(final))[1:-1]))
-    model_roles = {f for f, meta in manifest.get("files", {}).items() if meta.get("role") == "model"}
-    model_roles |= {f for f in manifest.get("ort_format", {}).get("files", [])}
+    model_roles = set(info.model_files()) | set(manifest.get("ort_format", {}).get("files", []))
     manifest["files"] = file_table(root, model_roles)
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def _graphs(manifest: dict) -> list[str]:
-    static = manifest.get("static")
-    if static:
-        return [static["prefill_file"], static["decode_file"]]
-    return [manifest.get("model_file", "model.onnx")]
+    return save_manifest(root, manifest)
 
 
 def convert_to_ort(root: Path, graphs: list[str], say, *, runtime_style: bool = False,

@@ -263,14 +263,19 @@ def fuse_artifact_norms(root: Path) -> dict[str, int]:
     """:func:`fuse_rms_norms` on the prefill and decode graphs of a written static artifact;
     the shared weights file is left as it is, the manifest gets ``static.norms`` and the new
     sizes and hashes of the graph files. Returns the count per graph (0: nothing to fuse)."""
-    import json
+    from slmedge.runtimes.artifact import MANIFEST_NAME, read_manifest_json
+    from slmedge.runtimes.errors import UsageError
+    from slmedge.runtimes.manifest_schema import validate_manifest
 
-    from slmedge.runtimes.artifact import MANIFEST_NAME
-
-    from .manifest import sha256_file
+    from .manifest import save_manifest, sha256_file
 
     root = Path(root)
-    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    manifest = read_manifest_json(root / MANIFEST_NAME)  # amended and written back as JSON
+    info = validate_manifest(manifest, root / MANIFEST_NAME, root)
+    if info.static is None:
+        raise UsageError(f"{root} is not a static-shape export (its manifest has no static "
+                         "section); export it with a static-shape profile (slmedge export "
+                         "--profile NAME)")
     static = manifest["static"]
     counts = {}
     for kind in ("prefill", "decode"):
@@ -283,7 +288,7 @@ def fuse_artifact_norms(root: Path) -> dict[str, int]:
                                                size=(root / name).stat().st_size)
     if any(counts.values()):
         static["norms"] = {**norms_manifest(counts), "applied_to_written_artifact": True}
-        (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        save_manifest(root, manifest)
     return counts
 
 

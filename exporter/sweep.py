@@ -277,12 +277,6 @@ def export_task(spec: dict) -> dict:
     return doc
 
 
-def _model_mb(artifact: Path) -> float:
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    return round(sum(f["size"] for f in manifest["files"].values() if f["role"] == "model")
-                 / 1e6, 3)
-
-
 def cell_task(spec: dict) -> dict:
     """Quantize (unless fp32) -> quality card -> bench here (unless a fleet benches later).
     Writes the cell file atomically when it benched here; returns the cell document."""
@@ -305,17 +299,20 @@ def cell_task(spec: dict) -> dict:
             if spec["max_ppl_increase"] is not None:
                 quality["max_ppl_increase"] = spec["max_ppl_increase"]
             artifact = Path(spec["artifact"])
-            manifest = quantize_artifact(Path(spec["export"]), artifact,
-                                         QuantRecipe(**spec["quant"]), QualityConfig(**quality),
-                                         overwrite=True)
-        else:
-            manifest = json.loads((artifact / "manifest.json").read_text())
-        quality = manifest.get("quality") or {}
-        doc.update(artifact=str(artifact), size_mb=_model_mb(artifact),
-                   perplexity=quality.get("perplexity"),
-                   ppl_increase_pct=quality.get("ppl_increase_pct", 0.0 if spec["quant"] is None
-                                                else None),
-                   quality=quality, gate=manifest.get("gate"))
+            quantize_artifact(Path(spec["export"]), artifact, QuantRecipe(**spec["quant"]),
+                              QualityConfig(**quality), overwrite=True)
+        from slmedge.runtimes.manifest_schema import load_manifest
+
+        manifest = load_manifest(artifact)
+        card = manifest.quality
+        increase = card.ppl_increase_pct if card else None
+        doc.update(artifact=str(artifact), size_mb=round(manifest.model_bytes() / 1e6, 3),
+                   perplexity=card.perplexity if card else None,
+                   ppl_increase_pct=0.0 if increase is None and spec["quant"] is None
+                   else increase,
+                   quality=card.model_dump(mode="json", exclude_unset=True) if card else {},
+                   gate=manifest.gate.model_dump(mode="json", exclude_unset=True)
+                   if manifest.gate else None)
         if spec["bench_local"]:
             from slmedge.runtimes.bench import BenchConfig, run_bench
 

@@ -330,32 +330,35 @@ def _reuse_fp32(config: TfliteExportConfig, source: dict) -> tuple[bytes, Tflite
     from slmedge.runtimes.errors import UsageError
 
     artifact = open_artifact(config.from_artifact)
-    m = artifact.manifest
-    recipe = m.get("recipe", {})
+    m = artifact.info
+    if m is None or m.recipe is None:
+        raise UsageError(f"--from-artifact {config.from_artifact}: not an artifact directory "
+                         "written by slmedge export --format tflite")
+    recipe = m.recipe
     problems = []
-    if artifact.format != "tflite" or recipe.get("quant") != "fp32":
+    if m.format != "tflite" or recipe.quant != "fp32":
         problems.append(
-            f"it is a {artifact.format} {recipe.get('quant', '?')} artifact, not an fp32 TFLite one"
+            f"it is a {m.format} {recipe.quant or '?'} artifact, not an fp32 TFLite one"
         )
-    if recipe.get("context_length") != config.context_length:
-        problems.append(f"context_length {recipe.get('context_length')} != {config.context_length}")
-    if recipe.get("prefill_chunks") != config.prefill_chunks:
-        problems.append(f"prefill_chunks {recipe.get('prefill_chunks')} != {config.prefill_chunks}")
-    if m.get("source") != source:
+    if recipe.context_length != config.context_length:
+        problems.append(f"context_length {recipe.context_length} != {config.context_length}")
+    if recipe.prefill_chunks != config.prefill_chunks:
+        problems.append(f"prefill_chunks {recipe.prefill_chunks} != {config.prefill_chunks}")
+    if artifact.manifest.get("source") != source:  # the JSON as written, hashes included
         problems.append("its source model differs (location or file hashes)")
     if problems:
         raise UsageError(f"--from-artifact {config.from_artifact}: {'; '.join(problems)}")
     problems = artifact.verify_hashes()
     if problems:
         raise UsageError(f"--from-artifact {config.from_artifact}: {'; '.join(problems)}")
-    info = m["tflite"]
+    info = m.tflite
     graph = TfliteGraphInfo(
-        signatures=info["signatures"],
-        context_length=info["context_length"],
-        prefill_chunks=info["prefill_chunks"],
-        kv_shape=info["kv_shape"],
-        kv_dtype=info["kv_dtype"],
-        prefill_logits=info["prefill_logits"],
+        signatures=info.signatures,
+        context_length=info.context_length,
+        prefill_chunks=info.prefill_chunks,
+        kv_shape=info.kv_shape,
+        kv_dtype=info.kv_dtype,
+        prefill_logits=info.prefill_logits,
         seconds=0.0,
     )
     return artifact.model_path.read_bytes(), graph

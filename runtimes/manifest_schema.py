@@ -190,6 +190,10 @@ class TfliteInfo(BaseModel):
     signatures: dict[str, Any] = Field(default_factory=dict, description="name -> io")
     context_length: int = Field(ge=1, description="KV cache length")
     prefill_chunks: list[int] = Field(default_factory=list, description="prefill sizes")
+    kv_shape: list[int] = Field(default_factory=list, description="shape of one KV buffer")
+    kv_dtype: str = Field(default="float32", description="dtype of the KV buffers")
+    prefill_logits: str = Field(default="all", description="prefill returns every position's "
+                                "logits ('all') or the last one's")
     quantization: dict[str, Any] | None = Field(default=None, description="recipe applied")
     parity_fixture: dict[str, Any] | None = Field(default=None, description="top-k logits "
                                                   "recorded at export")
@@ -213,11 +217,31 @@ class ProfileRecord(BaseModel):
     name: str = Field(description="profile name")
 
 
+class Parity(BaseModel):
+    """The export's parity gate: the graph's logits vs PyTorch (or why it was skipped)."""
+
+    model_config = _OPEN
+    max_abs_diff: float | None = Field(default=None, description="largest logit difference")
+    atol: float | None = Field(default=None, description="allowed difference")
+    passed: bool | None = Field(default=None, description="None when skipped")
+    skipped: str | None = Field(default=None, description="why it was not compared")
+    argmax_agree: bool | float | None = Field(default=None, description="argmax agreement "
+                                              "(TFLite: fraction of positions)")
+    prefill_tokens: int | None = Field(default=None, description="prompt tokens compared")
+    decode_steps: int | None = Field(default=None, description="decode steps compared")
+
+    def summary(self) -> str:
+        """One phrase for the CLI."""
+        if self.skipped or self.max_abs_diff is None:
+            return "parity skipped (see the manifest)"
+        return f"parity max |diff| {self.max_abs_diff:.2e} <= {self.atol:.0e}"
+
+
 class Verification(BaseModel):
     """Checks made at export time."""
 
     model_config = _OPEN
-    parity: dict[str, Any] | None = Field(default=None, description="parity vs PyTorch")
+    parity: Parity | None = Field(default=None, description="parity vs PyTorch")
     tokenizer: dict[str, Any] | None = Field(default=None, description="tokenizer checks")
 
 
@@ -282,6 +306,8 @@ class _Common(BaseModel):
 class Manifest(_Common):
     """An artifact's ``manifest.json`` (``slmedge export`` / ``quantize``)."""
 
+    kind: str | None = Field(default=None, description="absent in an artifact's manifest "
+                             "(a bundle's says 'bundle')")
     source: SourceInfo | None = Field(default=None, description="where the model came from")
     derived_from: DerivedFrom | None = Field(default=None, description="quantize's source")
     architecture: Architecture = Field(description="KV cache facts")

@@ -109,15 +109,16 @@ def cmd_export(args) -> int:
     if args.json:
         _print_json({"output": str(config.output), **manifest})
     else:
-        parity = manifest["verification"]["parity"]
-        size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
-        checked = ("parity skipped (see the manifest)" if parity.get("skipped") else
-                   f"parity max |diff| {parity['max_abs_diff']:.2e} <= {parity['atol']:.0e}")
+        from slmedge.runtimes.manifest_schema import validate_manifest
+
+        m = validate_manifest(manifest, Path(config.output) / "manifest.json")
+        parity = m.verification.parity if m.verification else None
+        checked = parity.summary() if parity else "parity not recorded"
         print(
-            f"exported {manifest['architecture']['family']} to {config.output} "
-            f"({size:.1f} MB, {manifest['recipe']['dtype']}); {checked}"
+            f"exported {m.architecture.family} to {config.output} "
+            f"({m.model_bytes() / 1e6:.1f} MB, {m.recipe.dtype}); {checked}"
         )
-        print(summary_line(manifest, config.output))
+        print(summary_line(m, config.output))
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ from slmedge.exporter.quantize.recipe import (
     Int8Format,
     TensorPrecision,
 )
+from slmedge.runtimes.manifest_schema import Manifest, validate_manifest
 
 
 def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
@@ -158,23 +159,25 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def summary_line(manifest: dict, output) -> str:
-    size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
-    q = manifest.get("quality", {})
-    label = manifest.get("quantization", {}).get("label", manifest.get("recipe", {}).get("dtype"))
-    line = f"wrote {output} ({size:.1f} MB, {label})"
-    if "perplexity" in q:
-        line += f"; perplexity {q['perplexity']:.3f}"
-        if "reference_perplexity" in q:
-            line += (f" vs fp32 {q['reference_perplexity']:.3f} ({q['ppl_increase_pct']:+.2f}%), "
-                     f"KL {q['kl_mean']:.4f}")
-            if q.get("greedy"):
-                line += f", greedy top-1 agreement {q['greedy']['top1_agreement']:.1%}"
-    gate = manifest.get("gate")
-    if gate and gate.get("auto"):
-        line += f"; --auto tried {len(gate['tried'])}: " + ", ".join(
+def summary_line(manifest: Manifest | dict, output) -> str:
+    """One line on what was written: size, recipe, the quality card and the gate."""
+    m = manifest if not isinstance(manifest, dict) else validate_manifest(
+        manifest, Path(output) / "manifest.json")
+    q = m.quality
+    label = (m.quantization.label if m.quantization else None) or m.recipe.dtype
+    line = f"wrote {output} ({m.model_bytes() / 1e6:.1f} MB, {label})"
+    if q is not None and q.perplexity is not None:
+        line += f"; perplexity {q.perplexity:.3f}"
+        if q.reference_perplexity is not None:
+            line += (f" vs fp32 {q.reference_perplexity:.3f} ({q.ppl_increase_pct:+.2f}%), "
+                     f"KL {q.kl_mean:.4f}")
+            if q.greedy:
+                line += f", greedy top-1 agreement {q.greedy['top1_agreement']:.1%}"
+    gate = m.gate
+    if gate and gate.auto:
+        line += f"; --auto tried {len(gate.tried)}: " + ", ".join(
             f"{t['label']} {t['ppl_increase_pct']:+.2f}%{'' if t['passed'] else ' (over)'}"
-            for t in gate["tried"])
+            for t in gate.tried)
     return line
 
 

@@ -165,20 +165,20 @@ def cmd_export_tflite(args) -> int:
 
 
 def summary_line(manifest: dict, output) -> str:
-    size = sum(f["size"] for f in manifest["files"].values() if f["role"] == "model") / 1e6
-    parity = manifest["verification"]["parity"]
+    """One line on the TFLite export: size, recipe, parity and the quality card."""
+    from slmedge.runtimes.manifest_schema import validate_manifest
+
+    m = validate_manifest(manifest, Path(output) / "manifest.json")
+    parity = m.verification.parity
     line = (
-        f"exported {manifest['architecture']['family']} to {output} ({size:.1f} MB TFLite, "
-        f"{manifest['recipe']['quant']}); parity max |diff| {parity['max_abs_diff']:.2e} <= "
-        f"{parity['atol']:.2e}"
+        f"exported {m.architecture.family} to {output} ({m.model_bytes() / 1e6:.1f} MB TFLite, "
+        f"{m.recipe.quant}); parity max |diff| {parity.max_abs_diff:.2e} <= {parity.atol:.2e}"
     )
-    card = manifest.get("quality", {})
-    if "perplexity" in card:
-        line += f"; perplexity {card['perplexity']:.3f}"
-        if card.get("reference_perplexity") is not None:
-            line += (
-                f" vs fp32 {card['reference_perplexity']:.3f} ({card['ppl_increase_pct']:+.2f}%)"
-            )
-        if card.get("greedy"):
-            line += f", greedy agreement {card['greedy']['top1_agreement']:.1%}"
+    card = m.quality
+    if card is not None and card.perplexity is not None:
+        line += f"; perplexity {card.perplexity:.3f}"
+        if card.reference_perplexity is not None:
+            line += f" vs fp32 {card.reference_perplexity:.3f} ({card.ppl_increase_pct:+.2f}%)"
+        if card.greedy:
+            line += f", greedy agreement {card.greedy['top1_agreement']:.1%}"
     return line

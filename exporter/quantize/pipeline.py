@@ -243,15 +243,15 @@ def quantize_artifact(
     quality = quality or QualityConfig()
     check_quant_texts(recipe, quality)  # before the model is read
     art = open_artifact(source)
-    if not art.manifest:
-        raise UsageError(f"'{source}' is a bare model file; pass an artifact directory written by "
-                         "slmedge export")
-    src_recipe = art.manifest.get("recipe", {})
-    if src_recipe.get("quant"):
+    if art.info is None or art.info.kind == "bundle":  # validates the manifest (exit 2)
+        raise UsageError(f"'{source}' is a {'bundle' if art.info else 'bare model file'}; pass "
+                         "an artifact directory written by slmedge export")
+    if art.info.recipe.quant:
         raise UsageError(
-            f"'{source}' is already quantized ({src_recipe['quant']}); quantize the fp32 "
+            f"'{source}' is already quantized ({art.info.recipe.quant}); quantize the fp32 "
             "artifact it was made from"
         )
+    src_recipe = art.manifest["recipe"]  # copied verbatim (with any newer keys) below
     check_output(Path(output), overwrite)
     with staged_directory(Path(output), overwrite) as stage:
         copy_support_files(art.root, stage, skip={MANIFEST_NAME, art.model_path.name,

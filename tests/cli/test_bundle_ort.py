@@ -67,7 +67,9 @@ def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_f
     first = ORT_FORMAT_MINIMUM[read_ort_header(out / "decode.ort")["format_version"]]
     minimum = manifest["onnxruntime"]["minimum"]
     assert tuple(int(x) for x in minimum.split(".")) >= first
-    raised = _runtime_section({}, manifest, {"decode.ort": out / "decode.ort"})[0]
+    from slmedge.runtimes.manifest_schema import load_manifest
+
+    raised = _runtime_section({}, load_manifest(out), {"decode.ort": out / "decode.ort"})[0]
     assert raised["minimum"] == f"{first[0]}.{first[1]}"
     assert raised["because"] == [f"decode.ort: ORT format v6, read from ONNX Runtime "
                                  f"{first[0]}.{first[1]} on"]
