@@ -49,23 +49,26 @@ def cmd_bundle(args) -> int:
         _print_json({"output": str(out), **({"zip": f"{out}.zip"} if args.zip else {}),
                      **manifest})
         return EXIT_OK
-    size = sum(f["size"] for f in manifest["files"].values()) / 1e6
-    if manifest["onnxruntime"]:
-        runtime = f"ONNX Runtime >= {manifest['onnxruntime']['minimum']}"
+    from slmedge.runtimes.manifest_schema import validate_manifest
+
+    m = validate_manifest(manifest, out / "manifest.json")
+    size = sum(f.size for f in m.files.values()) / 1e6
+    if m.onnxruntime:
+        runtime = f"ONNX Runtime >= {m.onnxruntime['minimum']}"
     else:
-        runtime = f"LiteRT (checked with {manifest['litert']['verified_with']})"
-    genai = manifest["genai_config"] or f"none ({manifest['genai_config_reason']})"
-    bench = manifest["last_bench"]
+        runtime = f"LiteRT (checked with {m.litert['verified_with']})"
+    genai = m.genai_config or f"none ({m.genai_config_reason})"
+    bench = m.last_bench
     bench = (f"{bench['decode_tokens_per_s']} tok/s decode, {bench['ttft_ms']} ms TTFT "
              f"({bench['target']}, {bench['started_at']})" if bench else "none")
-    shipped = manifest["model_format"]
+    shipped = m.model_format
     copies = f", weights x{shipped['weights_copies']}" if shipped["weights_copies"] > 1 else ""
-    print(f"bundled {args.artifact} for {profile.name} in {out} ({len(manifest['files'])} files, "
+    print(f"bundled {args.artifact} for {profile.name} in {out} ({len(m.files)} files, "
           f"{size:.1f} MB, {shipped['shipped']}{copies}); {runtime}; genai_config: {genai}; "
           f"last bench: {bench}")
     if args.zip:
         print(f"zip: {out}.zip")
-    for note in manifest["notes"]:
+    for note in m.notes:
         print(f"note: {note}", file=sys.stderr)
     return EXIT_OK
 
