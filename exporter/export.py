@@ -14,13 +14,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmedge.runtimes.errors import ArtifactError, QualityGateFailed
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
 from slmedge.runtimes.tokenizer import TextTokenizer
 
 from .manifest import graph_io, onnx_facts, write_manifest
 from .onnx_export import DEFAULT_OPSET, weights_bytes
 from .parity import check_parity
 from .passes import FusionOptions
-from .quantize.pipeline import QualityConfig, check_quant_texts, fp32_card, quantize_in_stage
+from .quality import decoder_card, release_memory, verification_session_options
+from .quantize.pipeline import QualityConfig, check_quant_texts, quantize_in_stage
 from .quantize.recipe import QuantRecipe
 from .sources import DEFAULT_MODEL, open_source
 from .staging import check_output, staged_directory
@@ -54,8 +56,9 @@ class ExportConfig(BaseModel):
     dtype: DType = Field(DType.fp32, description="weight and activation precision of the graph")
     opset: int = Field(DEFAULT_OPSET, ge=17, le=23, description="ONNX opset of the default domain")
     external_data: bool | None = Field(
-        None, description="weights in model.onnx.data; default: when the weights reach 1 GiB (ONNX "
-        "Runtime then loads them without a second in-memory copy of the graph proto)"
+        None, description="weights in model.onnx.data; default: when the weights reach 1 GiB as "
+        "ONNX Runtime's CPU session holds them, fp16 as fp32 (it then loads them without a "
+        "second in-memory copy of the graph proto)"
     )
     overwrite: bool = Field(False, description="replace an existing non-empty output directory")
     parity_atol: float | None = Field(
@@ -179,7 +182,8 @@ def _reference_budget(config: ExportConfig) -> int:
     return psutil.virtual_memory().available // 4
 
 
-def _parity_gate(config: ExportConfig, streamed, graph: Path, say: Progress) -> dict:
+def _parity_gate(config: ExportConfig, streamed, graph: Path, say: Progress,
+                 open_decoder=None) -> dict:
     """Compare the written graph with the source in PyTorch, or say why not.
 
     The reference is the real model loaded in the export's dtype after the graph is written
@@ -211,7 +215,7 @@ def _parity_gate(config: ExportConfig, streamed, graph: Path, say: Progress) -> 
         return model
 
     parity = check_parity(load_reference, graph, atol=atol, rtol=rtol,
-                          fp16=config.dtype is DType.fp16)
+                          fp16=config.dtype is DType.fp16, open_decoder=open_decoder)
     if not parity.passed:
         raise QualityGateFailed(
             f"parity gate failed: ONNX logits differ from PyTorch by {parity.max_abs_diff:.3g} "
@@ -247,17 +251,47 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
         info, fusion_report = export_streamed(
             streamed, stage / MODEL_FILE, opset=config.opset, external_data=config.external_data,
             fuse_options=fuse_options, say=say)
+        release_memory()  # the tracer's garbage, before the verification sessions
         fusion = fusion_report.to_dict() if fusion_report is not None else None
+        # seconds per phase (the benchmark reports them: bench_scale.py)
+        timings = {"load": round(load_s, 2), **info.phases, "export": round(info.seconds, 2)}
+        clock = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[phase] = round(now - clock, 2)
+            clock = now
+
         say("saving tokenizer and generation config")
         tokenizer_report = save_support_files(stage, model, tokenizer, spec)
-        parity = _parity_gate(config, streamed, stage / MODEL_FILE, say)
+        lap("support_files")
+        # One ONNX Runtime session for the parity gate and the card (a session of a 0.5B fp16
+        # graph took ~16-19 s to create here: ORT casts every fp16 weight to fp32 on x86),
+        # opened after the gate's PyTorch reference is released.
+        sessions: dict = {}
+
+        def open_graph():
+            if "graph" not in sessions:
+                sessions["graph"] = OnnxDecoder(stage / MODEL_FILE, threads=config.quality.threads,
+                                                session_options=verification_session_options())
+            return sessions["graph"]
+
+        parity = _parity_gate(config, streamed, stage / MODEL_FILE, say, open_graph)
+        lap("parity")
         if config.quant is not None:
+            sessions.clear()  # the quantizer opens its own sessions
             quant_fields = quantize_in_stage(stage, config.quant, config.quality, say)
             # a quantized graph above 2 GB keeps model.onnx.data (a model file of the manifest)
             info.external_data = bool(quant_fields["quantization"].get("external_data", False))
+            lap("quantize_and_card")
         else:
             say("quality card: perplexity of the exported graph")
-            quant_fields = {"quality": fp32_card(stage / MODEL_FILE, stage, config.quality, say)}
+            card = decoder_card(open_graph(), stage, config.quality.settings(), progress=say)
+            sessions.clear()
+            quant_fields = {"quality": card.to_dict() if card is not None else
+                            {"skipped": "no evaluation text found; pass --eval-text FILE"}}
+            lap("card")
         model_files = {MODEL_FILE} | ({MODEL_FILE + ".data"} if info.external_data else set())
         manifest = write_manifest(
             stage,
@@ -279,8 +313,9 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
                 "fusion": fusion,
                 **quant_fields,
                 "verification": {"parity": parity, "tokenizer": tokenizer_report},
-                "timings_s": {"load": round(load_s, 2), "export": round(info.seconds, 2),
-                              "total": round(time.perf_counter() - t0, 2)},
+                # load, trace, passes, write (export = trace + passes + write), support_files,
+                # parity, card (or quantize_and_card), total
+                "timings_s": {**timings, "total": round(time.perf_counter() - t0, 2)},
             },
             model_files,
         )

@@ -13,7 +13,7 @@ import inspect
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +90,8 @@ class OnnxExportInfo:
     output_names: list[str]
     external_data: bool
     seconds: float
+    #: seconds per phase of ``seconds`` (streaming export: trace, passes, write)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class ExportFailed(SlmEdgeError):

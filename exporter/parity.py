@@ -16,6 +16,8 @@ import torch
 
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
 
+from .quality import release_memory
+
 # fp16 keeps ~3 significant digits; logits are compared relative to their scale.
 FP16_RTOL_OF_SCALE = 2e-2
 
@@ -59,13 +61,16 @@ def check_parity(
     prefill_tokens: int = 8,
     decode_steps: int = 3,
     seed: int = 0,
+    open_decoder=None,
 ) -> ParityReport:
     """Compare PyTorch and ONNX Runtime logits on a prefill plus ``decode_steps`` steps.
 
     Passes when max |diff| <= ``atol + rtol * max|logit|`` (fp16: at least 2% of the scale).
     ``model`` may be a zero-argument callable returning the model: it is then loaded for the
     PyTorch logits and released before ONNX Runtime loads the graph, so the two never share
-    memory (streaming export of a large model)."""
+    memory (streaming export of a large model). ``open_decoder``: a zero-argument callable
+    returning the graph's decoder (the export opens one session for the gate and the quality
+    card); default: a new :class:`OnnxDecoder` of ``onnx_path``."""
     rng = np.random.default_rng(seed)
     loader = model if callable(model) and not isinstance(model, torch.nn.Module) else None
     if loader is not None:
@@ -76,13 +81,13 @@ def check_parity(
     ref = torch_step_logits(model, prompt, steps)
     if loader is not None:
         del model
-        import gc
-
-        gc.collect()
-    decoder = OnnxDecoder(onnx_path)
+        release_memory()
+    decoder = open_decoder() if open_decoder is not None else OnnxDecoder(onnx_path)
+    decoder.reset()
     got = [decoder.step(prompt, all_logits=True).astype(np.float32)]
     for tok in steps:
         got.append(decoder.step([tok], all_logits=True).astype(np.float32))
+    decoder.reset()
     diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
     scale = max(float(np.abs(r).max()) for r in ref)
     tol = atol + rtol * scale

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -188,7 +189,9 @@ def quality_card(
     count = agree = 0
     kl_sum, kl_max = 0.0, 0.0
     for k, w in enumerate(plans):
-        say(f"quality: window {k + 1}/{len(plans)}")
+        # ETA from the windows done so far (the last one may be shorter)
+        eta = (time.perf_counter() - t0) / k * (len(plans) - k) if k else None
+        say(f"quality: window {k + 1}/{len(plans)}" + (f", ETA {eta:.0f} s" if eta else ""))
         lo, hi = w.score_from - 1 - w.begin, w.end - 1 - w.begin
         targets = ids[w.score_from : w.end]
         rows_c = _all_logits(candidate, ids[w.begin : w.end].tolist())[lo:hi]
@@ -246,12 +249,49 @@ def decoder_card(
         return None
     ids, info = found
     prompts = [tokenizer.encode(p) for p in settings.prompts] if reference else []
+    if not getattr(candidate, "context", None):  # the replay window is ids[:REPLAY_WINDOW]
+        window = list(ids)[:REPLAY_WINDOW]
+        candidate = KeepPrefill(candidate, window)
+        reference = KeepPrefill(reference, window) if reference is not None else None
     card = quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
                         window=settings.window, stride=settings.stride,
                         new_tokens=settings.new_tokens, eval_info=info, progress=progress)
     card.replay = replay_record(candidate, tokenizer.encode(REPLAY_PROMPT), ids,
                                 reference=reference)
     return card
+
+
+class KeepPrefill:
+    """A decoder that computes one prefill from a fresh state (all positions' logits of
+    ``ids``) once and serves it again: the card's first window and the replay record's window
+    are the same tokens when the evaluation text is that short (``--eval-tokens 256``, as the
+    scale benchmark runs), one prefill of a whole window each. Everything else is forwarded."""
+
+    def __init__(self, decoder: Decoder, ids: Sequence[int]):
+        self._decoder = decoder
+        self._ids = tuple(int(i) for i in ids)
+        self._kept: np.ndarray | None = None
+        self._fresh = True
+        self._served = False  # the decoder's own cache is not filled: only reset() may follow
+
+    def __getattr__(self, name):
+        return getattr(self._decoder, name)
+
+    def reset(self) -> None:
+        self._decoder.reset()
+        self._fresh, self._served = True, False
+
+    def step(self, token_ids, all_logits: bool = False):
+        if self._served:
+            raise RuntimeError("a step after a kept prefill needs reset() first")
+        fresh, self._fresh = self._fresh, False
+        if not (fresh and all_logits and tuple(int(t) for t in token_ids) == self._ids):
+            return self._decoder.step(token_ids, all_logits=all_logits)
+        if self._kept is None:
+            self._kept = np.array(self._decoder.step(token_ids, all_logits=True), copy=True)
+        else:
+            self._served = True
+        return self._kept
 
 
 def replay_record(candidate: Decoder, prompt_ids: Sequence[int], eval_ids: Sequence[int], *,
@@ -306,11 +346,145 @@ def artifact_card(
     candidate_model = Path(candidate_model)
     kwargs = dict(threads=threads, providers=providers, allow_cpu_fallback=allow_cpu_fallback)
     if candidate_model.is_dir():
+        # a static-shape artifact (small models, NPU profiles): its replay window follows its
+        # context, so its reference runs beside it
         from slmedge.runtimes.artifact import open_artifact
         from slmedge.runtimes.static_decoder import open_decoder
 
         candidate = open_decoder(open_artifact(candidate_model), **kwargs)
-    else:
-        candidate = OnnxDecoder(candidate_model, **kwargs)
-    reference = OnnxDecoder(reference_model, threads=threads) if reference_model else None
-    return decoder_card(candidate, tokenizer_dir, settings, reference=reference, progress=progress)
+        reference = OnnxDecoder(reference_model, threads=threads) if reference_model else None
+        return decoder_card(candidate, tokenizer_dir, settings, reference=reference,
+                            progress=progress)
+
+    def open_candidate():
+        return OnnxDecoder(candidate_model, **kwargs,
+                           session_options=verification_session_options())
+
+    if reference_model is None:
+        return decoder_card(open_candidate(), tokenizer_dir, settings, progress=progress)
+    # One session at a time: the reference runs first and its logits go to a scratch file
+    # beside the candidate, then the candidate's session replays them (two fp32-sized
+    # sessions side by side were the card's peak: issue 15).
+    with tempfile.TemporaryDirectory(prefix=".card-reference-",
+                                     dir=candidate_model.parent) as scratch:
+        say = progress or (lambda _m: None)
+        say("quality: reference logits (one session at a time)")
+        reference = OnnxDecoder(reference_model, threads=threads,
+                                session_options=verification_session_options())
+        recorded = record_reference(reference, tokenizer_dir, settings, Path(scratch) / "logits")
+        del reference
+        release_memory()
+        if recorded is None:
+            return None
+        return decoder_card(open_candidate(), tokenizer_dir, settings, reference=recorded,
+                            progress=progress)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``): the
+    released PyTorch reference's tensors otherwise stay in the process's RSS under ONNX
+    Runtime's session (glibc raises its mmap threshold as large blocks are freed, so later
+    ones come from the heap, which only a trim returns)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass
+
+
+def verification_session_options():
+    """ONNX Runtime options for the sessions that verify an export (parity gate, quality
+    card): no CPU memory arena, whose blocks stay reserved at the largest step's size (the
+    prefill of a card window: logits of 512 positions x the vocabulary) after it is done."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
+class RecordedReference:
+    """A decoder that replays what another decoder returned, call by call, from a scratch file:
+    the card's reference without its session in memory. Each ``step`` must be given the
+    tokens the recording was given at that point (else ``RuntimeError``): the card's calls
+    are the same in both passes, and a difference would compare the wrong logits."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.calls: list[tuple[tuple[int, ...], bool, int, tuple[int, ...], str]] = []
+        self._file = open(self.path, "wb")
+        self._replay = 0
+        self.context = None
+
+    # -- recording
+    def wrap(self, decoder: Decoder) -> Decoder:
+        """A decoder that forwards to ``decoder`` and records every ``step``."""
+        recorder = self
+
+        class _Recording:
+            def reset(self) -> None:
+                decoder.reset()
+
+            def step(self, token_ids, all_logits: bool = False):
+                out = np.ascontiguousarray(decoder.step(token_ids, all_logits=all_logits))
+                recorder.calls.append((tuple(int(t) for t in token_ids), bool(all_logits),
+                                       recorder._file.tell(), out.shape, out.dtype.str))
+                recorder._file.write(memoryview(out.reshape(-1)).cast("B"))
+                return out
+
+        return _Recording()
+
+    def finish(self) -> RecordedReference:
+        self._file.close()
+        return self
+
+    # -- replaying (the Decoder protocol)
+    def reset(self) -> None:
+        pass
+
+    def step(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        if self._replay >= len(self.calls):
+            raise RuntimeError(f"the recorded reference has {len(self.calls)} steps; the card "
+                               "asked for one more")
+        tokens, flag, offset, shape, dtype = self.calls[self._replay]
+        if tokens != tuple(int(t) for t in token_ids) or flag != bool(all_logits):
+            raise RuntimeError(f"the card's reference step {self._replay} differs from the "
+                               f"recorded one ({len(token_ids)} vs {len(tokens)} tokens)")
+        self._replay += 1
+        count = int(np.prod(shape))
+        return np.fromfile(self.path, dtype=np.dtype(dtype), count=count,
+                           offset=offset).reshape(shape)
+
+
+def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualitySettings,
+                     path: Path) -> RecordedReference | None:
+    """Run ``reference`` through the calls :func:`decoder_card` makes to its reference (the
+    windows, the greedy prompts, the replay window) and record its logits in ``path``."""
+    from slmedge.runtimes.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(tokenizer_dir)
+    found = eval_token_ids(tokenizer, settings)
+    if found is None:
+        return None
+    ids = np.asarray(found[0], dtype=np.int64)
+    recorded = RecordedReference(path)
+    # as decoder_card wraps the replayed reference: the same calls reach the recording
+    ref = KeepPrefill(recorded.wrap(reference), ids[:REPLAY_WINDOW].tolist())
+    for w in plan_windows(len(ids), settings.window, settings.stride):
+        _all_logits(ref, ids[w.begin : w.end].tolist())
+    prompts = [p for p in (tokenizer.encode(t) for t in settings.prompts) if p]
+    for prompt in prompts:  # as _greedy: the reference's own greedy tokens
+        ref.reset()
+        logits = np.asarray(ref.step(list(prompt)), dtype=np.float32)
+        for pos in range(settings.new_tokens - 1):
+            logits = np.asarray(ref.step([int(np.argmax(logits))]), dtype=np.float32)
+    window = ids[:REPLAY_WINDOW].tolist()
+    if len(window) >= 2:  # replay_record's reference perplexity
+        window_perplexity(ref, window)
+    return recorded.finish()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .graph_writer import save_graph
 from .lazy_weights import attach_weights
-from .onnx_export import DEFAULT_OPSET, OnnxExportInfo, trace_decoder, weights_bytes
+from .onnx_export import DEFAULT_OPSET, OnnxExportInfo, trace_decoder
 from .passes.cleanup import CleanupPass
 
 Say = Callable[[str], None]
@@ -25,16 +25,30 @@ Say = Callable[[str], None]
 EXTERNAL_DATA_FROM = 1 << 30
 
 
+def session_weights_bytes(model) -> int:
+    """Bytes ONNX Runtime's CPU session holds for the weights: fp16 / bf16 ones as fp32 (on
+    x86 it casts them to fp32 at load, as it has no fp16 kernels), the others as they are.
+    A single-file fp16 graph adds the whole proto on top: Qwen2.5-0.5B fp16 (0.99 GB) peaked at
+    3.70 GB in its session single-file, 2.75 GB with external data (measured here)."""
+    return sum(p.numel() * max(p.element_size(), 4) if p.is_floating_point()
+               else p.numel() * p.element_size() for p in model.parameters())
+
+
 def build_streamed_graph(streamed, *, opset: int = DEFAULT_OPSET, fuse_options=None,
-                         say: Say | None = None):
+                         say: Say | None = None, phases: dict[str, float] | None = None):
     """The cleaned-up (and, with ``fuse_options``, fused) ``onnx_ir`` model of a
     :class:`~slmedge.exporter.sources.StreamedModel`, every weight still on disk.
-    Returns (ir.Model, inputs, outputs, fusion report or None)."""
+    Returns (ir.Model, inputs, outputs, fusion report or None); ``phases`` (when given)
+    receives the seconds of ``trace`` (torch.onnx) and ``passes`` (weights, cleanup, fusion)."""
     say = say or (lambda _m: None)
+    phases = {} if phases is None else phases
     model, spec = streamed.model, streamed.spec
     torch_dtype = next(model.parameters()).dtype
     say("tracing the model (weights are not loaded)")
+    t0 = time.perf_counter()
     graph, inputs, outputs = trace_decoder(model, spec, opset=opset)
+    t1 = time.perf_counter()
+    phases["trace"] = round(t1 - t0, 2)
     attach_weights(graph.graph, model, streamed.weights, torch_dtype)
     CleanupPass()(graph)
     fusion = None
@@ -43,6 +57,7 @@ def build_streamed_graph(streamed, *, opset: int = DEFAULT_OPSET, fuse_options=N
 
         say("fusing the graph for ONNX Runtime (GroupQueryAttention, norms, GELU)")
         fusion = fuse_model(graph, fuse_options)
+    phases["passes"] = round(time.perf_counter() - t1, 2)
     return graph, inputs, outputs, fusion
 
 
@@ -50,13 +65,18 @@ def export_streamed(streamed, path: Path, *, opset: int = DEFAULT_OPSET,
                     external_data: bool | None = None, fuse_options=None,
                     say: Say | None = None):
     """Write the graph of ``streamed`` to ``path``; returns (OnnxExportInfo, fusion report or
-    None). ``external_data=None``: when the weights reach :data:`EXTERNAL_DATA_FROM`."""
+    None). ``external_data=None``: when the weights as ONNX Runtime's session holds them
+    (:func:`session_weights_bytes`) reach :data:`EXTERNAL_DATA_FROM`. The info's
+    ``phases`` has the seconds of trace, passes and write."""
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     graph, inputs, outputs, fusion = build_streamed_graph(
-        streamed, opset=opset, fuse_options=fuse_options, say=say)
-    use_external = weights_bytes(streamed.model) >= EXTERNAL_DATA_FROM if external_data is None \
-        else external_data
+        streamed, opset=opset, fuse_options=fuse_options, say=say, phases=phases)
+    use_external = session_weights_bytes(streamed.model) >= EXTERNAL_DATA_FROM \
+        if external_data is None else external_data
     layers = streamed.spec.kv_layout(streamed.model.config)[0]
+    t_write = time.perf_counter()
     save_graph(graph, path, external_data=use_external, say=say, layers=layers)
+    phases["write"] = round(time.perf_counter() - t_write, 2)
     return OnnxExportInfo(path, opset, inputs, outputs, use_external,
-                          time.perf_counter() - t0), fusion
+                          time.perf_counter() - t0, phases), fusion

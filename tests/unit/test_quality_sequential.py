@@ -1,0 +1,83 @@
+"""The quality card with its reference run first and replayed from disk (one ONNX Runtime
+session at a time, issue 15) gives the same card as both sessions side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slmedge.exporter.quality import (
+    QualitySettings,
+    RecordedReference,
+    artifact_card,
+    decoder_card,
+)
+from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+SETTINGS = QualitySettings(eval_tokens=150, window=64, stride=32,
+                           prompts=("The capital of France is", "def f(x):"), new_tokens=6)
+
+
+def test_sequential_card_equals_side_by_side(tiny_artifact):
+    reference = tiny_artifact("llama") / "model.onnx"
+    candidate_dir = tiny_artifact("llama", dtype="fp16")
+    candidate = candidate_dir / "model.onnx"
+    side_by_side = decoder_card(OnnxDecoder(candidate), candidate_dir, SETTINGS,
+                                reference=OnnxDecoder(reference)).to_dict()
+    sequential = artifact_card(candidate, candidate_dir, SETTINGS,
+                               reference_model=reference).to_dict()
+    side_by_side.pop("seconds"), sequential.pop("seconds")
+    assert sequential["greedy"]["prompts"] == 2
+    assert sequential["eval"]["windows"] >= 2
+    assert sequential["kl_mean"] > 0  # fp16 vs fp32: the card compares two different graphs
+    assert sequential == side_by_side
+    # the scratch file of the reference's logits is gone
+    assert not list(candidate_dir.glob(".card-reference-*"))
+
+
+class _Counting:
+    """Logits from the tokens: row i = one-hot of (token_i + 1) % 8, scaled."""
+
+    def reset(self):
+        pass
+
+    def step(self, token_ids, all_logits=False):
+        rows = np.zeros((len(token_ids), 8), np.float32)
+        rows[np.arange(len(token_ids)), (np.asarray(token_ids) + 1) % 8] = 3.0
+        return rows if all_logits else rows[-1]
+
+
+def test_recorded_reference_replays_and_refuses_other_tokens(tmp_path):
+    recorded = RecordedReference(tmp_path / "logits")
+    live = recorded.wrap(_Counting())
+    first = live.step([1, 2, 3], all_logits=True)
+    second = live.step([4])
+    recorded.finish()
+    np.testing.assert_array_equal(recorded.step([1, 2, 3], all_logits=True), first)
+    with pytest.raises(RuntimeError, match="differs from the recorded one"):
+        recorded.step([5])
+    np.testing.assert_array_equal(recorded.step([4]), second)
+    with pytest.raises(RuntimeError, match="asked for one more"):
+        recorded.step([4])
+
+
+def test_keep_prefill_computes_a_repeated_window_once():
+    from slmedge.exporter.quality import KeepPrefill
+
+    calls = []
+
+    class Logged(_Counting):
+        def step(self, token_ids, all_logits=False):
+            calls.append((tuple(token_ids), all_logits))
+            return super().step(token_ids, all_logits)
+
+    kept = KeepPrefill(Logged(), [1, 2, 3])
+    first = kept.step([1, 2, 3], all_logits=True)
+    kept.reset()
+    np.testing.assert_array_equal(kept.step([1, 2, 3], all_logits=True), first)
+    with pytest.raises(RuntimeError, match="needs reset"):
+        kept.step([4])
+    kept.reset()
+    kept.step([1, 2, 3])  # last position only: computed
+    kept.step([1, 2, 3], all_logits=True)  # not from a fresh state: computed
+    assert calls == [((1, 2, 3), True), ((1, 2, 3), False), ((1, 2, 3), True)]
