@@ -74,28 +74,71 @@ def prepare_target(target_url: str, artifact: str | Path, say: Say):
     return transport, plan, _ensure_python(transport, plan, say)
 
 
+def _run_target_card(target_url: str, artifact: str | Path, extra: list[str], *,
+                     stdin: bytes | None, what: str, progress: Say | None,
+                     timeout: float) -> tuple[dict, RemotePlan]:
+    """Run ``python -m slmedge.runtimes.target_card ARTIFACT EXTRA...`` on the target; its
+    last JSON line, and the plan (where the artifact went there)."""
+    say = progress or (lambda _m: None)
+    transport, plan, python = prepare_target(target_url, artifact, say)
+    target = plan.target
+    args = [python, "-m", "slmedge.runtimes.target_card", plan.artifact_dir, *extra, "--json"]
+    command = (f"cd {q(target.root)} && PYTHONPATH={q(plan.lib_dir)} exec "
+               + " ".join(q(a) for a in args))
+    say(f"{what} on {target.describe()}")
+    out = transport.run(command, timeout=timeout, input=stdin)
+    stdout = out.stdout.decode(errors="replace")
+    stderr = out.stderr.decode(errors="replace")
+    docs = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not docs:
+        raise RemoteError(f"{what} on {target.describe()} failed (exit "
+                          f"{out.returncode}): {_exception_line(stderr) or 'no output'}")
+    result = json.loads(docs[-1])
+    result["target"] = target.describe()
+    return result, plan
+
+
 def run_remote_card(target_url: str, artifact: str | Path, spec: dict, *,
                     threads: int | None = None, progress: Say | None = None,
                     timeout: float = 3600) -> dict:
     """Run ``spec`` (see :func:`slmedge.runtimes.target_card.run_spec`) on the target; return
     its JSON (``platform``, ``tokens``, ``teacher_forced``, ``perplexity``) plus ``target``."""
-    say = progress or (lambda _m: None)
-    transport, plan, python = prepare_target(target_url, artifact, say)
-    target = plan.target
-    args = [python, "-m", "slmedge.runtimes.target_card", plan.artifact_dir,
-            "--spec-json", "-", "--json"]
-    if threads:
-        args += ["--threads", str(threads)]
-    command = (f"cd {q(target.root)} && PYTHONPATH={q(plan.lib_dir)} exec "
-               + " ".join(q(a) for a in args))
-    say(f"replaying the quality card on {target.describe()}")
-    out = transport.run(command, timeout=timeout, input=json.dumps(spec).encode())
-    stdout = out.stdout.decode(errors="replace")
-    stderr = out.stderr.decode(errors="replace")
-    docs = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not docs:
-        raise RemoteError(f"the quality card on {target.describe()} failed (exit "
-                          f"{out.returncode}): {_exception_line(stderr) or 'no output'}")
-    result = json.loads(docs[-1])
-    result["target"] = target.describe()
+    extra = ["--spec-json", "-"] + (["--threads", str(threads)] if threads else [])
+    result, _plan = _run_target_card(target_url, artifact, extra,
+                                     stdin=json.dumps(spec).encode(),
+                                     what="the quality card", progress=progress, timeout=timeout)
     return result
+
+
+def run_remote_verify(target_url: str, bundle: str | Path, *, runtime_version: str | None = None,
+                      threads: int | None = None, progress: Say | None = None,
+                      timeout: float = 3600) -> dict:
+    """``slmedge verify`` where the app will run: the manifest and the runtime-version check
+    here (:func:`~slmedge.runtimes.verify.verify_bundle` without parity: they do not depend on
+    the device), then, on the target, every file's hash and the parity replay (the bundle as
+    copied there; the recorded tokens checked by the target's ONNX Runtime). Returns
+    ``{"target", "platform", "report"}`` (``report``: ``VerifyReport.to_dict()``'s fields); a
+    check that fails on the target raises the same error class here, its message naming the
+    target and this machine's bundle path."""
+    from . import errors
+    from .ort_format import OrtFormatError
+    from .verify import verify_bundle
+
+    report = verify_bundle(bundle, runtime_version=runtime_version, parity=False).to_dict()
+    extra = ["--verify-bundle"] + (["--threads", str(threads)] if threads else [])
+    result, plan = _run_target_card(target_url, bundle, extra, stdin=None,
+                                    what="slmedge verify", progress=progress, timeout=timeout)
+    error = result.get("error")
+    if error:
+        known = {c.__name__: c for c in (errors.UsageError, errors.ArtifactError,
+                                         errors.QualityGateFailed, errors.UnsupportedOp,
+                                         OrtFormatError)}
+        cls = known.get(error["class"], errors.SlmEdgeError)
+        machine = (result.get("platform") or {}).get("machine")
+        message = (f"on {result['target']} ({machine}): "
+                   + error["message"].replace(plan.artifact_dir, str(bundle)))
+        if cls is errors.QualityGateFailed:
+            raise cls(message, figures=error.get("figures"))
+        raise cls(message)
+    report.update(files_checked=result["files_checked"], parity=result["parity"])
+    return {"target": result["target"], "platform": result["platform"], "report": report}

@@ -145,6 +145,42 @@ def compare(recorded: dict, measured: dict, max_ppl_increase: float | None = Non
     return out
 
 
+def _view(value):
+    """Attribute access on a raw JSON manifest section (dicts inside stay dicts of views)."""
+    from types import SimpleNamespace
+
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _view(v) for k, v in value.items()})
+    return value
+
+
+def verify_here(bundle: str, threads: int = 1) -> dict:
+    """The device half of ``slmedge verify --target``: every file's size and sha256, then the
+    parity replay (recorded prompt -> greedy tokens and first-step logits), with
+    :mod:`.verify`'s own checks, on this machine. Targets have no pydantic, so the manifest is
+    read as raw JSON (``files`` and ``parity`` seen through attribute views); the host has
+    validated it and checked the runtime version. Returns the figures, or the error the
+    checks stopped at (class, message, exit code, figures), with the platform facts. Run on a
+    target by ``remote_card.run_remote_verify``."""
+    from types import SimpleNamespace
+
+    from .artifact import open_artifact
+    from .errors import SlmEdgeError
+    from .verify import check_files, check_parity
+
+    out: dict = {"platform": platform_facts()}
+    try:
+        raw = open_artifact(bundle).manifest
+        view = SimpleNamespace(files={k: _view(v) for k, v in (raw.get("files") or {}).items()},
+                               parity=_view(raw.get("parity")))
+        out["files_checked"] = check_files(Path(bundle), view)
+        out["parity"] = check_parity(Path(bundle), view, threads=threads)
+    except SlmEdgeError as e:
+        out["error"] = {"class": type(e).__name__, "message": str(e), "exit_code": e.exit_code,
+                        "figures": getattr(e, "figures", None)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from .artifact import open_artifact
     from .static_decoder import open_decoder
@@ -156,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                    "manifest's quality.replay")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--verify-bundle", action="store_true",
+                   help="instead: check ARTIFACT (a bundle) here as `slmedge verify` does (files, "
+                   "parity) and print the figures, or the error, as JSON (exit 0 either way)")
     args = p.parse_args(argv)
+    if args.verify_bundle:
+        print(json.dumps(verify_here(args.artifact, args.threads or 1)))
+        return 0
     artifact = open_artifact(args.artifact)
     if args.spec_json:
         text = sys.stdin.read() if args.spec_json == "-" else Path(args.spec_json).read_text()

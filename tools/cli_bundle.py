@@ -76,8 +76,29 @@ def cmd_bundle(args) -> int:
 def cmd_verify(args) -> int:
     from slmedge.runtimes.verify import verify_bundle
 
-    report = verify_bundle(args.bundle, runtime_version=args.runtime_version,
-                           parity=not args.no_parity)
+    where = None
+    if getattr(args, "target", None):
+        if args.no_parity:
+            from slmedge.runtimes.errors import UsageError
+
+            raise UsageError("--target runs the checks where the app will run, parity "
+                             "included; drop --no-parity, or drop --target to check the files "
+                             "on this machine")
+        from slmedge.runtimes.remote_card import run_remote_verify
+
+        remote = run_remote_verify(args.target, args.bundle, runtime_version=args.runtime_version)
+        where = f"{remote['target']} ({remote['platform']['machine']}, onnxruntime " \
+                f"{remote['platform']['onnxruntime']})"
+        if args.json:
+            _print_json({"target": remote["target"], "platform": remote["platform"],
+                         **remote["report"]})
+            return EXIT_OK
+        from types import SimpleNamespace
+
+        report = SimpleNamespace(**remote["report"])  # VerifyReport.to_dict()'s fields
+    else:
+        report = verify_bundle(args.bundle, runtime_version=args.runtime_version,
+                               parity=not args.no_parity)
     if args.json:
         _print_json(report.to_dict())
         return EXIT_OK
@@ -97,6 +118,8 @@ def cmd_verify(args) -> int:
     if parity and "skipped" not in parity:
         line += (f"; parity: {parity['tokens']} greedy tokens match, first-step logits max "
                  f"|diff| {parity['max_abs_diff']:.1e}")
+    if where:
+        line += f" (checked on {where})"
     print(line)
     return EXIT_OK
 
@@ -148,5 +171,9 @@ def register(sub) -> None:
     p.add_argument("--runtime-version", metavar="X.Y",
                    help="ONNX Runtime version of the app, e.g. 1.20")
     p.add_argument("--no-parity", action="store_true", help="skip the parity run")
+    p.add_argument("--target", metavar="URL",
+                   help="run the checks on the device instead: ssh://[user@]host[:port][/dir] "
+                   "or adb://[serial] (bundle copied there, runtime venv as bench --target's); "
+                   "the recorded tokens are then checked where the app will run")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_verify)

@@ -118,3 +118,53 @@ def test_check_target_strict_fails_outside_the_gate(arm64_target, artifacts, cap
     assert code == 3, err
     assert "outside the gate of +5%" in err
     assert run(capsys, "check", art, "--target", arm64_target.url)[0] == 0  # without --strict
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(artifacts, tmp_path_factory):
+    """The int8 artifact bundled for arm64-cpu here: the bundle records x86's greedy tokens."""
+    out = tmp_path_factory.mktemp("arm64-bundle") / "bundle"
+    assert main(["bundle", str(artifacts["int8"]), "--profile", "arm64-cpu", "-o", str(out)]) == 0
+    return out
+
+
+def test_verify_target_checks_the_bundle_on_the_device(arm64_target, int8_bundle, capsys):
+    code, out, err = run(capsys, "verify", int8_bundle, "--target", arm64_target.url, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["platform"]["machine"] == "aarch64" and doc["ok"]
+    assert doc["bundle"] == str(int8_bundle)
+    assert doc["parity"]["tokens_match"] and doc["files_checked"] >= 3
+    code, out, err = run(capsys, "verify", int8_bundle, "--target", arm64_target.url)
+    assert code == 0, err
+    assert "greedy tokens match" in out and "aarch64" in out
+
+
+def test_verify_target_reports_the_devices_failure_as_here(arm64_target, int8_bundle, capsys,
+                                                          tmp_path):
+    import shutil
+
+    from slmedge.runtimes.remote import DEFAULT_SSH_DIR, artifact_files
+
+    bundle = tmp_path / "bundle-on-device"
+    shutil.copytree(int8_bundle, bundle)
+    # the runner's upload cache on the target (an earlier run's copy would be reused)
+    copy = arm64_target.root / "root" / DEFAULT_SSH_DIR / "artifacts" / \
+        f"{bundle.name}-{artifact_files(bundle)[0]}"
+    shutil.rmtree(copy, ignore_errors=True)
+    assert run(capsys, "verify", bundle, "--target", arm64_target.url)[0] == 0
+    # the copy on the device goes bad (the one here stays intact): the device's check says so
+    model = next(copy.rglob("*.onnx"))
+    model.write_bytes(model.read_bytes()[:-100])
+    code, _out, err = run(capsys, "verify", bundle, "--target", arm64_target.url)
+    assert code == 1, err
+    assert f"on {arm64_target.url}" in err and "(aarch64)" in err
+    assert f"{bundle}/" in err and model.name in err and "truncated" in err
+    shutil.rmtree(copy)
+    # a bad copy here is found here, before anything is copied
+    model = next(bundle.rglob("*.onnx"))
+    model.write_bytes(b"")
+    code, _out, err = run(capsys, "verify", bundle, "--target", arm64_target.url)
+    assert code == 1 and "aarch64" not in err and model.name in err, err
+    code, _out, err = run(capsys, "verify", bundle, "--target", arm64_target.url, "--no-parity")
+    assert code == 2 and "--no-parity" in err
