@@ -49,7 +49,7 @@ from .graph import GraphFacts, _module_and_layer, analyze
 from .hqq import hqq_quantize
 from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
-from .tied_table import share_tied_int4_table
+from .tied_table import share_tied_int4_table, share_tied_nbits_table, tied_gathers
 from .weight_only import embedding_int8
 
 Say = Callable[[str], None]
@@ -387,6 +387,36 @@ def _read_rows(lazy: LazyWeights, table: TensorProto, start: int, stop: int) -> 
     return arr.reshape(stop - start, k)
 
 
+def _transposed_equal(lazy: LazyWeights, table: str, weight: str) -> bool:
+    """Whether the ``[V, K]`` ``table`` equals the ``[K, V]`` ``weight`` transposed: the
+    tied ``lm_head``'s ``W.T`` placeholder of it, or a copy compared a block of rows at a time
+    (the weight's columns read through a memory map, not the whole weight)."""
+    if lazy.is_placeholder(weight):
+        if weight == table + "_T":
+            return True
+        w = lazy.array(weight)
+    else:
+        t = lazy.protos[weight]
+        if is_external(t):
+            from onnx.external_data_helper import ExternalDataInfo
+
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            w = np.memmap(lazy.source.file_of(t), dtype=dtype, mode="r",
+                          offset=ExternalDataInfo(t).offset or 0,
+                          shape=tuple(int(d) for d in t.dims))
+        else:
+            w = lazy.array(weight)
+    proto = lazy.protos[table]
+    vocab = int(proto.dims[0])
+    full = None if is_external(proto) else lazy.array(table)
+    for start in range(0, vocab, EMBEDDING_ROWS):
+        stop = min(vocab, start + EMBEDDING_ROWS)
+        rows = full[start:stop] if full is not None else _read_rows(lazy, proto, start, stop)
+        if not np.array_equal(rows, np.asarray(w[:, start:stop]).T):
+            return False
+    return True
+
+
 def _embedding_int4(model, lazy: LazyWeights, gathers: list[str], recipe: QuantRecipe) -> list[str]:
     """ONNX Runtime's ``quantize_gather`` on each table (as ``weight_only._quantize_embedding``
     runs it), with the graph-level settings its ``process`` makes."""
@@ -508,6 +538,12 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
     facts = prepare(model, lazy, recipe, say)
     todo, precision = plan(facts, recipe)
     level = recipe.accuracy_level
+    tied = []
+    if (recipe.tied_table and recipe.embedding is TensorPrecision.float
+            and todo.get(facts.lm_head, (None,))[0] == 8):
+        tied = tied_gathers(model, facts.embedding_gathers, facts.lm_head,
+                            lambda table, weight: _transposed_equal(lazy, table, weight))
+    head_output = next((n.output[0] for n in model.graph.node if n.name == facts.lm_head), None)
     data_path = dst.with_name(dst.name + ".data")
     zero_points = None
     with DataFileWriter(data_path) as data:
@@ -525,6 +561,12 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
             _set_opset(model, "com.microsoft", 1)
             _drop_unused(model)
         gathers = facts.embedding_gathers
+        shared = [g for g in tied if share_tied_nbits_table(model, g, head_output)]
+        if shared:
+            _drop_unused(model)
+            precision.update({g: "int8" for g in shared})
+            say(f"embedding lookup reads the tied lm_head's int8 table (stored once: the "
+                "table is large; QuantRecipe.tied_table)")
         if recipe.embedding is TensorPrecision.int4 and gathers:
             say(f"embedding -> GatherBlockQuantized int4 (block {recipe.block_size})")
             done = _embedding_int4(model, lazy, gathers, recipe)
@@ -551,7 +593,8 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
-        embedding=recipe.embedding.value if facts.embedding_gathers else "none",
+        embedding=("int8-tied" if shared else recipe.embedding.value)
+        if facts.embedding_gathers else "none",
         lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
         op_decisions=weight_only_table(model),
         contrib_ops=contrib,

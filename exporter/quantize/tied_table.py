@@ -14,6 +14,8 @@ Only byte-identical tables are shared, so the graph computes exactly what it did
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -96,3 +98,82 @@ def share_tied_int4_table(model: onnx.ModelProto) -> list[str]:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return shared
+
+
+#: a tied table with at least this many values gets its lookup from the lm_head's quantized
+#: table by default (QuantRecipe.tied_table): Qwen2.5-0.5B's 151936 x 896 (136M) yes,
+#: SmolLM2-135M's 49152 x 576 (28M) no
+TIED_TABLE_MIN_VALUES = 1 << 26
+
+
+def tied_gathers(model: onnx.ModelProto, gathers: list[str], head: str | None,
+                 same: Callable[[str, str], bool]) -> list[str]:
+    """The embedding ``Gather`` nodes of at least ``TIED_TABLE_MIN_VALUES`` values whose
+    ``[V, K]`` table is the ``lm_head``'s ``[K, V]`` weight transposed: ``same(table,
+    weight)`` says whether the values are (the exporter may store a tied table twice: a
+    folded ``Transpose``)."""
+    if head is None:
+        return []
+    node = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    h = node.get(head)
+    if h is None or h.input[1] not in inits:
+        return []
+    weight = inits[h.input[1]]
+    found = []
+    for g in gathers:
+        gather = node.get(g)
+        if gather is None or gather.input[0] not in inits:
+            continue
+        table = inits[gather.input[0]]
+        if (len(table.dims) == 2 and list(weight.dims) == list(table.dims)[::-1]
+                and table.data_type == weight.data_type
+                and int(np.prod(table.dims)) >= TIED_TABLE_MIN_VALUES
+                and same(gather.input[0], h.input[1])):
+            found.append(g)
+    return found
+
+
+def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str) -> bool:
+    """The ``Gather`` named ``gather`` becomes a ``GatherBlockQuantized`` reading the 8-bit
+    ``MatMulNBits`` that produces ``head_output`` (the tied ``lm_head``: its ``[N, K]`` weight
+    is the table): its bytes, scales and zero points through ``Reshape`` nodes, no copy. The
+    lookup gives the rows the ``lm_head`` computes with (dequantized exactly as
+    ``MatMulNBits`` does). Returns False (graph unchanged) when the head is not such a node."""
+    graph = model.graph
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits"
+                 and n.output[0] == head_output), None)
+    node = next((n for n in graph.node if n.name == gather and n.op_type == "Gather"), None)
+    if head is None or node is None:
+        return False
+    a = _attrs(head)
+    axis = next((x.i for x in node.attribute if x.name == "axis"), 0)
+    if a.get("bits") != 8 or a["K"] % a["block_size"] or axis != 0 or (
+            len(head.input) > 4 and any(head.input[4:])):
+        return False
+    n, k, bs = a["N"], a["K"], a["block_size"]
+    base = node.name or node.output[0]
+    table_shape = numpy_helper.from_array(np.array([n, k], np.int64), f"{base}/tied_shape")
+    block_shape = numpy_helper.from_array(np.array([n, k // bs], np.int64), f"{base}/tied_block_shape")
+    graph.initializer.extend([table_shape, block_shape])
+    inputs = [f"{base}/tied_table", node.input[1], f"{base}/tied_scales"]
+    reshapes = [helper.make_node("Reshape", [head.input[1], table_shape.name], [inputs[0]],
+                                 name=f"{base}/tied_reshape"),
+                helper.make_node("Reshape", [head.input[2], block_shape.name], [inputs[2]],
+                                 name=f"{base}/tied_scales_reshape")]
+    if len(head.input) > 3 and head.input[3]:
+        inputs.append(f"{base}/tied_zero_points")
+        reshapes.append(helper.make_node("Reshape", [head.input[3], block_shape.name],
+                                         [inputs[3]], name=f"{base}/tied_zero_points_reshape"))
+    gbq = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name,
+                           domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                           block_size=bs, bits=8)
+    gbq.metadata_props.extend(node.metadata_props)
+    idx = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(idx, gbq)
+    for r in reversed(reshapes):
+        graph.node.insert(0, r)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return True

@@ -236,3 +236,77 @@ def test_slmedge_quantize_of_a_small_model_is_one_file_as_before(tiny_artifact, 
     mem.parent.mkdir()
     quantize_model(tiny_artifact("gpt2") / "model.onnx", mem, recipe)
     assert_same_quantized_graph(mem, out / "model.onnx")
+
+
+@pytest.mark.parametrize("recipe", [dict(scheme="int4"), dict(scheme="int8")])
+def test_a_large_tied_table_is_looked_up_in_the_lm_heads_int8_table(recipe, tiny_artifact,
+                                                                     tmp_path, monkeypatch):
+    """Above TIED_TABLE_MIN_VALUES (lowered here to the tiny tied model's table) the default
+    recipe's embedding reads the 8-bit lm_head's bytes: no float table in the file, the
+    lookup returns exactly the rows the lm_head dequantizes, and nothing else changes
+    (every other initializer and node as with tied_table off)."""
+    import onnxruntime as ort
+
+    from slmedge.exporter.quantize import tied_table
+
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    source = external_copy(tiny_artifact("gemma3_text") / "model.onnx", tmp_path / "src")
+    shared, separate = tmp_path / "shared" / "model.onnx", tmp_path / "separate" / "model.onnx"
+    shared.parent.mkdir()
+    separate.parent.mkdir()
+    report = quantize_file_streaming(source, shared, QuantRecipe(**recipe))
+    old = quantize_file_streaming(source, separate, QuantRecipe(**recipe, tied_table=False))
+    assert report.embedding == "int8-tied" and old.embedding == "float"
+    assert report.lm_head == "int8"
+    a, b = onnx.load(str(shared)), onnx.load(str(separate))
+    gbq = [n for n in a.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1 and not any(n.op_type == "Gather" for n in a.graph.node
+                                     if n.name == gbq[0].name)
+    head = next(n for n in a.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"
+                or n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
+    reshape = {n.output[0]: n.input[0] for n in a.graph.node if n.op_type == "Reshape"}
+    assert [reshape[i] for i in gbq[0].input if i in reshape] == [head.input[1], *head.input[2:4]]
+    inits_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    inits_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    gather = next(n for n in b.graph.node if n.name == gbq[0].name)
+    table = inits_b[gather.input[0]]
+    assert table.dtype == np.float32 and gather.input[0] not in inits_a  # the float table: gone
+    for name, value in inits_b.items():
+        if name != gather.input[0]:
+            assert inits_a[name].tobytes() == value.tobytes(), name
+    assert (shared.stat().st_size + (shared.parent / "model.onnx.data").stat().st_size
+            < separate.stat().st_size + (separate.parent / "model.onnx.data").stat().st_size
+            - table.nbytes * 0.7)
+    # the lookup's rows == the lm_head's dequantized weight rows, exactly (ORT's kernels)
+    vocab, k = table.shape
+    sub = onnx.helper.make_graph(
+        [n for n in a.graph.node if n.op_type == "Reshape" and n.output[0] in gbq[0].input]
+        + [gbq[0]]
+        + [onnx.helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"], domain="com.microsoft",
+                                 **{x.name: onnx.helper.get_attribute_value(x) for x in head.attribute
+                                    if x.name != "accuracy_level"})],
+        "g", [onnx.helper.make_tensor_value_info(gather.input[1], onnx.TensorProto.INT64, [1, None])],
+        [onnx.helper.make_tensor_value_info(gbq[0].output[0], onnx.TensorProto.FLOAT, None),
+         onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)],
+        [*a.graph.initializer, numpy_helper.from_array(np.eye(k, dtype=np.float32), "eye")])
+    model = onnx.helper.make_model(sub, opset_imports=list(a.opset_import), ir_version=a.ir_version)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 1, vocab // 2, vocab - 1]], np.int64)
+    rows, w = session.run(None, {gather.input[1]: ids})
+    np.testing.assert_array_equal(rows[0], w.T[ids[0]])
+    assert 0 < np.abs(rows[0] - table[ids[0]]).max() < np.abs(table).max() / 100
+    # and the model still runs, close to the float-embedding one
+    got, want = OnnxDecoder(shared).logits(IDS), OnnxDecoder(separate).logits(IDS)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_the_tied_table_stays_float_below_the_size(tiny_artifact, tmp_path):
+    """The tiny tied model's table is far below TIED_TABLE_MIN_VALUES: the default recipe
+    keeps it float (SmolLM2's 28M-value table too; its cards are unchanged)."""
+    source = tiny_artifact("gemma3_text") / "model.onnx"
+    out = tmp_path / "q" / "model.onnx"
+    out.parent.mkdir()
+    report = quantize_file_streaming(source, out, QuantRecipe(scheme="int4"))
+    assert report.embedding == "float"
+    assert not any(n.op_type == "GatherBlockQuantized"
+                   for n in onnx.load(str(out), load_external_data=False).graph.node)
