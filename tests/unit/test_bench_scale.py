@@ -103,3 +103,19 @@ def test_table_ratios_and_killed_rows():
                         "20 s / 4.0 GB / 1.00 GB | 1.50x | 0.50x |")
     assert lines[3] == ("| llama-3.1-8b | 8.03B | int4 | — | killed at cap 20 GB after 50 s "
                         "(20.1 GB) | — | — |")
+
+
+def test_targets_judge_slmedge_rows_with_their_numbers():
+    rows = [_row("llama-3.2-3b", "int4", "slmedge", peak_rss_gb=7.5, wall_s=300.0),
+            _row("llama-3.2-3b", "int4", "genai", peak_rss_gb=19.3, wall_s=245.0),
+            _row("llama-3.2-3b", "fp16", "slmedge", peak_rss_gb=9.0, output_gb=6.46),
+            _row("llama-3.1-8b", "int4", "slmedge", exit_code=-9, output_gb=None,
+                 killed="killed at timeout 1500 s"),
+            _row("llama-3.1-8b", "int4", "genai", exit_code=-9, output_gb=None,
+                 killed="killed at cap 20 GB")]
+    assert bench_scale.targets(rows) == [
+        "llama-3.2-3b fp16: peak 9.0 GB <= output 6.46 + 2 GB: not met",
+        "llama-3.2-3b int4: peak 7.5 GB <= 8 GB: met",
+        "llama-3.2-3b int4: wall 300 s <= GenAI's 245 s: not met",
+        "llama-3.1-8b int4: not met, no artifact (killed at timeout 1500 s)",
+    ]

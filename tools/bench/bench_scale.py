@@ -362,7 +362,8 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 def write_json(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, "table": table(rows)}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"rows": rows, "table": table(rows), "targets": targets(rows)},
+                              indent=1) + "\n")
     tmp.replace(path)
 
 
@@ -463,6 +464,45 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: Peak-memory targets of int4 exports (issue 15), GB, by model.
+INT4_PEAK_TARGETS_GB = {"llama-3.2-3b": 8.0, "llama-3.1-8b": 16.0}
+FP16_HEADROOM_GB = 2.0  # fp16 export peak <= output size + this
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """One line per issue-15 target a slmedge row can be judged on: met / not met, with the
+    numbers (a killed or failed row does not meet its targets)."""
+    out = []
+    by = {(r["model"], r["precision"], r["tool"]): r for r in rows}
+    for (model, precision, tool), r in sorted(
+            by.items(), key=lambda kv: (list(CONFIGS).index(kv[0][0]), kv[0][1])):
+        if tool != "slmedge":
+            continue
+        ok = r["exit_code"] == 0 and r.get("output_gb") is not None
+        what = f"{model} {precision}"
+        if not ok:
+            out.append(f"{what}: not met, no artifact ({r.get('killed') or 'exit ' + str(r['exit_code'])})")
+            continue
+        limit = INT4_PEAK_TARGETS_GB.get(model) if precision == "int4" else None
+        if limit is not None:
+            verdict = "met" if r["peak_rss_gb"] <= limit else "not met"
+            out.append(f"{what}: peak {r['peak_rss_gb']:.1f} GB <= {limit:g} GB: {verdict}")
+        if precision == "fp16":
+            limit = r["output_gb"] + FP16_HEADROOM_GB
+            verdict = "met" if r["peak_rss_gb"] <= limit else "not met"
+            out.append(f"{what}: peak {r['peak_rss_gb']:.1f} GB <= output {r['output_gb']:.2f} "
+                       f"+ {FP16_HEADROOM_GB:g} GB: {verdict}")
+        g = by.get((model, precision, "genai"))
+        if g and g["exit_code"] == 0:
+            verdict = "met" if r["wall_s"] <= g["wall_s"] else "not met"
+            out.append(f"{what}: wall {r['wall_s']:.0f} s <= GenAI's {g['wall_s']:.0f} s: {verdict}")
+        elif g:
+            out.append(f"{what}: GenAI's builder did not finish "
+                       f"({g.get('killed') or 'exit ' + str(g['exit_code'])}): slmedge "
+                       f"{r['wall_s']:.0f} s, no speed comparison")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen2.5-0.5b,llama-3.2-1b",
@@ -507,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                  cap_gb=args.cap_gb, floor_gb=args.floor_gb, wait_gb=args.wait_gb,
                  max_wait_s=args.max_wait, keep_outputs=args.keep_outputs, source=args.source,
                  json_path=args.json, previous=previous, timeout_s=args.timeout)
-    print(table(merge_rows(previous, rows)))
+    merged = merge_rows(previous, rows)
+    print(table(merged))
+    print("\n".join(targets(merged)))
     return 0
 
 
