@@ -319,14 +319,8 @@ class Manifest(_Common):
     gate: Gate | None = Field(default=None, description="quality gate of a quantization")
     verification: Verification | None = Field(default=None, description="export-time checks")
     placement: dict[str, Any] | None = Field(default=None, description="placement check")
-    timings_s: dict[str, float | None] | None = Field(default=None, description="seconds")
-    versions: dict[str, str] = Field(default_factory=dict, description="package versions")
-
-    def onnx_graphs(self) -> dict[str, OnnxFacts]:
-        """Facts per graph name (``model`` for a single graph)."""
-        if self.onnx is None:
-            return {}
-        return {"model": self.onnx} if isinstance(self.onnx, OnnxFacts) else dict(self.onnx)
+    timings_s: dict[str, Any] | None = Field(default=None, description="seconds per step")
+    versions: dict[str, Any] = Field(default_factory=dict, description="package -> version")
 
 
 class BundleSource(BaseModel):
