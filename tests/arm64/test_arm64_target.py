@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from slmedge.device_profiles import load_profile
 from slmedge.exporter.quantize.recipe import QuantRecipe
 from slmedge.runtimes.remote_card import manifest_spec, recorded_replay, run_remote_card
 from slmedge.runtimes.target_card import compare
@@ -22,6 +23,9 @@ RECIPES = {
     "fp32": None,
     "int8": QuantRecipe(scheme="int8"),
     "int4": QuantRecipe(scheme="int4"),  # the default: HQQ, folded zero points, accuracy level 4
+    # the ARM profiles' int4 (recipe.int4_accuracy_level: 1)
+    "int4-arm": QuantRecipe(scheme="int4",
+                            accuracy_level=load_profile("rpi5").recipe.int4_accuracy_level),
 }
 
 
@@ -57,7 +61,7 @@ def test_bench_on_the_target_reports_aarch64(arm64_target, artifacts, capsys):
     assert result["decode_tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("name", ["fp32", "int8"])
+@pytest.mark.parametrize("name", ["fp32", "int8", "int4-arm"])
 def test_same_greedy_tokens_and_perplexity_as_x86(arm64_target, artifacts, name):
     art = artifacts[name]
     recorded, _gate = recorded_replay(art)
