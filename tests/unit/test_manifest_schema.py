@@ -198,3 +198,16 @@ def test_a_manifest_the_schema_refuses_is_not_written(tmp_path):
 
 def test_a_bare_model_file_has_no_typed_manifest(fp32):
     assert open_artifact(fp32 / "model.onnx").info is None
+
+
+def test_the_recorded_replay_is_the_manifests_own(written):
+    """remote_card reads quality.replay and the gate through the typed manifest; what a
+    target replays is exactly the JSON the export recorded."""
+    from slmedge.runtimes.remote_card import manifest_spec, recorded_replay
+
+    replay, gate = recorded_replay(written["int4"])
+    doc = _doc(written["int4"])
+    assert replay == doc["quality"]["replay"] and gate == doc["gate"]["max_ppl_increase_pct"]
+    assert recorded_replay(written["fp32"])[1] is None  # an fp32 export has no gate
+    spec = manifest_spec(written["int4"])
+    assert spec["reference_tokens"] == doc["quality"]["replay"]["tokens"]
