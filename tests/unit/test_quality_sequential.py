@@ -81,3 +81,17 @@ def test_keep_prefill_computes_a_repeated_window_once():
     kept.step([1, 2, 3])  # last position only: computed
     kept.step([1, 2, 3], all_logits=True)  # not from a fresh state: computed
     assert calls == [((1, 2, 3), True), ((1, 2, 3), False), ((1, 2, 3), True)]
+
+
+
+def test_token_nll_in_chunks_is_the_whole_window_formula():
+    from slmedge.runtimes.evaluate import token_nll
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (150, 40)).astype(np.float32)
+    targets = rng.integers(0, 40, 150)
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    whole = m[:, 0] + np.log(np.exp(x - m).sum(axis=-1)) - x[np.arange(150), targets]
+    np.testing.assert_array_equal(token_nll(logits, targets, chunk=16), whole)
+    np.testing.assert_array_equal(token_nll(logits, targets), whole)
