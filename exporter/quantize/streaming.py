@@ -553,7 +553,9 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
             f"{sum(1 for s in todo.values() if s[0] != bits)} -> 8-bit (lm_head / kept layers), "
             "streamed one tensor at a time")
         kept_exact: list[str] = []
+        phase = time.perf_counter()
         count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact)
+        phase = _phase(say, f"{count} MatMuls quantized", phase)
         if kept_exact:
             say(f"{len(kept_exact)} MatMuls keep the source's own quantized blocks (no "
                 "requantization)")
@@ -579,13 +581,16 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
             say(f"embedding -> GatherBlockQuantized int8 (block {recipe.block_size})")
             done = _embedding_int8(model, lazy, gathers, recipe.block_size, out)
             precision.update({g: "int8" for g in done})
+        phase = _phase(say, "embedding / tied table", phase)
         n_folded = fold_float_zero_points(model)
         if n_folded:
             zero_points = "folded"
             say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
                 "correction (fast integer kernels)")
+        phase = _phase(say, "zero points folded", phase)
         _finish(model, lazy, out, say)
     onnx.save_model(model, str(dst))
+    _phase(say, "float tensors copied, graph written", phase)
     contrib = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node
                       if n.domain not in ("", "ai.onnx")})
     return StreamedReport(
@@ -603,6 +608,13 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
         ort_tools=["onnxruntime.quantization.matmul_nbits_quantizer (per tensor, streamed)"],
         zero_points=zero_points,
     )
+
+
+def _phase(say: Say, what: str, since: float) -> float:
+    """Report a phase's wall time (the progress line); returns now."""
+    now = time.perf_counter()
+    say(f"{what} in {now - since:.1f} s")
+    return now
 
 
 def _quiet_ort_logging() -> None:
