@@ -172,3 +172,19 @@ def test_verify_target_reports_the_devices_failure_as_here(arm64_target, int8_bu
     assert code == 1 and "aarch64" not in err and model.name in err, err
     code, _out, err = run(capsys, "verify", bundle, "--target", arm64_target.url, "--no-parity")
     assert code == 2 and "--no-parity" in err
+
+
+def test_verify_target_parity_failure_exits_3(arm64_target, int8_bundle, capsys, tmp_path):
+    # A bundle whose recorded greedy tokens are not the model's (its manifest edited): the
+    # checks here pass (files, versions), the device's parity replay does not.
+    import shutil
+
+    bundle = tmp_path / "bundle-wrong-tokens"
+    shutil.copytree(int8_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    tokens = manifest["parity"]["greedy_tokens"]
+    tokens[-1] = (tokens[-1] + 1) % 100
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, _out, err = run(capsys, "verify", bundle, "--target", arm64_target.url)
+    assert code == 3, err
+    assert "(aarch64)" in err and "parity check failed" in err and str(bundle) in err
