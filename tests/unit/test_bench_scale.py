@@ -119,3 +119,22 @@ def test_targets_judge_slmedge_rows_with_their_numbers():
         "llama-3.2-3b int4: wall 300 s <= GenAI's 245 s: not met",
         "llama-3.1-8b int4: not met, no artifact (killed at timeout 1500 s)",
     ]
+
+
+def test_slmedge_phases_from_a_manifest():
+    manifest = {"timings_s": {"load": 3.33, "trace": 20.0, "passes": 8.0, "write": 50.88,
+                              "export": 78.88, "total": 626.55},
+                "quantization": {"seconds": 144.13}, "quality": {"seconds": 320.99}}
+    assert bench_scale.slmedge_phases(manifest) == {
+        "load": 3.33, "trace": 20.0, "passes": 8.0, "write": 50.88, "export": 78.88,
+        "quantize": 144.13, "quality_card": 320.99, "other": 79.22, "total": 626.55}
+
+
+def test_slmedge_phases_count_the_exporters_own_laps_once():
+    manifest = {"timings_s": {"load": 3.0, "trace": 20.0, "passes": 8.0, "write": 50.0,
+                              "export": 78.0, "support_files": 1.0, "parity": 30.0,
+                              "quantize_and_card": 470.0, "total": 590.0},
+                "quantization": {"seconds": 150.0}, "quality": {"seconds": 320.0}}
+    phases = bench_scale.slmedge_phases(manifest)
+    assert phases["other"] == 8.0  # 590 - (3 + 78 + 1 + 30 + 470)
+    assert (phases["quantize"], phases["quality_card"]) == (150.0, 320.0)

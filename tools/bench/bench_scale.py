@@ -424,6 +424,7 @@ def bench(models: list[str], precisions: list[str], tools: list[str], workdir: P
                         # export = trace + write; the rest of total is verification (parity
                         # gate, tokenizer check, quality card), which GenAI's builder does not do
                         row["slmedge_timings_s"] = manifest.get("timings_s")
+                        row["slmedge_phases_s"] = slmedge_phases(manifest)
                 else:
                     import importlib.metadata as md
 
@@ -437,6 +438,29 @@ def bench(models: list[str], precisions: list[str], tools: list[str], workdir: P
                 if not keep_outputs:  # disk: outputs are measured, not kept
                     shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def slmedge_phases(manifest: dict) -> dict:
+    """Seconds per phase of a slmedge export, from its manifest: ``timings_s`` (load, export
+    and whatever phases the exporter adds there), the quantizer's and the quality card's own
+    ``seconds``, and ``other`` = total - the rest (parity gate, tokenizer check, writing)."""
+    timings = dict(manifest.get("timings_s") or {})
+    total = timings.pop("total", None)
+    phases = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+    for key, section in (("quantize", "quantization"), ("quality_card", "quality")):
+        seconds = (manifest.get(section) or {}).get("seconds")
+        if isinstance(seconds, (int, float)):
+            phases[key] = round(seconds, 2)
+    if total is not None:
+        # "export" already spans trace/passes/write; newer exporters time the quantizer + card
+        # ("quantize_and_card") or the card ("card") themselves: count each second once
+        inside = {"trace", "passes", "write"}
+        if "quantize_and_card" in timings or "card" in timings:
+            inside |= {"quantize", "quality_card"}
+        parts = [v for k, v in phases.items() if k not in inside]
+        phases["other"] = round(total - sum(parts), 2)
+        phases["total"] = total
+    return phases
 
 
 def _cell(r: dict) -> str:
