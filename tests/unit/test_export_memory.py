@@ -6,8 +6,9 @@ streaming, an export peaked at about twice the fp32 model (issue 15: 13.5 GB for
 export writing 6 GB).
 
 fp16 is not asserted here: writing the graph peaks at ~1.1 GB, but verifying it runs ONNX
-Runtime's CPU session, which on x86 keeps fp32 copies of fp16 weights (3.6 GB for this 1 GB
-graph measured alone; the whole export peaked at 5.5 GB in tools/bench/bench_scale.py).
+Runtime's CPU session, which on x86 keeps fp32 copies of fp16 weights (2.2 GB held for this
+1 GB graph with external data, 2.4 GB while created; the whole export peaked at 3.33 GB, was
+5.5 GB in the first tools/bench/bench_scale.py run: over output + 2 GB by ~0.35 GB).
 """
 
 from __future__ import annotations
