@@ -106,11 +106,12 @@ class QuantRecipe(BaseModel):
         TensorPrecision.float, description="embedding table precision (int8, int4: "
         "GatherBlockQuantized; int8 symmetric per block, exact for a Q8_0 GGUF table)"
     )
-    tied_table: bool = Field(
-        True, description="int4/int8 weight-only with the embedding float: a table tied to an "
-        "8-bit lm_head and at least 64M values (Qwen2.5-0.5B's; not SmolLM2's) is looked up in "
-        "the lm_head's int8 table (GatherBlockQuantized over its bytes, stored once) instead "
-        "of kept float beside it (streaming quantizer)",
+    large_table: bool = Field(
+        True, description="int4/int8 weight-only with the embedding float: a table of at least "
+        "64M values (Qwen2.5-0.5B's, Llama-3.2-1B's; not SmolLM2's) is not kept float: tied to "
+        "an 8-bit lm_head it is looked up in the lm_head's int8 table (GatherBlockQuantized "
+        "over its bytes, stored once), else it is int8 of its own (as --embedding int8) "
+        "(streaming quantizer)",
     )
     keep_layers: list[int] = Field(
         default_factory=list,

@@ -49,6 +49,7 @@ from .graph import GraphFacts, _module_and_layer, analyze
 from .hqq import hqq_quantize
 from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
+from . import tied_table
 from .tied_table import share_tied_int4_table, share_tied_nbits_table, tied_gathers
 from .weight_only import embedding_int8
 
@@ -387,6 +388,18 @@ def _read_rows(lazy: LazyWeights, table: TensorProto, start: int, stop: int) -> 
     return arr.reshape(stop - start, k)
 
 
+def _large_gathers(model, gathers: list[str]) -> list[str]:
+    """The embedding lookups whose 2-D table holds at least ``TIED_TABLE_MIN_VALUES``."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.name in gathers else None
+        if (table is not None and len(table.dims) == 2
+                and int(np.prod(table.dims)) >= tied_table.TIED_TABLE_MIN_VALUES):
+            found.append(node.name)
+    return found
+
+
 def _transposed_equal(lazy: LazyWeights, table: str, weight: str) -> bool:
     """Whether the ``[V, K]`` ``table`` equals the ``[K, V]`` ``weight`` transposed: the
     tied ``lm_head``'s ``W.T`` placeholder of it, or a copy compared a block of rows at a time
@@ -538,11 +551,12 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
     facts = prepare(model, lazy, recipe, say)
     todo, precision = plan(facts, recipe)
     level = recipe.accuracy_level
-    tied = []
-    if (recipe.tied_table and recipe.embedding is TensorPrecision.float
-            and todo.get(facts.lm_head, (None,))[0] == 8):
-        tied = tied_gathers(model, facts.embedding_gathers, facts.lm_head,
-                            lambda table, weight: _transposed_equal(lazy, table, weight))
+    tied, large = [], []
+    if recipe.large_table and recipe.embedding is TensorPrecision.float:
+        if todo.get(facts.lm_head, (None,))[0] == 8:
+            tied = tied_gathers(model, facts.embedding_gathers, facts.lm_head,
+                                lambda table, weight: _transposed_equal(lazy, table, weight))
+        large = [g for g in _large_gathers(model, facts.embedding_gathers) if g not in tied]
     head_output = next((n.output[0] for n in model.graph.node if n.name == facts.lm_head), None)
     data_path = dst.with_name(dst.name + ".data")
     zero_points = None
@@ -568,7 +582,13 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
             _drop_unused(model)
             precision.update({g: "int8" for g in shared})
             say(f"embedding lookup reads the tied lm_head's int8 table (stored once: the "
-                "table is large; QuantRecipe.tied_table)")
+                "table is large; QuantRecipe.large_table)")
+        large_done = []
+        if large:
+            say(f"embedding -> GatherBlockQuantized int8 (block {recipe.block_size}): the table is "
+                "large (QuantRecipe.large_table)")
+            large_done = _embedding_int8(model, lazy, large, recipe.block_size, out)
+            precision.update({g: "int8" for g in large_done})
         if recipe.embedding is TensorPrecision.int4 and gathers:
             say(f"embedding -> GatherBlockQuantized int4 (block {recipe.block_size})")
             done = _embedding_int4(model, lazy, gathers, recipe)
@@ -598,7 +618,7 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
-        embedding=("int8-tied" if shared else recipe.embedding.value)
+        embedding=("int8-tied" if shared else "int8" if large_done else recipe.embedding.value)
         if facts.embedding_gathers else "none",
         lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
         op_decisions=weight_only_table(model),

@@ -244,7 +244,7 @@ def test_a_large_tied_table_is_looked_up_in_the_lm_heads_int8_table(recipe, tiny
     """Above TIED_TABLE_MIN_VALUES (lowered here to the tiny tied model's table) the default
     recipe's embedding reads the 8-bit lm_head's bytes: no float table in the file, the
     lookup returns exactly the rows the lm_head dequantizes, and nothing else changes
-    (every other initializer and node as with tied_table off)."""
+    (every other initializer and node as with large_table off)."""
     import onnxruntime as ort
 
     from slmedge.exporter.quantize import tied_table
@@ -255,7 +255,7 @@ def test_a_large_tied_table_is_looked_up_in_the_lm_heads_int8_table(recipe, tiny
     shared.parent.mkdir()
     separate.parent.mkdir()
     report = quantize_file_streaming(source, shared, QuantRecipe(**recipe))
-    old = quantize_file_streaming(source, separate, QuantRecipe(**recipe, tied_table=False))
+    old = quantize_file_streaming(source, separate, QuantRecipe(**recipe, large_table=False))
     assert report.embedding == "int8-tied" and old.embedding == "float"
     assert report.lm_head == "int8"
     a, b = onnx.load(str(shared)), onnx.load(str(separate))
@@ -310,3 +310,23 @@ def test_the_tied_table_stays_float_below_the_size(tiny_artifact, tmp_path):
     assert report.embedding == "float"
     assert not any(n.op_type == "GatherBlockQuantized"
                    for n in onnx.load(str(out), load_external_data=False).graph.node)
+
+
+def test_a_large_untied_table_is_int8_by_default(tiny_artifact, tmp_path, monkeypatch):
+    """Above TIED_TABLE_MIN_VALUES an untied table (llama: its own lm_head) is int8 as with
+    --embedding int8: the same graph and bytes as that recipe, and the report says int8."""
+    from slmedge.exporter.quantize import tied_table
+
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    source = external_copy(tiny_artifact("llama") / "model.onnx", tmp_path / "src")
+    default, explicit = tmp_path / "default" / "model.onnx", tmp_path / "explicit" / "model.onnx"
+    default.parent.mkdir()
+    explicit.parent.mkdir()
+    report = quantize_file_streaming(source, default, QuantRecipe(scheme="int4"))
+    want = quantize_file_streaming(source, explicit, QuantRecipe(scheme="int4", embedding="int8"))
+    assert report.embedding == want.embedding == "int8"
+    assert_same_quantized_graph(explicit, default)
+    off = tmp_path / "off" / "model.onnx"
+    off.parent.mkdir()
+    assert quantize_file_streaming(source, off, QuantRecipe(scheme="int4", large_table=False)
+                                   ).embedding == "float"
