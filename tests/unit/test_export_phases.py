@@ -55,3 +55,18 @@ def test_fp16_graph_goes_external_from_its_fp32_size(tiny_dir, tmp_path, monkeyp
     info, _ = streaming.export_streamed(streamed, tmp_path / "model.onnx")
     assert info.external_data and (tmp_path / "model.onnx.data").exists()
     assert set(info.phases) == {"trace", "passes", "write"}
+
+
+def test_a_session_above_the_budget_skips_gate_and_card_with_the_sizes(tiny_dir, tmp_path):
+    from slmedge.exporter.pipeline import ExportConfig, run_export
+
+    messages: list[str] = []
+    manifest = run_export(ExportConfig(model=str(tiny_dir("llama")), output=tmp_path / "out",
+                                       dtype="fp16", verify_session_max_mb=0.01),
+                          progress=messages.append)
+    parity, card = manifest["verification"]["parity"], manifest["quality"]
+    assert parity["passed"] is None
+    assert "fp16 as fp32" in parity["skipped"] and "verify_session_max_mb" in parity["skipped"]
+    assert card == {"skipped": parity["skipped"]}
+    assert any(m.startswith("parity gate and quality card skipped") for m in messages)
+    assert (tmp_path / "out" / "model.onnx").exists()
