@@ -381,21 +381,17 @@ def artifact_card(
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``): the
-    released PyTorch reference's tensors otherwise stay in the process's RSS under ONNX
-    Runtime's session (glibc raises its mmap threshold as large blocks are freed, so later
-    ones come from the heap, which only a trim returns)."""
-    import ctypes
-    import ctypes.util
+    """Collect garbage and hand freed heap pages back to the OS (the runtime's
+    :func:`~slmedge.runtimes.onnx_decoder.release_free_heap`): the released PyTorch
+    reference's tensors otherwise stay in the process's RSS under ONNX Runtime's session
+    (glibc raises its mmap threshold as large blocks are freed, so later ones come from the
+    heap, which only a trim returns)."""
     import gc
 
+    from slmedge.runtimes.onnx_decoder import release_free_heap
+
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        try:
-            ctypes.CDLL(libc).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-            pass
+    release_free_heap()
 
 
 def verification_session_options():
