@@ -70,6 +70,12 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
     q.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                    help="refuse an artifact (quantized, or a float static export vs PyTorch) whose "
                    "perplexity rises more (default 5); exit 3")
+    q.add_argument("--max-kl-mean", type=float, metavar="NATS",
+                   help="refuse a quantized artifact whose mean KL(fp32 || quantized) of the "
+                   "next-token distributions on the eval text is larger (default 0.15); exit 3")
+    q.add_argument("--min-top1-agreement", type=float, metavar="FRACTION",
+                   help="refuse a quantized artifact whose top-1 token matches fp32's on a "
+                   "smaller share of the eval text's positions (0-1, default 0.5); exit 3")
     q.add_argument("--auto", action="store_true",
                    help="try recipes from the smallest up; keep the smallest inside the gate")
     q.add_argument("--eval-text", type=Path, metavar="FILE",
@@ -109,7 +115,8 @@ def quant_fields(args) -> dict:
 
         raise UsageError(f"quantization flags ({', '.join(sorted(recipe))}) need --quant")
     quality: dict = {}
-    for flag in ("max_ppl_increase", "eval_text", "eval_tokens"):
+    for flag in ("max_ppl_increase", "max_kl_mean", "min_top1_agreement", "eval_text",
+                 "eval_tokens"):
         value = getattr(args, flag, None)
         if value is not None:
             quality[flag] = str(value) if isinstance(value, Path) else value
@@ -176,7 +183,8 @@ def summary_line(manifest: Manifest | dict, output) -> str:
     gate = m.gate
     if gate and gate.auto:
         line += f"; --auto tried {len(gate.tried)}: " + ", ".join(
-            f"{t['label']} {t['ppl_increase_pct']:+.2f}%{'' if t['passed'] else ' (over)'}"
+            f"{t['label']} {t['ppl_increase_pct']:+.2f}%"
+            + ("" if t["passed"] else f" (over: {', '.join(t.get('failed') or ['perplexity'])})")
             for t in gate.tried)
     return line
 

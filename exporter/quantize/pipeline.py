@@ -3,8 +3,9 @@
 Used by ``slmedge export --quant`` (after the fp32 graph passed the parity gate) and by
 ``slmedge quantize ARTIFACT`` (from an existing fp32 artifact, no re-export). The fp32
 graph is the reference of the quality card; a candidate whose perplexity rises by more
-than ``max_ppl_increase`` percent is refused with :class:`QualityGateFailed` (exit 3),
-and since everything happens in the staging directory nothing is left behind.
+than ``max_ppl_increase`` percent, whose mean KL exceeds ``max_kl_mean`` or whose top-1
+agreement falls below ``min_top1_agreement`` is refused with :class:`QualityGateFailed`
+(exit 3), and since everything happens in the staging directory nothing is left behind.
 
 Weight-only recipes (int4 rtn/hqq, int8 nbits) stream (streaming.py: one weight in memory
 at a time, byte-identical to quantize_model), so any model size quantizes; a result above
@@ -46,12 +47,30 @@ DATA_FILE = MODEL_FILE + ".data"
 ONE_FILE_BELOW = 2 * 1024**3 - (64 << 20)
 
 
+#: Perplexity alone passes a model whose next-token distribution moved a lot (issue 16:
+#: Gemma-3-270M's int4 at -1.0% perplexity had mean KL 0.248 and top-1 agreement 69%), so the
+#: gate also bounds the mean KL and the top-1 agreement on the evaluation text. Measured
+#: cards these defaults keep passing (4096 tokens of eval_mansfield_park.txt unless said):
+#: SmolLM2-135M int4 default (hqq) KL 0.0033 / top-1 95.7%, int4 gptq-act (bench_quant's
+#: fast recipe) KL 0.071 and int4-b32 gptq-act 0.064, int8 KL 0.0036 / 95.6%; the tiny
+#: random-weight fixtures' int8-static 0.0006 / 89.8% and a16w8 0.0001 / 94.9% (256 tokens),
+#: their int4 recipes KL 0.005-0.014 at top-1 58-77% (near-flat distributions, so top-1 ties
+#: are common there; hence the low top-1 default, which only catches a broken model).
+#: Gemma-3-270M's int4 (KL 0.248) fails the KL bound; so does GenAI's int4 of SmolLM2 (0.41).
+DEFAULT_MAX_KL_MEAN = 0.15
+DEFAULT_MIN_TOP1 = 0.5
+
+
 class QualityConfig(BaseModel):
     """The quality card's inputs and the gate on it."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_ppl_increase: float = Field(5.0, ge=0, description="gate: allowed perplexity rise, percent")
+    max_kl_mean: float = Field(DEFAULT_MAX_KL_MEAN, ge=0, description="gate: allowed mean "
+                               "KL(fp32 || quantized) of the next-token distributions, nats")
+    min_top1_agreement: float = Field(DEFAULT_MIN_TOP1, ge=0, le=1, description="gate: least "
+                                      "share of eval positions whose top-1 token matches fp32's")
     auto: bool = Field(False, description="try recipes from the smallest up; keep the smallest "
                        "inside the gate")
     eval_text: Path | None = Field(None, description="evaluation text; default: the packaged eval_mansfield_park.txt")
@@ -159,6 +178,72 @@ def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: Quality
     return report.to_dict(), card.to_dict(), out
 
 
+#: criterion -> (card key, manifest bound key, flag, how to print a value)
+GATE_CRITERIA = {
+    "perplexity": ("ppl_increase_pct", "max_ppl_increase_pct", "--max-ppl-increase",
+                   lambda v: f"{v:+.2f}%"),
+    "kl_mean": ("kl_mean", "max_kl_mean", "--max-kl-mean", lambda v: f"{v:.4g}"),
+    "top1_agreement": ("top1_agreement_eval", "min_top1_agreement", "--min-top1-agreement",
+                       lambda v: f"{v:.1%}"),
+}
+
+
+def gate_bounds(quality: QualityConfig) -> dict:
+    """The gate's bounds as the manifest's ``gate`` records them."""
+    return {"max_ppl_increase_pct": quality.max_ppl_increase, "max_kl_mean": quality.max_kl_mean,
+            "min_top1_agreement": quality.min_top1_agreement}
+
+
+def gate_failures(card: dict, quality: QualityConfig) -> list[str]:
+    """The criteria of the gate that ``card`` (a quality card's dict) fails, in
+    :data:`GATE_CRITERIA` order: perplexity rise, mean KL, top-1 agreement."""
+    failed = []
+    if card["ppl_increase_pct"] > quality.max_ppl_increase:
+        failed.append("perplexity")
+    if card["kl_mean"] > quality.max_kl_mean:
+        failed.append("kl_mean")
+    if card["top1_agreement_eval"] < quality.min_top1_agreement:
+        failed.append("top1_agreement")
+    return failed
+
+
+def _describe_failures(entry: dict, quality: QualityConfig) -> str:
+    bounds = gate_bounds(quality)
+    parts = []
+    for name in entry["failed"]:
+        key, bound_key, flag, fmt = GATE_CRITERIA[name]
+        bound = bounds[bound_key]
+        if name == "perplexity":
+            parts.append(f"perplexity {fmt(entry[key])} > +{bound:g}% ({flag})")
+        elif name == "kl_mean":
+            parts.append(f"mean KL {fmt(entry[key])} > {bound:g} ({flag})")
+        else:
+            parts.append(f"top-1 agreement {fmt(entry[key])} < {bound:.1%} ({flag})")
+    return "; ".join(parts)
+
+
+def gate_error(tried: list[dict], quality: QualityConfig) -> QualityGateFailed:
+    """The error of a gate that no candidate passed: every failed criterion of the last
+    candidate with its value and bound, the flag that moves each bound, what to try next."""
+    last = tried[-1]
+    limit = quality.max_ppl_increase
+    what = (f"none of the {len(tried)} recipes tried stays" if quality.auto
+            else f"recipe {last['label']} does not stay")
+    failed = sorted({f for t in tried for f in t["failed"]}, key=list(GATE_CRITERIA).index)
+    return QualityGateFailed(
+        f"quality gate failed: {what} within the gate (perplexity +{limit:g}%, mean KL "
+        f"{quality.max_kl_mean:g}, top-1 agreement {quality.min_top1_agreement:.0%}); "
+        f"last: {last['label']} perplexity {last['perplexity']:.3f}: "
+        f"{_describe_failures(last, quality)} (best perplexity rise of the tried: "
+        f"{min(t['ppl_increase_pct'] for t in tried):+.2f}%); nothing was written. Keep "
+        "lm_head / more layers in higher precision, use a smaller --block-size or another "
+        f"--algorithm,{'' if quality.auto else ' try --auto,'} or widen the bound ("
+        + ", ".join(GATE_CRITERIA[f][2] for f in failed) + ")",
+        {"max_ppl_increase": limit, "max_kl_mean": quality.max_kl_mean,
+         "min_top1_agreement": quality.min_top1_agreement, "tried": tried},
+    )
+
+
 def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
                       say: Say = lambda _m: None, reference: Path | None = None) -> dict:
     """Replace ``stage/model.onnx`` (fp32) by its quantized form; return manifest fields.
@@ -167,7 +252,6 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     model.onnx, which is then replaced).
     """
     reference = reference or stage / MODEL_FILE
-    limit = quality.max_ppl_increase
     if quality.auto:
         # the graph's structure only: its weights stay where they are (lazy_graph.py)
         model = load_graph(reference)
@@ -183,7 +267,8 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     chosen = None
     for i, (cand, estimate) in enumerate(ladder):
         report, card, path = _attempt(reference, stage, cand, quality, f".candidate-{i}", say)
-        passed = card["ppl_increase_pct"] <= limit
+        failed = gate_failures(card, quality)
+        passed = not failed
         tried.append({
             "label": cand.label(),
             "estimated_mb": round(estimate / 1e6, 2) if estimate is not None else None,
@@ -191,24 +276,16 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
             "perplexity": round(card["perplexity"], 4),
             "ppl_increase_pct": round(card["ppl_increase_pct"], 3),
             "kl_mean": round(card["kl_mean"], 5),
+            "top1_agreement_eval": round(card["top1_agreement_eval"], 4),
             "passed": passed,
+            "failed": failed,  # the criteria that made --auto move on (GATE_CRITERIA)
         })
         if passed:
             chosen = (cand, report, card, path)
             break
         shutil.rmtree(path.parent)
     if chosen is None:
-        last = tried[-1]
-        what = (f"none of the {len(tried)} recipes tried stays" if quality.auto
-                else f"recipe {last['label']} does not stay")
-        raise QualityGateFailed(
-            f"quality gate failed: {what} within +{limit:g}% perplexity "
-            f"(best: {min(t['ppl_increase_pct'] for t in tried):+.2f}%, last: "
-            f"{last['label']} perplexity {last['perplexity']:.3f}, {last['ppl_increase_pct']:+.2f}%); "
-            "nothing was written. Keep lm_head / more layers in higher precision, use a smaller "
-            "--block-size, try --auto, or raise --max-ppl-increase",
-            {"max_ppl_increase": limit, "tried": tried},
-        )
+        raise gate_error(tried, quality)
     cand, report, card, path = chosen
     final = stage / MODEL_FILE
     if reference == final:
@@ -224,8 +301,7 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     return {
         "quantization": report,
         "quality": card,
-        "gate": {"max_ppl_increase_pct": limit, "passed": True, "auto": quality.auto,
-                 "tried": tried},
+        "gate": {**gate_bounds(quality), "passed": True, "auto": quality.auto, "tried": tried},
     }
 
 
