@@ -152,6 +152,8 @@ class Gate(BaseModel):
 
     model_config = _OPEN
     max_ppl_increase_pct: float | None = Field(default=None, description="allowed rise, %")
+    max_kl_mean: float | None = Field(default=None, description="allowed mean KL(fp32 || this)")
+    min_top1_agreement: float | None = Field(default=None, description="least top-1 agreement")
     passed: bool | None = Field(default=None, description="whether it passed")
     auto: bool | None = Field(default=None, description="--auto ladder")
     tried: list[dict[str, Any]] = Field(default_factory=list, description="recipes tried")

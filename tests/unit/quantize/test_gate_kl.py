@@ -138,6 +138,10 @@ def test_real_int8_refused_on_kl_alone_and_manifest_records_bounds(tiny_artifact
         assert gate["passed"] is True
         assert gate["max_ppl_increase_pct"] == 1000 and gate["max_kl_mean"] == 0.5
         assert gate["min_top1_agreement"] == 0.25 and gate["tried"][0]["failed"] == []
+    from slmedge.runtimes.manifest_schema import validate_manifest
+
+    typed = validate_manifest(written, tmp_path / "ok" / "manifest.json").gate
+    assert (typed.max_kl_mean, typed.min_top1_agreement) == (0.5, 0.25)
     card = written["quality"]
     assert gate["tried"][0]["kl_mean"] == round(card["kl_mean"], 5)
     assert gate["tried"][0]["top1_agreement_eval"] == round(card["top1_agreement_eval"], 4)
