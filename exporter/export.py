@@ -312,7 +312,9 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
         lap("parity")
         if config.quant is not None:
             sessions.clear()  # the quantizer opens its own sessions
-            quant_fields = quantize_in_stage(stage, config.quant, config.quality, say)
+            # a GGUF's Q4_0 / Q8_0 blocks are written as they are where the recipe matches
+            exact = getattr(streamed.weights, "exact_blocks", None)
+            quant_fields = quantize_in_stage(stage, config.quant, config.quality, say, exact=exact)
             # a quantized graph above 2 GB keeps model.onnx.data (a model file of the manifest)
             info.external_data = bool(quant_fields["quantization"].get("external_data", False))
             lap("quantize_and_card")

@@ -485,6 +485,58 @@ class GGUFWeights(WeightSource):
     def describe(self) -> str:
         return f"GGUF {self.path}"
 
+    def exact_blocks(self, module: str):
+        """The file's own blocks of HF module ``module``'s weight as ``MatMulNBits`` takes them
+        (``streaming.ExactBlocks``): an :class:`NBitsBlocks` for a Q4_0 / Q8_0 tensor, a
+        sentence saying why a quantized tensor cannot be kept as it is, or None for a float
+        tensor (nothing to keep).
+
+        The loader's fix-up of the tensor (Llama's Q/K row order) is applied to the blocks as
+        a column order, found by running the architecture's ``TensorProcessor`` on the row
+        indices; then the blocks are checked against the dequantized weight the fp32 graph
+        was built from, value for value. A fix-up that is more than a row order (GPT-2's
+        transposes) or any difference leaves the tensor to the quantizer, with the reason."""
+        import numpy as np
+
+        from .quantize.gguf_blocks import blocks_from_gguf, dequantize, reorder_columns, supported_type
+
+        while module.startswith("model.") and module + ".weight" not in self._gguf_of:
+            module = module[len("model."):]  # the traced wrapper's scope: model.model.layers...
+        hf_name = module + ".weight"
+        gguf_name = self._gguf_of.get(hf_name)
+        if gguf_name is None and module == "lm_head" and "output.weight" not in self._tensors:
+            # a tied head: llama.cpp writes no output.weight, the head reads token_embd
+            hf_name = next((h for h, g in self._gguf_of.items() if g == "token_embd.weight"), None)
+            gguf_name = "token_embd.weight" if hf_name else None
+        if gguf_name is None:
+            return None
+        tensor = self._tensors[gguf_name]
+        type_name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
+        if type_name in ("F32", "F16", "BF16", "F64"):
+            return None
+        if not supported_type(type_name):
+            return (f"{type_name} has no exact MatMulNBits form (exact: Q4_0, Q8_0): "
+                    "dequantized and quantized again")
+        try:
+            blocks = blocks_from_gguf(tensor)
+        except ValueError as e:
+            return f"{type_name} {gguf_name}: {e}"
+        probe = np.arange(blocks.n, dtype=np.float64).reshape(blocks.n, 1)
+        order = self.processor.process(weights=probe, name=gguf_name,
+                                       tensor_key_mapping=self.key_map,
+                                       parsed_parameters={"tensors": {}}).weights
+        if np.shape(order) != (blocks.n, 1):
+            return (f"{type_name}: the loader reshapes {gguf_name} ({blocks.n} rows -> "
+                    f"{list(np.shape(order))}), so its blocks do not map to the graph's weight")
+        order = np.asarray(order).reshape(-1).astype(np.int64)
+        if not np.array_equal(order, np.arange(blocks.n)):
+            blocks = reorder_columns(blocks, order)
+        want = self.read(hf_name).numpy()  # [N, K] as the fp32 graph got it
+        if want.shape != (blocks.n, blocks.k) or not np.array_equal(dequantize(blocks).T, want):
+            return (f"{type_name}: the blocks of {gguf_name} do not reproduce the loaded weight "
+                    f"{hf_name} {list(want.shape)}")
+        return blocks
+
 
 def open_gguf_streamed(path: Path, torch_dtype):
     """A GGUF as (empty model, tokenizer, SourceInfo, GGUFWeights): the config, tokenizer and

@@ -159,6 +159,20 @@ class Gate(BaseModel):
     tried: list[dict[str, Any]] = Field(default_factory=list, description="recipes tried")
 
 
+class GGUFExact(BaseModel):
+    """A GGUF's quantized tensors written as they are (Q4_0 / Q8_0 -> ``MatMulNBits``)."""
+
+    model_config = _OPEN
+    tensors: int = Field(ge=0, description="GGUF tensors whose blocks were kept, not requantized")
+    by_type: dict[str, int] = Field(default_factory=dict, description="kept tensors per GGML type")
+    names: list[str] = Field(default_factory=list, description="the kept tensors' GGUF names")
+    nodes: list[str] = Field(default_factory=list, description="the MatMuls that read them")
+    requantized: dict[str, Any] | None = Field(default=None, description="quantized tensors of "
+                                               "the file that were quantized again: names, reasons")
+    skipped: str | None = Field(default=None, description="why no block was kept (the recipe "
+                                "does not stream)")
+
+
 class Quantization(BaseModel):
     """What quantization did to the graph (``exporter/quantize``)."""
 
@@ -168,6 +182,8 @@ class Quantization(BaseModel):
     external_data: bool | None = Field(default=None, description="weights in model.onnx.data")
     quality: QualityCard | None = Field(default=None, description="static quantization: the "
                                         "card vs the float graphs")
+    gguf_exact: GGUFExact | None = Field(default=None, description="GGUF source: the tensors "
+                                         "whose own blocks were kept (no requantization)")
 
 
 class StaticInfo(BaseModel):

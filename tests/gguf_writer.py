@@ -263,7 +263,7 @@ def write_gguf(
     architecture: str | None = None,
     weight_type: str = "f32",
 ) -> Path:
-    """Write ``model`` + ``vocab`` as a GGUF. ``weight_type``: f32 | f16 | q8_0 for the matrices
+    """Write ``model`` + ``vocab`` as a GGUF. ``weight_type``: f32 | f16 | q8_0 | q4_0 for the matrices
     (norms and biases stay F32, as llama.cpp keeps them). ``architecture`` overrides the
     ``general.architecture`` written (the tensors stay those of the model)."""
     import gguf
@@ -271,7 +271,7 @@ def write_gguf(
     arch = GGUF_ARCH[model.config.model_type]
     w = gguf.GGUFWriter(str(path), architecture or arch)
     w.add_name(f"tiny-{arch}")
-    w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[weight_type])
+    w.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}[weight_type])
     _add_hparams(w, architecture or arch, model.config)
     _add_vocab(w, vocab)
     for name, array in gguf_tensors(model, arch).items():
@@ -280,7 +280,7 @@ def write_gguf(
         elif weight_type == "f16":
             w.add_tensor(name, array.astype(np.float16))
         else:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+            qtype = gguf.GGMLQuantizationType[weight_type.upper()]
             w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

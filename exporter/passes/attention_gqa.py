@@ -68,6 +68,10 @@ from ._base import (MS_DOMAIN, FusionPass, attr, const_tensor, ints, make_derive
                     make_initializer, producer, scalar)
 
 _PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+#: torch.onnx's per-node module path (a repr'd list, outermost first)
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+#: on a packed QKV MatMul: the name scopes of the three MatMuls it replaced, as one list
+PACKED_SCOPES = "slmedge.packed_name_scopes"
 
 
 class NoMatch(Exception):
@@ -564,7 +568,7 @@ class GroupQueryAttentionFusion(FusionPass):
         if split is not None and [o for o in split.outputs] == [q, k, v] \
                 and attr(split, "axis", 0) in (-1, 2):
             return split.inputs[0]  # GPT-2's c_attn output split into q, k, v
-        parts = []
+        parts, scopes = [], []
         for t in (q, k, v):
             bias = None
             add = producer(t, "Add")
@@ -579,6 +583,7 @@ class GroupQueryAttentionFusion(FusionPass):
             if w is None or len(w.shape) != 2 or (bias is not None and len(bias.shape) != 1):
                 return None
             parts.append((mm.inputs[0], w, bias))
+            scopes.append(mm.metadata_props.get(NAME_SCOPES, "[]"))
         if len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1 \
                 or len({(w.dtype, int(w.shape[0])) for _, w, _ in parts}) != 1:
             return None
@@ -588,6 +593,9 @@ class GroupQueryAttentionFusion(FusionPass):
             graph, f"{prefix}.qkv_proj.weight", lambda *a: np.concatenate(a, axis=1), ws,
             ws[0].dtype, (int(ws[0].shape[0]), sum(int(w.shape[1]) for w in ws)))
         node = ir.node("MatMul", [x, weight], name=f"{prefix}.qkv_proj")
+        # which modules' weights were packed: a GGUF's own blocks of each are found by these
+        # (quantize/streaming.py, PACKED_SCOPES)
+        node.metadata_props[PACKED_SCOPES] = "[" + ", ".join(scopes) + "]"
         new.append(node)
         out = node.outputs[0]
         if parts[0][2] is not None:

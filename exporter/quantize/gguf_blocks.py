@@ -46,6 +46,8 @@ class NBitsBlocks:
     packed: np.ndarray  # uint8 [N, K / block_size, block_size * bits / 8]
     scales: np.ndarray  # [N, K / block_size], float32 or float16
     zero_points: np.ndarray | None  # None: MatMulNBits' default (8 for 4 bits, 128 for 8)
+    source_type: str = ""  # the GGML type the blocks came from ("Q4_0", "Q8_0")
+    source_name: str = ""  # the tensor they came from ("blk.0.attn_q.weight")
 
     def attributes(self, accuracy_level: int = 0) -> dict:
         attrs = {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size}
@@ -89,7 +91,21 @@ def blocks_from_bytes(data: np.ndarray, type_name: str, k: int, n: int,
     else:
         packed = qs ^ np.uint8(0x80)  # int8 q -> uint8 q + 128 (two's complement, top bit)
     return NBitsBlocks(k=k, n=n, bits=bits, block_size=BLOCK, packed=np.ascontiguousarray(packed),
-                       scales=scales, zero_points=None)
+                       scales=scales, zero_points=None, source_type=type_name)
+
+
+def reorder_columns(blocks: NBitsBlocks, order: np.ndarray) -> NBitsBlocks:
+    """``W[:, order]``: the output columns (the file's rows) in another order, e.g. the
+    Q/K rows that llama.cpp's converter interleaves and a loader puts back. Each column's
+    blocks move whole, so the values stay the file's."""
+    order = np.asarray(order, dtype=np.int64)
+    if order.shape != (blocks.n,) or not np.array_equal(np.sort(order), np.arange(blocks.n)):
+        raise ValueError(f"not an order of {blocks.n} columns: shape {order.shape}")
+    zp = None if blocks.zero_points is None else blocks.zero_points[order]
+    return NBitsBlocks(k=blocks.k, n=blocks.n, bits=blocks.bits, block_size=blocks.block_size,
+                       packed=np.ascontiguousarray(blocks.packed[order]),
+                       scales=np.ascontiguousarray(blocks.scales[order]), zero_points=zp,
+                       source_type=blocks.source_type, source_name=blocks.source_name)
 
 
 def blocks_from_gguf(tensor, scale_dtype=np.float32) -> NBitsBlocks:
@@ -101,7 +117,9 @@ def blocks_from_gguf(tensor, scale_dtype=np.float32) -> NBitsBlocks:
         raise ValueError(f"{tensor.name}: a 2-D weight is needed, GGUF shape {shape}")
     k, n = shape
     name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
-    return blocks_from_bytes(np.asarray(tensor.data), name, k, n, scale_dtype)
+    blocks = blocks_from_bytes(np.asarray(tensor.data), name, k, n, scale_dtype)
+    blocks.source_name = str(tensor.name)
+    return blocks
 
 
 def concat_blocks(parts: list[NBitsBlocks]) -> NBitsBlocks:
@@ -114,11 +132,12 @@ def concat_blocks(parts: list[NBitsBlocks]) -> NBitsBlocks:
         raise ValueError("blocks with and without zero points cannot be packed")
     zp = (None if first.zero_points is None
           else np.concatenate([p.zero_points for p in parts], axis=0))
+    types = {p.source_type for p in parts}
     return NBitsBlocks(k=first.k, n=sum(p.n for p in parts), bits=first.bits,
                        block_size=first.block_size,
                        packed=np.concatenate([p.packed for p in parts], axis=0),
                        scales=np.concatenate([p.scales for p in parts], axis=0),
-                       zero_points=zp)
+                       zero_points=zp, source_type=types.pop() if len(types) == 1 else "mixed")
 
 
 def dequantize(blocks: NBitsBlocks) -> np.ndarray:

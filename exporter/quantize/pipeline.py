@@ -37,7 +37,7 @@ from .external_data import TensorSource, load_graph
 from .graph import analyze
 from .lazy_graph import LazyWeights, fold_weight_transposes, split_gemms
 from .recipe import Int4Algorithm, QuantRecipe, QuantScheme
-from .streaming import quantize_file_streaming, streaming_unsupported
+from .streaming import ExactBlocks, quantize_file_streaming, streaming_unsupported
 
 Say = Callable[[str], None]
 MODEL_FILE = "model.onnx"
@@ -140,16 +140,18 @@ def _model_bytes(path: Path) -> int:
 
 
 def quantize_candidate(reference: Path, out: Path, recipe: QuantRecipe, tokenizer_dir: Path,
-                       say: Say = lambda _m: None) -> QuantReport:
+                       say: Say = lambda _m: None, exact: ExactBlocks | None = None) -> QuantReport:
     """Quantize ``reference`` into ``out`` (+ ``out.data`` when it is large).
 
     Weight-only recipes stream (streaming.py: one weight in memory at a time, the same
     bytes as quantize_model); the others (calibrated, k_quant, int8 qoperator, static QDQ,
     a split lm_head) load the whole graph (core.quantize_model). A streamed graph below
-    ``ONE_FILE_BELOW`` is folded back into one file, as quantize_model writes it."""
+    ``ONE_FILE_BELOW`` is folded back into one file, as quantize_model writes it.
+    ``exact``: the source's own quantized blocks (a GGUF's Q4_0 / Q8_0), which the streaming
+    path writes as they are where the recipe's bits and block size match."""
     if streaming_unsupported(recipe) is not None:
         return quantize_model(reference, out, recipe, tokenizer_dir=tokenizer_dir, say=say)
-    report = quantize_file_streaming(reference, out, recipe, progress=say)
+    report = quantize_file_streaming(reference, out, recipe, progress=say, exact=exact)
     data = out.with_name(out.name + ".data")
     if _model_bytes(out) < ONE_FILE_BELOW:
         model = onnx.load(str(out))  # the quantized weights only: a fraction of the fp32 model
@@ -160,13 +162,18 @@ def quantize_candidate(reference: Path, out: Path, recipe: QuantRecipe, tokenize
 
 
 def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: QualityConfig,
-             out_name: str, say: Say) -> tuple[dict, dict, Path]:
+             out_name: str, say: Say, exact: ExactBlocks | None = None) -> tuple[dict, dict, Path]:
     # each candidate in its own directory: its weights file is model.onnx.data from the start
     # (the reference's own model.onnx.data may sit in the stage beside it)
     out = stage / out_name / MODEL_FILE
     out.parent.mkdir()
     say(f"quantizing: {recipe.label()}")
-    report = quantize_candidate(reference, out, recipe, stage, say)
+    report = quantize_candidate(reference, out, recipe, stage, say, exact).to_dict()
+    why_not = streaming_unsupported(recipe)
+    if exact is not None and why_not is not None:  # only the streaming path takes the blocks
+        say(f"the source's quantized blocks are not kept: {why_not}")
+        report["gguf_exact"] = {"tensors": 0, "skipped": f"recipe {recipe.label()} does not "
+                                f"stream ({why_not}); every weight was quantized again"}
     card = artifact_card(out, stage, quality.settings(), reference_model=reference,
                          threads=quality.threads, progress=say)
     if card is None:
@@ -175,7 +182,7 @@ def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: Quality
             "none was found: pass --eval-text FILE"
         )
     say(f"{recipe.label()}: {card.summary()}")
-    return report.to_dict(), card.to_dict(), out
+    return report, card.to_dict(), out
 
 
 #: criterion -> (card key, manifest bound key, flag, how to print a value)
@@ -245,11 +252,13 @@ def gate_error(tried: list[dict], quality: QualityConfig) -> QualityGateFailed:
 
 
 def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
-                      say: Say = lambda _m: None, reference: Path | None = None) -> dict:
+                      say: Say = lambda _m: None, reference: Path | None = None,
+                      exact: ExactBlocks | None = None) -> dict:
     """Replace ``stage/model.onnx`` (fp32) by its quantized form; return manifest fields.
 
     ``reference``: the fp32 graph to quantize and compare with (default: the stage's own
-    model.onnx, which is then replaced).
+    model.onnx, which is then replaced). ``exact``: the source's own quantized blocks
+    (``GGUFWeights.exact_blocks``), kept where the recipe matches them.
     """
     reference = reference or stage / MODEL_FILE
     if quality.auto:
@@ -266,7 +275,8 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     tried = []
     chosen = None
     for i, (cand, estimate) in enumerate(ladder):
-        report, card, path = _attempt(reference, stage, cand, quality, f".candidate-{i}", say)
+        report, card, path = _attempt(reference, stage, cand, quality, f".candidate-{i}", say,
+                                      exact)
         failed = gate_failures(card, quality)
         passed = not failed
         tried.append({

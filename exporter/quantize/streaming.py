@@ -21,6 +21,10 @@ i.e. ``quantize_matmul_4bits`` / ``_8bits``; HQQ: hqq.py, the bytes of
 brought inline. tests/parity/test_streaming_quant.py checks byte-identical initializers
 and equal logits against ``quantize_model`` on every architecture.
 
+A source with quantized blocks of its own (a GGUF's Q4_0 / Q8_0: ``exact``) has them written
+as they are wherever the recipe's bits and block size are theirs (no dequantize-requantize);
+the report's ``gguf_exact`` names those tensors and says why any others were quantized again.
+
 Not streamed (they need every weight, calibration activations, or ``quantize_dynamic``):
 k_quant, gptq, gptq-act, int8 qoperator, int8-static, a16w8, the split ``lm_head``.
 """
@@ -55,8 +59,10 @@ from .weight_only import embedding_int8
 
 Say = Callable[[str], None]
 #: ``exact(module)``: a source's own quantized blocks of the weight of that HF module
-#: (``W`` ``[K, N]``, e.g. from a GGUF's Q4_0 / Q8_0 tensor: gguf_blocks.py), or None
-ExactBlocks = Callable[[str], "NBitsBlocks | None"]
+#: (``W`` ``[K, N]``, e.g. from a GGUF's Q4_0 / Q8_0 tensor: gguf_blocks.py), a sentence
+#: saying why its quantized tensor cannot be kept (then it is quantized again), or None
+#: for a float tensor
+ExactBlocks = Callable[[str], "NBitsBlocks | str | None"]
 #: embedding rows quantized per call of ``embedding_int8`` (bounded memory, same bytes)
 EMBEDDING_ROWS = 8192
 STREAMED_ALGORITHMS = (Int4Algorithm.rtn, Int4Algorithm.hqq)
@@ -215,20 +221,56 @@ def _nbits_exact(node: onnx.NodeProto, blocks: NBitsBlocks, dtype, level: int,
 
 
 def _exact_for(node, lazy: LazyWeights, exact: ExactBlocks | None, spec: tuple,
-               k: int, n: int) -> NBitsBlocks | None:
-    """The source's blocks for ``node``'s weight when they fit the recipe's bits and block
-    size (packed weights: every part's blocks, side by side), else None."""
+               k: int, n: int) -> tuple[NBitsBlocks | None, list[str], str | None]:
+    """``(blocks, names, why_not)``: the source's blocks for ``node``'s weight when they
+    fit the recipe's bits and block size (packed weights: every part's blocks, side by side);
+    else None and, when the source holds quantized blocks for it, why they were not kept.
+    ``names``: the source's tensor names of the parts (their modules where it has none)."""
     if exact is None:
-        return None
+        return None, [], None
     modules = lazy.parts.get(node.input[1]) or [_module_and_layer(node)[0]]
-    found = []
-    for module in modules:
-        b = exact(module)
-        if b is None or b.k != k or (b.bits, b.block_size) != spec[:2]:
-            return None
-        found.append(b)
+    found = [exact(module) for module in modules]
+    if all(b is None for b in found) and _packed_qkv_modules(node):
+        # the GQA fusion's packed QKV: the source has blocks of each projection, not of this
+        modules = _packed_qkv_modules(node)
+        found = [exact(module) for module in modules]
+    modules = [b.source_name if isinstance(b, NBitsBlocks) and b.source_name else m
+               for m, b in zip(modules, found, strict=True)]
+    if all(b is None for b in found):
+        return None, modules, None
+    reasons = [b for b in found if isinstance(b, str)]
+    if reasons:
+        return None, modules, reasons[0]
+    if any(b is None for b in found):
+        return None, modules, "only some parts of the packed weight have quantized blocks"
+    for b in found:
+        if (b.bits, b.block_size) != spec[:2]:
+            return None, modules, (
+                f"the file's {b.source_type} blocks are {b.bits}-bit, block {b.block_size}; the "
+                f"recipe asks {spec[0]}-bit, block {spec[1]} here: quantized again")
+        if b.k != k:
+            return None, modules, f"the file's blocks have K={b.k}, the graph's weight K={k}"
     blocks = found[0] if len(found) == 1 else concat_blocks(found)
-    return blocks if blocks.n == n else None
+    if blocks.n != n:
+        return None, modules, f"the file's blocks have N={blocks.n}, the graph's weight N={n}"
+    return blocks, modules, None
+
+
+def _packed_qkv_modules(node: onnx.NodeProto) -> list[str]:
+    """The modules whose weights the GQA fusion packed into ``node`` (its Q, K, V MatMuls'
+    name scopes, recorded on the node: passes/attention_gqa.py), or []."""
+    import ast
+
+    from ..passes.attention_gqa import PACKED_SCOPES
+
+    value = next((p.value for p in node.metadata_props if p.key == PACKED_SCOPES), None)
+    if value is None:
+        return []
+    try:
+        parts = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(p[-2]) if isinstance(p, list) and len(p) >= 2 else "" for p in parts]
 
 
 def _nbits_hqq(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
@@ -278,10 +320,12 @@ def _nbits_hqq_ort(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
 
 def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: int,
                       out: _Writer, say: Say, exact: ExactBlocks | None = None,
-                      kept_exact: list[str] | None = None) -> int:
+                      kept_exact: list[str] | None = None,
+                      record: "ExactRecord | None" = None) -> int:
     graph = model.graph
     nodes = list(graph.node)
     kept_exact = kept_exact if kept_exact is not None else []
+    record = record if record is not None else ExactRecord()
     new_nodes, count, total = [], 0, len(todo)
     last_layer = None
     t0 = time.perf_counter()
@@ -291,8 +335,12 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
             new_nodes.append(node)
             continue
         shape = [int(d) for d in lazy.protos[node.input[1]].dims]
-        blocks = _exact_for(node, lazy, exact, spec, *shape) if len(shape) == 2 else None
+        blocks, modules, why_not = (_exact_for(node, lazy, exact, spec, *shape)
+                                    if len(shape) == 2 else (None, [], None))
+        if why_not is not None:
+            record.requantized.update({m: why_not for m in modules})
         if blocks is not None:
+            record.kept.update({m: blocks.source_type for m in modules})
             dtype = helper.tensor_dtype_to_np_dtype(lazy.protos[node.input[1]].data_type)
             new, tensors = _nbits_exact(node, blocks, dtype, level, out)
             graph.initializer.extend(tensors)
@@ -523,10 +571,41 @@ def _finish(model, lazy: LazyWeights, out: _Writer, say: Say) -> None:
 
 
 @dataclass
+class ExactRecord:
+    """Which of the source's quantized tensors (by its tensor name; the graph's module path
+    where the source gave a reason instead of blocks) kept their own blocks, and which were
+    quantized again and why."""
+
+    kept: dict[str, str] = field(default_factory=dict)  # tensor -> source type ("Q4_0")
+    requantized: dict[str, str] = field(default_factory=dict)  # tensor (or module) -> reason
+
+    def to_dict(self, nodes: list[str]) -> dict:
+        """The manifest's ``quantization.gguf_exact``: counts, names and reasons."""
+        reasons = Counter(self.requantized.values())
+        return {
+            "tensors": len(self.kept),
+            "by_type": dict(Counter(self.kept.values())),
+            "names": sorted(self.kept),
+            "nodes": sorted(nodes),
+            "requantized": {"tensors": len(self.requantized), "names": sorted(self.requantized),
+                            "reasons": dict(reasons)},
+        }
+
+
+@dataclass
 class StreamedReport(QuantReport):
     """:class:`core.QuantReport` plus the MatMuls whose weights are the source's own blocks."""
 
     exact_blocks: list[str] = field(default_factory=list)  # node names, no requantization
+    #: with a source of blocks (``exact``): the manifest's ``gguf_exact`` (ExactRecord.to_dict)
+    gguf_exact: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        del d["exact_blocks"]  # the node names are in gguf_exact
+        if d["gguf_exact"] is None:
+            del d["gguf_exact"]
+        return d
 
 
 def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecipe, *,
@@ -567,12 +646,15 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
             f"{sum(1 for s in todo.values() if s[0] != bits)} -> 8-bit (lm_head / kept layers), "
             "streamed one tensor at a time")
         kept_exact: list[str] = []
+        record = ExactRecord()
         phase = time.perf_counter()
-        count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact)
+        count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact, record)
         phase = _phase(say, f"{count} MatMuls quantized", phase)
         if kept_exact:
             say(f"{len(kept_exact)} MatMuls keep the source's own quantized blocks (no "
                 "requantization)")
+        for reason, n in Counter(record.requantized.values()).items():
+            say(f"{n} source tensors not kept as they are: {reason}")
         if count:
             _set_opset(model, "com.microsoft", 1)
             _drop_unused(model)
@@ -615,6 +697,7 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
                       if n.domain not in ("", "ai.onnx")})
     return StreamedReport(
         exact_blocks=kept_exact,
+        gguf_exact=record.to_dict(kept_exact) if exact is not None else None,
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
