@@ -237,13 +237,109 @@ def split_gemms(model: onnx.ModelProto) -> int:
     return count
 
 
+@dataclass
+class TiedHeadOnce:
+    """A tied float table stored once as ``[1, K, V]`` (passes/tied_head.py): read as ``B``
+    by the lm_head MatMul(s) and by ``Gather(axis=2) -> Transpose(0,2,3,1) -> Squeeze(0)``
+    for the embedding."""
+
+    table: onnx.TensorProto
+    matmuls: list[onnx.NodeProto]
+    #: (Gather, Transpose, Squeeze) per embedding lookup
+    lookups: list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]
+
+    @property
+    def rows_name(self) -> str:
+        """The ``[V, K]`` table's name (the one the pass replaced: ``W`` of ``W_T``)."""
+        name = self.table.name
+        return name[:-2] if name.endswith("_T") else name + "_rows"
+
+
+def find_tied_heads_once(model: onnx.ModelProto) -> list[TiedHeadOnce]:
+    """The ``[1, K, V]`` tied tables of ``model`` (passes/tied_head.py's form)."""
+    graph = model.graph
+    consts = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in set(node.input):
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    found = []
+    for table in graph.initializer:
+        if len(table.dims) != 3 or table.dims[0] != 1 or table.name in outputs:
+            continue
+        matmuls, lookups, ok = [], [], True
+        for node in readers.get(table.name, []):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "MatMul" and list(node.input).index(table.name) == 1 \
+                    and node.input[0] != table.name:
+                matmuls.append(node)
+                continue
+            if node.op_type != "Gather" or node.input[0] != table.name or attrs.get("axis") != 2:
+                ok = False
+                break
+            chain = [node]
+            for op, check in (("Transpose", lambda n, a: list(a.get("perm", [])) == [0, 2, 3, 1]),
+                              ("Squeeze", lambda n, a: len(n.input) > 1 and n.input[1] in consts
+                               and numpy_helper.to_array(consts[n.input[1]]).tolist() == [0])):
+                users = readers.get(chain[-1].output[0], [])
+                nxt = users[0] if len(users) == 1 else None
+                if nxt is None or nxt.op_type != op or chain[-1].output[0] in outputs or not check(
+                        nxt, {a.name: onnx.helper.get_attribute_value(a) for a in nxt.attribute}):
+                    ok = False
+                    break
+                chain.append(nxt)
+            if not ok:
+                break
+            lookups.append(tuple(chain))
+        if ok and matmuls and lookups:
+            found.append(TiedHeadOnce(table, matmuls, lookups))
+    return found
+
+
+def untie_head_once(model: onnx.ModelProto, head: TiedHeadOnce, rows: onnx.TensorProto,
+                    columns: onnx.TensorProto) -> None:
+    """Give a ``[1, K, V]`` tied table back the form quantization reads (in place): the
+    MatMuls read ``columns`` (``[K, V]``, the table's own name, as :func:`fold_weight_transposes`
+    names it) and each lookup is ``Gather(rows [V, K], ids)`` again, as exported."""
+    graph = model.graph
+    drop = {id(n) for _, t, s in head.lookups for n in (t, s)}
+    for gather, _, squeeze in head.lookups:
+        gather.input[0] = rows.name
+        gather.output[0] = squeeze.output[0]
+        for attr in list(gather.attribute):
+            if attr.name == "axis":
+                gather.attribute.remove(attr)
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    axes = {s.input[1] for _, _, s in head.lookups} - used
+    # the exported order: the table where it was, its transpose appended (fold_weight_transposes)
+    inits = [rows if t.name == head.table.name else t for t in graph.initializer
+             if t.name not in axes]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    graph.initializer.append(columns)
+
+
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
     """Give ``MatMul(x, Transpose(W))`` its own constant ``W.T`` (in place).
 
     Tied embeddings export as ``lm_head = MatMul(h, Transpose(embed_tokens.weight))``; ORT
     folds that at load time, but the quantizers only see constant ``B`` inputs, so the
     lm_head would stay fp32. Returns how many MatMuls now read a folded weight.
+
+    A table the exporter stored once as ``[1, K, V]`` (passes/tied_head.py) becomes the same
+    two constants: ``W.T`` for the MatMuls, ``W`` for the embedding ``Gather``.
     """
+    untied = 0
+    for head in find_tied_heads_once(model):
+        arr = numpy_helper.to_array(head.table)
+        columns = numpy_helper.from_array(arr.reshape(arr.shape[1:]), head.table.name)
+        rows = numpy_helper.from_array(np.ascontiguousarray(arr[0].T), head.rows_name)
+        untie_head_once(model, head, rows, columns)
+        untied += len(head.matmuls)
     consts = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     folded: dict[str, str] = {}
@@ -270,4 +366,4 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
                 if not (n.op_type == "Transpose" and n.output[0] in folded and n.output[0] not in used)]
         del model.graph.node[:]
         model.graph.node.extend(keep)
-    return count
+    return count + untied

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .external_data import TensorSource
-from .graph import _module_and_layer
+from .graph import _module_and_layer, find_tied_heads_once, untie_head_once
 from .pack_matmuls import pack_shared_input_matmuls as _pack
 
 
@@ -96,7 +96,20 @@ def split_gemms(model: onnx.ModelProto, lazy: LazyWeights) -> int:
 
 
 def fold_weight_transposes(model: onnx.ModelProto, lazy: LazyWeights) -> int:
-    """:func:`graph.fold_weight_transposes` on placeholders (the tied ``lm_head``'s ``W.T``)."""
+    """:func:`graph.fold_weight_transposes` on placeholders (the tied ``lm_head``'s ``W.T``;
+    a ``[1, K, V]`` table stored once becomes ``W.T`` and ``W`` placeholders)."""
+    untied = 0
+    for head in find_tied_heads_once(model):
+        name, (_, k, v), dtype = head.table.name, head.table.dims, head.table.data_type
+        if lazy.is_placeholder(name):
+            whole = lazy.recipes[name]
+        else:
+            whole = (lambda t=lazy.protos[name]: lazy.source.read(t))
+        columns = lazy.placeholder(name, [k, v], dtype, lambda f=whole, s=(k, v): f().reshape(s))
+        rows = lazy.placeholder(head.rows_name, [v, k], dtype,
+                                lambda f=whole, s=(k, v): f().reshape(s).T)  # a view, as below
+        untie_head_once(model, head, rows, columns)
+        untied += len(head.matmuls)
     graph = model.graph
     consts = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -126,7 +139,7 @@ def fold_weight_transposes(model: onnx.ModelProto, lazy: LazyWeights) -> int:
                 if not (n.op_type == "Transpose" and n.output[0] in folded and n.output[0] not in used)]
         del graph.node[:]
         graph.node.extend(keep)
-    return count
+    return count + untied
 
 
 def pack_shared_input_matmuls(model: onnx.ModelProto, lazy: LazyWeights) -> list[str]:

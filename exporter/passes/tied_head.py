@@ -1,0 +1,158 @@
+"""A tied embedding / ``lm_head`` table that ONNX Runtime holds once (issue 15, runtime memory).
+
+Tied embeddings export as one ``[V, K]`` table read twice: ``Gather`` for the embedding and
+``MatMul(h, Transpose(W))`` for the logits. ONNX Runtime folds the ``Transpose`` into a new
+``[K, V]`` constant at load time and MLAS pre-packs the 2-D ``B`` of that MatMul into a
+further copy: SmolLM2-135M fp32 held ~732 MB after load for a 541 MB file (the table is
+113 MB). A 3-D ``B`` is not pre-packed, and a ``Gather`` along the table's last axis needs
+no transposed copy, so the table is stored once as ``[1, K, V]`` and read by both::
+
+    W [V,K] --> Gather(axis 0, ids) --------------------------> embedding [B,S,K]
+       \\--> Transpose --> MatMul(h, .) -----------------------> logits [B,S,V]
+                          =>
+    W_T [1,K,V] --> Gather(axis 2, ids) [1,K,B,S] --> Transpose(0,2,3,1) --> Squeeze(0)
+          \\                                                             --> embedding [B,S,K]
+           \\--> MatMul(h [B,S,K], .) ---------------------------------> logits [B,S,V]
+
+The same numbers (a gather and a transpose move values; the MatMul sums the same products).
+The quantizers turn this form back into the two 2-D tables they know
+(:func:`exporter.quantize.graph.fold_weight_transposes`). Float tables only: a quantized
+head is a MatMulNBits / GatherBlockQuantized pair with its own sharing (quantize/tied_table.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ._base import FusionPass, const_tensor, make_derived_initializer, make_initializer
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+#: Transpose of the ``Gather(axis=2)`` output ``[1, K, B, S]`` to ``[1, B, S, K]``
+GATHER_PERM = (0, 2, 3, 1)
+#: the largest table compared value by value with a folded ``W.T`` (cleanup.py folds
+#: transposes below 2**20 values: tiny test models; a real table keeps its Transpose)
+FOLDED_MAX = 1 << 22
+
+
+class TiedHeadOnce(FusionPass):
+    """Store a tied float embedding / ``lm_head`` table once, as ``[1, K, V]``."""
+
+    name = "tied lm_head table stored once ([1,K,V])"
+
+    def fuse(self, model: ir.Model) -> int:
+        graph = model.graph
+        count = 0
+        for node in list(graph):
+            if node.op_type != "Transpose" or (node.domain or "") != "":
+                continue
+            table = node.inputs[0]
+            tensor = const_tensor(table)
+            if tensor is None or table.producer() is not None or len(tensor.shape) != 2:
+                continue
+            perm = node.attributes.get("perm")
+            if perm is not None and list(perm.as_ints()) != [1, 0]:
+                continue
+            why = self._why_not(graph, node, table, tensor)
+            if why:
+                self.reasons.append(f"{table.name}: {why}")
+                continue
+            self._rewrite(graph, node.outputs[0], table, tensor)
+            graph.remove(node, safe=False)
+            graph.initializers.pop(table.name, None)
+            count += 1
+        count += self._fuse_folded(graph)
+        if count:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        return count
+
+    @staticmethod
+    def _why_not(graph: ir.Graph, transpose: ir.Node, table: ir.Value, tensor) -> str | None:
+        if tensor.dtype not in _FLOATS:
+            return f"a {tensor.dtype.name} table (float and float16 only)"
+        if table.is_graph_input() or table.is_graph_output() or transpose.outputs[0].is_graph_output():
+            return "the table or its transpose is a graph input or output"
+        users = {(n.op_type, n.domain or "") for n, _ in table.uses()}
+        gathers = [n for n, i in table.uses() if n.op_type == "Gather" and i == 0]
+        if users != {("Transpose", ""), ("Gather", "")} or len(table.uses()) != 1 + len(gathers):
+            return f"read by {sorted(u for u, _ in users)}, not only by a Gather and a Transpose"
+        for g in gathers:
+            axis = g.attributes.get("axis")
+            if axis is not None and axis.as_int() != 0:
+                return "a Gather along an axis other than 0"
+        heads = transpose.outputs[0].uses()
+        if not heads or any(n.op_type != "MatMul" or i != 1 for n, i in heads):
+            return "the transposed table feeds something other than MatMul's B"
+        for n, _ in heads:
+            a = n.inputs[0]
+            if a is None or a.shape is None or a.shape.rank() != 3:
+                return "the lm_head MatMul's input is not [batch, sequence, hidden] (3-D B would broadcast)"
+        return None
+
+    def _fuse_folded(self, graph: ir.Graph) -> int:
+        """A table small enough for the cleanup's constant folding (below ``FOLDED_MAX``
+        values) reaches here with its transpose folded: a second initializer equal to
+        ``W.T``, found by comparing values."""
+        count = 0
+        for table in list(graph.initializers.values()):
+            tensor = table.const_value
+            uses = table.uses()
+            if (tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOATS
+                    or tensor.size > FOLDED_MAX or table.is_graph_input() or table.is_graph_output()
+                    or not uses or any(n.op_type != "Gather" or (n.domain or "") != "" or i != 0
+                                       or (n.attributes.get("axis") is not None
+                                           and n.attributes["axis"].as_int() != 0)
+                                       for n, i in uses)):
+                continue
+            v, k = (int(d) for d in tensor.shape)
+            for other in list(graph.initializers.values()):
+                t = other.const_value
+                if (other is table or t is None or t.dtype != tensor.dtype
+                        or [int(d) for d in t.shape] != [k, v] or other.is_graph_output()
+                        or other.is_graph_input() or not other.uses()
+                        or any(n.op_type != "MatMul" or i != 1 or n.inputs[0] is None
+                               or n.inputs[0].shape is None or n.inputs[0].shape.rank() != 3
+                               for n, i in other.uses())
+                        or not np.array_equal(t.numpy(), tensor.numpy().T)):
+                    continue
+                self._rewrite(graph, other, table, tensor)
+                graph.initializers.pop(other.name, None)
+                graph.initializers.pop(table.name, None)
+                count += 1
+                break
+        return count
+
+    @staticmethod
+    def _rewrite(graph: ir.Graph, head_b: ir.Value, table: ir.Value, tensor) -> None:
+        """The lm_head MatMuls reading ``head_b`` (``W.T``) and the Gathers reading ``table``
+        (``W``) read one ``[1, K, V]`` table instead."""
+        v, k = (int(d) for d in tensor.shape)
+        once = make_derived_initializer(
+            graph, f"{table.name}_T", lambda w: np.ascontiguousarray(w.T).reshape(1, k, v),
+            [tensor], tensor.dtype, [1, k, v])
+        for head, _ in list(head_b.uses()):
+            head.replace_input_with(1, once)
+        axes0 = make_initializer(graph, f"{table.name}_T.axes0", np.array([0], dtype=np.int64))
+        for gather, _ in list(table.uses()):
+            if gather.op_type != "Gather":
+                continue
+            out = gather.outputs[0]
+            ids = gather.inputs[1]
+            base = gather.name or out.name
+            new = ir.node("Gather", [once, ids], attributes={"axis": 2}, name=gather.name)
+            new.metadata_props.update(gather.metadata_props)  # module scope: quantizers read it
+            perm = ir.node("Transpose", [new.outputs[0]], attributes={"perm": list(GATHER_PERM)},
+                           name=f"{base}/tied_transpose")
+            squeeze = ir.node("Squeeze", [perm.outputs[0], axes0], name=f"{base}/tied_squeeze")
+            new.outputs[0].name = f"{out.name}/tied_gather"
+            perm.outputs[0].name = f"{out.name}/tied_transposed"
+            for value in (new.outputs[0], perm.outputs[0]):
+                value.dtype = tensor.dtype
+            squeeze.outputs[0].dtype, squeeze.outputs[0].shape = out.dtype, out.shape
+            graph.insert_before(gather, [new, perm, squeeze])
+            name = out.name
+            out.replace_all_uses_with(squeeze.outputs[0], replace_graph_outputs=True)
+            graph.remove(gather, safe=False)
+            out.name = f"{name}/replaced"
+            squeeze.outputs[0].name = name
