@@ -498,7 +498,8 @@ class GGUFWeights(WeightSource):
         transposes) or any difference leaves the tensor to the quantizer, with the reason."""
         import numpy as np
 
-        from .quantize.gguf_blocks import blocks_from_gguf, dequantize, reorder_columns, supported_type
+        from .quantize.gguf_blocks import (blocks_from_gguf, dequantize, reorder_columns,
+                                           supported_type)
 
         while module.startswith("model.") and module + ".weight" not in self._gguf_of:
             module = module[len("model."):]  # the traced wrapper's scope: model.model.layers...

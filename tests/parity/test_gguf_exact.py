@@ -57,7 +57,7 @@ EXACT = {  # file type -> the CLI flags whose recipe fits its blocks everywhere
 }
 
 
-def expected_blocks(tiny) -> list[tuple[str, ...], object]:
+def expected_blocks(tiny) -> list[tuple]:
     """The file's own blocks of every MatMul, re-laid out by gguf_blocks, grouped as packed:
     Q/K columns put back in Hugging Face's order (the writer interleaves them as llama.cpp)."""
     reader = gguf.GGUFReader(str(tiny.path))
@@ -146,3 +146,28 @@ def test_a_recipe_the_blocks_do_not_fit_quantizes_again_and_says_why(exported):
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits")
                   for n in model.graph.node if n.op_type == "MatMulNBits")
     assert bits == [4] * 8 + [8]
+
+
+def test_exact_blocks_of_a_tied_head_a_float_file_and_a_transposed_layout(tmp_path):
+    """``GGUFWeights.exact_blocks`` without an export: a tied head (no ``output.weight``)
+    reads ``token_embd``'s blocks; a float file has none to keep; GPT-2's weights, which the
+    loader transposes, are refused with the reason (they are quantized again)."""
+    from slmedge.exporter.quantize.gguf_blocks import NBitsBlocks, dequantize
+
+    tiny = save_tiny_gguf("gemma3_text", tmp_path / "gemma-q8.gguf", weight_type="q8_0")
+    assert tiny.model.config.tie_word_embeddings
+    _, _, _, weights = gguf_source.open_gguf_streamed(tiny.path, torch.float32)
+    head = weights.exact_blocks("model.lm_head")  # the traced wrapper's scope
+    assert isinstance(head, NBitsBlocks) and head.source_name == "token_embd.weight"
+    table = weights.read("model.embed_tokens.weight").numpy()
+    np.testing.assert_array_equal(dequantize(head), table.T)
+
+    tiny = save_tiny_gguf("llama", tmp_path / "llama-f32.gguf")
+    _, _, _, weights = gguf_source.open_gguf_streamed(tiny.path, torch.float32)
+    assert weights.exact_blocks("model.model.layers.0.self_attn.q_proj") is None
+
+    tiny = save_tiny_gguf("gpt2", tmp_path / "gpt2-q8.gguf", weight_type="q8_0")
+    _, _, _, weights = gguf_source.open_gguf_streamed(tiny.path, torch.float32)
+    why = weights.exact_blocks("model.transformer.h.0.mlp.c_fc")
+    assert why == ("Q8_0: the loader reshapes blk.0.ffn_up.weight (256 rows -> [1, 256]), so "
+                   "its blocks do not map to the graph's weight")
