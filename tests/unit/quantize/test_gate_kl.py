@@ -53,8 +53,11 @@ def test_bounds_are_inclusive_and_follow_the_settings():
 def test_measured_cards_against_the_defaults():
     """The cards the defaults were chosen from (pipeline.DEFAULT_MAX_KL_MEAN's comment)."""
     quality = QualityConfig()
-    smollm2_fast_int4 = {"ppl_increase_pct": 4.79, "kl_mean": 0.071, "top1_agreement_eval": 0.85}
-    assert gate_failures(smollm2_fast_int4, quality) == []
+    smollm2_int4 = {"ppl_increase_pct": 0.14, "kl_mean": 0.0033, "top1_agreement_eval": 0.957}
+    smollm2_int8 = {"ppl_increase_pct": 0.25, "kl_mean": 0.0036, "top1_agreement_eval": 0.956}
+    assert gate_failures(smollm2_int4, quality) == gate_failures(smollm2_int8, quality) == []
+    # bench_quant's fast int4 (gptq-act, +4.79%): only its KL is recorded (README table)
+    assert 0.071 <= quality.max_kl_mean
     gemma_int4 = {"ppl_increase_pct": -1.0, "kl_mean": 0.248, "top1_agreement_eval": 0.69}
     assert gate_failures(gemma_int4, quality) == ["kl_mean"]
 
