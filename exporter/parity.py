@@ -3,12 +3,12 @@
 Same tokens through PyTorch (with its own KV cache) and through the artifact on ONNX
 Runtime (slmedge's runtime, so the gate tests what users run): a prefill and a few
 one-token decode steps; the largest absolute logit difference must stay within the
-architecture's tolerance.
+architecture's tolerance. The comparison itself is :mod:`.compare`'s (shared with the
+static-shape and TFLite flows); this module holds the PyTorch side: the reference decoder.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,39 +16,15 @@ import torch
 
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
 
+from .compare import FP16_RTOL_OF_SCALE, ParityResult, Tolerance, compare_decoders, step_logits
 from .quality import release_memory
 
-# fp16 keeps ~3 significant digits; logits are compared relative to their scale.
-FP16_RTOL_OF_SCALE = 2e-2
-
-
-@dataclass
-class ParityReport:
-    max_abs_diff: float
-    logit_scale: float
-    atol: float
-    prefill_tokens: int
-    decode_steps: int
-    argmax_agree: bool
-    passed: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["FP16_RTOL_OF_SCALE", "ParityResult", "TorchDecoder", "check_parity", "torch_step_logits"]
 
 
 def torch_step_logits(model, token_ids: list[int], decode_steps: list[int]) -> list[np.ndarray]:
     """PyTorch logits for a prefill and then each decode token, with HF's own cache."""
-    outs = []
-    with torch.no_grad():
-        ids = torch.tensor([token_ids])
-        out = model(input_ids=ids, use_cache=True)
-        outs.append(out.logits[0].float().numpy())
-        cache = out.past_key_values
-        for tok in decode_steps:
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            outs.append(out.logits[0].float().numpy())
-    return outs
+    return step_logits(TorchDecoder(model), token_ids, decode_steps)
 
 
 def check_parity(
@@ -62,8 +38,9 @@ def check_parity(
     decode_steps: int = 3,
     seed: int = 0,
     open_decoder=None,
-) -> ParityReport:
-    """Compare PyTorch and ONNX Runtime logits on a prefill plus ``decode_steps`` steps.
+) -> ParityResult:
+    """Compare PyTorch and ONNX Runtime logits on a prefill plus ``decode_steps`` steps
+    (:func:`.compare.compare_decoders`).
 
     Passes when max |diff| <= ``atol + rtol * max|logit|`` (fp16: at least 2% of the scale).
     ``model`` may be a zero-argument callable returning the model: it is then loaded for the
@@ -83,37 +60,19 @@ def check_parity(
         del model
         release_memory()
     decoder = open_decoder() if open_decoder is not None else OnnxDecoder(onnx_path)
-    decoder.reset()
-    got = [decoder.step(prompt, all_logits=True).astype(np.float32)]
-    for tok in steps:
-        got.append(decoder.step([tok], all_logits=True).astype(np.float32))
-    decoder.reset()
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
-    scale = max(float(np.abs(r).max()) for r in ref)
-    tol = atol + rtol * scale
-    if fp16:
-        tol = max(tol, FP16_RTOL_OF_SCALE * scale)
-    agree = all(np.array_equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, ref))
-    return ParityReport(
-        max_abs_diff=diff,
-        logit_scale=scale,
-        atol=tol,
-        prefill_tokens=prefill_tokens,
-        decode_steps=decode_steps,
-        argmax_agree=agree,
-        passed=diff <= tol,
-    )
+    return compare_decoders(decoder, ref, prompt, steps, Tolerance.for_dtype(atol, rtol, fp16=fp16))
 
 
 class TorchDecoder:
     """A PyTorch causal LM behind the runtime's decoder protocol (``reset`` / ``step``, as
     :class:`~slmedge.runtimes.static_decoder.StaticDecoder`), with HF's own KV cache: the
     reference of a quality card computed by ``static_shapes_qdq.static_quality``. ``context`` is
-    the window the card is confined to (the static graphs'); PyTorch itself has none."""
+    the window the card is confined to (the static graphs'); PyTorch itself has none
+    (None: no window, for parity)."""
 
-    def __init__(self, model, context: int):
+    def __init__(self, model, context: int | None = None):
         self.model = model
-        self.context = int(context)
+        self.context = None if context is None else int(context)
         self._cache = None
 
     def reset(self) -> None:

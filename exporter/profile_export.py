@@ -29,7 +29,6 @@ from slmedge.runtimes.manifest_schema import validate_manifest
 
 from .export import architecture_facts, export_onnx, save_support_files
 from .manifest import file_table, onnx_facts, save_manifest, write_manifest
-from .parity import FP16_RTOL_OF_SCALE
 from .sources import load_source
 from .staging import check_output, staged_directory
 from .static_shapes import DECODE_FILE, PREFILL_FILE, WEIGHTS_FILE, export_static
@@ -359,8 +358,6 @@ def _float_quality(stage: Path, static: dict, model, config, say) -> dict:
         f"window, 3 greedy prompts x {new_tokens} tokens")
     card = static_quality(TorchDecoder(model, candidate.context), candidate, ids, window=256,
                           prompts=3, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    # the dynamic exports' key (summary lines, reports and bundles read it)
-    card["reference_perplexity"] = card.pop("perplexity_reference")
     limit = config.quality.max_ppl_increase
     card.update(reference=reference,
                 candidate="the static prefill / decode graphs on CPU (ONNX Runtime)",
@@ -394,27 +391,19 @@ def static_parity(model, root: Path, static: dict, *, atol: float, rtol: float =
                   fp16: bool = False,
                   decode_steps: int = 3, seed: int = 0) -> dict:
     """PyTorch logits of one sequence vs the static graphs: a prompt of one chunk plus two
-    tokens (two prefill calls, the second padded) then ``decode_steps`` decode calls."""
-    import torch
-
+    tokens (two prefill calls, the second padded) then ``decode_steps`` decode calls
+    (:func:`.compare.compare_decoders`, the ONNX gate's comparison and tolerance)."""
     from slmedge.runtimes.static_decoder import StaticDecoder
+
+    from .compare import Tolerance, compare_decoders
+    from .parity import TorchDecoder
 
     chunk = int(static["prefill_chunk"])
     n_prompt = min(chunk + 2, int(static["context_length"]) - decode_steps)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, model.config.vocab_size, n_prompt + decode_steps).tolist()
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    decoder = StaticDecoder(root, static)
-    got = [decoder.step(ids[:n_prompt], all_logits=True)]
-    got += [decoder.step([t], all_logits=True) for t in ids[n_prompt:]]
-    got = np.concatenate(got).astype(np.float32)
-    diff = float(np.abs(got - ref).max())
-    scale = float(np.abs(ref).max())
-    tol = atol + rtol * scale
-    if fp16:
-        tol = max(tol, FP16_RTOL_OF_SCALE * scale)
-    return {"max_abs_diff": diff, "logit_scale": scale, "atol": tol,
-            "prefill_tokens": n_prompt, "decode_steps": decode_steps,
-            "argmax_agree": bool(np.array_equal(got.argmax(-1), ref.argmax(-1))),
-            "passed": diff <= tol}
+    # the reference: one forward over the whole sequence, split as the candidate's steps
+    ref = TorchDecoder(model).logits(ids)
+    ref = np.split(ref, range(n_prompt, len(ids)))
+    return compare_decoders(StaticDecoder(root, static), ref, ids[:n_prompt], ids[n_prompt:],
+                            Tolerance.for_dtype(atol, rtol, fp16=fp16)).to_dict()

@@ -86,6 +86,8 @@ class QualityCard:
     kl_mean: float | None = None
     kl_max_position: float | None = None
     top1_agreement_eval: float | None = None
+    cosine_mean: float | None = None  # cosine of the reference's and the candidate's logit rows
+    cosine_min: float | None = None
     greedy: dict | None = None
     reference: str = "self"
     seconds: float = 0.0
@@ -120,6 +122,17 @@ def kl_rows(ref_logits: np.ndarray, cand_logits: np.ndarray, chunk: int = 64) ->
         lq = _log_softmax(cand_logits[i : i + chunk])
         out[i : i + chunk] = (np.exp(lp) * (lp - lq)).sum(axis=-1)
     return np.maximum(out, 0.0)
+
+
+def cosine_rows(ref_logits: np.ndarray, cand_logits: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Cosine of each row of ``ref_logits`` with the same row of ``cand_logits`` (float64,
+    ``chunk`` rows at a time, as :func:`kl_rows`)."""
+    out = np.empty(len(ref_logits), dtype=np.float64)
+    for i in range(0, len(ref_logits), chunk):
+        r = ref_logits[i : i + chunk].astype(np.float64)
+        c = cand_logits[i : i + chunk].astype(np.float64)
+        out[i : i + chunk] = (r * c).sum(-1) / np.linalg.norm(r, axis=-1) / np.linalg.norm(c, axis=-1)
+    return out
 
 
 def _all_logits(decoder: Decoder, ids: Sequence[int]) -> np.ndarray:
@@ -188,6 +201,7 @@ def quality_card(
     nll_c = nll_r = 0.0
     count = agree = 0
     kl_sum, kl_max = 0.0, 0.0
+    cos_sum, cos_min = 0.0, 1.0
     for k, w in enumerate(plans):
         # ETA from the windows done so far (the last one may be shorter)
         eta = (time.perf_counter() - t0) / k * (len(plans) - k) if k else None
@@ -204,6 +218,9 @@ def quality_card(
             kl_sum += float(kl.sum())
             kl_max = max(kl_max, float(kl.max()))
             agree += int((rows_r.argmax(-1) == rows_c.argmax(-1)).sum())
+            cos = cosine_rows(rows_r, rows_c)
+            cos_sum += float(cos.sum())
+            cos_min = min(cos_min, float(cos.min()))
     info = {"tokens": int(len(ids)), "window": window, "stride": stride, "windows": len(plans),
             **(eval_info or {})}
     card = QualityCard(perplexity=math.exp(nll_c / count), eval=info)
@@ -213,6 +230,7 @@ def quality_card(
         card.kl_mean = kl_sum / count
         card.kl_max_position = kl_max
         card.top1_agreement_eval = agree / count
+        card.cosine_mean, card.cosine_min = cos_sum / count, cos_min
         if prompt_ids:
             say(f"quality: greedy decoding on {len(prompt_ids)} prompts")
             card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens)

@@ -389,38 +389,23 @@ def static_quality(reference: StaticDecoder, candidate: StaticDecoder, token_ids
                    prompts: int = 3, prompt_tokens: int = 16, new_tokens: int = 16,
                    window: int | None = None) -> dict:
     """Quality card of ``candidate`` against ``reference`` (the float static graphs, or PyTorch
-    through ``parity.TorchDecoder``): perplexity of both on ``token_ids`` (one window), greedy
-    agreement and first divergence on a few prompts, cosine and mean KL(reference ||
-    candidate) of the logits."""
-    from slmedge.runtimes.generation import generate
-
-    from .quality import kl_rows
+    through ``parity.TorchDecoder``): :func:`.quality.quality_card` confined to one window of
+    the static graphs' context (perplexity of both, KL(reference || candidate), logit cosine)
+    and greedy agreement / first divergence on ``prompts`` prompts taken along ``token_ids``;
+    the figures the static-graph gates read, rounded for the manifest."""
+    from .quality import quality_card
 
     window = min(window or reference.context, reference.context, len(token_ids))
     ids = token_ids[:window]
-
-    def ppl(dec):
-        logits = dec.logits(ids).astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        return float(np.exp(-np.mean(logp[np.arange(len(ids) - 1), ids[1:]]))), logits
-
-    ppl_ref, l_ref = ppl(reference)
-    ppl_cand, l_cand = ppl(candidate)
-    cosine = (l_ref * l_cand).sum(-1) / np.linalg.norm(l_ref, axis=-1) / np.linalg.norm(l_cand, axis=-1)
-    agree, first = [], []
     step = max(1, (len(token_ids) - prompt_tokens) // max(1, prompts))
-    for p in range(prompts):
-        prompt = token_ids[p * step:p * step + prompt_tokens]
-        a = generate(reference, prompt, new_tokens).tokens
-        b = generate(candidate, prompt, new_tokens).tokens
-        same = [x == y for x, y in zip(a, b, strict=False)]
-        agree.append(sum(same) / len(same))
-        first.append(same.index(False) if False in same else len(same))
-    return {"tokens": len(ids), "perplexity_reference": round(ppl_ref, 4),
-            "perplexity": round(ppl_cand, 4),
-            "ppl_increase_pct": round(100 * (ppl_cand / ppl_ref - 1), 3),
-            "cosine_mean": round(float(cosine.mean()), 6), "cosine_min": round(float(cosine.min()), 6),
-            "kl_mean": float(f"{kl_rows(l_ref, l_cand).mean():.4g}"),
-            "greedy_agreement": round(float(np.mean(agree)), 4), "first_divergence": first,
+    prompt_ids = [token_ids[p * step:p * step + prompt_tokens] for p in range(prompts)]
+    card = quality_card(candidate, ids, reference=reference, prompt_ids=prompt_ids,
+                        window=len(ids), stride=len(ids), new_tokens=new_tokens)
+    return {"tokens": len(ids), "reference_perplexity": round(card.reference_perplexity, 4),
+            "perplexity": round(card.perplexity, 4),
+            "ppl_increase_pct": round(card.ppl_increase_pct, 3),
+            "cosine_mean": round(card.cosine_mean, 6), "cosine_min": round(card.cosine_min, 6),
+            "kl_mean": float(f"{card.kl_mean:.4g}"),
+            "greedy_agreement": round(card.greedy["top1_agreement"], 4),
+            "first_divergence": card.greedy["first_divergence"],
             "prompts": prompts, "new_tokens": new_tokens}

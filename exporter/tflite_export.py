@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from slmedge.runtimes.errors import QualityGateFailed
 from slmedge.runtimes.litert_decoder import LiteRTDecoder, parity_fixture
 from slmedge.runtimes.tokenizer import TextTokenizer
 
+from .compare import ParityResult, Tolerance, compare_decoders
 from .export import architecture_facts, save_support_files
 from .manifest import write_manifest
 from .parity import torch_step_logits
@@ -47,7 +47,7 @@ _STACK = (
 #: a real model's large logits differ more than a tiny one's (SmolLM2-135M, |logits| ~ 20:
 #: 9.5e-4 max, 5e-5 of the scale; tiny test models stay under 2e-6 and keep the family's atol).
 FP32_RTOL_OF_SCALE = 1e-4
-#: Weight bits of each scheme: the size of one quantization step of the logits (see _tolerance).
+#: Weight bits of each scheme: the size of one quantization step of the logits (see tolerance).
 WEIGHT_BITS = {
     QuantScheme.fp16: 11,
     QuantScheme.int8_weight: 8,
@@ -55,23 +55,6 @@ WEIGHT_BITS = {
     QuantScheme.int8_static: 8,
     QuantScheme.int4_block32: 4,
 }
-
-
-@dataclass
-class TfliteParity:
-    """The TFLite graph against PyTorch on a prefill (multi-chunk) and decode steps."""
-
-    max_abs_diff: float
-    logit_range: float
-    atol: float
-    tolerance: str  # how atol was derived
-    prefill_tokens: int
-    decode_steps: int
-    argmax_agree: float  # fraction of positions whose top-1 token matches
-    passed: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parity_inputs(
@@ -83,47 +66,26 @@ def parity_inputs(
     return rng.integers(0, vocab, length).tolist(), rng.integers(0, vocab, decode_steps).tolist()
 
 
-def tolerance(
-    scheme: QuantScheme, ref: list[np.ndarray], fp32_atol: float, steps: float
-) -> tuple[float, str]:
-    """The parity tolerance: the family's fp32 atol, or ``steps`` quantization steps of the
-    reference logits' range at the scheme's weight bits (ExecuTorch's tester does the same)."""
+def tolerance(scheme: QuantScheme, fp32_atol: float, steps: float) -> Tolerance:
+    """The parity tolerance (:class:`.compare.Tolerance`): the family's fp32 atol with a floor of
+    ``FP32_RTOL_OF_SCALE`` of the logit scale, or ``steps`` quantization steps of the reference
+    logits' range at the scheme's weight bits (ExecuTorch's tester does the same)."""
     if scheme is QuantScheme.fp32:
-        scale = float(max(np.abs(r).max() for r in ref))
-        if FP32_RTOL_OF_SCALE * scale > fp32_atol:
-            return FP32_RTOL_OF_SCALE * scale, f"{FP32_RTOL_OF_SCALE:g} x logit scale {scale:.3g}"
-        return fp32_atol, "architecture fp32 atol"
-    bits = WEIGHT_BITS[scheme]
-    span = float(max(r.max() for r in ref) - min(r.min() for r in ref))
-    step = span / (2**bits - 1)
-    return max(fp32_atol, steps * step), f"{steps:g} steps of (logit range / (2^{bits} - 1))"
+        return Tolerance(atol=fp32_atol, scale_floor=FP32_RTOL_OF_SCALE)
+    return Tolerance(atol=fp32_atol, quant_bits=WEIGHT_BITS[scheme], quant_steps=steps)
 
 
 def check_tflite_parity(
     model, decoder: LiteRTDecoder, scheme: QuantScheme, *, atol: float, steps: float, seed: int = 0
-) -> TfliteParity:
-    """PyTorch and LiteRT logits on the same prefill (full chunk + padded tail) and decode steps."""
+) -> ParityResult:
+    """PyTorch and LiteRT logits on the same prefill (full chunk + padded tail) and decode steps
+    (:func:`.compare.compare_decoders`, the ONNX gate's comparison)."""
     prompt, decode = parity_inputs(
         model.config.vocab_size, decoder.context_length, decoder.prefill_chunks or [8], seed=seed
     )
-    ref = torch_step_logits(model, prompt, decode)
-    decoder.reset()
-    got = [decoder.step(prompt, all_logits=True)]
-    got += [decoder.step([tok], all_logits=True) for tok in decode]
-    decoder.reset()
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref, strict=True))
-    tol, how = tolerance(scheme, ref, atol, steps)
-    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(got, ref, strict=True)])
-    span = float(max(r.max() for r in ref) - min(r.min() for r in ref))
-    return TfliteParity(
-        max_abs_diff=diff,
-        logit_range=span,
-        atol=tol,
-        tolerance=how,
-        prefill_tokens=len(prompt),
-        decode_steps=len(decode),
-        argmax_agree=float(agree.mean()),
-        passed=diff <= tol,
+    return compare_decoders(
+        decoder, torch_step_logits(model, prompt, decode), prompt, decode,
+        tolerance(scheme, atol, steps),
     )
 
 

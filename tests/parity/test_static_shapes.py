@@ -325,7 +325,7 @@ def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, t
 
     def worse(*args, **kwargs):
         card = real(*args, **kwargs)
-        card["perplexity"] = card["perplexity_reference"] * 1.06
+        card["perplexity"] = card["reference_perplexity"] * 1.06
         card["ppl_increase_pct"] = 6.0
         return card
 
