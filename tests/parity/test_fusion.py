@@ -172,11 +172,9 @@ def test_padding_mask_keeps_the_exporters_mask_in_the_attention(tiny_artifact):
     assert manifest["fusion"]["padding"].startswith("left- or right-padded")
 
 
-def test_no_fuse_export_keeps_standard_ops(tiny_dir, tiny_artifact, tmp_path):
-    from slmedge.exporter.pipeline import ExportConfig, run_export
-
-    out = tmp_path / "plain"
-    manifest = run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, fuse=False))
+def test_no_fuse_export_keeps_standard_ops(tiny_artifact):
+    out = tiny_artifact("llama", fuse=False)  # run_export(ExportConfig(..., fuse=False)), shared
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fusion"] is None
     assert manifest["verification"]["parity"]["passed"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)

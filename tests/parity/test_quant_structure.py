@@ -67,14 +67,10 @@ def dequantize_nbits(node, inits, correction=None) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_dir, tmp_path_factory):
-    """The tiny Llama exported without fusion: standard ONNX ops, as NPU recipes need."""
-    from slmedge.exporter.pipeline import ExportConfig, run_export
-
-    out = tmp_path_factory.mktemp("plain-llama") / "artifact"
-    run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, fuse=False,
-                            quality={"eval_tokens": 256}))
-    return out
+def llama(tiny_artifact):
+    """The tiny Llama exported without fusion: standard ONNX ops, as NPU recipes need (the
+    session's export, shared with test_fusion.py and test_package_data.py; read only)."""
+    return tiny_artifact("llama", fuse=False)
 
 
 def _facts(path, packed=False):
