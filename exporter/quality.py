@@ -143,12 +143,26 @@ def _all_logits(decoder: Decoder, ids: Sequence[int]) -> np.ndarray:
         decoder.reset()
 
 
+def _prompt_progress(say: Progress, what: str, prompts: int):
+    """``say`` before each greedy prompt with an ETA from the prompts done (at 0.5B a prompt's
+    64 decode steps took seconds each on the fp32 reference: the longest part of the card)."""
+    t0 = time.perf_counter()
+
+    def report(k: int) -> None:
+        eta = (time.perf_counter() - t0) / k * (prompts - k) if k else None
+        say(f"{what}: greedy prompt {k + 1}/{prompts}" + (f", ETA {eta:.0f} s" if eta else ""))
+
+    return report
+
+
 def _greedy(candidate: Decoder, reference: Decoder, prompts: Sequence[Sequence[int]],
-            new_tokens: int) -> dict:
+            new_tokens: int, progress: Progress | None = None) -> dict:
     agree = total = 0
     firsts: list[int] = []
     kls: list[float] = []
-    for prompt in prompts:
+    report = _prompt_progress(progress or (lambda _m: None), "quality", len(prompts))
+    for k, prompt in enumerate(prompts):
+        report(k)
         reference.reset()
         candidate.reset()
         ref_logits = np.asarray(reference.step(list(prompt)), dtype=np.float32)
@@ -233,7 +247,7 @@ def quality_card(
         card.cosine_mean, card.cosine_min = cos_sum / count, cos_min
         if prompt_ids:
             say(f"quality: greedy decoding on {len(prompt_ids)} prompts")
-            card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens)
+            card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens, say)
         card.reference = "fp32 graph"
     card.seconds = round(time.perf_counter() - t0, 2)
     return card
@@ -352,13 +366,15 @@ def artifact_card(
     providers=None,
     allow_cpu_fallback: bool = True,
     progress: Progress | None = None,
+    timings: dict | None = None,
 ) -> QualityCard | None:
     """The card of an ONNX graph against another (None when no evaluation text exists).
 
     ``candidate_model``: an ``.onnx`` file, or an artifact directory (a static-shape one runs
     through its prefill / decode graphs). ``providers`` / ``allow_cpu_fallback`` build the
     candidate's sessions (e.g. a profile's QNN HTP with CPU fallback off); the reference
-    always runs on CPU."""
+    always runs on CPU. ``timings`` (when given) receives ``reference``: the seconds of the
+    reference's session and recorded logits."""
     from slmedge.runtimes.onnx_decoder import OnnxDecoder
 
     candidate_model = Path(candidate_model)
@@ -387,11 +403,15 @@ def artifact_card(
                                      dir=candidate_model.parent) as scratch:
         say = progress or (lambda _m: None)
         say("quality: reference logits (one session at a time)")
+        t_ref = time.perf_counter()
         reference = OnnxDecoder(reference_model, threads=threads,
                                 session_options=verification_session_options())
-        recorded = record_reference(reference, tokenizer_dir, settings, Path(scratch) / "logits")
+        recorded = record_reference(reference, tokenizer_dir, settings, Path(scratch) / "logits",
+                                    progress=say)
         del reference
         release_memory()
+        if timings is not None:
+            timings["reference"] = round(time.perf_counter() - t_ref, 2)
         if recorded is None:
             return None
         return decoder_card(open_candidate(), tokenizer_dir, settings, reference=recorded,
@@ -477,7 +497,7 @@ class RecordedReference:
 
 
 def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualitySettings,
-                     path: Path) -> RecordedReference | None:
+                     path: Path, progress: Progress | None = None) -> RecordedReference | None:
     """Run ``reference`` through the calls :func:`decoder_card` makes to its reference (the
     windows, the greedy prompts, the replay window) and record its logits in ``path``."""
     from slmedge.runtimes.tokenizer import TextTokenizer
@@ -493,7 +513,9 @@ def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualityS
     for w in plan_windows(len(ids), settings.window, settings.stride):
         _all_logits(ref, ids[w.begin : w.end].tolist())
     prompts = [p for p in (tokenizer.encode(t) for t in settings.prompts) if p]
-    for prompt in prompts:  # as _greedy: the reference's own greedy tokens
+    report = _prompt_progress(progress or (lambda _m: None), "quality reference", len(prompts))
+    for k, prompt in enumerate(prompts):  # as _greedy: the reference's own greedy tokens
+        report(k)
         ref.reset()
         logits = np.asarray(ref.step(list(prompt)), dtype=np.float32)
         for pos in range(settings.new_tokens - 1):

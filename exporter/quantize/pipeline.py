@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,14 +169,26 @@ def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: Quality
     out = stage / out_name / MODEL_FILE
     out.parent.mkdir()
     say(f"quantizing: {recipe.label()}")
+    t0 = time.perf_counter()
     report = quantize_candidate(reference, out, recipe, stage, say, exact).to_dict()
+    t_quantized = time.perf_counter()
     why_not = streaming_unsupported(recipe)
     if exact is not None and why_not is not None:  # only the streaming path takes the blocks
         say(f"the source's quantized blocks are not kept: {why_not}")
         report["gguf_exact"] = {"tensors": 0, "skipped": f"recipe {recipe.label()} does not "
                                 f"stream ({why_not}); every weight was quantized again"}
+    card_timings: dict = {}
     card = artifact_card(out, stage, quality.settings(), reference_model=reference,
-                         threads=quality.threads, progress=say)
+                         threads=quality.threads, progress=say, timings=card_timings)
+    # where quantize_and_card's seconds go (issue 15): the quantizer's own, folding its
+    # output into one file, the card's reference session + logits, the candidate's card
+    t_card = time.perf_counter() - t_quantized
+    report["timings_s"] = {
+        "quantize": report["seconds"],
+        "one_file": round(t_quantized - t0 - report["seconds"], 2),
+        "card_reference": card_timings.get("reference"),
+        "card_candidate": round(t_card - card_timings.get("reference", 0.0), 2),
+    }
     if card is None:
         raise UsageError(
             "a quantized artifact needs an evaluation text for its quality card and gate; "
