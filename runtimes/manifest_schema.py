@@ -243,8 +243,15 @@ class Parity(BaseModel):
     atol: float | None = Field(default=None, description="allowed difference")
     passed: bool | None = Field(default=None, description="None when skipped")
     skipped: str | None = Field(default=None, description="why it was not compared")
-    argmax_agree: bool | float | None = Field(default=None, description="argmax agreement "
-                                              "(TFLite: fraction of positions)")
+    argmax_agree: bool | float | None = Field(default=None, description="every compared "
+                                              "position's argmax agrees (artifacts before the "
+                                              "shared comparison: TFLite gave the fraction)")
+    argmax_agreement: float | None = Field(default=None, description="fraction of compared "
+                                           "positions whose argmax agrees")
+    logit_range: float | None = Field(default=None, description="max - min of the "
+                                      "reference logits")
+    tolerance: str | None = Field(default=None, description="which part of the rule "
+                                  "(atol + rtol x scale, floor, quantization steps) set atol")
     prefill_tokens: int | None = Field(default=None, description="prompt tokens compared")
     decode_steps: int | None = Field(default=None, description="decode steps compared")
 
