@@ -61,6 +61,11 @@ def config_from_args(args) -> TfliteExportConfig:
         if fields.get("quant", "fp32") not in ("fp32", "fp16"):
             raise UsageError("--dtype fp16 and --quant exclude each other with --format tflite")
         fields["quant"] = "fp16"
+    for onnx_gate in ("max_kl_mean", "min_top1_agreement"):
+        if getattr(args, onnx_gate, None) is not None:
+            raise UsageError(f"--{onnx_gate.replace('_', '-')} is a bound of the ONNX quality gate; "
+                             "the TFLite gate checks perplexity only (--max-ppl-increase): drop "
+                             "the flag or export --format onnx")
     for onnx_only in ("opset", "external_data"):
         if getattr(args, onnx_only, None):
             raise UsageError(f"--{onnx_only.replace('_', '-')} applies to --format onnx only")

@@ -70,6 +70,16 @@ def test_dry_run_resolves_the_tflite_config(capsys, tmp_path):
     assert doc["prefill_chunks"] == [16, 64] and doc["context_length"] == 1024
 
 
+@pytest.mark.parametrize("flag", ["--max-kl-mean", "--min-top1-agreement"])
+def test_onnx_gate_bounds_are_refused_for_tflite(capsys, tmp_path, flag):
+    """The TFLite gate checks perplexity only: a KL / top-1 bound is refused, not ignored."""
+    code, out, err = run_cli(capsys, "export", "--format", "tflite", "--output", tmp_path / "a",
+                             "--quant", "int8", flag, "0.1", "--dry-run")
+    assert code == EXIT_USAGE
+    assert flag in err and "--max-ppl-increase" in err and "--format onnx" in err
+    assert out == "" and not (tmp_path / "a").exists()
+
+
 def test_unknown_quant_for_tflite_lists_the_choices(capsys, tmp_path):
     code, _, err = run_cli(
         capsys,
