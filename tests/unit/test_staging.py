@@ -39,8 +39,11 @@ def dead_pid() -> int:
 
 
 def start_writer(out: Path) -> tuple[subprocess.Popen, Path]:
+    # SIGINT at its default in the child, whatever this pytest inherited: a shell starts a
+    # background job with SIGINT ignored, and staging (rightly) leaves an ignored SIGINT alone
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stage = Path(proc.stdout.readline().strip())  # the stage exists and holds a file
     assert stage.name == f".{out.name}.partial-{proc.pid}" and (stage / "model.onnx").is_file()
     return proc, stage
