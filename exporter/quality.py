@@ -131,7 +131,11 @@ def cosine_rows(ref_logits: np.ndarray, cand_logits: np.ndarray, chunk: int = 64
     for i in range(0, len(ref_logits), chunk):
         r = ref_logits[i : i + chunk].astype(np.float64)
         c = cand_logits[i : i + chunk].astype(np.float64)
-        out[i : i + chunk] = (r * c).sum(-1) / np.linalg.norm(r, axis=-1) / np.linalg.norm(c, axis=-1)
+        norms = np.linalg.norm(r, axis=-1) * np.linalg.norm(c, axis=-1)
+        # a zero row has no direction: equal to another zero row, unlike anything else
+        same = np.all(r == c, axis=-1)
+        out[i : i + chunk] = np.where(norms > 0, (r * c).sum(-1) / np.where(norms > 0, norms, 1.0),
+                                      np.where(same, 1.0, 0.0))
     return out
 
 
@@ -143,14 +147,15 @@ def _all_logits(decoder: Decoder, ids: Sequence[int]) -> np.ndarray:
         decoder.reset()
 
 
-def _prompt_progress(say: Progress, what: str, prompts: int):
-    """``say`` before each greedy prompt with an ETA from the prompts done (at 0.5B a prompt's
-    64 decode steps took seconds each on the fp32 reference: the longest part of the card)."""
+def _step_progress(say: Progress, what: str, total: int):
+    """``report(k)`` says ``what k+1/total`` before step ``k`` with an ETA from the steps done
+    (the card's windows; its greedy prompts: at 0.5B a prompt's 64 decode steps took seconds
+    each on the fp32 reference, the longest part of the card)."""
     t0 = time.perf_counter()
 
     def report(k: int) -> None:
-        eta = (time.perf_counter() - t0) / k * (prompts - k) if k else None
-        say(f"{what}: greedy prompt {k + 1}/{prompts}" + (f", ETA {eta:.0f} s" if eta else ""))
+        eta = (time.perf_counter() - t0) / k * (total - k) if k else None
+        say(f"{what} {k + 1}/{total}" + (f", ETA {eta:.0f} s" if eta else ""))
 
     return report
 
@@ -160,7 +165,7 @@ def _greedy(candidate: Decoder, reference: Decoder, prompts: Sequence[Sequence[i
     agree = total = 0
     firsts: list[int] = []
     kls: list[float] = []
-    report = _prompt_progress(progress or (lambda _m: None), "quality", len(prompts))
+    report = _step_progress(progress or (lambda _m: None), "quality: greedy prompt", len(prompts))
     for k, prompt in enumerate(prompts):
         report(k)
         reference.reset()
@@ -216,10 +221,9 @@ def quality_card(
     count = agree = 0
     kl_sum, kl_max = 0.0, 0.0
     cos_sum, cos_min = 0.0, 1.0
+    report = _step_progress(say, "quality: window", len(plans))  # the last may be shorter
     for k, w in enumerate(plans):
-        # ETA from the windows done so far (the last one may be shorter)
-        eta = (time.perf_counter() - t0) / k * (len(plans) - k) if k else None
-        say(f"quality: window {k + 1}/{len(plans)}" + (f", ETA {eta:.0f} s" if eta else ""))
+        report(k)
         lo, hi = w.score_from - 1 - w.begin, w.end - 1 - w.begin
         targets = ids[w.score_from : w.end]
         rows_c = _all_logits(candidate, ids[w.begin : w.end].tolist())[lo:hi]
@@ -513,7 +517,8 @@ def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualityS
     for w in plan_windows(len(ids), settings.window, settings.stride):
         _all_logits(ref, ids[w.begin : w.end].tolist())
     prompts = [p for p in (tokenizer.encode(t) for t in settings.prompts) if p]
-    report = _prompt_progress(progress or (lambda _m: None), "quality reference", len(prompts))
+    report = _step_progress(progress or (lambda _m: None), "quality reference: greedy prompt",
+                            len(prompts))
     for k, prompt in enumerate(prompts):  # as _greedy: the reference's own greedy tokens
         report(k)
         ref.reset()
