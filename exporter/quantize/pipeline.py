@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 from pydantic import BaseModel, ConfigDict, Field
@@ -198,13 +199,26 @@ def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: Quality
     return report, card.to_dict(), out
 
 
-#: criterion -> (card key, manifest bound key, flag, how to print a value)
+class _Criterion(NamedTuple):
+    label: str
+    key: str  # in the card and in a tried entry
+    bound: str  # in gate_bounds()
+    flag: str
+    value: Callable[[float], str]
+    limit: Callable[[float], str]
+    upper: bool  # the bound is a maximum (else a minimum)
+
+
+#: the gate's criteria, in the order they are checked and reported
 GATE_CRITERIA = {
-    "perplexity": ("ppl_increase_pct", "max_ppl_increase_pct", "--max-ppl-increase",
-                   lambda v: f"{v:+.2f}%"),
-    "kl_mean": ("kl_mean", "max_kl_mean", "--max-kl-mean", lambda v: f"{v:.4g}"),
-    "top1_agreement": ("top1_agreement_eval", "min_top1_agreement", "--min-top1-agreement",
-                       lambda v: f"{v:.1%}"),
+    "perplexity": _Criterion("perplexity", "ppl_increase_pct", "max_ppl_increase_pct",
+                             "--max-ppl-increase", lambda v: f"{v:+.2f}%", lambda b: f"+{b:g}%",
+                             True),
+    "kl_mean": _Criterion("mean KL", "kl_mean", "max_kl_mean", "--max-kl-mean",
+                          lambda v: f"{v:.4g}", lambda b: f"{b:g}", True),
+    "top1_agreement": _Criterion("top-1 agreement", "top1_agreement_eval", "min_top1_agreement",
+                                 "--min-top1-agreement", lambda v: f"{v:.1%}",
+                                 lambda b: f"{b:.1%}", False),
 }
 
 
@@ -217,29 +231,17 @@ def gate_bounds(quality: QualityConfig) -> dict:
 def gate_failures(card: dict, quality: QualityConfig) -> list[str]:
     """The criteria of the gate that ``card`` (a quality card's dict) fails, in
     :data:`GATE_CRITERIA` order: perplexity rise, mean KL, top-1 agreement."""
-    failed = []
-    if card["ppl_increase_pct"] > quality.max_ppl_increase:
-        failed.append("perplexity")
-    if card["kl_mean"] > quality.max_kl_mean:
-        failed.append("kl_mean")
-    if card["top1_agreement_eval"] < quality.min_top1_agreement:
-        failed.append("top1_agreement")
-    return failed
+    bounds = gate_bounds(quality)
+    return [name for name, c in GATE_CRITERIA.items()
+            if (card[c.key] > bounds[c.bound] if c.upper else card[c.key] < bounds[c.bound])]
 
 
 def _describe_failures(entry: dict, quality: QualityConfig) -> str:
     bounds = gate_bounds(quality)
-    parts = []
-    for name in entry["failed"]:
-        key, bound_key, flag, fmt = GATE_CRITERIA[name]
-        bound = bounds[bound_key]
-        if name == "perplexity":
-            parts.append(f"perplexity {fmt(entry[key])} > +{bound:g}% ({flag})")
-        elif name == "kl_mean":
-            parts.append(f"mean KL {fmt(entry[key])} > {bound:g} ({flag})")
-        else:
-            parts.append(f"top-1 agreement {fmt(entry[key])} < {bound:.1%} ({flag})")
-    return "; ".join(parts)
+    return "; ".join(
+        f"{c.label} {c.value(entry[c.key])} {'>' if c.upper else '<'} "
+        f"{c.limit(bounds[c.bound])} ({c.flag})"
+        for c in (GATE_CRITERIA[name] for name in entry["failed"]))
 
 
 def gate_error(tried: list[dict], quality: QualityConfig) -> QualityGateFailed:
@@ -258,7 +260,7 @@ def gate_error(tried: list[dict], quality: QualityConfig) -> QualityGateFailed:
         f"{min(t['ppl_increase_pct'] for t in tried):+.2f}%); nothing was written. Keep "
         "lm_head / more layers in higher precision, use a smaller --block-size or another "
         f"--algorithm,{'' if quality.auto else ' try --auto,'} or widen the bound ("
-        + ", ".join(GATE_CRITERIA[f][2] for f in failed) + ")",
+        + ", ".join(GATE_CRITERIA[f].flag for f in failed) + ")",
         {"max_ppl_increase": limit, "max_kl_mean": quality.max_kl_mean,
          "min_top1_agreement": quality.min_top1_agreement, "tried": tried},
     )
