@@ -28,6 +28,7 @@ slmedge: export small language models to phones, Raspberry Pis and NPUs, run the
 and measure how they run there.
 
   make     export (ONNX or TFLite) -> quantize (an fp32 artifact, no re-export)
+           fuse (the fusion passes on any decoder ONNX file)
   run      generate, eval (perplexity), bench (here, over SSH or ADB)
   read     compare (bench results as ratios), report (HTML / Markdown), results (the store)
   target   profiles (device profiles), check (what a profile's providers would run)
@@ -316,7 +317,7 @@ def _record_last_bench(artifact: str, result: dict) -> None:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)`` which adds
 #: parsers whose ``func(args) -> int`` runs the command. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle", "slmedge.tools.cli_fleet", "slmedge.tools.cli_results", "slmedge.tools.cli_sweep"]
+COMMAND_MODULES: list[str] = ["slmedge.tools.cli_quant", "slmedge.tools.cli_runner", "slmedge.tools.cli_profiles", "slmedge.tools.cli_bundle", "slmedge.tools.cli_fleet", "slmedge.tools.cli_results", "slmedge.tools.cli_sweep", "slmedge.tools.cli_fuse"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,9 +44,6 @@ HEAVY = {"torch", "transformers", "onnx", "onnxscript", "onnx_ir", "tensorflow",
 ARGPARSE_ENTRY_POINTS: dict[str, str] = {
     "slmedge.runtimes.bench": "the runner on the device (runtimes/remote.py starts it)",
     "slmedge.runtimes.target_card": "the quality card replayed on the device (remote_card.py)",
-    "slmedge.exporter.passes.__main__":
-        "issue 13: `python -m slmedge.exporter.passes` moves to tools/ (exporter/passes/ was "
-        "another helper's folder in that session)",
 }
 
 #: Cycles that exist today and belong to work in progress elsewhere; any other cycle fails.
