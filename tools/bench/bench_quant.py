@@ -38,6 +38,9 @@ WORK = REPO / "artifacts" / "bench"
 #: never read by a recipe decision, a calibration or a default (tests/data/SOURCES.md)
 HELDOUT_TEXT = REPO / "tests" / "data" / "heldout_persuasion.txt"
 
+#: gate bounds wide open: ablation rows are measured, not refused
+OPEN_GATE = ("--max-ppl-increase", "100", "--max-kl-mean", "10", "--min-top1-agreement", "0")
+
 #: variant -> (slmedge quantize flags, GenAI builder precision)
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "fp32": ((), "fp32"),
@@ -70,7 +73,41 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "int8-b32": (("--quant", "int8"), "int8"),
     # int8 without zero points, as GenAI's int8 (+0.60% perplexity vs +0.25%)
     "int8-sym": (("--quant", "int8", "--symmetric"), "int8"),
+    # -- the ablation of the fast recipe (issue 16; quality only: --skip-speed --no-genai). Each
+    # changes one ingredient of "int4"; the gate is opened (the table reports, not refuses)
+    # lm_head: int8 (the default's) / split (8192 frequent rows int8) instead of int4
+    "abl-head8": (("--quant", "int4", "--algorithm", "gptq-act", "--mlp-block-size", "64",
+                   "--embedding", "int8", *OPEN_GATE), "int4"),
+    "abl-head-split": (("--quant", "int4", "--algorithm", "gptq-act", "--mlp-block-size", "64",
+                        "--lm-head", "int4", "--lm-head-int8-tokens", "8192", "--embedding",
+                        "int8", *OPEN_GATE), "int4"),
+    # embedding float instead of int8
+    "abl-emb-float": (("--quant", "int4", "--algorithm", "gptq-act", "--mlp-block-size", "64",
+                       "--lm-head", "int4", *OPEN_GATE), "int4"),
+    # body: asymmetric RTN (integer zero points on min/max grids) / HQQ (float zero points,
+    # folded) instead of gptq-act; the rest as "int4"
+    "abl-rtn": (("--quant", "int4", "--algorithm", "rtn", "--mlp-block-size", "64",
+                 "--lm-head", "int4", "--embedding", "int8", *OPEN_GATE), "int4"),
+    "abl-hqq": (("--quant", "int4", "--algorithm", "hqq", "--mlp-block-size", "64",
+                 "--lm-head", "int4", "--embedding", "int8", *OPEN_GATE), "int4"),
+    # gptq-act body at block 32 everywhere, int8 head, float embedding: the fast body with the
+    # default's head and table
+    "abl-b32-head8": (("--quant", "int4", "--algorithm", "gptq-act", *OPEN_GATE), "int4"),
+    # the default int4 (HQQ folded, lm_head int8) with the embedding table int8 / int4 (Gemma 3
+    # 270M: a 262k x 640 table the default keeps float)
+    "int4-emb8": (("--quant", "int4", "--embedding", "int8", *OPEN_GATE), "int4"),
+    "int4-emb4": (("--quant", "int4", "--embedding", "int4", *OPEN_GATE), "int4"),
+    # integer zero points without calibration: asymmetric RTN (min/max grids) vs HQQ's grid
+    # with its zero point rounded down / up and the scale refit (int_zero.py), lm_head int8,
+    # embedding int8, gate/up at block 64 (the ablation's integer-zero-point bodies)
+    "abl-rtn-head8": (("--quant", "int4", "--algorithm", "rtn", "--mlp-block-size", "64",
+                       "--embedding", "int8", *OPEN_GATE), "int4"),
+    "abl-hqqint-head8": (("--quant", "int4", "--algorithm", "rtn", "--mlp-block-size", "64",
+                          "--embedding", "int8", *OPEN_GATE), "int4"),
 }
+#: variants written from another variant's artifact: its 4-bit MatMulNBits re-quantized by
+#: ``int_zero.from_hqq`` on the fp32 graph's weights (the card is computed here, after it)
+REWRITTEN = {"abl-hqqint-head8": "abl-rtn-head8"}
 
 
 def say(msg: str) -> None:
@@ -82,13 +119,74 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def prepare_slmedge(fp32: Path, name: str, flags: tuple[str, ...], max_ppl: float) -> Path:
+def prepare_slmedge(fp32: Path, name: str, flags: tuple[str, ...], max_ppl: float,
+                    workdir: Path = WORK) -> Path:
     if not flags:
         return fp32
-    out = WORK / f"slmedge-q-{name}"
+    out = workdir / f"slmedge-q-{name}"
+    if name in REWRITTEN:
+        base = prepare_slmedge(fp32, REWRITTEN[name], flags, max_ppl, workdir)
+        return rewrite_int_zero(fp32, base, out)
     if not (out / "manifest.json").exists():
         run([sys.executable, "-m", "slmedge.tools.cli", "quantize", str(fp32), "-o", str(out),
              "--overwrite", "--max-ppl-increase", str(max_ppl), *flags])
+    return out
+
+
+def _nbits_weight(node, inits) -> "np.ndarray":
+    """The ``[K, N]`` weights a 4-bit MatMulNBits with zero points computes with."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bs = attrs["K"], attrs["N"], attrs["block_size"]
+    b = numpy_helper.to_array(inits[node.input[1]]).reshape(n, k // bs, bs // 2)
+    codes = np.stack([b & 15, b >> 4], axis=-1).reshape(n, k // bs, bs).astype(np.float64)
+    scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, k // bs).astype(np.float64)
+    zp = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1)
+    zero = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :k // bs]
+    return ((codes - zero[..., None]) * scale[..., None]).reshape(n, k).T
+
+
+def rewrite_int_zero(fp32: Path, base: Path, out: Path) -> Path:
+    """``base``'s artifact copied to ``out`` with each 4-bit MatMulNBits re-quantized with
+    integer zero points from HQQ's grid (exporter/quantize/int_zero.py), on the float
+    weights of the fp32 graph: the MatMul(s) reading the same activation (gate/up packed
+    into one node: side by side in graph order), checked against the node's own weights."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from slmedge.exporter.quantize.int_zero import rewrite_int_zero as rewrite
+
+    if (out / "model.onnx").exists():
+        return out
+    ref = onnx.load(str(fp32 / "model.onnx"))
+    ref_inits = {t.name: t for t in ref.graph.initializer}
+    by_input: dict[str, list] = {}
+    for node in ref.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in ref_inits:
+            by_input.setdefault(node.input[0], []).append(node.input[1])
+    model = onnx.load(str(base / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def weight_of(node):
+        names = by_input.get(node.input[0], [])
+        own = _nbits_weight(node, inits)
+        for cand in [[x] for x in names] + ([names] if len(names) > 1 else []):
+            w = np.concatenate([numpy_helper.to_array(ref_inits[x]) for x in cand], axis=1)
+            if w.shape == own.shape and np.linalg.norm(w - own) < 0.3 * np.linalg.norm(w):
+                return w
+        raise ValueError(f"{node.name}: no fp32 weight reading {node.input[0]} matches")
+
+    n = rewrite(model, weight_of, say=say)
+    say(f"int-zero: {n} MatMulNBits rewritten")
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("model.onnx*"))
+    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data")
     return out
 
 
@@ -205,6 +303,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--max-ppl-increase", type=float, default=5.0)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true",
+                    help="quality columns only (the ablation: no decode run)")
+    ap.add_argument("--no-genai", action="store_true",
+                    help="slmedge rows only (a model without an HF directory, e.g. a GGUF)")
+    ap.add_argument("--open-gate", action="store_true",
+                    help="quantize every variant with the gate open (a model known to fail it, "
+                    "e.g. Gemma 3 270M's default int4: measured, not refused)")
+    ap.add_argument("--workdir", type=Path, default=WORK,
+                    help="where the quantized slmedge artifacts go (one per model)")
     ap.add_argument("--heldout-text", type=Path, default=HELDOUT_TEXT,
                     help="held-out text (never read by a recipe decision) for the held-out "
                     "columns; its first --eval-tokens tokens")
@@ -214,11 +321,14 @@ def main(argv=None) -> int:
     models: list[tuple[str, str, Path]] = []
     for name in args.variants:
         flags, precision = VARIANTS[name]
-        models.append((name, "slmedge", prepare_slmedge(args.fp32, name, flags, args.max_ppl_increase)))
-        models.append((name, "genai", prepare_genai(args.hf_dir, precision, args.threads)))
+        flags = (*flags, *OPEN_GATE) if args.open_gate else flags
+        models.append((name, "slmedge", prepare_slmedge(args.fp32, name, flags,
+                                                        args.max_ppl_increase, args.workdir)))
+        if not args.no_genai:
+            models.append((name, "genai", prepare_genai(args.hf_dir, precision, args.threads)))
     vocab = json.loads((args.fp32 / "manifest.json").read_text())["architecture"]["vocab_size"]
     timings: dict[tuple, list[dict]] = {(n, t): [] for n, t, _ in models}
-    for rnd in range(args.rounds):
+    for rnd in range(0 if args.skip_speed else args.rounds):
         order = models if rnd % 2 == 0 else [m for pair in zip(models[1::2], models[0::2], strict=False) for m in pair]
         for name, tool, path in order:
             say(f"round {rnd + 1}/{args.rounds}: {tool} {name}")
@@ -229,11 +339,16 @@ def main(argv=None) -> int:
     for name, tool, path in models:
         t = timings[(name, tool)]
         row = {"variant": name, "tool": tool, "path": str(path), "size_mb": round(model_size_mb(path), 1),
-               "decode_tok_s": round(statistics.median(x["tps"] for x in t), 2),
-               "ttft_ms": round(statistics.median(x["ttft_ms"] for x in t), 1),
-               "runs": len(t)}
+               "flags": list(VARIANTS[name][0]) if tool == "slmedge" else VARIANTS[name][1]}
+        if t:
+            row.update(decode_tok_s=round(statistics.median(x["tps"] for x in t), 2),
+                       ttft_ms=round(statistics.median(x["ttft_ms"] for x in t), 1),
+                       decode_tok_s_all=[round(x["tps"], 2) for x in t], runs=len(t))
         q = None
-        if tool == "slmedge" and name != "fp32":
+        if tool == "slmedge" and name in REWRITTEN and not args.skip_quality:
+            say(f"quality: {tool} {name} (rewritten: its manifest's card is the base's)")
+            q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
+        elif tool == "slmedge" and name != "fp32" and name not in REWRITTEN:
             q = json.loads((path / "manifest.json").read_text()).get("quality")  # its own card
         elif tool == "genai" and not args.skip_quality:
             say(f"quality: {tool} {name}")
@@ -266,9 +381,11 @@ def main(argv=None) -> int:
     print("|---" * 16 + "|")
     for r in rows:
         g = by.get((r["variant"], "genai"))
-        ratio = f"{r['decode_tok_s'] / g['decode_tok_s']:.2f}x" if r["tool"] == "slmedge" and g else ""
-        tratio = f"{r['ttft_ms'] / g['ttft_ms']:.2f}x" if r["tool"] == "slmedge" and g else ""
-        print(f"| {r['variant']} | {r['tool']} | {r['decode_tok_s']} | {r['ttft_ms']} | {r['size_mb']} | "
+        timed = r["tool"] == "slmedge" and g and "decode_tok_s" in r
+        ratio = f"{r['decode_tok_s'] / g['decode_tok_s']:.2f}x" if timed else ""
+        tratio = f"{r['ttft_ms'] / g['ttft_ms']:.2f}x" if timed else ""
+        print(f"| {r['variant']} | {r['tool']} | {r.get('decode_tok_s', '')} | "
+              f"{r.get('ttft_ms', '')} | {r['size_mb']} | "
               f"{r.get('perplexity', '')} | {r.get('ppl_increase_pct', '')}% | {r.get('kl_mean', '')} | "
               f"{r.get('top1_agreement_eval', '')} | {r.get('heldout_perplexity', '')} | "
               f"{r.get('heldout_ppl_increase_pct', '')}% | {r.get('heldout_kl_mean', '')} | "
