@@ -22,11 +22,14 @@ from .onnx_export import DEFAULT_OPSET, weights_bytes
 from .parity import check_parity
 from .passes import FusionOptions
 from .quality import decoder_card, release_memory, verification_session_options
-from .quantize.pipeline import QualityConfig, check_quant_texts, quantize_in_stage
+from .quantize.pipeline import (
+    QualityConfig, check_quant_texts, quantize_in_stage, quantize_unwritten,
+)
 from .quantize.recipe import QuantRecipe
+from .quantize.streaming import streaming_unsupported
 from .sources import DEFAULT_MODEL, open_source
 from .staging import check_output, staged_directory
-from .streaming import export_streamed, session_weights_bytes
+from .streaming import export_streamed, export_unwritten, session_weights_bytes
 
 MODEL_FILE = "model.onnx"
 Progress = Callable[[str], None]
@@ -89,7 +92,8 @@ class ExportConfig(BaseModel):
         None, gt=0, description="largest ONNX Runtime session (MB of weights as the CPU session "
         "holds them: fp16 as fp32 on x86, plus a fifth for its creation) the parity gate and an "
         "unquantized export's quality card may open; above it both are recorded as skipped with "
-        "the sizes. None: 80% of the memory available after the graph is written"
+        "the sizes, and a streamed weight-only --quant (rtn, hqq, int8 nbits; not --auto) is "
+        "quantized on write: no fp32 graph is written. None: 80% of the memory available"
     )
     profile: str | None = Field(
         None, description="device profile (built-in name or YAML file): its recipe sets dtype, "
@@ -208,6 +212,18 @@ def _session_too_large(config: ExportConfig, streamed) -> str | None:
             f"({source}); the graph was not run here")
 
 
+def _quantize_on_write(config: ExportConfig, streamed) -> str | None:
+    """Why the quantized graph is written straight from the checkpoint's weights, without the
+    fp32 graph, or None when the fp32 graph is written (and verified) first. On write: a
+    streamed weight-only recipe (RTN, HQQ, int8 nbits, a GGUF's exact blocks) whose fp32
+    verification session would not fit (:func:`_session_too_large`): that graph could not
+    be run here anyway, and for an 8B model it is 32 GB of disk (Llama-3.1-8B). ``--auto``
+    compares every candidate with the fp32 graph, so it keeps it."""
+    if config.quant is None or config.quality.auto or streaming_unsupported(config.quant):
+        return None
+    return _session_too_large(config, streamed)
+
+
 def _parity_gate(config: ExportConfig, streamed, graph: Path, say: Progress,
                  open_decoder=None) -> dict:
     """Compare the written graph with the source in PyTorch, or say why not.
@@ -274,9 +290,18 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
             fuse_options = FusionOptions.from_hf_config(model.config,
                                                         padding_mask=config.padding_mask)
         say(f"exporting {spec.family} ({layers} layers) to ONNX, {config.dtype.value}")
-        info, fusion_report = export_streamed(
-            streamed, stage / MODEL_FILE, opset=config.opset, external_data=config.external_data,
-            fuse_options=fuse_options, say=say)
+        on_write = _quantize_on_write(config, streamed)
+        unwritten = None
+        if on_write is None:
+            info, fusion_report = export_streamed(
+                streamed, stage / MODEL_FILE, opset=config.opset,
+                external_data=config.external_data, fuse_options=fuse_options, say=say)
+        else:
+            say(f"the fp32 graph is not written, each weight is quantized as it is read: "
+                f"{on_write}")
+            info, fusion_report, unwritten = export_unwritten(
+                streamed, stage / MODEL_FILE, opset=config.opset, fuse_options=fuse_options,
+                say=say)
         release_memory()  # the tracer's garbage, before the verification sessions
         fusion = fusion_report.to_dict() if fusion_report is not None else None
         # seconds per phase (the benchmark reports them: bench_scale.py)
@@ -303,8 +328,12 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
                                                 session_options=verification_session_options())
             return sessions["graph"]
 
-        too_large = _session_too_large(config, streamed)
-        if too_large is not None:
+        too_large = on_write or _session_too_large(config, streamed)
+        if on_write is not None:
+            parity = {"skipped": f"{on_write}; the fp32 graph was not written (quantized on "
+                      "write)", "passed": None, "reference": None}
+            say(f"parity gate skipped: {parity['skipped']}")
+        elif too_large is not None:
             say(f"parity gate and quality card skipped: {too_large}")
             parity = {"skipped": too_large, "passed": None, "reference": None}
         else:
@@ -314,7 +343,14 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
             sessions.clear()  # the quantizer opens its own sessions
             # a GGUF's Q4_0 / Q8_0 blocks are written as they are where the recipe matches
             exact = getattr(streamed.weights, "exact_blocks", None)
-            quant_fields = quantize_in_stage(stage, config.quant, config.quality, say, exact=exact)
+            if unwritten is not None:
+                quant_fields = quantize_unwritten(stage, unwritten, config.quant, config.quality,
+                                                  on_write, say, exact=exact)
+                del unwritten
+            else:
+                quant_fields = quantize_in_stage(stage, config.quant, config.quality, say,
+                                                 exact=exact)
+                quant_fields["quantization"]["float_graph"] = "written"
             # a quantized graph above 2 GB keeps model.onnx.data (a model file of the manifest)
             info.external_data = bool(quant_fields["quantization"].get("external_data", False))
             lap("quantize_and_card")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .graph_writer import save_graph
+from .graph_writer import graph_without_weights, save_graph
 from .lazy_weights import attach_weights
 from .onnx_export import DEFAULT_OPSET, OnnxExportInfo, trace_decoder
 from .passes.cleanup import CleanupPass
@@ -133,3 +133,21 @@ def export_streamed(streamed, path: Path, *, opset: int = DEFAULT_OPSET,
     phases["write"] = round(time.perf_counter() - t_write, 2)
     return OnnxExportInfo(path, opset, inputs, outputs, use_external,
                           time.perf_counter() - t0, phases), fusion
+
+
+def export_unwritten(streamed, path: Path, *, opset: int = DEFAULT_OPSET, fuse_options=None,
+                     say: Say | None = None):
+    """The graph of ``streamed`` as :func:`export_streamed` builds it, but not written: returns
+    (OnnxExportInfo, fusion report or None, (ModelProto, UnwrittenSource)) for the quantizer
+    to read each weight straight from the checkpoint (quantize on write: no fp32 ``.data``).
+    ``path`` is where the quantized graph will be; the info's ``write`` phase is the seconds
+    of the weightless proto."""
+    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    graph, inputs, outputs, fusion = build_streamed_graph(
+        streamed, opset=opset, fuse_options=fuse_options, say=say, phases=phases)
+    t_write = time.perf_counter()
+    unwritten = graph_without_weights(graph)
+    phases["write"] = round(time.perf_counter() - t_write, 2)
+    return OnnxExportInfo(path, opset, inputs, outputs, False, time.perf_counter() - t0,
+                          phases), fusion, unwritten

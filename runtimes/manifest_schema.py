@@ -157,6 +157,8 @@ class Gate(BaseModel):
     passed: bool | None = Field(default=None, description="whether it passed")
     auto: bool | None = Field(default=None, description="--auto ladder")
     tried: list[dict[str, Any]] = Field(default_factory=list, description="recipes tried")
+    skipped: str | None = Field(default=None, description="why no gate ran (quantized on write: "
+                                "no fp32 reference here), with the sizes")
 
 
 class GGUFExact(BaseModel):
@@ -184,6 +186,9 @@ class Quantization(BaseModel):
                                         "card vs the float graphs")
     gguf_exact: GGUFExact | None = Field(default=None, description="GGUF source: the tensors "
                                          "whose own blocks were kept (no requantization)")
+    float_graph: str | None = Field(default=None, description="slmedge export: 'written' (the "
+                                    "fp32 graph was written, verified and quantized) or 'not "
+                                    "written (why)': quantized on write from the source")
 
 
 class StaticInfo(BaseModel):

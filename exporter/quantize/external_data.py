@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,24 @@ class TensorSource:
                              f"at offset {info.offset or 0} (truncated file?)")
         return arr.reshape(tuple(tensor.dims))
 
+    def rows(self, tensor: TensorProto, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of an external 2-D tensor (a positioned read of just them)."""
+        info = ExternalDataInfo(tensor)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        k = int(tensor.dims[1])
+        with open(self.file_of(tensor), "rb") as f:
+            arr = np.fromfile(f, dtype=dtype, count=(stop - start) * k,
+                              offset=(info.offset or 0) + start * k * dtype.itemsize)
+        return arr.reshape(stop - start, k)
+
+    def matrix(self, tensor: TensorProto) -> np.ndarray:
+        """An external tensor as a read-only memory map (a reader takes the slices it needs;
+        the pages are the file's, not a copy)."""
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(self.file_of(tensor), dtype=dtype, mode="r",
+                         offset=ExternalDataInfo(tensor).offset or 0,
+                         shape=tuple(int(d) for d in tensor.dims))
+
     def copy_bytes(self, tensor: TensorProto, out, chunk: int = 64 << 20) -> int:
         """Copy an external tensor's bytes to the open file ``out`` in chunks; returns length."""
         info = ExternalDataInfo(tensor)
@@ -97,6 +116,58 @@ class TensorSource:
                 out.write(buf)
                 left -= len(buf)
         return length
+
+
+#: the ``location`` of the references :class:`UnwrittenSource` answers: no file by this name
+#: is ever written, so a reader that went to the disk for one would fail loudly
+UNWRITTEN = "(not written: read from the export's source)"
+
+
+class UnwrittenSource(TensorSource):
+    """Initializers of a graph that was never written (quantize on write): each read by name
+    through a callable that computes it (the export's lazy weights: one tensor read from the
+    checkpoint, converted, packed). The graph refers to them as external data at location
+    :data:`UNWRITTEN`; the quantizer reads them through the same methods as from a file."""
+
+    def __init__(self, tensors: dict[str, Callable[[], np.ndarray]]):
+        super().__init__(Path("."))
+        self.tensors = tensors
+        self._rows: tuple[str, np.ndarray] | None = None  # the table being read by rows
+
+    def file_of(self, tensor: TensorProto) -> Path:
+        raise ValueError(f"{tensor.name} was never written to a file (quantize on write): read it "
+                         "through UnwrittenSource.read / rows / matrix")
+
+    def read(self, tensor: TensorProto) -> np.ndarray:
+        if tensor.name not in self.tensors:
+            raise ValueError(f"{tensor.name} is not among the {len(self.tensors)} unwritten "
+                             "tensors of this graph")
+        arr = np.asarray(self.tensors[tensor.name]())
+        want = tuple(int(d) for d in tensor.dims)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if arr.shape != want or arr.dtype != dtype:
+            raise ValueError(f"{tensor.name}: computed {arr.dtype} {list(arr.shape)}, the graph "
+                             f"declares {dtype} {list(want)}")
+        return arr
+
+    def rows(self, tensor: TensorProto, start: int, stop: int) -> np.ndarray:
+        """Rows of the tensor, computed once for a pass over all its rows (kept until the
+        last rows are read: a table read block by block is not recomputed per block)."""
+        if self._rows is None or self._rows[0] != tensor.name:
+            self._rows = None  # the previous table first
+            self._rows = (tensor.name, self.read(tensor))
+        arr = self._rows[1]
+        if stop >= arr.shape[0]:
+            self._rows = None
+        return arr[start:stop]
+
+    def matrix(self, tensor: TensorProto) -> np.ndarray:
+        return self.read(tensor)
+
+    def copy_bytes(self, tensor: TensorProto, out, chunk: int = 64 << 20) -> int:
+        arr = np.ascontiguousarray(self.read(tensor))
+        out.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr.nbytes
 
 
 class DataFileWriter:

@@ -141,8 +141,10 @@ def _model_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def quantize_candidate(reference: Path, out: Path, recipe: QuantRecipe, tokenizer_dir: Path,
-                       say: Say = lambda _m: None, exact: ExactBlocks | None = None) -> QuantReport:
+def quantize_candidate(reference: Path | None, out: Path, recipe: QuantRecipe,
+                       tokenizer_dir: Path, say: Say = lambda _m: None,
+                       exact: ExactBlocks | None = None,
+                       graph: tuple[onnx.ModelProto, TensorSource] | None = None) -> QuantReport:
     """Quantize ``reference`` into ``out`` (+ ``out.data`` when it is large).
 
     Weight-only recipes stream (streaming.py: one weight in memory at a time, the same
@@ -150,10 +152,13 @@ def quantize_candidate(reference: Path, out: Path, recipe: QuantRecipe, tokenize
     a split lm_head) load the whole graph (core.quantize_model). A streamed graph below
     ``ONE_FILE_BELOW`` is folded back into one file, as quantize_model writes it.
     ``exact``: the source's own quantized blocks (a GGUF's Q4_0 / Q8_0), which the streaming
-    path writes as they are where the recipe's bits and block size match."""
-    if streaming_unsupported(recipe) is not None:
+    path writes as they are where the recipe's bits and block size match. ``graph``: a graph
+    never written and its weights' source instead of ``reference`` (quantize on write;
+    streamed recipes only)."""
+    if graph is None and streaming_unsupported(recipe) is not None:
         return quantize_model(reference, out, recipe, tokenizer_dir=tokenizer_dir, say=say)
-    report = quantize_file_streaming(reference, out, recipe, progress=say, exact=exact)
+    report = quantize_file_streaming(reference, out, recipe, progress=say, exact=exact,
+                                     graph=graph)
     data = out.with_name(out.name + ".data")
     if _model_bytes(out) < ONE_FILE_BELOW:
         model = onnx.load(str(out))  # the quantized weights only: a fraction of the fp32 model
@@ -312,6 +317,16 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     if chosen is None:
         raise gate_error(tried, quality)
     cand, report, card, path = chosen
+    _install(path, stage, reference, report)
+    return {
+        "quantization": report,
+        "quality": card,
+        "gate": {**gate_bounds(quality), "passed": True, "auto": quality.auto, "tried": tried},
+    }
+
+
+def _install(path: Path, stage: Path, reference: Path | None, report: dict) -> None:
+    """The chosen candidate (``path`` and its data file) becomes the stage's model."""
     final = stage / MODEL_FILE
     if reference == final:
         for stale in (final, stage / DATA_FILE):
@@ -323,10 +338,35 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     if data.exists():
         os.replace(data, stage / DATA_FILE)
     path.parent.rmdir()
+
+
+def quantize_unwritten(stage: Path, graph: tuple[onnx.ModelProto, TensorSource],
+                       recipe: QuantRecipe, quality: QualityConfig, why: str,
+                       say: Say = lambda _m: None, exact: ExactBlocks | None = None) -> dict:
+    """Quantize on write (issue 15): ``graph`` (``graph_writer.graph_without_weights``: the
+    export's graph, its weights read from the checkpoint one at a time) becomes the stage's
+    ``model.onnx`` without an fp32 graph ever written; ``why``: the reason it is not (the
+    fp32 verification session would not fit). Same bytes as quantizing the written fp32 graph
+    (tests/parity/test_quant_on_write.py). With no fp32 graph there is no reference for the
+    quality card: the card and the gate are recorded as skipped with ``why`` (sizes)."""
+    out = stage / ".candidate-0" / MODEL_FILE
+    out.parent.mkdir()
+    say(f"quantizing on write: {recipe.label()}, each weight read from the source (no fp32 "
+        "graph written)")
+    t0 = time.perf_counter()
+    report = quantize_candidate(None, out, recipe, stage, say, exact, graph=graph).to_dict()
+    report["timings_s"] = {"quantize": report["seconds"],
+                           "one_file": round(time.perf_counter() - t0 - report["seconds"], 2)}
+    report["float_graph"] = f"not written ({why})"
+    _install(out, stage, None, report)
+    skipped = (f"no fp32 reference here: {why}; the quantized graph was written without an "
+               "fp32 graph (quantize on write)")
+    say(f"quality card and gate skipped: {skipped}")
     return {
         "quantization": report,
-        "quality": card,
-        "gate": {**gate_bounds(quality), "passed": True, "auto": quality.auto, "tried": tried},
+        "quality": {"skipped": skipped},
+        "gate": {**gate_bounds(quality), "passed": None, "skipped": skipped, "auto": False,
+                 "tried": []},
     }
 
 

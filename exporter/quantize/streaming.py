@@ -424,16 +424,9 @@ def _embedding_int8(model, lazy: LazyWeights, gathers: list[str], block: int,
 
 
 def _read_rows(lazy: LazyWeights, table: TensorProto, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of an external 2-D table (a positioned read of just them)."""
-    from onnx.external_data_helper import ExternalDataInfo
-
-    info = ExternalDataInfo(table)
-    dtype = helper.tensor_dtype_to_np_dtype(table.data_type)
-    k = int(table.dims[1])
-    with open(lazy.source.file_of(table), "rb") as f:
-        arr = np.fromfile(f, dtype=dtype, count=(stop - start) * k,
-                          offset=(info.offset or 0) + start * k * dtype.itemsize)
-    return arr.reshape(stop - start, k)
+    """Rows ``start:stop`` of an external 2-D table (a positioned read of just them, or the
+    unwritten table's rows: ``TensorSource.rows``)."""
+    return lazy.source.rows(table, start, stop)
 
 
 def _large_gathers(model, gathers: list[str]) -> list[str]:
@@ -459,12 +452,7 @@ def _transposed_equal(lazy: LazyWeights, table: str, weight: str) -> bool:
     else:
         t = lazy.protos[weight]
         if is_external(t):
-            from onnx.external_data_helper import ExternalDataInfo
-
-            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            w = np.memmap(lazy.source.file_of(t), dtype=dtype, mode="r",
-                          offset=ExternalDataInfo(t).offset or 0,
-                          shape=tuple(int(d) for d in t.dims))
+            w = lazy.source.matrix(t)
         else:
             w = lazy.array(weight)
     proto = lazy.protos[table]
@@ -608,9 +596,11 @@ class StreamedReport(QuantReport):
         return d
 
 
-def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecipe, *,
+def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: QuantRecipe, *,
                             progress: Say | None = None,
-                            exact: ExactBlocks | None = None) -> StreamedReport:
+                            exact: ExactBlocks | None = None,
+                            graph: tuple[onnx.ModelProto, TensorSource] | None = None
+                            ) -> StreamedReport:
     """Quantize the decoder graph ``src`` into ``dst`` + ``<dst>.data`` (external data,
     any size), one weight in memory at a time. Raises :class:`UnsupportedOp` for the
     recipes listed in :func:`streaming_unsupported`.
@@ -619,14 +609,23 @@ def quantize_file_streaming(src: str | Path, dst: str | Path, recipe: QuantRecip
     ``WeightMatMul.module``; a packed gate/up asks for each of its parts) has quantized blocks
     in the source, return them (gguf_blocks.py); when their shape, bits and block size are
     the recipe's for that node they are written as they are, not quantized again (the
-    report's ``exact_blocks`` lists those nodes)."""
+    report's ``exact_blocks`` lists those nodes).
+
+    ``graph``: instead of the file ``src`` (then None), a graph that was never written and
+    the source of its weights (quantize on write: ``graph_writer.graph_without_weights``,
+    the weights read from the export's checkpoint one at a time). The graph is modified."""
     say = progress or (lambda _m: None)
     check_streamable(recipe)
-    src, dst = Path(src), Path(dst)
+    dst = Path(dst)
     t0 = time.perf_counter()
     _quiet_ort_logging()
-    model = load_graph(src)  # large inline weights become references into src itself
-    lazy = LazyWeights(model, TensorSource(src.parent))
+    if graph is not None:
+        model, source = graph
+    else:
+        src = Path(src)
+        model = load_graph(src)  # large inline weights become references into src itself
+        source = TensorSource(src.parent)
+    lazy = LazyWeights(model, source)
     facts = prepare(model, lazy, recipe, say)
     todo, precision = plan(facts, recipe)
     level = recipe.accuracy_level
