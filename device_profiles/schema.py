@@ -78,6 +78,9 @@ TFLITE_SCHEMES = (QuantScheme.fp32, QuantScheme.fp16, QuantScheme.int8_dynamic,
                   QuantScheme.int8_weight, QuantScheme.int4_block32, QuantScheme.int8_static)
 #: What a profile's ``recipe.quantization`` may name (the TFLite path maps them on).
 PROFILE_SCHEMES = (QuantScheme.none, *ONNX_SCHEMES)
+#: The ONNX schemes written as QDQ with activation ranges calibrated on text: graphs of
+#: standard ops for NPUs (no fused contrib ops), lm_head float or int8, float_ops allowed.
+QDQ_SCHEMES = (QuantScheme.int8_static, QuantScheme.a16w8)
 
 
 def require_scheme(value, offered: tuple[QuantScheme, ...], where: str) -> QuantScheme:
@@ -386,8 +389,7 @@ class Recipe(BaseModel):
         if self.precision is Precision.fp16 and self.quantization is not QuantScheme.none:
             raise ValueError(f"quantization {self.quantization.value} starts from fp32 weights; "
                              "use precision fp32 with it, or quantization none with fp16")
-        if self.float_ops and self.quantization not in (QuantScheme.int8_static,
-                                                        QuantScheme.a16w8):
+        if self.float_ops and self.quantization not in QDQ_SCHEMES:
             raise ValueError("float_ops applies to static QDQ (int8-static, a16w8) only")
         return self
 

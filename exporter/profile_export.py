@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from slmedge.device_profiles import load_profile
-from slmedge.device_profiles.schema import ArtifactFormat, DeviceProfile, ShapePolicy
+from slmedge.device_profiles.schema import (
+    QDQ_SCHEMES, ArtifactFormat, DeviceProfile, QuantScheme, ShapePolicy,
+)
 from slmedge.runtimes.artifact import MANIFEST_NAME, read_manifest_json
 from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError, UsageError
 from slmedge.runtimes.manifest_schema import validate_manifest
@@ -167,12 +169,12 @@ def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     layers = spec.kv_layout(model.config)[0]
     context, chunk = profile.shapes.context_length, profile.shapes.prefill_chunk
-    if config.quant is not None and config.quant.scheme.value not in ("a16w8", "int8-static"):
+    if config.quant is not None and config.quant.scheme not in QDQ_SCHEMES:
         raise UsageError(
             f"quantization {config.quant.scheme.value} uses CPU-only contrib ops; a static-shape "
             "(NPU) export takes a16w8, int8-static or none")
     opset = config.opset
-    if config.quant is not None and config.quant.scheme.value == "a16w8":
+    if config.quant is not None and config.quant.scheme is QuantScheme.a16w8:
         opset = max(opset, A16W8_OPSET)
     fuse_norms = profile.recipe.fuse_norms
     with staged_directory(config.output, config.overwrite) as stage:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slmedge.device_profiles.schema import TFLITE_SCHEMES, QuantScheme
+from slmedge.device_profiles.schema import TFLITE_SCHEMES, Precision, QuantScheme
 from slmedge.runtimes.errors import UsageError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"  # same default as the ONNX path (sources.py)
@@ -132,11 +132,11 @@ def profile_fields(name: str) -> dict:
     if shapes.prefill_chunk:
         fields["prefill_chunks"] = [shapes.prefill_chunk]
     recipe = profile.recipe
-    if recipe.quantization.value != "none":
-        if recipe.quantization.value == "a16w8":
+    if recipe.quantization is not QuantScheme.none:
+        if recipe.quantization is QuantScheme.a16w8:
             raise UsageError(f"--profile {name}: a16w8 has no TFLite recipe here; use int8-static")
         fields["quant"] = parse_quant(recipe.quantization.value).value
-    elif recipe.precision.value == "fp16":
+    elif recipe.precision is Precision.fp16:
         fields["quant"] = QuantScheme.fp16.value
     if profile.runtime.threads:
         fields["threads"] = profile.runtime.threads

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from slmedge.device_profiles.schema import QDQ_SCHEMES
+
 from .graph import GraphFacts
 from .recipe import CalibrationMethod, QuantRecipe, QuantScheme, TensorPrecision
 
@@ -32,7 +34,7 @@ def _matmul_bytes(k: int, n: int, precision: str, block: int, symmetric: bool) -
 def estimate_bytes(recipe: QuantRecipe, facts: GraphFacts) -> float:
     """Approximate weight bytes of the quantized graph (ordering only; sizes are measured)."""
     keep = set(recipe.keep_layers)
-    static = recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8)
+    static = recipe.scheme in QDQ_SCHEMES
     body = "int4" if recipe.scheme is QuantScheme.int4 else "int8"
     kept = "int8" if recipe.scheme is QuantScheme.int4 else "float"
     total = 0.0

@@ -140,10 +140,6 @@ class QuantRecipe(BaseModel):
         if self.algorithm in (Int4Algorithm.hqq, Int4Algorithm.gptq_act) and self.symmetric:
             raise ValueError(f"{self.algorithm.value} computes a zero point per block: it cannot "
                              "be symmetric")
-        if self.scheme in (QuantScheme.int8_static, QuantScheme.a16w8) and self.lm_head not in (
-            None, TensorPrecision.float, TensorPrecision.int8,
-        ):
-            raise ValueError("static schemes keep lm_head float or int8")
         return self
 
     @property
