@@ -307,6 +307,9 @@ def main(argv=None) -> int:
                     help="quality columns only (the ablation: no decode run)")
     ap.add_argument("--no-genai", action="store_true",
                     help="slmedge rows only (a model without an HF directory, e.g. a GGUF)")
+    ap.add_argument("--heldout-only", action="store_true",
+                    help="GenAI rows: the held-out card only, not the evaluation-text card "
+                    "(deterministic for a given builder and HF dir: taken from an earlier run)")
     ap.add_argument("--open-gate", action="store_true",
                     help="quantize every variant with the gate open (a model known to fail it, "
                     "e.g. Gemma 3 270M's default int4: measured, not refused)")
@@ -328,7 +331,9 @@ def main(argv=None) -> int:
             models.append((name, "genai", prepare_genai(args.hf_dir, precision, args.threads)))
     vocab = json.loads((args.fp32 / "manifest.json").read_text())["architecture"]["vocab_size"]
     timings: dict[tuple, list[dict]] = {(n, t): [] for n, t, _ in models}
+    loads = []  # the 1-minute load average as each round starts (the machine is shared)
     for rnd in range(0 if args.skip_speed else args.rounds):
+        loads.append(round(os.getloadavg()[0], 2))
         order = models if rnd % 2 == 0 else [m for pair in zip(models[1::2], models[0::2], strict=False) for m in pair]
         for name, tool, path in order:
             say(f"round {rnd + 1}/{args.rounds}: {tool} {name}")
@@ -336,6 +341,7 @@ def main(argv=None) -> int:
                                            args.new_tokens, args.repeats, vocab)
     rows = []
     fp32_ppl = None
+    held: dict[Path, dict] = {}
     for name, tool, path in models:
         t = timings[(name, tool)]
         row = {"variant": name, "tool": tool, "path": str(path), "size_mb": round(model_size_mb(path), 1),
@@ -350,13 +356,15 @@ def main(argv=None) -> int:
             q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
         elif tool == "slmedge" and name != "fp32" and name not in REWRITTEN:
             q = json.loads((path / "manifest.json").read_text()).get("quality")  # its own card
-        elif tool == "genai" and not args.skip_quality:
+        elif tool == "genai" and not args.skip_quality and not args.heldout_only:
             say(f"quality: {tool} {name}")
             q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
         if (name, tool) != ("fp32", "slmedge") and not args.skip_quality:  # not the reference
-            say(f"held-out quality: {tool} {name}")
-            row.update(heldout_quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32,
-                                       args.heldout_text, args.eval_tokens))
+            if path not in held:  # GenAI's graph is one per precision: scored once
+                say(f"held-out quality: {tool} {name}")
+                held[path] = heldout_quality(path / "model.onnx", args.fp32 / "model.onnx",
+                                             args.fp32, args.heldout_text, args.eval_tokens)
+            row.update(held[path])
         if q and "reference_perplexity" in q:
             fp32_ppl = q["reference_perplexity"]
             row.update(perplexity=round(q["perplexity"], 3),
@@ -374,6 +382,8 @@ def main(argv=None) -> int:
             if held is not None:
                 row.update(heldout_perplexity=held, heldout_ppl_increase_pct=0.0)
         row["load_average"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared
+        if loads:
+            row["load_average_rounds"] = loads
     by = {(r["variant"], r["tool"]): r for r in rows}
     print("| variant | tool | decode tok/s | TTFT ms | size MB | perplexity | vs fp32 | KL | top-1 | "
           "held-out perplexity | held-out vs fp32 | held-out KL | held-out top-1 | greedy agree | "
