@@ -61,7 +61,7 @@ from slmedge.runtimes.verify import minimum_onnxruntime, open_bundle_decoder
 
 from .architectures import get_spec, supported_model_types
 from .bundle_snippets import genai_dependency, litert_version, render_snippets
-from .manifest import onnx_facts, save_manifest
+from .manifest import graph_signature, onnx_facts, save_manifest
 from .staging import check_output, staged_directory
 
 __all__ = ["build_bundle", "genai_config", "last_bench", "parity_reference", "render_snippets"]
@@ -111,25 +111,6 @@ def pin_logits_to_keep(path: Path) -> bool:
         numpy_helper.from_array(np.array(0, dtype=np.int64), "logits_to_keep"))
     onnx.save(model, str(path))
     return True
-
-
-def graph_io(path: Path) -> dict:
-    """Inputs (initializers excluded) and outputs of a graph: name, dtype, shape (a symbolic
-    dimension by its name), as the static-shape snippets show them."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-
-    def tensor(value) -> dict:
-        t = value.type.tensor_type
-        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
-        return {"name": value.name, "dtype": "float32" if dtype == "float" else dtype,
-                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param
-                          for d in t.shape.dim]}
-
-    return {"inputs": [tensor(i) for i in model.graph.input if i.name not in inits],
-            "outputs": [tensor(o) for o in model.graph.output]}
 
 
 def _graph_meta(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -495,8 +476,9 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
                          f".ort files; export with --profile {profile.name} to get them")
         facts = {g: graph_facts(path) for g, path in onnx_of.items()}
         static = layout.static and {
-            **layout.static, "io": {kind: graph_io(onnx_of[layout.static[f"{kind}_file"]])
-                                    for kind in ("prefill", "decode")}}
+            **layout.static,
+            "io": {kind: graph_signature(onnx_of[layout.static[f"{kind}_file"]])
+                   for kind in ("prefill", "decode")}}
         ort_section, litert_section, minimum = _runtime_section(
             facts, src, {g: stage / g for g in layout.graphs} if layout.format == "ort" else None)
         say("recording a parity reference with slmedge's runtime")

@@ -58,16 +58,30 @@ def onnx_facts(model_path: Path) -> dict:
     }
 
 
-def graph_io(model_path: Path) -> dict:
-    """Input and output names of the final graph (fusion adds ``logits_to_keep``)."""
+def graph_signature(model_path: Path) -> dict:
+    """Inputs (initializers excluded) and outputs of a graph: name, dtype, shape (a symbolic
+    dimension by its name), as the static-shape snippets show them."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
-    return {
-        "inputs": [i.name for i in graph.input if i.name not in initializers],
-        "outputs": [o.name for o in graph.output],
-    }
+
+    def tensor(value) -> dict:
+        t = value.type.tensor_type
+        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        return {"name": value.name, "dtype": "float32" if dtype == "float" else dtype,
+                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param
+                          for d in t.shape.dim]}
+
+    return {"inputs": [tensor(i) for i in graph.input if i.name not in initializers],
+            "outputs": [tensor(o) for o in graph.output]}
+
+
+def graph_io(model_path: Path) -> dict:
+    """Input and output names of the final graph (fusion adds ``logits_to_keep``): the
+    manifest's ``io``, :func:`graph_signature` without dtypes and shapes."""
+    return {side: [t["name"] for t in tensors]
+            for side, tensors in graph_signature(model_path).items()}
 
 
 def file_table(root: Path, model_files: set[str]) -> dict[str, dict]:
