@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .bench import BENCH_SCHEMA_VERSION
-from .errors import UsageError
+from .errors import UsageError, validation_problems
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -240,10 +240,8 @@ def validate_result(doc: dict, source: str = "result") -> BenchResult:
     try:
         return BenchResult.model_validate(doc)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5]
-        )
-        raise UsageError(f"{source} is not a valid bench result: {problems}") from None
+        raise UsageError(f"{source} is not a valid bench result: "
+                         f"{validation_problems(e, limit=5)}") from None
 
 
 def load_result(path) -> BenchResult:

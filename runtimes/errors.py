@@ -77,3 +77,11 @@ class MissingDependency(SlmEdgeError):
     """An optional extra (e.g. ``slmedge[export]``) is needed but not installed."""
 
     exit_code = EXIT_USAGE
+
+
+def validation_problems(error, limit: int | None = None) -> str:
+    """``field.path: message; ...`` for a pydantic ``ValidationError`` (its first ``limit``
+    errors), the one-line form a UsageError carries for a config or file that was refused.
+    Profiles and fleets explain more (allowed values, device names): their loaders' own."""
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                     for err in error.errors()[:limit])

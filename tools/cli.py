@@ -19,6 +19,7 @@ from slmedge.runtimes.errors import (
     MissingDependency,
     SlmEdgeError,
     UsageError,
+    validation_problems,
 )
 
 from .progress import Progress
@@ -92,10 +93,7 @@ def cmd_export(args) -> int:
     try:
         config = exp.ExportConfig(**fields)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
-        )
-        raise UsageError(f"invalid export config: {problems}") from None
+        raise UsageError(f"invalid export config: {validation_problems(e)}") from None
     if args.dry_run:
         _print_json(json.loads(config.model_dump_json()))
         return EXIT_OK

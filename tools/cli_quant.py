@@ -127,15 +127,11 @@ def quant_fields(args) -> dict:
     return out
 
 
-def _validation_message(e) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-
-
 def cmd_quantize(args) -> int:
     from pydantic import ValidationError
 
-    from slmedge.runtimes.errors import UsageError
     from slmedge.exporter.quantize.pipeline import QualityConfig, quantize_artifact
+    from slmedge.runtimes.errors import UsageError, validation_problems
     from slmedge.exporter.quantize.recipe import QuantRecipe
 
     from .progress import Progress
@@ -145,7 +141,7 @@ def cmd_quantize(args) -> int:
         recipe = QuantRecipe(**fields["quant"])
         quality = QualityConfig(**fields.get("quality", {}))
     except ValidationError as e:
-        raise UsageError(f"invalid quantization settings: {_validation_message(e)}") from None
+        raise UsageError(f"invalid quantization settings: {validation_problems(e)}") from None
     if args.dry_run:
         doc = {"quant": recipe.model_dump(mode="json"), "quality": quality.model_dump(mode="json")}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")

@@ -20,7 +20,7 @@ from slmedge.exporter.tflite_options import (
     profile_fields,
     require_tflite_extra,
 )
-from slmedge.runtimes.errors import UsageError
+from slmedge.runtimes.errors import UsageError, validation_problems
 
 #: What ``--quant`` also accepts with ``--format tflite`` (``add_quant_flags``'s extra help).
 TFLITE_QUANT_HELP = "with --format tflite: " + ", ".join(TFLITE_QUANT_CHOICES)
@@ -75,10 +75,7 @@ def config_from_args(args) -> TfliteExportConfig:
     try:
         return TfliteExportConfig(**fields)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
-        )
-        raise UsageError(f"invalid TFLite export config: {problems}") from None
+        raise UsageError(f"invalid TFLite export config: {validation_problems(e)}") from None
 
 
 def add_tflite_flags(parser) -> None:
