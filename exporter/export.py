@@ -195,12 +195,15 @@ def _reference_budget(config: ExportConfig) -> int:
     return psutil.virtual_memory().available // 4
 
 
-def _session_too_large(config: ExportConfig, streamed) -> str | None:
-    """Why the verification session (parity gate, card) is not opened, or None when it fits.
+def _session_plan(config: ExportConfig, streamed) -> tuple[bool, str | None]:
+    """How the verification session (parity gate, card) is opened: ``(keep_fp16, why_not)``.
     ONNX Runtime's CPU session holds every weight, fp16 ones as fp32 on x86, and took ~1.1x
     that while being created (Qwen2.5-0.5B fp16: 2.2 GB held, 2.4 GB at creation); an 8B fp16
-    graph would need ~35 GB."""
-    need = int(session_weights_bytes(streamed.model) * 1.2)
+    graph would need ~35 GB. An fp16 graph whose fp32 copy does not fit is opened with its
+    weights kept fp16 (``verification_session_options(keep_fp16=True)``: ~its file size, a
+    slower decode step) when that fits; ``why_not`` says why no session is opened at all."""
+    held = session_weights_bytes(streamed.model)
+    stored = weights_bytes(streamed.model)
     if config.verify_session_max_mb is not None:
         budget, source = int(config.verify_session_max_mb * 1e6), "verify_session_max_mb"
     else:
@@ -208,11 +211,21 @@ def _session_too_large(config: ExportConfig, streamed) -> str | None:
 
         budget = int(psutil.virtual_memory().available * 0.8)
         source = "80% of the available memory"
-    if need <= budget:
-        return None
-    return (f"ONNX Runtime's CPU session of this graph needs ~{need / 1e6:.0f} MB (its weights as "
-            f"it holds them, fp16 as fp32) and verification may use {budget / 1e6:.0f} MB here "
-            f"({source}); the graph was not run here")
+    if held * 1.2 <= budget:
+        return False, None
+    if stored < held and stored * 1.2 <= budget:
+        return True, None
+    kept = (f"; ~{stored * 1.2 / 1e6:.0f} MB with its fp16 weights kept fp16"
+            if stored < held else "")
+    return False, (f"ONNX Runtime's CPU session of this graph needs ~{held * 1.2 / 1e6:.0f} MB "
+                   f"(its weights as it holds them, fp16 as fp32{kept}) and verification may "
+                   f"use {budget / 1e6:.0f} MB here ({source}); the graph was not run here")
+
+
+def _session_too_large(config: ExportConfig, streamed) -> str | None:
+    """Why the verification session (parity gate, card) is not opened, or None when it fits
+    (:func:`_session_plan`)."""
+    return _session_plan(config, streamed)[1]
 
 
 def _quantize_on_write(config: ExportConfig, streamed) -> str | None:
@@ -289,6 +302,38 @@ def _parity_gate(config: ExportConfig, streamed, graph: Path, say: Progress,
     return {**parity.to_dict(), "reference": reference}
 
 
+def _unquantized_card(config: ExportConfig, streamed, stage: Path, parity: dict, open_graph,
+                      say: Progress):
+    """The card of an unquantized export: the graph's perplexity; and, where the parity gate
+    could not load the PyTorch reference (too large) or ``quality.reference`` is
+    ``streamed``, its comparison with the source streamed in PyTorch layer by layer
+    (streamed_reference.py), recorded before the graph's session opens."""
+    import tempfile
+
+    from .quantize.pipeline import CardReference
+
+    settings = config.quality.settings()
+    wanted = config.quality.reference
+    stream = wanted is CardReference.streamed or (
+        wanted is CardReference.auto and parity.get("skipped") is not None)
+    if not stream:
+        say("quality card: perplexity of the exported graph")
+        return decoder_card(open_graph(), stage, settings, progress=say)
+    from .streamed_reference import StreamedReference, source_dtype
+
+    say("quality card: the exported graph against the source, streamed layer by layer")
+    reference = StreamedReference(streamed.model.config, streamed.weights,
+                                  source_dtype=source_dtype(streamed.weights), progress=say)
+    with tempfile.TemporaryDirectory(prefix=".card-reference-", dir=stage) as scratch:
+        from .streamed_reference import record_streamed_reference
+
+        recorded = record_streamed_reference(reference, stage, settings,
+                                             Path(scratch) / "logits", progress=say)
+        if recorded is None:
+            return None
+        return decoder_card(open_graph(), stage, settings, reference=recorded, progress=say)
+
+
 def export_onnx(config: ExportConfig, progress: Progress | None = None,
                 command: str | None = None) -> dict:
     """The ONNX flow (no device profile): stream the export, gate parity, quantize or card,
@@ -346,11 +391,15 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
 
         def open_graph():
             if "graph" not in sessions:
-                sessions["graph"] = OnnxDecoder(stage / MODEL_FILE, threads=config.quality.threads,
-                                                session_options=verification_session_options())
+                sessions["graph"] = OnnxDecoder(
+                    stage / MODEL_FILE, threads=config.quality.threads,
+                    session_options=verification_session_options(keep_fp16=keep_fp16))
             return sessions["graph"]
 
-        too_large = on_write or _session_too_large(config, streamed)
+        keep_fp16, too_large = _session_plan(config, streamed)
+        too_large = on_write or too_large
+        if keep_fp16 and too_large is None:
+            say("verification session: fp16 weights kept fp16 (their fp32 copy would not fit)")
         if on_write is not None:
             parity = {"skipped": f"{on_write}; the fp32 graph was not written (quantized on "
                       "write)", "passed": None, "reference": None}
@@ -367,11 +416,11 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
             exact = getattr(streamed.weights, "exact_blocks", None)
             if unwritten is not None:
                 quant_fields = quantize_unwritten(stage, unwritten, config.quant, config.quality,
-                                                  on_write, say, exact=exact)
+                                                  on_write, say, exact=exact, source=streamed)
                 del unwritten
             else:
                 quant_fields = quantize_in_stage(stage, config.quant, config.quality, say,
-                                                 exact=exact)
+                                                 exact=exact, source=streamed)
                 quant_fields["quantization"]["float_graph"] = "written"
             # a quantized graph above 2 GB keeps model.onnx.data (a model file of the manifest)
             info.external_data = bool(quant_fields["quantization"].get("external_data", False))
@@ -383,8 +432,7 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
             if too_large is not None:
                 quant_fields = {"quality": {"skipped": too_large}}
             else:
-                say("quality card: perplexity of the exported graph")
-                card = decoder_card(open_graph(), stage, config.quality.settings(), progress=say)
+                card = _unquantized_card(config, streamed, stage, parity, open_graph, say)
                 sessions.clear()
                 quant_fields = {"quality": card.to_dict() if card is not None else
                                 {"skipped": "no evaluation text found; pass --eval-text FILE"}}
@@ -409,7 +457,9 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
                 "stop_token_ids": model.generation_config.eos_token_id,
                 "fusion": fusion,
                 **quant_fields,
-                "verification": {"parity": parity, "tokenizer": tokenizer_report},
+                "verification": {"parity": parity, "tokenizer": tokenizer_report,
+                                 **({"session": "fp16 weights kept fp16 (an fp32 copy would "
+                                     "not fit)"} if keep_fp16 and too_large is None else {})},
                 # load, trace, passes, write (export = trace + passes + write), support_files,
                 # parity, card (or quantize_and_card), total
                 "timings_s": {**timings, "total": round(time.perf_counter() - t0, 2)},

@@ -198,6 +198,53 @@ def _greedy(candidate: Decoder, reference: Decoder, prompts: Sequence[Sequence[i
     }
 
 
+def _greedy_scored(candidate: Decoder, scorer, prompts: Sequence[Sequence[int]],
+                   new_tokens: int, progress: Progress | None = None) -> dict:
+    """:func:`_greedy` the other way round, for a reference that cannot decode step by step
+    (streamed_reference.py): the candidate generates greedily (its KV-cache path, as in use),
+    and the reference scores each generated sequence teacher-forced, all in one pass. Top-1
+    agreement is the share of positions where the reference's top token is the candidate's;
+    the first divergence is the same position either way (the prefixes are equal up to it)."""
+    report = _step_progress(progress or (lambda _m: None), "quality: greedy prompt (candidate)",
+                            len(prompts))
+    generated: list[list[int]] = []
+    rows: list[np.ndarray] = []
+    for k, prompt in enumerate(prompts):
+        report(k)
+        candidate.reset()
+        logits = np.asarray(candidate.step(list(prompt)), dtype=np.float32)
+        tokens, kept = [], np.empty((new_tokens, logits.shape[-1]), dtype=np.float32)
+        for pos in range(new_tokens):
+            kept[pos] = logits
+            tokens.append(int(np.argmax(logits)))
+            if pos + 1 < new_tokens:
+                logits = np.asarray(candidate.step([tokens[-1]]), dtype=np.float32)
+        generated.append(tokens)
+        rows.append(kept)
+    candidate.reset()
+    # the reference predicts generated token j from the prompt and the tokens before it
+    ref_rows = scorer.score([list(p) + t[:-1] for p, t in zip(prompts, generated)], new_tokens)
+    agree = total = 0
+    firsts: list[int] = []
+    kls: list[float] = []
+    for tokens, cand, ref in zip(generated, rows, ref_rows):
+        hits = ref.argmax(-1) == np.asarray(tokens)
+        agree += int(hits.sum())
+        total += len(tokens)
+        firsts.append(int(np.argmin(hits)) if not hits.all() else new_tokens)
+        kls.extend(kl_rows(ref, cand).tolist())
+    return {
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "top1_agreement": agree / total if total else 1.0,
+        "first_divergence": firsts,
+        "first_divergence_min": min(firsts) if firsts else new_tokens,
+        "prompts_identical": sum(f == new_tokens for f in firsts),
+        "kl_mean": float(np.mean(kls)) if kls else 0.0,
+        "generated_by": "candidate",
+    }
+
+
 def quality_card(
     candidate: Decoder,
     eval_ids: Sequence[int],
@@ -249,10 +296,13 @@ def quality_card(
         card.kl_max_position = kl_max
         card.top1_agreement_eval = agree / count
         card.cosine_mean, card.cosine_min = cos_sum / count, cos_min
+        scorer = getattr(reference, "teacher_forced", None)
         if prompt_ids:
             say(f"quality: greedy decoding on {len(prompt_ids)} prompts")
-            card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens, say)
-        card.reference = "fp32 graph"
+            card.greedy = (_greedy(candidate, reference, prompt_ids, new_tokens, say)
+                           if scorer is None else
+                           _greedy_scored(candidate, scorer, prompt_ids, new_tokens, say))
+        card.reference = getattr(reference, "card_reference", None) or "fp32 graph"
     card.seconds = round(time.perf_counter() - t0, 2)
     return card
 
@@ -371,6 +421,7 @@ def artifact_card(
     allow_cpu_fallback: bool = True,
     progress: Progress | None = None,
     timings: dict | None = None,
+    reference_source=None,
 ) -> QualityCard | None:
     """The card of an ONNX graph against another (None when no evaluation text exists).
 
@@ -378,7 +429,9 @@ def artifact_card(
     through its prefill / decode graphs). ``providers`` / ``allow_cpu_fallback`` build the
     candidate's sessions (e.g. a profile's QNN HTP with CPU fallback off); the reference
     always runs on CPU. ``timings`` (when given) receives ``reference``: the seconds of the
-    reference's session and recorded logits."""
+    reference's session and recorded logits. ``reference_source``: a
+    :class:`~slmedge.exporter.streamed_reference.StreamedReference` to compare with instead of
+    ``reference_model`` (the source in PyTorch, one layer at a time: no fp32 graph session)."""
     from slmedge.runtimes.onnx_decoder import OnnxDecoder
 
     candidate_model = Path(candidate_model)
@@ -398,7 +451,7 @@ def artifact_card(
         return OnnxDecoder(candidate_model, **kwargs,
                            session_options=verification_session_options())
 
-    if reference_model is None:
+    if reference_model is None and reference_source is None:
         return decoder_card(open_candidate(), tokenizer_dir, settings, progress=progress)
     # One session at a time: the reference runs first and its logits go to a scratch file
     # beside the candidate, then the candidate's session replays them (two fp32-sized
@@ -406,13 +459,20 @@ def artifact_card(
     with tempfile.TemporaryDirectory(prefix=".card-reference-",
                                      dir=candidate_model.parent) as scratch:
         say = progress or (lambda _m: None)
-        say("quality: reference logits (one session at a time)")
         t_ref = time.perf_counter()
-        reference = OnnxDecoder(reference_model, threads=threads,
-                                session_options=verification_session_options())
-        recorded = record_reference(reference, tokenizer_dir, settings, Path(scratch) / "logits",
-                                    progress=say)
-        del reference
+        if reference_source is not None:
+            from .streamed_reference import record_streamed_reference
+
+            say(f"quality: reference logits from the {reference_source.description}")
+            recorded = record_streamed_reference(reference_source, tokenizer_dir, settings,
+                                                 Path(scratch) / "logits", progress=say)
+        else:
+            say("quality: reference logits (one session at a time)")
+            reference = OnnxDecoder(reference_model, threads=threads,
+                                    session_options=verification_session_options())
+            recorded = record_reference(reference, tokenizer_dir, settings,
+                                        Path(scratch) / "logits", progress=say)
+            del reference
         release_memory()
         if timings is not None:
             timings["reference"] = round(time.perf_counter() - t_ref, 2)
@@ -436,15 +496,57 @@ def release_memory() -> None:
     release_free_heap()
 
 
-def verification_session_options():
+#: ONNX Runtime's graph transformer that turns a Cast(fp16 initializer) inserted before a node
+#: with no fp16 kernel (every MatMul on x86) into an fp32 initializer: a second, fp32 copy of
+#: the weights at load (not ConstantFolding: disabling that alone left Qwen2.5-0.5B fp16 at
+#: 2.1 GB after load for a 0.99 GB file; this one: 0.34 GB)
+FP16_TO_FP32_FOLD = "FuseFp16InitializerToFp32NodeTransformer"
+
+
+def verification_session_options(keep_fp16: bool = False):
     """ONNX Runtime options for the sessions that verify an export (parity gate, quality
     card): no CPU memory arena, whose blocks stay reserved at the largest step's size (the
-    prefill of a card window: logits of 512 positions x the vocabulary) after it is done."""
+    prefill of a card window: logits of 512 positions x the vocabulary) after it is done.
+
+    ``keep_fp16``: an fp16 graph's weights stay fp16 in the session (ONNX Runtime then casts
+    each to fp32 when its node runs, instead of holding an fp32 copy of all of them).
+    Measured on Qwen2.5-0.5B fp16 (0.99 GB file, tools/bench/results/fp16_session_0.5b.json):
+    peak 3.2 -> 1.9 GB, session creation 10-17 -> 2-3 s, a 512-token prefill as fast, a
+    decode step ~2.5x slower (every weight cast per step), logits within one fp16 step.
+    Priority-based execution order runs each Cast just before its node (the default order runs
+    the initializers' Casts first: all fp32 copies alive at once, peak 2.6 GB), and a fixed
+    mmap threshold hands each freed copy back (:func:`fixed_mmap_threshold`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False
+    if keep_fp16:
+        opts.add_session_config_entry("optimization.disable_specified_optimizers",
+                                      FP16_TO_FP32_FOLD)
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        fixed_mmap_threshold()
     return opts
+
+
+def fixed_mmap_threshold(size: int = 1 << 20) -> bool:
+    """Serve every allocation of ``size`` bytes or more with its own mmap (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``), for this process from now on; False where there is no such
+    call. glibc's default threshold rises to the size of the largest block freed (up to 32 MB),
+    so the per-step fp32 casts of a keep_fp16 session came from the heap and stayed in the
+    RSS (0.5B fp16: peak 2.6 GB with the default threshold, 1.9 GB with 1 MB fixed)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(-3, int(size)))  # -3: M_MMAP_THRESHOLD
 
 
 class RecordedReference:
@@ -459,6 +561,12 @@ class RecordedReference:
         self._file = open(self.path, "wb")
         self._replay = 0
         self.context = None
+        #: what the card names as its reference
+        self.card_reference = "fp32 graph"
+        #: an object with ``score(sequences, last)`` when the greedy prompts were not recorded
+        #: (a streamed reference: the candidate generates, the reference scores; see
+        #: streamed_reference.py)
+        self.teacher_forced = None
 
     # -- recording
     def wrap(self, decoder: Decoder) -> Decoder:
@@ -510,13 +618,24 @@ def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualityS
     found = eval_token_ids(tokenizer, settings)
     if found is None:
         return None
-    ids = np.asarray(found[0], dtype=np.int64)
     recorded = RecordedReference(path)
+    replay_reference_calls(recorded.wrap(reference), tokenizer, found[0], settings,
+                           progress=progress)
+    return recorded.finish()
+
+
+def replay_reference_calls(reference: Decoder, tokenizer, eval_ids: Sequence[int],
+                           settings: QualitySettings, *, greedy: bool = True,
+                           progress: Progress | None = None) -> None:
+    """Make the calls :func:`decoder_card` makes to its reference, in its order: the windows,
+    the greedy prompts (unless ``greedy`` is False: a streamed reference scores the
+    candidate's greedy text instead), the replay window."""
+    ids = np.asarray(eval_ids, dtype=np.int64)
     # as decoder_card wraps the replayed reference: the same calls reach the recording
-    ref = KeepPrefill(recorded.wrap(reference), ids[:REPLAY_WINDOW].tolist())
+    ref = KeepPrefill(reference, ids[:REPLAY_WINDOW].tolist())
     for w in plan_windows(len(ids), settings.window, settings.stride):
         _all_logits(ref, ids[w.begin : w.end].tolist())
-    prompts = [p for p in (tokenizer.encode(t) for t in settings.prompts) if p]
+    prompts = [p for p in (tokenizer.encode(t) for t in settings.prompts) if p] if greedy else []
     report = _step_progress(progress or (lambda _m: None), "quality reference: greedy prompt",
                             len(prompts))
     for k, prompt in enumerate(prompts):  # as _greedy: the reference's own greedy tokens
@@ -528,4 +647,3 @@ def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualityS
     window = ids[:REPLAY_WINDOW].tolist()
     if len(window) >= 2:  # replay_record's reference perplexity
         window_perplexity(ref, window)
-    return recorded.finish()

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,6 +64,14 @@ DEFAULT_MAX_KL_MEAN = 0.15
 DEFAULT_MIN_TOP1 = 0.5
 
 
+class CardReference(str, Enum):
+    """What the quality card compares with (streamed_reference.py)."""
+
+    auto = "auto"  # the fp32 graph's session; the source streamed when that would not fit
+    graph = "graph"  # the fp32 graph's ONNX Runtime session
+    streamed = "streamed"  # the source in PyTorch, one decoder layer at a time
+
+
 class QualityConfig(BaseModel):
     """The quality card's inputs and the gate on it."""
 
@@ -79,6 +88,11 @@ class QualityConfig(BaseModel):
     eval_tokens: int = Field(4096, ge=2, description="score the first N tokens of the text")
     new_tokens: int = Field(64, ge=1, description="greedy tokens per prompt for agreement")
     threads: int | None = Field(None, ge=1, description="ORT threads while measuring")
+    reference: CardReference = Field(
+        CardReference.auto, description="the card's reference: auto (the fp32 graph's session; "
+        "the source streamed layer by layer in PyTorch where that session would not fit in 80% "
+        "of the available memory, or no fp32 graph was written), graph, or streamed (needs the "
+        "source: slmedge export; an unquantized export then compares its graph with the source)")
 
     def settings(self) -> QualitySettings:
         return QualitySettings(eval_text=self.eval_text, eval_tokens=self.eval_tokens,
@@ -168,8 +182,63 @@ def quantize_candidate(reference: Path | None, out: Path, recipe: QuantRecipe,
     return report
 
 
+def _card_budget() -> tuple[int, str]:
+    """Bytes the card's reference session may take: as the export's verification session
+    (export._session_plan's default)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8), "80% of the available memory"
+
+
+def streamed_reason(reference: Path | None, quality: QualityConfig, source) -> str | None:
+    """Why the card's reference is the source streamed in PyTorch (streamed_reference.py), or
+    None for the fp32 graph's session. ``source``: the export's ``StreamedModel`` (None from
+    ``slmedge quantize``, which has the fp32 artifact only)."""
+    wanted = quality.reference
+    if wanted is CardReference.streamed and source is None:
+        raise UsageError("quality reference 'streamed' reads the source checkpoint layer by "
+                         "layer; quantizing an fp32 artifact has no source: use reference auto "
+                         "or graph, or quantize during slmedge export")
+    if source is None or wanted is CardReference.graph:
+        return None
+    if wanted is CardReference.streamed:
+        return "asked for (quality reference: streamed)"
+    if reference is None:
+        return "no fp32 graph was written"
+    need = int(_model_bytes(reference) * 1.2)
+    budget, where = _card_budget()
+    if need <= budget:
+        return None
+    return (f"the fp32 graph's ONNX Runtime session needs ~{need / 1e6:.0f} MB and the card may "
+            f"use {budget / 1e6:.0f} MB here ({where})")
+
+
+def _card(out: Path, stage: Path, reference: Path | None, quality: QualityConfig, say: Say,
+          timings: dict, source=None):
+    """The candidate's card against the fp32 graph, or against the source streamed in PyTorch
+    (:func:`streamed_reason`); the card's notes say why it was streamed."""
+    why = streamed_reason(reference, quality, source)
+    streamed = None
+    if why is not None:
+        from ..streamed_reference import StreamedReference, source_dtype
+
+        config = source.model.config
+        streamed = StreamedReference(config, source.weights,
+                                     source_dtype=source_dtype(source.weights), progress=say)
+        say(f"quality card reference: the {streamed.description}: {why}")
+    card = artifact_card(out, stage, quality.settings(),
+                         reference_model=None if streamed else reference,
+                         threads=quality.threads, progress=say, timings=timings,
+                         reference_source=streamed)
+    if card is not None and why is not None:
+        card.notes.append(f"reference streamed from the source: {why}; its greedy tokens are "
+                          "the candidate's, scored by the reference (greedy.generated_by)")
+    return card
+
+
 def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: QualityConfig,
-             out_name: str, say: Say, exact: ExactBlocks | None = None) -> tuple[dict, dict, Path]:
+             out_name: str, say: Say, exact: ExactBlocks | None = None,
+             source=None) -> tuple[dict, dict, Path]:
     # each candidate in its own directory: its weights file is model.onnx.data from the start
     # (the reference's own model.onnx.data may sit in the stage beside it)
     out = stage / out_name / MODEL_FILE
@@ -184,8 +253,7 @@ def _attempt(reference: Path, stage: Path, recipe: QuantRecipe, quality: Quality
         report["gguf_exact"] = {"tensors": 0, "skipped": f"recipe {recipe.label()} does not "
                                 f"stream ({why_not}); every weight was quantized again"}
     card_timings: dict = {}
-    card = artifact_card(out, stage, quality.settings(), reference_model=reference,
-                         threads=quality.threads, progress=say, timings=card_timings)
+    card = _card(out, stage, reference, quality, say, card_timings, source)
     # where quantize_and_card's seconds go (issue 15): the quantizer's own, folding its
     # output into one file, the card's reference session + logits, the candidate's card
     t_card = time.perf_counter() - t_quantized
@@ -271,14 +339,33 @@ def gate_error(tried: list[dict], quality: QualityConfig) -> QualityGateFailed:
     )
 
 
+def _tried_entry(recipe: QuantRecipe, estimate: float | None, path: Path, card: dict,
+                 quality: QualityConfig) -> dict:
+    """A candidate's line in the manifest's ``gate.tried``."""
+    failed = gate_failures(card, quality)
+    return {
+        "label": recipe.label(),
+        "estimated_mb": round(estimate / 1e6, 2) if estimate is not None else None,
+        "size_mb": round(_model_bytes(path) / 1e6, 2),
+        "perplexity": round(card["perplexity"], 4),
+        "ppl_increase_pct": round(card["ppl_increase_pct"], 3),
+        "kl_mean": round(card["kl_mean"], 5),
+        "top1_agreement_eval": round(card["top1_agreement_eval"], 4),
+        "passed": not failed,
+        "failed": failed,  # the criteria that made --auto move on (GATE_CRITERIA)
+    }
+
+
 def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
                       say: Say = lambda _m: None, reference: Path | None = None,
-                      exact: ExactBlocks | None = None) -> dict:
+                      exact: ExactBlocks | None = None, source=None) -> dict:
     """Replace ``stage/model.onnx`` (fp32) by its quantized form; return manifest fields.
 
     ``reference``: the fp32 graph to quantize and compare with (default: the stage's own
     model.onnx, which is then replaced). ``exact``: the source's own quantized blocks
-    (``GGUFWeights.exact_blocks``), kept where the recipe matches them.
+    (``GGUFWeights.exact_blocks``), kept where the recipe matches them. ``source``: the
+    export's ``StreamedModel``, the card's reference where the fp32 graph's session would not
+    fit (:func:`streamed_reason`).
     """
     reference = reference or stage / MODEL_FILE
     if quality.auto:
@@ -296,21 +383,9 @@ def quantize_in_stage(stage: Path, recipe: QuantRecipe, quality: QualityConfig,
     chosen = None
     for i, (cand, estimate) in enumerate(ladder):
         report, card, path = _attempt(reference, stage, cand, quality, f".candidate-{i}", say,
-                                      exact)
-        failed = gate_failures(card, quality)
-        passed = not failed
-        tried.append({
-            "label": cand.label(),
-            "estimated_mb": round(estimate / 1e6, 2) if estimate is not None else None,
-            "size_mb": round(_model_bytes(path) / 1e6, 2),
-            "perplexity": round(card["perplexity"], 4),
-            "ppl_increase_pct": round(card["ppl_increase_pct"], 3),
-            "kl_mean": round(card["kl_mean"], 5),
-            "top1_agreement_eval": round(card["top1_agreement_eval"], 4),
-            "passed": passed,
-            "failed": failed,  # the criteria that made --auto move on (GATE_CRITERIA)
-        })
-        if passed:
+                                      exact, source)
+        tried.append(_tried_entry(cand, estimate, path, card, quality))
+        if tried[-1]["passed"]:
             chosen = (cand, report, card, path)
             break
         shutil.rmtree(path.parent)
@@ -342,13 +417,16 @@ def _install(path: Path, stage: Path, reference: Path | None, report: dict) -> N
 
 def quantize_unwritten(stage: Path, graph: tuple[onnx.ModelProto, TensorSource],
                        recipe: QuantRecipe, quality: QualityConfig, why: str,
-                       say: Say = lambda _m: None, exact: ExactBlocks | None = None) -> dict:
+                       say: Say = lambda _m: None, exact: ExactBlocks | None = None,
+                       source=None) -> dict:
     """Quantize on write (issue 15): ``graph`` (``graph_writer.graph_without_weights``: the
     export's graph, its weights read from the checkpoint one at a time) becomes the stage's
     ``model.onnx`` without an fp32 graph ever written; ``why``: the reason it is not (the
     fp32 verification session would not fit). Same bytes as quantizing the written fp32 graph
     (tests/parity/test_quant_on_write.py). With no fp32 graph there is no reference for the
-    quality card: the card and the gate are recorded as skipped with ``why`` (sizes)."""
+    quality card in ONNX Runtime: given the export's ``source``, the card compares with the
+    source streamed in PyTorch layer by layer (streamed_reference.py) and the gate applies;
+    without it the card and the gate are recorded as skipped with ``why`` (sizes)."""
     out = stage / ".candidate-0" / MODEL_FILE
     out.parent.mkdir()
     say(f"quantizing on write: {recipe.label()}, each weight read from the source (no fp32 "
@@ -358,6 +436,25 @@ def quantize_unwritten(stage: Path, graph: tuple[onnx.ModelProto, TensorSource],
     report["timings_s"] = {"quantize": report["seconds"],
                            "one_file": round(time.perf_counter() - t0 - report["seconds"], 2)}
     report["float_graph"] = f"not written ({why})"
+    if streamed_reason(None, quality, source) is not None:
+        t_card = time.perf_counter()
+        card_timings: dict = {}
+        card = _card(out, stage, None, quality, say, card_timings, source)
+        report["timings_s"].update(
+            card_reference=card_timings.get("reference"),
+            card_candidate=round(time.perf_counter() - t_card - card_timings.get("reference", 0.0),
+                                 2))
+        if card is None:
+            raise UsageError("a quantized artifact needs an evaluation text for its quality card "
+                             "and gate; none was found: pass --eval-text FILE")
+        say(f"{recipe.label()}: {card.summary()}")
+        card = card.to_dict()
+        tried = [_tried_entry(recipe, None, out, card, quality)]
+        if not tried[0]["passed"]:
+            raise gate_error(tried, quality)
+        _install(out, stage, None, report)
+        return {"quantization": report, "quality": card,
+                "gate": {**gate_bounds(quality), "passed": True, "auto": False, "tried": tried}}
     _install(out, stage, None, report)
     skipped = (f"no fp32 reference here: {why}; the quantized graph was written without an "
                "fp32 graph (quantize on write)")
