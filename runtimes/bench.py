@@ -430,14 +430,10 @@ def run_bench(
         session_flags["strict"] = True
     if not allow_cpu_fallback:
         session_flags["allow_cpu_fallback"] = False
-    if run.artifact.format == "tflite":  # LiteRT: static KV cache, no providers to pick
-        from .litert_decoder import open_litert_decoder
-
-        decoder = open_litert_decoder(run.artifact, threads=config.threads)
-    else:
-        # the dynamic KV-cache graph, or the prefill + decode graphs of a static one
-        decoder = open_decoder(run.artifact, threads=config.threads, providers=providers,
-                               **session_flags)
+    # LiteRT for a TFLite artifact (no providers to pick), else ONNX Runtime: the dynamic
+    # KV-cache graph, or the prefill + decode graphs of a static one
+    decoder = open_decoder(run.artifact, threads=config.threads, providers=providers,
+                           **session_flags)
     load_s = time.perf_counter() - t0
     run.load = {"load_s": round(load_s, 4), "rss_before_mb": round(rss_before, 1),
                 "rss_after_mb": round(rss_mb(), 1)}

@@ -185,8 +185,18 @@ def _share(files: dict[str, Path], providers) -> tuple:
 
 def open_decoder(artifact, *, threads: int | None = None, providers=None, strict: bool = False,
                  allow_cpu_fallback: bool = True, share_weights: bool = False):
-    """The decoder an artifact needs: static-shape graphs or the dynamic KV-cache graph.
-    ``share_weights`` applies to static graphs (one session otherwise: nothing to share)."""
+    """The decoder an artifact needs: LiteRT for a TFLite artifact, else ONNX Runtime on the
+    static-shape graphs or the dynamic KV-cache graph. The one place that picks (the CLI, the
+    bench, verify and the device's quality card open artifacts through it).
+
+    ``providers`` / ``strict`` / ``allow_cpu_fallback`` choose ONNX Runtime's execution
+    providers: a TFLite artifact has none to pick (LiteRT's CPU interpreter; a fallback runtime
+    must pass the artifact's parity fixture first, ``open_litert_decoder``). ``share_weights``
+    applies to static graphs (one session otherwise: nothing to share)."""
+    if artifact.format == "tflite":
+        from .litert_decoder import open_litert_decoder
+
+        return open_litert_decoder(artifact, threads=threads)
     static = artifact.manifest.get("static")
     kwargs = dict(threads=threads, providers=providers, strict=strict,
                   allow_cpu_fallback=allow_cpu_fallback)

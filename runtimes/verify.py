@@ -238,17 +238,14 @@ def open_bundle_decoder(artifact, threads: int = 1):
     """``(decoder, runtime description)`` for a bundle or artifact: LiteRT for a ``.tflite``,
     else ONNX Runtime (the static prefill/decode graphs or the dynamic KV-cache graph), on CPU.
     Bundle time and verify time use this one loader, so they replay the same way."""
-    if artifact.format == "tflite":
-        from .litert_decoder import open_litert_decoder
+    from .static_decoder import open_decoder
 
-        decoder = open_litert_decoder(artifact, threads=threads)
+    decoder = open_decoder(artifact, threads=threads)
+    if artifact.format == "tflite":
         return decoder, f"slmedge LiteRTDecoder, {decoder.backend} {decoder.backend_version}"
     import onnxruntime as ort
 
-    from .static_decoder import open_decoder
-
-    return (open_decoder(artifact, threads=threads),
-            f"slmedge OnnxDecoder, onnxruntime {ort.__version__}")
+    return decoder, f"slmedge OnnxDecoder, onnxruntime {ort.__version__}"
 
 
 def check_parity(root: Path, manifest: BundleManifest, threads: int = 1) -> dict:

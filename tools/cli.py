@@ -132,12 +132,10 @@ def _open_decoder(path, threads, args=None):
     from .cli_profiles import runtime_kwargs  # --profile / --strict -> providers
 
     artifact = open_artifact(path)
-    if artifact.format == "tflite":
-        from slmedge.runtimes.litert_decoder import open_litert_decoder
-
-        return artifact, open_litert_decoder(artifact, threads=threads), TextTokenizer(artifact.root)
-    decoder = open_decoder(artifact, **runtime_kwargs(args, threads))
-    return artifact, decoder, TextTokenizer(artifact.root)
+    # a TFLite artifact takes --threads only: its profile's providers and threads are not read
+    # (LiteRT has no providers to pick)
+    kwargs = {"threads": threads} if artifact.format == "tflite" else runtime_kwargs(args, threads)
+    return artifact, open_decoder(artifact, **kwargs), TextTokenizer(artifact.root)
 
 
 def cmd_generate(args) -> int:
