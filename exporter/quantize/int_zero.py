@@ -92,6 +92,8 @@ def from_hqq(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np
     from .hqq import hqq_quantize
 
     k, n = w.shape
+    if k == block_size:  # one block along K: hqq.py refuses it (ORT's own code differs there)
+        return int_zero_quantize(w, block_size)
     _, scales, zeros = hqq_quantize(np.asarray(w, dtype=np.float32), 4, block_size)
     scale = scales.astype(np.float64).reshape(n, k // block_size).T
     zero = zeros.astype(np.float64).reshape(n, k // block_size).T
