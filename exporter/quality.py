@@ -461,11 +461,9 @@ def artifact_card(
         say = progress or (lambda _m: None)
         t_ref = time.perf_counter()
         if reference_source is not None:
-            from .streamed_reference import record_streamed_reference
-
             say(f"quality: reference logits from the {reference_source.description}")
-            recorded = record_streamed_reference(reference_source, tokenizer_dir, settings,
-                                                 Path(scratch) / "logits", progress=say)
+            recorded = reference_source.record(tokenizer_dir, settings, Path(scratch) / "logits",
+                                               progress=say)
         else:
             say("quality: reference logits (one session at a time)")
             reference = OnnxDecoder(reference_model, threads=threads,
