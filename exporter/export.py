@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from slmedge.device_profiles.schema import QDQ_SCHEMES
 from slmedge.runtimes.errors import ArtifactError, QualityGateFailed
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
 from slmedge.runtimes.tokenizer import TextTokenizer
@@ -351,7 +352,7 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
     load_s = time.perf_counter() - t0
     with staged_directory(config.output, config.overwrite) as stage:
         # Static QDQ (int8-static, a16w8) targets NPUs, which need standard ops.
-        static_qdq = config.quant is not None and config.quant.scheme.value in ("int8-static", "a16w8")
+        static_qdq = config.quant is not None and config.quant.scheme in QDQ_SCHEMES
         fuse_options = None
         if config.fuse and config.dtype is DType.fp32 and not static_qdq:
             fuse_options = FusionOptions.from_hf_config(model.config,

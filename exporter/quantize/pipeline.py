@@ -26,6 +26,7 @@ from typing import NamedTuple
 import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmedge.device_profiles.schema import QDQ_SCHEMES
 from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
 from slmedge.runtimes.errors import QualityGateFailed, UsageError
 
@@ -113,7 +114,7 @@ def _check_readable(path: Path, what: str, flag: str) -> None:
 def needs_calibration_text(recipe: QuantRecipe, auto: bool = False) -> bool:
     """Whether quantizing with ``recipe`` reads the calibration text: static QDQ, GPTQ and
     gptq-act, a split lm_head (its frequent tokens), and ``--auto`` on int4 (it tries one)."""
-    if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8):
+    if recipe.scheme in QDQ_SCHEMES:
         return True
     if recipe.scheme is not QuantScheme.int4:
         return False

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from slmedge.device_profiles.schema import QDQ_SCHEMES
 from slmedge.runtimes.errors import UnsupportedOp
 
 from .core import QuantReport, weight_only_table
@@ -74,7 +75,7 @@ CHUNK_VALUES = 8 << 20
 
 def streaming_unsupported(recipe: QuantRecipe) -> str | None:
     """Why ``recipe`` cannot be streamed, or None when it can."""
-    if recipe.scheme in (QuantScheme.int8_static, QuantScheme.a16w8):
+    if recipe.scheme in QDQ_SCHEMES:
         return f"{recipe.scheme.value} is calibrated static QDQ (needs activations of the whole graph)"
     if recipe.scheme is QuantScheme.int8 and recipe.int8_format is Int8Format.qoperator:
         return "int8 qoperator goes through onnxruntime's quantize_dynamic (whole model)"
