@@ -308,7 +308,8 @@ def _unquantized_card(config: ExportConfig, streamed, stage: Path, parity: dict,
     """The card of an unquantized export: the graph's perplexity; and, where the parity gate
     could not load the PyTorch reference (too large) or ``quality.reference`` is
     ``streamed``, its comparison with the source streamed in PyTorch layer by layer
-    (streamed_reference.py), recorded before the graph's session opens."""
+    (streamed_reference.py: perplexity, KL, top-1 and cosine over the windows; no greedy
+    prompts), recorded before the graph's session opens."""
     import tempfile
 
     from .quantize.pipeline import CardReference
@@ -320,8 +321,13 @@ def _unquantized_card(config: ExportConfig, streamed, stage: Path, parity: dict,
     if not stream:
         say("quality card: perplexity of the exported graph")
         return decoder_card(open_graph(), stage, settings, progress=say)
+    from dataclasses import replace
+
     from .streamed_reference import StreamedReference, source_dtype
 
+    # no greedy prompts: the unquantized graph's card had none, and at this size each of
+    # the candidate's 6 x 64 decode steps is seconds (the windows compare every position)
+    settings = replace(settings, prompts=())
     say("quality card: the exported graph against the source, streamed layer by layer")
     reference = StreamedReference(streamed.model.config, streamed.weights,
                                   source_dtype=source_dtype(streamed.weights), progress=say)

@@ -12,7 +12,10 @@ protocol (``slmedge.runtimes.generation.Decoder``): a *reference* (the fp32 grap
   the reference's tokens one decode step at a time (its KV-cache path, as in use) and
   must predict each one. Top-1 agreement is the fraction it predicts; the first
   divergence is the first position it misses (where free-running greedy decoding of
-  the candidate would leave the reference's text).
+  the candidate would leave the reference's text). A reference streamed from the source
+  (streamed_reference.py: too large for an fp32 session) cannot decode step by step: the
+  candidate generates and the reference scores its text teacher-forced
+  (``greedy.generated_by: "candidate"``); the first divergence is the same position.
 
 With no reference (an fp32 export, whose reference is itself) the card holds the
 perplexity only. Nothing here imports torch.

@@ -198,5 +198,5 @@ def test_unquantized_export_card_against_the_streamed_source(tiny_dir, tmp_path)
     # fp16 graph vs the fp32 source: close, not equal
     assert 0 < card["kl_mean"] < 1e-3 and card["top1_agreement_eval"] > 0.9
     assert abs(card["ppl_increase_pct"]) < 0.5
-    assert card["greedy"]["generated_by"] == "candidate" and card["greedy"]["new_tokens"] == 4
+    assert "greedy" not in card  # windows only (an unquantized card decodes no prompts)
     assert not list((tmp_path / "out").glob(".card-reference-*"))
