@@ -58,6 +58,18 @@ def hqq_quantize(w: np.ndarray, bits: int = 4, block_size: int = 32
         raise ValueError(f"hqq_quantize takes a 2-D [K, N] weight with K a multiple of the block "
                          f"size (more than one block) and 4 or 8 bits; got shape {w.shape}, "
                          f"block {block_size}, bits {bits}")
+    threads = torch.get_num_threads()
+    # every op here in the calling thread: torch's 2-thread split of an op costs more than
+    # the op under load (measured at load 18 on a 4864 x 896 weight: ~50-100 ms for each
+    # whole-matrix op of the scale and zero set-up, whose work is ~1 ms)
+    torch.set_num_threads(1)
+    try:
+        return _quantize(torch, w, bits, block_size, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize(torch, w: np.ndarray, bits: int, block_size: int, threads: int):
     k, n = w.shape
     max_v = float(2 ** bits - 1)
     # ORT: tensor.float() of the transposed weight, padded (a copy), grouped along K
@@ -71,7 +83,7 @@ def hqq_quantize(w: np.ndarray, bits: int = 4, block_size: int = 32
         scale = (max_v / span).clamp(max=2e4)
     zero = torch.round(-_min * scale)
     del _min, _max, span
-    zero, q = _Optimizer(weight, scale, max_v).run(zero)
+    zero, q = _Optimizer(weight, scale, max_v, threads).run(zero)
     del weight
     q = q.reshape(n, k).numpy()
     if bits == 4:
@@ -98,14 +110,14 @@ class _Optimizer:
     """``optimize_weights`` of ONNX Runtime (axis 1, p = 0.7) and the final rounding over
     ``w_f`` ``[rows, block]`` with the inverse scales ``[rows, 1]``."""
 
-    def __init__(self, w_f, scale, max_v: float):
+    def __init__(self, w_f, scale, max_v: float, threads: int):
         import torch
 
         self.torch = torch
         self.w_f, self.scale, self.max_v = w_f, scale, max_v
         rows, block = w_f.shape
         self.step = max(1, SLICE_VALUES // block)
-        self.workers = max(1, min(torch.get_num_threads(), -(-rows // self.step)))
+        self.workers = max(1, min(threads, -(-rows // self.step)))
         self.err = torch.empty_like(w_f)  # |w_f - w_r| of every element: the early stop's mean
         self.row_err = torch.empty((rows, 1))  # max |x| of each row, as last computed
         self.q = torch.empty((rows, block), dtype=torch.uint8)  # w_q of each row, last computed
@@ -118,41 +130,36 @@ class _Optimizer:
 
     def run(self, zero):
         """Iterate from the initial zero points; returns ``(zero, w_q)``, ``w_q`` uint8
-        ``[rows, block]``."""
+        ``[rows, block]``. Run with torch single-threaded: each worker thread runs its ops in
+        its own thread (torch releases the GIL inside them)."""
         torch = self.torch
         from concurrent.futures import ThreadPoolExecutor
 
-        rows = self.w_f.shape[0]
-        threads = torch.get_num_threads()
         beta, best_error = BETA, 1e4
         cur, nxt = zero, torch.empty_like(zero)
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(self.workers) as pool:
-                for it in range(ITERS):
-                    inv_beta = 1.0 / beta
-                    bound = shrink_bound(inv_beta)
-                    if it == 0:
-                        items = self._all_rows()
-                    else:
-                        # a row with last iteration's zero point and no shrink gives what it gave
-                        changed = cur.view(torch.int32) != nxt.view(torch.int32)
-                        changed |= (self.row_err < bound).logical_not_()  # NaN: recompute
-                        items = self._items(changed.view(-1).nonzero().view(-1))
-                        nxt.copy_(cur)
-                    self._map(pool, self._iterate, items, cur, nxt, inv_beta, bound)
-                    cur, nxt = nxt, cur
-                    beta *= KAPPA
-                    current_error = float(self.err.mean())
-                    if current_error < best_error:
-                        best_error = current_error
-                    else:
-                        break
-                # the final rounding with the last zero points: w_q of the rows they changed
-                changed = (cur.view(torch.int32) != nxt.view(torch.int32)).view(-1)
-                self._map(pool, self._round, self._items(changed.nonzero().view(-1)), cur)
-        finally:
-            torch.set_num_threads(threads)
+        with ThreadPoolExecutor(self.workers) as pool:
+            for it in range(ITERS):
+                inv_beta = 1.0 / beta
+                bound = shrink_bound(inv_beta)
+                if it == 0:
+                    items = self._all_rows()
+                else:
+                    # a row with last iteration's zero point and no shrink gives what it gave
+                    changed = cur.view(torch.int32) != nxt.view(torch.int32)
+                    changed |= (self.row_err < bound).logical_not_()  # NaN: recompute
+                    items = self._items(changed.view(-1).nonzero().view(-1))
+                    nxt.copy_(cur)
+                self._map(pool, self._iterate, items, cur, nxt, inv_beta, bound)
+                cur, nxt = nxt, cur
+                beta *= KAPPA
+                current_error = float(self.err.mean())
+                if current_error < best_error:
+                    best_error = current_error
+                else:
+                    break
+            # the final rounding with the last zero points: w_q of the rows they changed
+            changed = (cur.view(torch.int32) != nxt.view(torch.int32)).view(-1)
+            self._map(pool, self._round, self._items(changed.nonzero().view(-1)), cur)
         return cur, self.q
 
     def _all_rows(self):
