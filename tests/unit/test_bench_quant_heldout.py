@@ -40,3 +40,20 @@ def test_heldout_quality_scores_the_heldout_text_against_fp32(tiny_artifact, tmp
     assert 0 < row["heldout_kl_mean"] < 0.5 and 0 < row["heldout_top1_agreement"] <= 1
     expected = (row["heldout_perplexity"] / row["heldout_reference_perplexity"] - 1) * 100
     assert abs(row["heldout_ppl_increase_pct"] - expected) < 0.01
+
+
+def test_quality_only_run_writes_rows_without_speed(tiny_artifact, tmp_path):
+    """--skip-speed --no-genai (the ablation's runs): slmedge rows only, no decode fields, the
+    held-out columns and the load average present, artifacts under --workdir."""
+    fp32 = tiny_artifact("llama")
+    out = tmp_path / "rows.json"
+    assert bench_quant.main(["--fp32", str(fp32), "--variants", "int8", "--skip-speed",
+                             "--no-genai", "--open-gate", "--workdir", str(tmp_path),
+                             "--eval-tokens", "256", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["variant"], row["tool"]) == ("int8", "slmedge")
+    assert "decode_tok_s" not in row and "load_average_rounds" not in row
+    assert len(row["load_average"]) == 3
+    assert row["path"] == str(tmp_path / "slmedge-q-int8")
+    assert "--max-kl-mean" in row["flags"]  # --open-gate appended the open bounds
+    assert 0 < row["heldout_top1_agreement"] <= 1 and "ppl_increase_pct" in row

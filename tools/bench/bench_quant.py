@@ -322,9 +322,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     models: list[tuple[str, str, Path]] = []
+    used: dict[str, tuple[str, ...]] = {}  # the quantize flags each variant ran with
     for name in args.variants:
         flags, precision = VARIANTS[name]
         flags = (*flags, *OPEN_GATE) if args.open_gate else flags
+        used[name] = flags
         models.append((name, "slmedge", prepare_slmedge(args.fp32, name, flags,
                                                         args.max_ppl_increase, args.workdir)))
         if not args.no_genai:
@@ -345,7 +347,7 @@ def main(argv=None) -> int:
     for name, tool, path in models:
         t = timings[(name, tool)]
         row = {"variant": name, "tool": tool, "path": str(path), "size_mb": round(model_size_mb(path), 1),
-               "flags": list(VARIANTS[name][0]) if tool == "slmedge" else VARIANTS[name][1]}
+               "flags": list(used[name]) if tool == "slmedge" else VARIANTS[name][1]}
         if t:
             row.update(decode_tok_s=round(statistics.median(x["tps"] for x in t), 2),
                        ttft_ms=round(statistics.median(x["ttft_ms"] for x in t), 1),
