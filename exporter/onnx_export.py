@@ -92,6 +92,15 @@ class OnnxExportInfo:
     seconds: float
     #: seconds per phase of ``seconds`` (streaming export: trace, passes, write)
     phases: dict[str, float] = field(default_factory=dict)
+    #: how the graph was traced: "full", or "replicated: ..." (layer_template.py)
+    trace: str = "full"
+
+
+#: torch.export's own records in the graph's metadata: every parameter and symbol of the traced
+#: program (torch-internal text no ONNX consumer reads). Dropped from every trace, so that a
+#: graph replicated from small traces (layer_template.py) equals the full trace.
+TRACE_RECORDS = ("pkg.torch.export.ExportedProgram.graph_signature",
+                 "pkg.torch.export.ExportedProgram.range_constraints")
 
 
 class ExportFailed(SlmEdgeError):
@@ -142,6 +151,13 @@ def trace_decoder(model, spec: type[ArchitectureSpec], *, opset: int = DEFAULT_O
                 f"torch.onnx.export failed for {type(model).__name__}: "
                 f"{str(e).strip().splitlines()[-1][:400]}"
             ) from e
+    for key in TRACE_RECORDS:
+        program.model.graph.metadata_props.pop(key, None)
+    from .layer_template import canonical_trace
+
+    canonical_trace(program.model, {"batch": ("input_ids", 0), "sequence_length": ("input_ids", 1),
+                                    "past_sequence_length": (past_names(layers)[0], 2),
+                                    "total_sequence_length": ("attention_mask", 1)})
     return program.model, inputs, outputs
 
 
