@@ -66,8 +66,9 @@ def _nbits_model(w, bs):
              numpy_helper.from_array(zp, "Z")]
     node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], name="proj",
                             domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
+    graph = helper.make_graph([node], "g", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                    helper.make_opsetid("com.microsoft", 1)])
 
@@ -98,6 +99,10 @@ def test_nodes_without_a_float_weight_are_left_alone():
     assert model == before
 
 
+def _attr(node, name):
+    return next(a.i for a in node.attribute if a.name == name)
+
+
 def test_bench_rewrite_of_a_tiny_llama_finds_every_4bit_weight(tiny_artifact, tmp_path):
     """bench_quant.rewrite_int_zero maps each 4-bit node (q/k/v packed at export, gate/up
     packed by the quantizer at block 64) to its fp32 weights and writes a graph ONNX Runtime
@@ -117,8 +122,8 @@ def test_bench_rewrite_of_a_tiny_llama_finds_every_4bit_weight(tiny_artifact, tm
     out = bench_quant.rewrite_int_zero(fp32, rtn, tmp_path / "intzero")
     before, after = (onnx.load(str(p / "model.onnx")) for p in (rtn, out))
     nodes = [(n, m) for n, m in zip(before.graph.node, after.graph.node, strict=True)
-             if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)]
-    assert nodes and any(dict((a.name, a.i) for a in n.attribute)["block_size"] == 64 for n, _ in nodes)
+             if n.op_type == "MatMulNBits" and _attr(n, "bits") == 4]
+    assert nodes and any(_attr(n, "block_size") == 64 for n, _ in nodes)
     ref = onnx.load(str(fp32 / "model.onnx"))
     ref_w = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
     b_inits = {t.name: t for t in before.graph.initializer}
