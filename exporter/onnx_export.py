@@ -153,7 +153,7 @@ def trace_decoder(model, spec: type[ArchitectureSpec], *, opset: int = DEFAULT_O
             ) from e
     for key in TRACE_RECORDS:
         program.model.graph.metadata_props.pop(key, None)
-    from .layer_template import canonical_trace
+    from .trace_names import canonical_trace
 
     canonical_trace(program.model, {"batch": ("input_ids", 0), "sequence_length": ("input_ids", 1),
                                     "past_sequence_length": (past_names(layers)[0], 2),

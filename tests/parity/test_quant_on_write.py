@@ -103,9 +103,10 @@ def test_large_table_and_external_fp32_graph(model_type, tiny_dir, tmp_path, mon
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [dict(scheme="int4"), dict(scheme="int8")])
-def test_smollm2_gguf_quantize_on_write_is_byte_identical(recipe, tmp_path):
-    """SmolLM2's GGUF, its own quantized blocks offered (kept where they fit: int8 block 32)."""
+def test_smollm2_gguf_quantize_on_write_is_byte_identical(tmp_path):
+    """SmolLM2's GGUF, its own quantized blocks offered (kept where they fit: int8 block 32;
+    int4 on write is byte-checked on the six tiny architectures above: CI time)."""
+    recipe = dict(scheme="int8")
     written, on_write = both_ways("embedded:smollm2-135m-instruct", tmp_path,
                                   QuantRecipe(**recipe), exact=True)
     assert_identical(written, on_write)
