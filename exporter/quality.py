@@ -96,6 +96,8 @@ class QualityCard:
     seconds: float = 0.0
     replay: dict | None = None  # what a target replays (runtimes/target_card.py), this machine's result
     notes: list[str] = field(default_factory=list)
+    #: not a field (not in to_dict): greedy text waiting for :func:`finish_greedy`
+    pending_greedy = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -208,6 +210,13 @@ def _greedy_scored(candidate: Decoder, scorer, prompts: Sequence[Sequence[int]],
     and the reference scores each generated sequence teacher-forced, all in one pass. Top-1
     agreement is the share of positions where the reference's top token is the candidate's;
     the first divergence is the same position either way (the prefixes are equal up to it)."""
+    return _score_generated(scorer, prompts,
+                            *_generate_greedy(candidate, prompts, new_tokens, progress), new_tokens)
+
+
+def _generate_greedy(candidate: Decoder, prompts: Sequence[Sequence[int]], new_tokens: int,
+                     progress: Progress | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """The candidate's greedy tokens and its logits at each of them (:func:`_greedy_scored`)."""
     report = _step_progress(progress or (lambda _m: None), "quality: greedy prompt (candidate)",
                             len(prompts))
     generated: list[list[int]] = []
@@ -225,6 +234,12 @@ def _greedy_scored(candidate: Decoder, scorer, prompts: Sequence[Sequence[int]],
         generated.append(tokens)
         rows.append(kept)
     candidate.reset()
+    return generated, rows
+
+
+def _score_generated(scorer, prompts: Sequence[Sequence[int]], generated: list[list[int]],
+                     rows: list[np.ndarray], new_tokens: int) -> dict:
+    """The reference's teacher-forced pass over the candidate's greedy text (:func:`_greedy_scored`)."""
     # the reference predicts generated token j from the prompt and the tokens before it
     ref_rows = scorer.score([list(p) + t[:-1] for p, t in zip(prompts, generated)], new_tokens)
     agree = total = 0
@@ -259,8 +274,12 @@ def quality_card(
     new_tokens: int = 64,
     eval_info: dict | None = None,
     progress: Progress | None = None,
+    defer_scoring: bool = False,
 ) -> QualityCard:
-    """Compute the card of ``candidate`` (against ``reference`` when given)."""
+    """Compute the card of ``candidate`` (against ``reference`` when given). With
+    ``defer_scoring`` and a reference that scores teacher-forced (streamed), the candidate's
+    greedy text is kept in ``card.pending_greedy`` for :func:`finish_greedy`, to be scored once
+    the candidate's session is closed (the two side by side were a 3B int4 export's peak)."""
     say = progress or (lambda _m: None)
     ids = np.asarray(eval_ids, dtype=np.int64)
     if len(ids) < 2:
@@ -302,9 +321,14 @@ def quality_card(
         scorer = getattr(reference, "teacher_forced", None)
         if prompt_ids:
             say(f"quality: greedy decoding on {len(prompt_ids)} prompts")
-            card.greedy = (_greedy(candidate, reference, prompt_ids, new_tokens, say)
-                           if scorer is None else
-                           _greedy_scored(candidate, scorer, prompt_ids, new_tokens, say))
+            if scorer is None:
+                card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens, say)
+            elif defer_scoring:
+                card.pending_greedy = (scorer, list(prompt_ids),
+                                       *_generate_greedy(candidate, prompt_ids, new_tokens, say),
+                                       new_tokens)
+            else:
+                card.greedy = _greedy_scored(candidate, scorer, prompt_ids, new_tokens, say)
         card.reference = getattr(reference, "card_reference", None) or "fp32 graph"
     card.seconds = round(time.perf_counter() - t0, 2)
     return card
@@ -327,9 +351,12 @@ def decoder_card(
     *,
     reference: Decoder | None = None,
     progress: Progress | None = None,
+    score_greedy: bool = True,
 ) -> QualityCard | None:
     """The card of an open decoder (any runtime, provider or shape contract) against an open
-    reference, on the settings' text and prompts (None when no evaluation text exists)."""
+    reference, on the settings' text and prompts (None when no evaluation text exists).
+    ``score_greedy=False``: a teacher-forced (streamed) reference's scoring of the greedy text
+    is left to :func:`finish_greedy`, for a caller that closes the candidate first."""
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(tokenizer_dir)
@@ -344,10 +371,24 @@ def decoder_card(
         reference = KeepPrefill(reference, window) if reference is not None else None
     card = quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
                         window=settings.window, stride=settings.stride,
-                        new_tokens=settings.new_tokens, eval_info=info, progress=progress)
+                        new_tokens=settings.new_tokens, eval_info=info, progress=progress,
+                        defer_scoring=True)
     card.replay = replay_record(candidate, tokenizer.encode(REPLAY_PROMPT), ids,
                                 reference=reference)
+    if score_greedy:
+        finish_greedy(card)
     return card
+
+
+def finish_greedy(card: QualityCard) -> None:
+    """Score the greedy text :func:`quality_card` kept with ``defer_scoring``."""
+    if card.pending_greedy is None:
+        return
+    t0 = time.perf_counter()
+    scorer, prompts, generated, rows, new_tokens = card.pending_greedy
+    card.pending_greedy = None
+    card.greedy = _score_generated(scorer, prompts, generated, rows, new_tokens)
+    card.seconds = round((card.seconds or 0.0) + time.perf_counter() - t0, 2)
 
 
 class KeepPrefill:
@@ -479,8 +520,15 @@ def artifact_card(
             timings["reference"] = round(time.perf_counter() - t_ref, 2)
         if recorded is None:
             return None
-        return decoder_card(open_candidate(), tokenizer_dir, settings, reference=recorded,
-                            progress=progress)
+        candidate = open_candidate()
+        card = decoder_card(candidate, tokenizer_dir, settings, reference=recorded,
+                            progress=progress, score_greedy=False)
+        # a streamed reference scores the candidate's greedy text after its session is closed
+        # (the two side by side were the 3B int4 export's peak: 10.9 GB)
+        del candidate
+        release_memory()
+        finish_greedy(card)
+        return card
 
 
 def release_memory() -> None:
