@@ -92,8 +92,9 @@ def assert_same(full, replicated, *, weights: bool):
             assert got.tobytes() == want.tobytes(), f"{name}: bytes differ"
 
 
-# qwen2 is llama with q/k/v biases: covered by the llama and qwen3 cases (CI time)
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3", "gpt2"])
+# CI time (~55 s a case): qwen2 / qwen3 are llama with q/k/v biases / q-k norms; phi3 (packed
+# projections) and gpt2 (its own layer) are the other structures
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
 def test_replicated_graph_is_the_full_trace(model_type, tmp_path):
     streamed = open_source(str(save_deep_tiny(model_type, tmp_path / model_type)))
     model, spec = streamed.model, streamed.spec
