@@ -192,8 +192,14 @@ def _greedy(candidate: Decoder, reference: Decoder, prompts: Sequence[Sequence[i
         firsts.append(first)
     reference.reset()
     candidate.reset()
+    return _greedy_summary(len(prompts), new_tokens, agree, total, firsts, kls)
+
+
+def _greedy_summary(prompts: int, new_tokens: int, agree: int, total: int, firsts: list[int],
+                    kls: list[float]) -> dict:
+    """The card's ``greedy`` section from the per-position tallies (either direction)."""
     return {
-        "prompts": len(prompts),
+        "prompts": prompts,
         "new_tokens": new_tokens,
         "top1_agreement": agree / total if total else 1.0,
         "first_divergence": firsts,
@@ -203,20 +209,15 @@ def _greedy(candidate: Decoder, reference: Decoder, prompts: Sequence[Sequence[i
     }
 
 
-def _greedy_scored(candidate: Decoder, scorer, prompts: Sequence[Sequence[int]],
-                   new_tokens: int, progress: Progress | None = None) -> dict:
-    """:func:`_greedy` the other way round, for a reference that cannot decode step by step
-    (streamed_reference.py): the candidate generates greedily (its KV-cache path, as in use),
-    and the reference scores each generated sequence teacher-forced, all in one pass. Top-1
-    agreement is the share of positions where the reference's top token is the candidate's;
-    the first divergence is the same position either way (the prefixes are equal up to it)."""
-    return _score_generated(scorer, prompts,
-                            *_generate_greedy(candidate, prompts, new_tokens, progress), new_tokens)
-
-
 def _generate_greedy(candidate: Decoder, prompts: Sequence[Sequence[int]], new_tokens: int,
                      progress: Progress | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
-    """The candidate's greedy tokens and its logits at each of them (:func:`_greedy_scored`)."""
+    """:func:`_greedy` the other way round, for a reference that cannot decode step by step
+    (streamed_reference.py): the candidate generates greedily (its KV-cache path, as in use),
+    and the reference scores each generated sequence teacher-forced, all in one pass
+    (:func:`_score_generated`). Top-1 agreement is the share of positions where the
+    reference's top token is the candidate's; the first divergence is the same position either
+    way (the prefixes are equal up to it). Returns the candidate's greedy tokens and its logits
+    at each of them."""
     report = _step_progress(progress or (lambda _m: None), "quality: greedy prompt (candidate)",
                             len(prompts))
     generated: list[list[int]] = []
@@ -239,7 +240,7 @@ def _generate_greedy(candidate: Decoder, prompts: Sequence[Sequence[int]], new_t
 
 def _score_generated(scorer, prompts: Sequence[Sequence[int]], generated: list[list[int]],
                      rows: list[np.ndarray], new_tokens: int) -> dict:
-    """The reference's teacher-forced pass over the candidate's greedy text (:func:`_greedy_scored`)."""
+    """The reference's teacher-forced pass over the candidate's greedy text (:func:`_generate_greedy`)."""
     # the reference predicts generated token j from the prompt and the tokens before it
     ref_rows = scorer.score([list(p) + t[:-1] for p, t in zip(prompts, generated)], new_tokens)
     agree = total = 0
@@ -251,16 +252,8 @@ def _score_generated(scorer, prompts: Sequence[Sequence[int]], generated: list[l
         total += len(tokens)
         firsts.append(int(np.argmin(hits)) if not hits.all() else new_tokens)
         kls.extend(kl_rows(ref, cand).tolist())
-    return {
-        "prompts": len(prompts),
-        "new_tokens": new_tokens,
-        "top1_agreement": agree / total if total else 1.0,
-        "first_divergence": firsts,
-        "first_divergence_min": min(firsts) if firsts else new_tokens,
-        "prompts_identical": sum(f == new_tokens for f in firsts),
-        "kl_mean": float(np.mean(kls)) if kls else 0.0,
-        "generated_by": "candidate",
-    }
+    return {**_greedy_summary(len(prompts), new_tokens, agree, total, firsts, kls),
+            "generated_by": "candidate"}
 
 
 def quality_card(
@@ -323,12 +316,12 @@ def quality_card(
             say(f"quality: greedy decoding on {len(prompt_ids)} prompts")
             if scorer is None:
                 card.greedy = _greedy(candidate, reference, prompt_ids, new_tokens, say)
-            elif defer_scoring:
+            else:
                 card.pending_greedy = (scorer, list(prompt_ids),
                                        *_generate_greedy(candidate, prompt_ids, new_tokens, say),
                                        new_tokens)
-            else:
-                card.greedy = _greedy_scored(candidate, scorer, prompt_ids, new_tokens, say)
+                if not defer_scoring:
+                    finish_greedy(card)
         card.reference = getattr(reference, "card_reference", None) or "fp32 graph"
     card.seconds = round(time.perf_counter() - t0, 2)
     return card
