@@ -196,6 +196,17 @@ def _reference_budget(config: ExportConfig) -> int:
     return psutil.virtual_memory().available // 4
 
 
+def _verify_budget(config: ExportConfig, share: float) -> tuple[int, str]:
+    """Bytes a verification session may take and where that figure comes from:
+    ``verify_session_max_mb`` when given, else ``share`` of the memory available now."""
+    if config.verify_session_max_mb is not None:
+        return int(config.verify_session_max_mb * 1e6), "verify_session_max_mb"
+    import psutil
+
+    return (int(psutil.virtual_memory().available * share),
+            f"{share:.0%} of the available memory")
+
+
 def _session_plan(config: ExportConfig, streamed) -> tuple[bool, str | None]:
     """How the verification session (parity gate, card) is opened: ``(keep_fp16, why_not)``.
     ONNX Runtime's CPU session holds every weight, fp16 ones as fp32 on x86, and took ~1.1x
@@ -205,13 +216,7 @@ def _session_plan(config: ExportConfig, streamed) -> tuple[bool, str | None]:
     slower decode step) when that fits; ``why_not`` says why no session is opened at all."""
     held = session_weights_bytes(streamed.model)
     stored = weights_bytes(streamed.model)
-    if config.verify_session_max_mb is not None:
-        budget, source = int(config.verify_session_max_mb * 1e6), "verify_session_max_mb"
-    else:
-        import psutil
-
-        budget = int(psutil.virtual_memory().available * 0.8)
-        source = "80% of the available memory"
+    budget, source = _verify_budget(config, 0.8)
     if held * 1.2 <= budget:
         return False, None
     if stored < held and stored * 1.2 <= budget:
@@ -246,13 +251,7 @@ def _quantize_on_write(config: ExportConfig, streamed) -> str | None:
     if config.quant is None or config.quality.auto or streaming_unsupported(config.quant):
         return None
     need = int(session_weights_bytes(streamed.model) * 1.2)
-    if config.verify_session_max_mb is not None:
-        budget, where = int(config.verify_session_max_mb * 1e6), "verify_session_max_mb"
-    else:
-        import psutil
-
-        budget = int(psutil.virtual_memory().available * ON_WRITE_SHARE)
-        where = f"{ON_WRITE_SHARE:.0%} of the available memory"
+    budget, where = _verify_budget(config, ON_WRITE_SHARE)
     if need <= budget:
         return None
     return (f"ONNX Runtime's CPU session of the fp32 graph needs ~{need / 1e6:.0f} MB (its "
