@@ -28,6 +28,7 @@ from pathlib import Path
 from slmedge.runtimes.artifact import sha256_file
 from slmedge.runtimes.errors import ModelSourceError
 
+from .architectures import get_spec, model_type_for_gguf
 from .lazy_weights import WeightSource, empty_model
 from .source_info import SourceInfo
 
@@ -458,9 +459,9 @@ class GGUFWeights(WeightSource):
         self.key_map = get_gguf_hf_weights_map(model, self.processor)
         self._tensors = {t.name: t for t in reader.tensors}
         self._gguf_of = {hf: g for g, hf in self.key_map.items() if g in self._tensors}
-        if arch == "gpt2" and "output.weight" in self._tensors:
-            # GPT2TensorProcessor stores output.weight as lm_head.weight itself
-            self._gguf_of["lm_head.weight"] = "output.weight"
+        for hf_name, gguf_name in get_spec(model_type_for_gguf(arch)).gguf_unmapped_tensors.items():
+            if gguf_name in self._tensors:
+                self._gguf_of[hf_name] = gguf_name
 
     def names(self) -> set[str]:
         return set(self._gguf_of)

@@ -9,6 +9,9 @@ class GPT2Spec(ArchitectureSpec):
     examples = "gpt2, distilgpt2"
     gguf_architectures = ("gpt2",)
     end_of_turn_tokens = ("<|endoftext|>",)
+    # transformers' GPT2TensorProcessor stores output.weight as lm_head.weight itself, outside
+    # get_gguf_hf_weights_map's names
+    gguf_unmapped_tensors = {"lm_head.weight": "output.weight"}
     tflite_unsupported = (
         "GPT-2's attention keeps the cache in its own Conv1D layout and learned absolute "
         "positions; it is not wired to the static-cache wrapper (ONNX export works)"

@@ -48,6 +48,9 @@ class ArchitectureSpec:
     #: graph each); ``None``: no genai_config.json (GenAI rejects unknown types with
     #: "Unsupported model_type in config.json").
     genai_model_type: ClassVar[str | None] = None
+    #: GGUF tensors that transformers' GGUF name map does not name, by the HF parameter they
+    #: fill (``gguf_source.GGUFWeights``): read from the file when it has them.
+    gguf_unmapped_tensors: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def kv_layout(cls, config) -> tuple[int, int, int]:
