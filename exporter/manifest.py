@@ -98,9 +98,10 @@ def file_table(root: Path, model_files: set[str]) -> dict[str, dict]:
     return table
 
 
-def write_manifest(root: Path, fields: dict, model_files: set[str]) -> dict:
-    """Write ``manifest.json`` into ``root`` with the given fields plus hashes and versions."""
-    manifest = {
+def build_manifest(root: Path, fields: dict, model_files: set[str]) -> dict:
+    """The manifest of the files in ``root``: the given fields plus hashes and versions (not
+    written: :func:`save_manifest`)."""
+    return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -108,7 +109,11 @@ def write_manifest(root: Path, fields: dict, model_files: set[str]) -> dict:
         "versions": package_versions(),
         "files": file_table(root, model_files),
     }
-    return save_manifest(root, manifest)
+
+
+def write_manifest(root: Path, fields: dict, model_files: set[str]) -> dict:
+    """Write ``manifest.json`` into ``root`` with the given fields plus hashes and versions."""
+    return save_manifest(root, build_manifest(root, fields, model_files))
 
 
 def save_manifest(root: Path, manifest: dict, indent: int | None = 2) -> dict:

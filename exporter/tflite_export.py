@@ -10,7 +10,6 @@ its own venv (``tools/setup_tflite.sh``).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -23,11 +22,9 @@ from slmedge.runtimes.litert_decoder import LiteRTDecoder, parity_fixture
 from slmedge.runtimes.tokenizer import TextTokenizer
 
 from .compare import ParityResult, Tolerance, compare_decoders
-from .export import architecture_facts, save_support_files
-from .manifest import write_manifest
 from .parity import torch_step_logits
+from .skeleton import ExportSteps, run_steps
 from .sources import classify, load_source, read_model_type
-from .staging import check_output, staged_directory
 from .tflite_graph import TfliteGraphInfo, check_family, convert_decoder
 from .tflite_options import TfliteExportConfig, require_tflite_extra
 from .tflite_quant import quantize_tflite
@@ -142,44 +139,59 @@ def _quality(
 
 def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = None) -> dict:
     """Export, quantize, verify and write a TFLite artifact; returns the manifest."""
-    say = progress or (lambda _msg: None)
     require_tflite_extra()
-    check_output(config.output, config.overwrite)  # before minutes of work
-    kind, where = classify(config.model)
-    check_family(read_model_type(kind, where))  # exit 4 before any weight is read
-    t0 = time.perf_counter()
-    loaded = load_source(config.model, dtype="fp32", progress=say)
-    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    check_family(model.config.model_type, model.config)
-    layers = spec.kv_layout(model.config)[0]
-    load_s = time.perf_counter() - t0
-    scheme = config.quant
-    with staged_directory(config.output, config.overwrite) as stage:
+    return run_steps(TfliteSteps(config), config.output, config.overwrite, progress)
+
+
+class TfliteSteps(ExportSteps):
+    """The TFLite flow's steps (:func:`.skeleton.run_steps` runs them): the fp32 flatbuffer
+    is gated against PyTorch, then quantized (ai-edge-quantizer), gated again and carded
+    against the fp32 graph."""
+
+    def __init__(self, config: TfliteExportConfig):
+        self.config = config
+        self.scheme = config.quant
+        self.card_phase = "card" if self.scheme is QuantScheme.fp32 else "quantize_and_card"
+
+    def check(self) -> None:
+        kind, where = classify(self.config.model)
+        check_family(read_model_type(kind, where))  # exit 4 before any weight is read
+
+    def load(self, say: Progress):
+        loaded = load_source(self.config.model, dtype="fp32", progress=say)
+        check_family(loaded.model.config.model_type, loaded.model.config)
+        return loaded
+
+    def convert(self, stage: Path, loaded, say: Progress) -> dict[str, float]:
+        config, model, spec = self.config, loaded.model, loaded.spec
+        layers = spec.kv_layout(model.config)[0]
         sigs = ", ".join(f"prefill_{t}" for t in config.prefill_chunks) + ", decode"
         say(
             f"converting {spec.family} ({layers} layers) to TFLite: {sigs}; "
             f"KV cache {config.context_length} rows"
         )
         if config.from_artifact is not None:
-            fp32, graph = _reuse_fp32(config, loaded.source.to_dict())
+            self.fp32, self.graph = _reuse_fp32(config, loaded.source.to_dict())
             say(f"reusing the fp32 graph of {config.from_artifact}: {sigs}")
         else:
-            fp32, graph = convert_decoder(
+            self.fp32, self.graph = convert_decoder(
                 model,
                 spec,
                 context_length=config.context_length,
                 prefill_chunks=config.prefill_chunks,
             )
-        fp32_path = stage / (MODEL_FILE if scheme is QuantScheme.fp32 else REFERENCE_FILE)
-        fp32_path.write_bytes(fp32)
-        say("saving tokenizer and generation config")
-        tokenizer_report = save_support_files(stage, model, tokenizer, spec)
+        self.fp32_path = stage / (MODEL_FILE if self.scheme is QuantScheme.fp32 else REFERENCE_FILE)
+        self.fp32_path.write_bytes(self.fp32)
+        return {"convert": self.graph.seconds}
 
+    def parity(self, stage: Path, loaded, say: Progress) -> dict:
+        """The fp32 graph against PyTorch; the quantized graph's own parity is :meth:`card`'s."""
+        config = self.config
         say("checking fp32 parity with PyTorch (LiteRT)")
-        atol = config.parity_atol or spec.parity_atol
-        reference = LiteRTDecoder(fp32_path, threads=config.threads)
+        self.atol = config.parity_atol or loaded.spec.parity_atol
+        self.reference = LiteRTDecoder(self.fp32_path, threads=config.threads)
         parity_fp32 = check_tflite_parity(
-            model, reference, QuantScheme.fp32, atol=atol, steps=config.quant_steps
+            loaded.model, self.reference, QuantScheme.fp32, atol=self.atol, steps=config.quant_steps
         )
         if not parity_fp32.passed:
             raise QualityGateFailed(
@@ -188,17 +200,22 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
                 "written",
                 parity_fp32.to_dict(),
             )
-        quant_report = None
+        self.parity_fp32 = parity_fp32
+        return parity_fp32.to_dict()
+
+    def card(self, stage: Path, loaded, parity: dict, say: Progress) -> None:
+        config, scheme, model = self.config, self.scheme, loaded.model
+        self.quant_report = None
         if scheme is QuantScheme.fp32:
-            candidate, parity = reference, parity_fp32
+            candidate, self.final_parity = self.reference, self.parity_fp32
         else:
             calib_ids: list[int] = []
             if scheme is QuantScheme.int8_static:
                 calib_ids = _calibration_ids(stage)
-            data, quant_report = quantize_tflite(
-                fp32,
+            data, self.quant_report = quantize_tflite(
+                self.fp32,
                 scheme,
-                fp32_path=fp32_path,
+                fp32_path=self.fp32_path,
                 calib_ids=calib_ids,
                 calib_samples=config.calib_samples,
                 threads=config.threads,
@@ -207,24 +224,26 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
             (stage / MODEL_FILE).write_bytes(data)
             candidate = LiteRTDecoder(stage / MODEL_FILE, threads=config.threads)
             say(f"checking {scheme.value} parity with PyTorch")
-            parity = check_tflite_parity(
-                model, candidate, scheme, atol=atol, steps=config.quant_steps
+            self.final_parity = check_tflite_parity(
+                model, candidate, scheme, atol=self.atol, steps=config.quant_steps
             )
             # On a real model the largest of ~50k logits moves by more than a few weight steps
             # (SmolLM2-135M int8-dynamic: 18.9 vs 0.71), so with the quality card on, the gate
             # is its perplexity against the fp32 graph, as for ONNX; the steps are recorded.
-            if not parity.passed and not config.quality:
+            if not self.final_parity.passed and not config.quality:
                 raise QualityGateFailed(
                     f"parity gate failed: {scheme.value} TFLite logits differ from PyTorch by "
-                    f"{parity.max_abs_diff:.3g}, more than {parity.tolerance} = "
-                    f"{parity.atol:.3g}; nothing was written",
-                    parity.to_dict(),
+                    f"{self.final_parity.max_abs_diff:.3g}, more than "
+                    f"{self.final_parity.tolerance} = {self.final_parity.atol:.3g}; nothing was "
+                    "written",
+                    self.final_parity.to_dict(),
                 )
         quality: dict = {"skipped": "quality card turned off (quality=false)"}
         if config.quality:
             say("quality card")
             quality = _quality(
-                config, stage, candidate, reference if scheme is not QuantScheme.fp32 else None, say
+                config, stage, candidate,
+                self.reference if scheme is not QuantScheme.fp32 else None, say
             )
             rise = quality.get("ppl_increase_pct")
             if scheme is not QuantScheme.fp32 and rise is not None:
@@ -238,52 +257,42 @@ def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = No
                         f"+{config.max_ppl_increase:g}%, --max-ppl-increase); nothing was written",
                         quality,
                     )
+        self.quality = quality
         fixture_prompt, fixture_steps = parity_inputs(
             model.config.vocab_size, candidate.context_length, [8], seed=1
         )
-        fixture = parity_fixture(candidate, fixture_prompt[:8], fixture_steps)
-        del reference, candidate
+        self.fixture = parity_fixture(candidate, fixture_prompt[:8], fixture_steps)
+        del candidate
+        self.reference = None
         if scheme is not QuantScheme.fp32:
-            fp32_path.unlink()
-        manifest = write_manifest(
-            stage,
-            {
-                "format": "tflite",
-                "model_file": MODEL_FILE,
-                "source": loaded.source.to_dict(),
-                "architecture": architecture_facts(model, spec),
-                "recipe": {
-                    "quant": scheme.value,
-                    "context_length": config.context_length,
-                    "prefill_chunks": config.prefill_chunks,
-                    "profile": config.profile,
-                },
-                "tflite": {
-                    **graph.to_dict(),
-                    "quantization": quant_report.to_dict() if quant_report else None,
-                    "runtime": "ai-edge-litert (tflite-runtime only after parity_fixture passes)",
-                    "parity_fixture": fixture,
-                    # top-k values are rounded to 1e-5; kernels of another runtime may differ
-                    # within the quantization noise of the recipe
-                    "fixture_atol": max(1e-3, parity.atol),
-                    "versions": _stack_versions(),
-                },
-                "stop_token_ids": model.generation_config.eos_token_id,
-                "quality": quality,
-                "verification": {
-                    "parity": parity.to_dict(),
-                    "parity_fp32": parity_fp32.to_dict(),
-                    "tokenizer": tokenizer_report,
-                },
-                "timings_s": {
-                    "load": round(load_s, 2),
-                    "convert": graph.seconds,
-                    "total": round(time.perf_counter() - t0, 2),
-                },
+            self.fp32_path.unlink()
+
+    def fields(self, stage: Path, loaded) -> tuple[dict, set[str]]:
+        config = self.config
+        return {
+            "format": "tflite",
+            "model_file": MODEL_FILE,
+            "recipe": {
+                "quant": self.scheme.value,
+                "context_length": config.context_length,
+                "prefill_chunks": config.prefill_chunks,
+                "profile": config.profile,
             },
-            {MODEL_FILE},
-        )
-    return manifest
+            "tflite": {
+                **self.graph.to_dict(),
+                "quantization": self.quant_report.to_dict() if self.quant_report else None,
+                "runtime": "ai-edge-litert (tflite-runtime only after parity_fixture passes)",
+                "parity_fixture": self.fixture,
+                # top-k values are rounded to 1e-5; kernels of another runtime may differ
+                # within the quantization noise of the recipe
+                "fixture_atol": max(1e-3, self.final_parity.atol),
+                "versions": _stack_versions(),
+            },
+            "quality": self.quality,
+            # the gate's parity is the fp32 graph's; the artifact's is the candidate's
+            "verification": {"parity": self.final_parity.to_dict(),
+                             "parity_fp32": self.parity_fp32.to_dict()},
+        }, {MODEL_FILE}
 
 
 def _reuse_fp32(config: TfliteExportConfig, source: dict) -> tuple[bytes, TfliteGraphInfo]:
