@@ -125,6 +125,10 @@ class KVCacheCalibrationReader(CalibrationDataReader):
     def __len__(self) -> int:
         return self.config.prefill_samples + (self.config.decode_samples if self.past_names else 0)
 
+    def close(self) -> None:
+        """Free the whole graph's session (its weights and arena); samples() then fails."""
+        self.session = None
+
     # -- CalibrationDataReader ---------------------------------------------------------------
 
     def get_next(self) -> dict | None:

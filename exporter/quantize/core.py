@@ -22,6 +22,7 @@ import onnx
 from .calibration import KVCacheCalibrationReader, calibration_text
 from .fold_zero_points import fold_float_zero_points
 from .gptq import collect_hessians
+from .gptq_layered import gptq_layered
 from .graph import GraphFacts, analyze, fold_weight_transposes, split_gemms
 from .head_split import frequent_tokens, group_size
 from .pack_matmuls import pack_shared_input_matmuls
@@ -35,6 +36,23 @@ Say = Callable[[str], None]
 TWO_GB = 2 * 1024**3
 #: gptq-act's default prompt chunks of calibration text (CalibrationConfig.prefill_samples)
 GPTQ_PREFILL_SAMPLES = 64
+#: gptq-act one layer at a time through the quantized prefix (gptq_layered.py); False: the
+#: whole float graph's Hessians at once (gptq.collect_hessians), kept for comparison
+GPTQ_LAYERED = True
+
+
+class _LayeredGptq:
+    """gptq-act's calibration for weight_only: ``layered(model, blocks)`` runs
+    gptq_layered over the reader's samples (the reader's full-graph session is closed
+    first: the segments have their own)."""
+
+    def __init__(self, reader: KVCacheCalibrationReader, say: Say):
+        self.reader, self.say = reader, say
+
+    def layered(self, model: onnx.ModelProto, blocks: dict[str, int]):
+        samples = list(self.reader.samples())
+        self.reader.close()
+        return gptq_layered(model, blocks, samples, say=self.say).quantized
 
 
 @dataclass
@@ -206,7 +224,9 @@ class _WeightOnly(_Strategy):
                          "tokens_available": len(ids),
                          "lm_head_int8_rows": len(frequent or [])}
         hessians = None
-        if gptq_act:
+        if gptq_act and GPTQ_LAYERED:
+            hessians = _LayeredGptq(reader, say)
+        elif gptq_act:
             def hessians(names, _reader=reader):
                 return collect_hessians(job.prepared, names, _reader.samples, say=say)
         model, precision = quantize_weight_only(job.model, facts, recipe, body_bits=self.bits,

@@ -208,25 +208,35 @@ def pack_matmul_nbits(j: np.ndarray, scale: np.ndarray, zero: np.ndarray, block_
 
 def rewrite_matmul_nbits(
     model: onnx.ModelProto,
-    weights: dict[str, np.ndarray],
-    hessians: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray] | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
     *,
+    quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     say: Say = lambda _m: None,
 ) -> int:
     """Give each 4-bit MatMulNBits whose output is a key of ``weights`` (the float ``[K, N]``
     weight of the MatMul it replaced) GPTQ's weights, scales and zero points, computed
-    with ``hessians[its input]``. The node must have integer zero points (an asymmetric
-    RTN pass of ORT's quantizer writes them). Returns the number of nodes rewritten."""
+    with ``hessians[its input]``; or, with ``quantized`` (output -> ``(j, scale, zero)``,
+    gptq_layered.py), the ones already computed. The node must have integer zero points
+    (an asymmetric RTN pass of ORT's quantizer writes them). Returns the number of nodes
+    rewritten."""
     inits = {t.name: t for t in model.graph.initializer}
+    chosen = quantized if quantized is not None else weights or {}
     todo = [n for n in model.graph.node
-            if n.op_type == "MatMulNBits" and n.output[0] in weights]
+            if n.op_type == "MatMulNBits" and n.output[0] in chosen]
     for count, node in enumerate(todo, 1):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("bits", 4) != 4 or len(node.input) < 4 or not node.input[3]:
             raise ValueError(f"{node.name}: gptq-act rewrites 4-bit MatMulNBits with zero points")
         bs = attrs["block_size"]
-        w = np.asarray(weights[node.output[0]], dtype=np.float64)
-        j, scale, zero = gptq_quantize(w, hessians[node.input[0]], bs)
+        if quantized is not None:
+            j, scale, zero = quantized[node.output[0]]
+            if scale.shape[0] * bs != j.shape[0]:
+                raise ValueError(f"{node.name}: quantized with blocks of "
+                                 f"{j.shape[0] // scale.shape[0]}, the node has {bs}")
+        else:
+            w = np.asarray(weights[node.output[0]], dtype=np.float64)
+            j, scale, zero = gptq_quantize(w, hessians[node.input[0]], bs)
         b, sc, zp = pack_matmul_nbits(j, scale, zero, bs)
         for slot, value in ((1, b), (2, sc), (3, zp)):
             old = inits[node.input[slot]]

@@ -24,7 +24,10 @@ from .recipe import Int4Algorithm, QuantRecipe, TensorPrecision
 from .tied_table import share_tied_int4_table
 
 Say = Callable[[str], None]
-#: ``hessians({activation: K}) -> {activation: E[x^T x]}`` on calibration text (gptq-act)
+#: gptq-act's calibration, one of: ``hessians({activation: K}) -> {activation: E[x^T x]}``
+#: on the float graph (gptq.collect_hessians: every Hessian at once), or an object with
+#: ``layered(model, {node: block size}) -> {MatMul output: (j, scale, zero)}`` (one layer
+#: at a time through the quantized prefix: gptq_layered.py)
 Hessians = Callable[[dict[str, int]], dict[str, np.ndarray]]
 
 
@@ -170,12 +173,22 @@ def _gptq_act(model: onnx.ModelProto, by_block: dict[int, set[str]], hessians: H
         if node.name in targets and node.op_type == "MatMul" and node.input[1] in inits:
             weights[node.output[0]] = numpy_helper.to_array(inits[node.input[1]])
             inputs[node.input[0]] = weights[node.output[0]].shape[0]
-    say(f"gptq-act: input statistics of {len(inputs)} activations on the calibration text")
-    stats = hessians(inputs)
+    layered = getattr(hessians, "layered", None)
+    if layered is not None:  # on the float graph, before the RTN pass below replaces it
+        found = {x.name for x in model.graph.node if x.output and x.output[0] in weights}
+        blocks = {n: b for b, nodes in by_block.items() for n in nodes if n in found}
+        say(f"gptq-act: {len(blocks)} MatMuls layer by layer, through the quantized layers")
+        quantized = layered(model, blocks)
+    else:
+        say(f"gptq-act: input statistics of {len(inputs)} activations on the calibration text")
+        stats = hessians(inputs)
     for block, nodes in by_block.items():
         model = _run_nbits(model, nodes, bits=4, algorithm=Int4Algorithm.rtn, block_size=block,
                            symmetric=False, accuracy_level=recipe.accuracy_level)
-    rewrite_matmul_nbits(model, weights, stats, say=say)
+    if layered is not None:
+        rewrite_matmul_nbits(model, quantized=quantized, say=say)
+    else:
+        rewrite_matmul_nbits(model, weights, stats, say=say)
     return model
 
 
