@@ -96,6 +96,18 @@ class StreamedReference:
         self._per_layer = [[full_name[id(p)] for p in layer.parameters()] for layer in self._layers]
         # embedding, final norm, head (one tensor when tied), GPT-2's position table
         self._outer = [v for k, v in full_name.items() if k not in in_layers]
+        # an untied embedding and head are read one after the other, not side by side: the
+        # head only for the logits (after the layers), the embedding dropped once it has run
+        # (Llama-3.1-8B: each is 2.1 GB in fp32)
+        head = {id(p) for p in self.model.get_output_embeddings().parameters()}
+        embedding = self.model.get_input_embeddings()
+        self._head = [v for k, v in full_name.items() if k in head]
+        self._before_head = [v for k, v in full_name.items()
+                             if k not in in_layers and k not in head]
+        self._embedding_only = [full_name[id(p)] for p in embedding.parameters()
+                                if id(p) not in head]
+        self._embedding = embedding
+        self._head_loaded = False
         self.release()
 
     # -- weights
@@ -119,19 +131,22 @@ class StreamedReference:
         """Drop every weight (the model keeps its structure) and hand the memory back."""
         for entries in (self._outer, *self._per_layer):
             self._drop(entries)
+        self._head_loaded = False
         release_memory()
 
     # -- forward
     def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list:
         """The final hidden states (after the final norm) of every sequence, one batched pass
-        that reads each decoder layer once. Keeps the embedding / head loaded: call
-        :meth:`logits` on the result, then :meth:`release`."""
+        that reads each decoder layer once. Keeps the final norm (and a tied embedding) loaded:
+        call :meth:`logits` on the result, then :meth:`release`."""
         import torch
 
         longest = max(len(s) for s in sequences)
         batch = torch.tensor([list(s) + [int(s[-1])] * (longest - len(s)) for s in sequences],
                              dtype=torch.long)
-        self._fill(self._outer)
+        self._drop(self._head)  # read again by logits(), after the layers
+        self._head_loaded = False
+        self._fill(self._before_head)
         t0 = time.perf_counter()
         total = len(self._per_layer)
 
@@ -149,6 +164,12 @@ class StreamedReference:
             return hook
 
         handles = []
+        if self._embedding_only:
+            handles.append(self._embedding.register_forward_hook(
+                lambda _module, _args, _output: self._drop(self._embedding_only)))
+        else:  # tied: the embedding is the head, read now
+            self._fill(self._head)
+            self._head_loaded = True
         for i, layer in enumerate(self._layers):
             handles.append(layer.register_forward_pre_hook(before(i)))
             handles.append(layer.register_forward_hook(after(i)))
@@ -166,6 +187,9 @@ class StreamedReference:
         applied as its forward does)."""
         import torch
 
+        if not self._head_loaded:
+            self._fill(self._head)
+            self._head_loaded = True
         with torch.no_grad():
             logits = self.model.get_output_embeddings()(hidden)
             cap = getattr(self.config, "final_logit_softcapping", None)

@@ -162,10 +162,32 @@ def test_fp16_session_plan_keeps_fp16_weights_when_fp32_would_not_fit(tiny_dir, 
         return _session_plan(ExportConfig(model="x", output=tmp_path, dtype="fp16",
                                           verify_session_max_mb=mb), streamed)
 
-    assert plan(held * 1.2 / 1e6 + 0.01) == (False, None)  # the fp32 copy fits: as today
-    assert plan(stored * 1.2 / 1e6 + 0.01) == (True, None)  # only the fp16 weights fit
+    assert plan(held * 1.2 / 1e6 + 0.01) == (None, None)  # the fp32 copy fits: as today
+    keep, why = plan(stored * 1.2 / 1e6 + 0.01)  # only the fp16 weights fit
+    assert why is None and "fp16 weights kept fp16" in keep and "would not fit the" in keep
     keep, why = plan(stored * 1.2 / 1e6 - 0.01)
-    assert keep is False and "fp16 as fp32" in why and "with its fp16 weights kept fp16" in why
+    assert keep is None and "fp16 as fp32" in why and "with its fp16 weights kept fp16" in why
+
+
+def test_fp16_session_plan_keeps_fp16_weights_when_fp32_copy_passes_the_headroom(
+        tiny_dir, tmp_path, monkeypatch):
+    from slmedge.exporter import export
+    from slmedge.exporter.onnx_export import weights_bytes
+    from slmedge.exporter.sources import open_source
+
+    config = export.ExportConfig(model="x", output=tmp_path, dtype="fp16",
+                                 verify_session_max_mb=1e6)
+    streamed = open_source(str(tiny_dir("llama")), dtype="fp16")
+    stored = weights_bytes(streamed.model)
+    extra = 2 * stored * 1.2 - stored  # the fp32 copy (at creation) above the file
+    monkeypatch.setattr(export, "FP16_COPY_MAX_EXTRA", int(extra) + 1)
+    assert export._session_plan(config, streamed) == (None, None)
+    monkeypatch.setattr(export, "FP16_COPY_MAX_EXTRA", int(extra) - 1)
+    keep, why = export._session_plan(config, streamed)
+    assert why is None and f"would add ~{extra / 1e6:.0f} MB to the export's peak" in keep
+    # an fp32 graph has no fp16 weights to keep
+    fp32 = open_source(str(tiny_dir("llama")), dtype="fp32")
+    assert export._session_plan(config.model_copy(update={"dtype": "fp32"}), fp32) == (None, None)
 
 
 def test_keep_fp16_session_gives_the_same_logits(tiny_artifact):
@@ -200,3 +222,22 @@ def test_unquantized_export_card_against_the_streamed_source(tiny_dir, tmp_path)
     assert abs(card["ppl_increase_pct"]) < 0.5
     assert "greedy" not in card  # windows only (an unquantized card decodes no prompts)
     assert not list((tmp_path / "out").glob(".card-reference-*"))
+
+
+def test_untied_embedding_and_head_are_never_held_together(tiny_dir):
+    """The head is read after the layers and the embedding dropped once it has run (an 8B's
+    are 2.1 GB each in fp32); the logits stay the model's (test above)."""
+    reference = _streamed(tiny_dir("llama"))  # the tiny Llama's embedding and head are untied
+    model = reference.model
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head is not embedding
+    seen = []
+    hook = reference._layers[0].register_forward_pre_hook(
+        lambda *_: seen.append((head.numel(), embedding.numel())))
+    hidden = reference.hidden_states([list(range(3, 20))])
+    hook.remove()
+    assert seen == [(0, 0)]  # during the layers: neither
+    reference.logits(hidden[0])
+    assert head.numel() > 0 and embedding.numel() == 0  # the logits: the head alone
+    reference.release()
+    assert _held(reference) == 0
