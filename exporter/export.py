@@ -1,12 +1,12 @@
 """``slmedge export``: source -> ONNX with KV cache -> tokenizer + configs -> parity gate -> manifest.
 
-Everything is written into a staging directory that replaces ``--output`` only when
-every step, the parity gate included, has passed.
+The ONNX flow's own steps (:class:`OnnxSteps`: load, convert, parity, card, manifest fields);
+the skeleton that runs them, stages the output and writes the manifest is
+:mod:`.skeleton`, shared with the static-shape and TFLite flows.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -14,11 +14,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmedge.device_profiles.schema import QDQ_SCHEMES
-from slmedge.runtimes.errors import ArtifactError, QualityGateFailed
+from slmedge.runtimes.errors import QualityGateFailed
 from slmedge.runtimes.onnx_decoder import OnnxDecoder
-from slmedge.runtimes.tokenizer import TextTokenizer
 
-from .manifest import graph_io, onnx_facts, write_manifest
+from .manifest import graph_io, onnx_facts
 from .onnx_export import DEFAULT_OPSET, weights_bytes
 from .parity import check_parity
 from .passes import FusionOptions
@@ -28,8 +27,9 @@ from .quantize.pipeline import (
 )
 from .quantize.recipe import QuantRecipe
 from .quantize.streaming import streaming_unsupported
+from .skeleton import ExportSteps, Extra, run_steps
+from .skeleton import architecture_facts, save_support_files  # noqa: F401  (re-exported)
 from .sources import DEFAULT_MODEL, open_source
-from .staging import check_output, staged_directory
 from .streaming import export_streamed, export_unwritten, session_weights_bytes
 
 MODEL_FILE = "model.onnx"
@@ -120,71 +120,6 @@ class ExportConfig(BaseModel):
         return self
 
 
-def _stop_token_ids(model, tokenizer, spec) -> list[int]:
-    """EOS ids from the generation config and tokenizer, plus the family's end-of-turn tokens
-    that this vocabulary has: a chat user expects generation to stop at the end of a turn."""
-    ids: set[int] = set()
-    eos = model.generation_config.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    template = getattr(tokenizer, "chat_template", None) or ""
-    for token in spec.end_of_turn_tokens:
-        if token in vocab and (token in template or not template):
-            ids.add(vocab[token])
-    return sorted(ids)
-
-
-def _check_runtime_tokenizer(stage: Path, tokenizer) -> dict:
-    """The torch-free tokenizer must encode exactly as transformers does (text and chat)."""
-    runtime = TextTokenizer(stage)
-    sample = "The quick brown fox jumps over the lazy dog. 1234 naïve — ok?\n  Indented."
-    want = tokenizer(sample).input_ids
-    got = runtime.encode(sample)
-    if got != want:
-        raise ArtifactError(
-            f"the saved tokenizer.json encodes differently from transformers ({got[:8]}... vs "
-            f"{want[:8]}...); this tokenizer type is not supported yet"
-        )
-    report = {"encode_matches_transformers": True, "chat_template": bool(runtime.chat_template)}
-    if runtime.chat_template:
-        messages = [{"role": "user", "content": "Hi there"}]
-        want_chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        got_chat = runtime.apply_chat_template(messages)
-        if want_chat != got_chat:
-            raise ArtifactError(
-                f"the chat template renders differently without transformers: {got_chat!r} vs "
-                f"{want_chat!r}"
-            )
-        report["chat_template_matches_transformers"] = True
-    return report
-
-
-def save_support_files(stage: Path, model, tokenizer, spec) -> dict:
-    """Tokenizer, generation config (stop ids) and model config beside the graph; returns
-    the check that the runtime tokenizer encodes as transformers does."""
-    tokenizer.save_pretrained(str(stage))
-    model.generation_config.eos_token_id = _stop_token_ids(model, tokenizer, spec)
-    model.generation_config.save_pretrained(str(stage))
-    model.config.save_pretrained(str(stage))
-    return _check_runtime_tokenizer(stage, tokenizer)
-
-
-def architecture_facts(model, spec) -> dict:
-    """The manifest's ``architecture`` block (what the runtimes size the KV cache from)."""
-    layers, kv_heads, head_dim = spec.kv_layout(model.config)
-    return {
-        "model_type": model.config.model_type,
-        "family": spec.family,
-        "num_layers": layers,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": model.config.vocab_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-
-
 def _reference_budget(config: ExportConfig) -> int:
     """Bytes a PyTorch reference model may take for the parity gate: the configured limit, or
     a quarter of the memory available now (loading a checkpoint briefly needs about twice the
@@ -207,25 +142,45 @@ def _verify_budget(config: ExportConfig, share: float) -> tuple[int, str]:
             f"{share:.0%} of the available memory")
 
 
-def _session_plan(config: ExportConfig, streamed) -> tuple[bool, str | None]:
-    """How the verification session (parity gate, card) is opened: ``(keep_fp16, why_not)``.
-    ONNX Runtime's CPU session holds every weight, fp16 ones as fp32 on x86, and took ~1.1x
+#: an fp16 export's peak aim: its output plus 2 GB (issue 15). ONNX Runtime's CPU session holds
+#: an fp16 graph's weights as fp32 on x86, twice the file, and ~1.2x that while it is created:
+#: Qwen2.5-0.5B fp16 (0.99 GB) peaked at 3.2 GB there, Llama-3.2-1B (2.47 GB) at 6.7 GB. The
+#: session keeps the weights fp16 when their fp32 copy would cost more than this above the
+#: file: half the 2 GB; the other half is the export process's own (0.5-0.8 GB after the
+#: trace at 0.5B-1B) and a card window's logits (512 x 152k fp32: 0.3 GB per copy).
+FP16_COPY_MAX_EXTRA = 1 << 30
+
+
+def _session_plan(config: ExportConfig, streamed) -> tuple[str | None, str | None]:
+    """How the verification session (parity gate, card) is opened: ``(keep_fp16, why_not)``,
+    ``keep_fp16`` being why an fp16 graph's weights stay fp16 in it (None: ONNX Runtime's
+    default, an fp32 copy) and ``why_not`` why no session is opened at all.
+    ONNX Runtime's CPU session holds every weight, fp16 ones as fp32 on x86, and took ~1.2x
     that while being created (Qwen2.5-0.5B fp16: 2.2 GB held, 2.4 GB at creation); an 8B fp16
-    graph would need ~35 GB. An fp16 graph whose fp32 copy does not fit is opened with its
-    weights kept fp16 (``verification_session_options(keep_fp16=True)``: ~its file size, a
-    slower decode step) when that fits; ``why_not`` says why no session is opened at all."""
+    graph would need ~38 GB. An fp16 graph is opened with its weights kept fp16
+    (``verification_session_options(keep_fp16=True)``: ~its file size; logits within one fp16
+    step of the default session's, a slower decode step) when its fp32 copy would cost more
+    than :data:`FP16_COPY_MAX_EXTRA` above the file or would not fit the budget. Small graphs
+    (SmolLM2-135M: 0.38 GB extra) keep the default session."""
     held = session_weights_bytes(streamed.model)
     stored = weights_bytes(streamed.model)
     budget, source = _verify_budget(config, 0.8)
-    if held * 1.2 <= budget:
-        return False, None
-    if stored < held and stored * 1.2 <= budget:
-        return True, None
+    fp16 = stored < held
+    extra = held * 1.2 - stored
+    if held * 1.2 <= budget and not (fp16 and extra > FP16_COPY_MAX_EXTRA):
+        return None, None
+    if fp16 and stored * 1.2 <= budget:
+        why = (f"would not fit the {budget / 1e6:.0f} MB verification may use here ({source})"
+               if held * 1.2 > budget else
+               f"would add ~{extra / 1e6:.0f} MB to the export's peak (more than "
+               f"{FP16_COPY_MAX_EXTRA / 1e6:.0f} MB)")
+        return (f"fp16 weights kept fp16: their fp32 copy in ONNX Runtime's session (~"
+                f"{held * 1.2 / 1e6:.0f} MB) {why}"), None
     kept = (f"; ~{stored * 1.2 / 1e6:.0f} MB with its fp16 weights kept fp16"
-            if stored < held else "")
-    return False, (f"ONNX Runtime's CPU session of this graph needs ~{held * 1.2 / 1e6:.0f} MB "
-                   f"(its weights as it holds them, fp16 as fp32{kept}) and verification may "
-                   f"use {budget / 1e6:.0f} MB here ({source}); the graph was not run here")
+            if fp16 else "")
+    return None, (f"ONNX Runtime's CPU session of this graph needs ~{held * 1.2 / 1e6:.0f} MB "
+                  f"(its weights as it holds them, fp16 as fp32{kept}) and verification may "
+                  f"use {budget / 1e6:.0f} MB here ({source}); the graph was not run here")
 
 
 def _session_too_large(config: ExportConfig, streamed) -> str | None:
@@ -341,21 +296,38 @@ def _unquantized_card(config: ExportConfig, streamed, stage: Path, parity: dict,
 
 
 def export_onnx(config: ExportConfig, progress: Progress | None = None,
-                command: str | None = None) -> dict:
-    """The ONNX flow (no device profile): stream the export, gate parity, quantize or card,
-    write the manifest; returns it. ``slmedge export`` enters through
-    :func:`slmedge.exporter.pipeline.run_export`, which also handles profiles."""
-    say = progress or (lambda _msg: None)
-    check_output(config.output, config.overwrite)  # before minutes of work
-    check_quant_texts(config.quant, config.quality)  # missing texts: exit 2 before the export
-    t0 = time.perf_counter()
-    # Streaming: the model is traced with empty parameters and each weight is read from the
-    # source when it is written (lazy_weights.py); nothing holds the whole model.
-    streamed = open_source(config.model, dtype=config.dtype.value, progress=say)
-    model, tokenizer, spec = streamed.model, streamed.tokenizer, streamed.spec
-    layers = spec.kv_layout(model.config)[0]
-    load_s = time.perf_counter() - t0
-    with staged_directory(config.output, config.overwrite) as stage:
+                command: str | None = None, extras: tuple[Extra, ...] = ()) -> dict:
+    """The ONNX flow (no device profile, or a dynamic-shape one: ``extras``): stream the
+    export, gate parity, quantize or card, write the manifest; returns it. ``slmedge export``
+    enters through :func:`slmedge.exporter.pipeline.run_export`, which also handles profiles."""
+    return run_steps(OnnxSteps(config), config.output, config.overwrite, progress,
+                     command=command, extras=extras)
+
+
+class OnnxSteps(ExportSteps):
+    """The ONNX flow's steps (:func:`.skeleton.run_steps` runs them): the streamed export (or
+    quantized on write), the parity gate on one ONNX Runtime session, then the quantizer and
+    its card, or the unquantized graph's card."""
+
+    def __init__(self, config: ExportConfig):
+        self.config = config
+        self.card_phase = "card" if config.quant is None else "quantize_and_card"
+        # One ONNX Runtime session for the parity gate and the card (a session of a 0.5B fp16
+        # graph took ~16-19 s to create here: ORT casts every fp16 weight to fp32 on x86),
+        # opened after the gate's PyTorch reference is released.
+        self.sessions: dict = {}
+
+    def check(self) -> None:
+        check_quant_texts(self.config.quant, self.config.quality)  # missing texts: exit 2
+
+    def load(self, say: Progress):
+        # Streaming: the model is traced with empty parameters and each weight is read from
+        # the source when it is written (lazy_weights.py); nothing holds the whole model.
+        return open_source(self.config.model, dtype=self.config.dtype.value, progress=say)
+
+    def convert(self, stage: Path, streamed, say: Progress) -> dict[str, float]:
+        config, model, spec = self.config, streamed.model, streamed.spec
+        layers = spec.kv_layout(model.config)[0]
         # Static QDQ (int8-static, a16w8) targets NPUs, which need standard ops.
         static_qdq = config.quant is not None and config.quant.scheme in QDQ_SCHEMES
         fuse_options = None
@@ -363,49 +335,36 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
             fuse_options = FusionOptions.from_hf_config(model.config,
                                                         padding_mask=config.padding_mask)
         say(f"exporting {spec.family} ({layers} layers) to ONNX, {config.dtype.value}")
-        on_write = _quantize_on_write(config, streamed)
-        unwritten = None
-        if on_write is None:
-            info, fusion_report = export_streamed(
+        self.on_write = _quantize_on_write(config, streamed)
+        self.unwritten = None
+        if self.on_write is None:
+            self.info, fusion_report = export_streamed(
                 streamed, stage / MODEL_FILE, opset=config.opset,
                 external_data=config.external_data, fuse_options=fuse_options, say=say)
         else:
             say(f"the fp32 graph is not written, each weight is quantized as it is read: "
-                f"{on_write}")
-            info, fusion_report, unwritten = export_unwritten(
+                f"{self.on_write}")
+            self.info, fusion_report, self.unwritten = export_unwritten(
                 streamed, stage / MODEL_FILE, opset=config.opset, fuse_options=fuse_options,
                 say=say)
         release_memory()  # the tracer's garbage, before the verification sessions
-        fusion = fusion_report.to_dict() if fusion_report is not None else None
+        self.fusion = fusion_report.to_dict() if fusion_report is not None else None
         # seconds per phase (the benchmark reports them: bench_scale.py)
-        timings = {"load": round(load_s, 2), **info.phases, "export": round(info.seconds, 2)}
-        clock = time.perf_counter()
+        return {**self.info.phases, "export": round(self.info.seconds, 2)}
 
-        def lap(phase: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[phase] = round(now - clock, 2)
-            clock = now
+    def open_graph(self, stage: Path):
+        if "graph" not in self.sessions:
+            self.sessions["graph"] = OnnxDecoder(
+                stage / MODEL_FILE, threads=self.config.quality.threads,
+                session_options=verification_session_options(keep_fp16=bool(self.keep_fp16)))
+        return self.sessions["graph"]
 
-        say("saving tokenizer and generation config")
-        tokenizer_report = save_support_files(stage, model, tokenizer, spec)
-        lap("support_files")
-        # One ONNX Runtime session for the parity gate and the card (a session of a 0.5B fp16
-        # graph took ~16-19 s to create here: ORT casts every fp16 weight to fp32 on x86),
-        # opened after the gate's PyTorch reference is released.
-        sessions: dict = {}
-
-        def open_graph():
-            if "graph" not in sessions:
-                sessions["graph"] = OnnxDecoder(
-                    stage / MODEL_FILE, threads=config.quality.threads,
-                    session_options=verification_session_options(keep_fp16=keep_fp16))
-            return sessions["graph"]
-
-        keep_fp16, too_large = _session_plan(config, streamed)
-        too_large = on_write or too_large
-        if keep_fp16 and too_large is None:
-            say("verification session: fp16 weights kept fp16 (their fp32 copy would not fit)")
+    def parity(self, stage: Path, streamed, say: Progress) -> dict:
+        config, on_write = self.config, self.on_write
+        self.keep_fp16, too_large = _session_plan(config, streamed)
+        self.too_large = too_large = on_write or too_large
+        if self.keep_fp16 and too_large is None:
+            say(f"verification session: {self.keep_fp16}")
         if on_write is not None:
             parity = {"skipped": f"{on_write}; the fp32 graph was not written (quantized on "
                       "write)", "passed": None, "reference": None}
@@ -414,62 +373,62 @@ def export_onnx(config: ExportConfig, progress: Progress | None = None,
             say(f"parity gate and quality card skipped: {too_large}")
             parity = {"skipped": too_large, "passed": None, "reference": None}
         else:
-            parity = _parity_gate(config, streamed, stage / MODEL_FILE, say, open_graph)
-        lap("parity")
+            parity = _parity_gate(config, streamed, stage / MODEL_FILE, say,
+                                  lambda: self.open_graph(stage))
+        return parity
+
+    def card(self, stage: Path, streamed, parity: dict, say: Progress) -> None:
+        config = self.config
+        self.parts = None
         if config.quant is not None:
-            sessions.clear()  # the quantizer opens its own sessions
+            self.sessions.clear()  # the quantizer opens its own sessions
             # a GGUF's Q4_0 / Q8_0 blocks are written as they are where the recipe matches
             exact = getattr(streamed.weights, "exact_blocks", None)
-            if unwritten is not None:
-                quant_fields = quantize_unwritten(stage, unwritten, config.quant, config.quality,
-                                                  on_write, say, exact=exact, source=streamed)
-                del unwritten
+            if self.unwritten is not None:
+                quant_fields = quantize_unwritten(stage, self.unwritten, config.quant,
+                                                  config.quality, self.on_write, say,
+                                                  exact=exact, source=streamed)
+                self.unwritten = None
             else:
                 quant_fields = quantize_in_stage(stage, config.quant, config.quality, say,
                                                  exact=exact, source=streamed)
                 quant_fields["quantization"]["float_graph"] = "written"
             # a quantized graph above 2 GB keeps model.onnx.data (a model file of the manifest)
-            info.external_data = bool(quant_fields["quantization"].get("external_data", False))
-            lap("quantize_and_card")
+            self.info.external_data = bool(
+                quant_fields["quantization"].get("external_data", False))
             # its parts (quantizer, one-file fold, card reference / candidate): not numbers at
             # the top level, so a reader summing timings_s counts each second once
-            timings["quantize_and_card_parts"] = quant_fields["quantization"].pop("timings_s", None)
+            self.parts = quant_fields["quantization"].pop("timings_s", None)
+        elif self.too_large is not None:
+            quant_fields = {"quality": {"skipped": self.too_large}}
         else:
-            if too_large is not None:
-                quant_fields = {"quality": {"skipped": too_large}}
-            else:
-                card = _unquantized_card(config, streamed, stage, parity, open_graph, say)
-                sessions.clear()
-                quant_fields = {"quality": card.to_dict() if card is not None else
-                                {"skipped": "no evaluation text found; pass --eval-text FILE"}}
-            lap("card")
+            card = _unquantized_card(config, streamed, stage, parity,
+                                     lambda: self.open_graph(stage), say)
+            self.sessions.clear()
+            quant_fields = {"quality": card.to_dict() if card is not None else
+                            {"skipped": "no evaluation text found; pass --eval-text FILE"}}
+        self.quant_fields = quant_fields
+
+    def fields(self, stage: Path, streamed) -> tuple[dict, set[str]]:
+        config, info, quant_fields = self.config, self.info, self.quant_fields
         model_files = {MODEL_FILE} | ({MODEL_FILE + ".data"} if info.external_data else set())
-        manifest = write_manifest(
-            stage,
-            {
-                **({"command": command} if command else {}),
-                "format": "onnx",
-                "model_file": MODEL_FILE,
-                "source": streamed.source.to_dict(),
-                "architecture": architecture_facts(model, spec),
-                "recipe": {
-                    "dtype": config.dtype.value,
-                    "opset": info.opset,
-                    "external_data": info.external_data,
-                    "quant": quant_fields.get("quantization", {}).get("label"),
-                },
-                "io": graph_io(stage / MODEL_FILE),
-                "onnx": onnx_facts(stage / MODEL_FILE),
-                "stop_token_ids": model.generation_config.eos_token_id,
-                "fusion": fusion,
-                **quant_fields,
-                "verification": {"parity": parity, "tokenizer": tokenizer_report,
-                                 **({"session": "fp16 weights kept fp16 (an fp32 copy would "
-                                     "not fit)"} if keep_fp16 and too_large is None else {})},
-                # load, trace, passes, write (export = trace + passes + write), support_files,
-                # parity, card (or quantize_and_card), total
-                "timings_s": {**timings, "total": round(time.perf_counter() - t0, 2)},
+        return {
+            "format": "onnx",
+            "model_file": MODEL_FILE,
+            "recipe": {
+                "dtype": config.dtype.value,
+                "opset": info.opset,
+                "external_data": info.external_data,
+                "quant": quant_fields.get("quantization", {}).get("label"),
             },
-            model_files,
-        )
-    return manifest
+            "io": graph_io(stage / MODEL_FILE),
+            "onnx": onnx_facts(stage / MODEL_FILE),
+            "fusion": self.fusion,
+            **quant_fields,
+            "verification": ({"session": self.keep_fp16}
+                             if self.keep_fp16 and self.too_large is None else {}),
+            # load, trace, passes, write (export = trace + passes + write), support_files,
+            # parity, card (or quantize_and_card), total
+            **({"timings_s": {"quantize_and_card_parts": self.parts}}
+               if config.quant is not None else {}),
+        }, model_files
