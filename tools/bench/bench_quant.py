@@ -190,12 +190,24 @@ def rewrite_int_zero(fp32: Path, base: Path, out: Path) -> Path:
     return out
 
 
+#: GenAI graphs beside the builder's defaults: name -> (precision, --extra_options)
+GENAI_EXTRA: dict[str, tuple[str, tuple[str, ...]]] = {
+    # asymmetric RTN (uint4 with zero points): the issue's second speed reference. Untied:
+    # with the tied table shared (its default for SmolLM2) onnxruntime-genai 0.18's builder
+    # writes a graph that does not load ("Type (tensor(uint8)) of output arg
+    # (/model/embed_tokens/Reshape/output_0) ... does not match expected type (tensor(float))")
+    "int4-asym": ("int4", ("is_symmetric=false", "shared_embeddings=false")),
+}
+
+
 def prepare_genai(hf_dir: Path, precision: str, threads: int) -> Path:
     out = WORK / f"genai-{precision}"
     config = out / "genai_config.json"
     if not config.exists():
+        base, extra = GENAI_EXTRA.get(precision, (precision, ()))
         run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o",
-             str(out), "-p", precision, "-e", "cpu", "-c", str(WORK / "genai-cache")])
+             str(out), "-p", base, "-e", "cpu", "-c", str(WORK / "genai-cache"),
+             *(("--extra_options", *extra) if extra else ())])
     doc = json.loads(config.read_text())
     opts = doc["model"]["decoder"].setdefault("session_options", {})
     opts.update(intra_op_num_threads=threads, inter_op_num_threads=1)
@@ -305,6 +317,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true",
                     help="quality columns only (the ablation: no decode run)")
+    ap.add_argument("--genai-asym", action="store_true",
+                    help="int4 variants: GenAI's asymmetric RTN int4 as well (tool genai-asym; "
+                    "the builder's is_symmetric=false), timed in the same alternating rounds")
     ap.add_argument("--no-genai", action="store_true",
                     help="slmedge rows only (a model without an HF directory, e.g. a GGUF)")
     ap.add_argument("--heldout-only", action="store_true",
@@ -331,12 +346,15 @@ def main(argv=None) -> int:
                                                         args.max_ppl_increase, args.workdir)))
         if not args.no_genai:
             models.append((name, "genai", prepare_genai(args.hf_dir, precision, args.threads)))
+            if args.genai_asym and precision == "int4":
+                models.append((name, "genai-asym",
+                               prepare_genai(args.hf_dir, "int4-asym", args.threads)))
     vocab = json.loads((args.fp32 / "manifest.json").read_text())["architecture"]["vocab_size"]
     timings: dict[tuple, list[dict]] = {(n, t): [] for n, t, _ in models}
     loads = []  # the 1-minute load average as each round starts (the machine is shared)
     for rnd in range(0 if args.skip_speed else args.rounds):
         loads.append(round(os.getloadavg()[0], 2))
-        order = models if rnd % 2 == 0 else [m for pair in zip(models[1::2], models[0::2], strict=False) for m in pair]
+        order = models if rnd % 2 == 0 else models[::-1]  # each tool first and last in turn
         for name, tool, path in order:
             say(f"round {rnd + 1}/{args.rounds}: {tool} {name}")
             timings[(name, tool)] += speed(tool, path, args.threads, args.prompt_tokens,
@@ -347,7 +365,8 @@ def main(argv=None) -> int:
     for name, tool, path in models:
         t = timings[(name, tool)]
         row = {"variant": name, "tool": tool, "path": str(path), "size_mb": round(model_size_mb(path), 1),
-               "flags": list(used[name]) if tool == "slmedge" else VARIANTS[name][1]}
+               "flags": (list(used[name]) if tool == "slmedge" else
+                         "int4-asym" if tool == "genai-asym" else VARIANTS[name][1])}
         if t:
             row.update(decode_tok_s=round(statistics.median(x["tps"] for x in t), 2),
                        ttft_ms=round(statistics.median(x["ttft_ms"] for x in t), 1),
@@ -358,7 +377,7 @@ def main(argv=None) -> int:
             q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
         elif tool == "slmedge" and name != "fp32" and name not in REWRITTEN:
             q = json.loads((path / "manifest.json").read_text()).get("quality")  # its own card
-        elif tool == "genai" and not args.skip_quality and not args.heldout_only:
+        elif tool.startswith("genai") and not args.skip_quality and not args.heldout_only:
             say(f"quality: {tool} {name}")
             q = quality(path / "model.onnx", args.fp32 / "model.onnx", args.fp32, args.eval_tokens)
         if (name, tool) != ("fp32", "slmedge") and not args.skip_quality:  # not the reference
@@ -389,20 +408,23 @@ def main(argv=None) -> int:
     by = {(r["variant"], r["tool"]): r for r in rows}
     print("| variant | tool | decode tok/s | TTFT ms | size MB | perplexity | vs fp32 | KL | top-1 | "
           "held-out perplexity | held-out vs fp32 | held-out KL | held-out top-1 | greedy agree | "
-          "decode ratio | TTFT ratio |")
-    print("|---" * 16 + "|")
+          "decode ratio | TTFT ratio | decode vs GenAI asym |")
+    print("|---" * 17 + "|")
     for r in rows:
         g = by.get((r["variant"], "genai"))
         timed = r["tool"] == "slmedge" and g and "decode_tok_s" in r
         ratio = f"{r['decode_tok_s'] / g['decode_tok_s']:.2f}x" if timed else ""
         tratio = f"{r['ttft_ms'] / g['ttft_ms']:.2f}x" if timed else ""
+        ga = by.get((r["variant"], "genai-asym"))
+        aratio = (f"{r['decode_tok_s'] / ga['decode_tok_s']:.2f}x" if r["tool"] == "slmedge"
+                  and ga and "decode_tok_s" in r and "decode_tok_s" in ga else "")
         print(f"| {r['variant']} | {r['tool']} | {r.get('decode_tok_s', '')} | "
               f"{r.get('ttft_ms', '')} | {r['size_mb']} | "
               f"{r.get('perplexity', '')} | {r.get('ppl_increase_pct', '')}% | {r.get('kl_mean', '')} | "
               f"{r.get('top1_agreement_eval', '')} | {r.get('heldout_perplexity', '')} | "
               f"{r.get('heldout_ppl_increase_pct', '')}% | {r.get('heldout_kl_mean', '')} | "
               f"{r.get('heldout_top1_agreement', '')} | "
-              f"{r.get('greedy_agreement', '')} | {ratio} | {tratio} |")
+              f"{r.get('greedy_agreement', '')} | {ratio} | {tratio} | {aratio} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
