@@ -488,9 +488,9 @@ class GGUFWeights(WeightSource):
 
     def exact_blocks(self, module: str):
         """The file's own blocks of HF module ``module``'s weight as ``MatMulNBits`` takes them
-        (``streaming.ExactBlocks``): an :class:`NBitsBlocks` for a Q4_0 / Q8_0 tensor, a
-        sentence saying why a quantized tensor cannot be kept as it is, or None for a float
-        tensor (nothing to keep).
+        (``streaming.ExactBlocks``): an :class:`NBitsBlocks` for a Q4_0 / Q8_0 / Q5_0 / Q6_K /
+        Q4_K tensor (gguf_blocks.py), a sentence saying why a quantized tensor cannot be kept
+        as it is, or None for a float tensor (nothing to keep).
 
         The loader's fix-up of the tensor (Llama's Q/K row order) is applied to the blocks as
         a column order, found by running the architecture's ``TensorProcessor`` on the row
@@ -517,8 +517,8 @@ class GGUFWeights(WeightSource):
         if type_name in ("F32", "F16", "BF16", "F64"):
             return None
         if not supported_type(type_name):
-            return (f"{type_name} has no exact MatMulNBits form (exact: Q4_0, Q8_0): "
-                    "dequantized and quantized again")
+            return (f"{type_name} has no exact MatMulNBits form (exact: Q4_0, Q8_0, Q5_0, Q6_K, "
+                    "Q4_K): dequantized and quantized again")
         try:
             blocks = blocks_from_gguf(tensor)
         except ValueError as e:
@@ -534,7 +534,10 @@ class GGUFWeights(WeightSource):
         if not np.array_equal(order, np.arange(blocks.n)):
             blocks = reorder_columns(blocks, order)
         want = self.read(hf_name).numpy()  # [N, K] as the fp32 graph got it
-        if want.shape != (blocks.n, blocks.k) or not np.array_equal(dequantize(blocks).T, want):
+        # Q4_K's float zero point (min / scale) is one fp32 rounding: equal to that rounding
+        same = (np.array_equal if blocks.zero_points is None else
+                lambda a, b: np.allclose(a, b, rtol=0, atol=1e-6 * max(np.abs(b).max(), 1e-30)))
+        if want.shape != (blocks.n, blocks.k) or not same(dequantize(blocks).T, want):
             return (f"{type_name}: the blocks of {gguf_name} do not reproduce the loaded weight "
                     f"{hf_name} {list(want.shape)}")
         return blocks

@@ -171,6 +171,9 @@ class GGUFExact(BaseModel):
     nodes: list[str] = Field(default_factory=list, description="the MatMuls that read them")
     requantized: dict[str, Any] | None = Field(default=None, description="quantized tensors of "
                                                "the file that were quantized again: names, reasons")
+    wider_than_recipe: dict[str, int] = Field(
+        default_factory=dict, description="MatMuls kept at the file's bits, above the recipe's "
+        "(int4 on Q5_0 / Q6_K / Q8_0 blocks: QuantRecipe.keep_source_bits), per precision")
     skipped: str | None = Field(default=None, description="why no block was kept (the recipe "
                                 "does not stream)")
 

@@ -33,6 +33,15 @@ from slmedge.runtimes.errors import UnsupportedOp
 BLOCK = 32
 #: GGML type name -> (bits, bytes per block)
 _FORMATS = {"Q4_0": (4, 2 + BLOCK // 2), "Q8_0": (8, 2 + BLOCK)}
+#: GGML types wider than 4 bits whose values are ``integer * one float per block`` with no
+#: offset, so ``MatMulNBits`` ``bits=8`` holds them exactly:
+#: name -> (values per GGML block, bytes per GGML block, MatMulNBits block size)
+#: Q5_0: ``d`` (fp16) + 4 bytes of 5th bits + 16 bytes of nibbles, value ``(q - 16) * d``;
+#: Q6_K: 256 values: 128 bytes low nibbles, 64 bytes of 2-bit highs, 16 int8 sub-block
+#: scales, ``d`` (fp16); value ``d * scale[i // 16] * (q - 32)`` (``d * scale`` is exact in
+#: fp32: 11 + 8 bits). A Q4_K_M file holds them where its rows are not whole 256-value
+#: super-blocks (Gemma 3 270M's 640-wide q/k/gate/up: Q5_0) and for half its ffn_down (Q6_K).
+_WIDE = {"Q5_0": (32, 22, 32), "Q6_K": (256, 210, 16)}
 
 
 @dataclass
@@ -56,9 +65,83 @@ class NBitsBlocks:
         return attrs
 
 
+#: Q4_K: 256 values in 8 sub-blocks of 32: ``d``, ``dmin`` (fp16), 12 bytes of 6-bit
+#: sub-block scales and mins, 128 bytes of nibbles; value ``d * sc * q - dmin * m``. As
+#: MatMulNBits 4-bit, block 32: scale ``d * sc``, float zero point ``dmin * m / (d * sc)``
+#: (folded into a correction by fold_zero_points.py): the file's values to fp32 rounding
+#: (one rounding in the zero point), not bit for bit.
+_Q4_K = (256, 144)
+
+
 def supported_type(type_name: str) -> bool:
-    """Whether a GGML tensor type (its name, e.g. ``"Q4_0"``) maps to MatMulNBits exactly."""
-    return type_name in _FORMATS
+    """Whether a GGML tensor type (its name, e.g. ``"Q4_0"``) maps to MatMulNBits exactly
+    (Q4_K: to fp32 rounding)."""
+    return type_name in _FORMATS or type_name in _WIDE or type_name == "Q4_K"
+
+
+def _q4_k_blocks(data: np.ndarray, k: int, n: int, scale_dtype) -> NBitsBlocks:
+    from gguf.quants import Q4_K
+
+    values, block_bytes = _Q4_K
+    if k % values:
+        raise ValueError(f"a Q4_K row of {k} values is not whole blocks of {values}")
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size != n * (k // values) * block_bytes:
+        raise ValueError(f"Q4_K [{n} x {k}] needs {n * (k // values) * block_bytes} bytes, "
+                         f"got {raw.size}")
+    raw = raw.reshape(-1, block_bytes)  # one row per super-block
+    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(raw[:, 4:16].copy())
+    scale = d * sc.astype(np.float32)  # [super-blocks, 8], as gguf's dequantizer computes
+    offset = dmin * m.astype(np.float32)
+    if np.any((scale == 0) & (offset != 0)):
+        raise ValueError("a Q4_K sub-block has scale 0 and a nonzero min (a constant block): "
+                         "no MatMulNBits scale / zero point gives it")
+    zero = np.divide(offset, scale, out=np.zeros_like(scale), where=scale != 0)
+    qs = raw[:, 16:].reshape(-1, 4, 1, 32)  # 4 chunks of 64 values: low nibbles, then high
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, k // 32, 32)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return NBitsBlocks(k=k, n=n, bits=4, block_size=32, packed=np.ascontiguousarray(packed),
+                       scales=scale.reshape(n, k // 32).astype(scale_dtype),
+                       zero_points=zero.reshape(n, k // 32).astype(scale_dtype),
+                       source_type="Q4_K")
+
+
+def _wide_codes(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, scales)`` of ``raw`` (uint8 ``[rows, GGML blocks, bytes]``): signed codes
+    ``[rows, values]`` (int16) and one fp32 scale per ``_WIDE`` MatMulNBits block."""
+    rows, nb = raw.shape[:2]
+    if type_name == "Q5_0":
+        d = raw[..., :2].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
+        qh = raw[..., 2:6].copy().view("<u4").reshape(rows, nb, 1)
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)  # bit j: value j
+        qs = raw[..., 6:]
+        low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)  # values 0..31
+        return ((low | (high << 4)) - 16).reshape(rows, -1), d
+    # Q6_K: per 128 values, 64 bytes ql, 32 bytes qh; value l + 32 g (g = 0..3) of a half
+    ql, qh = raw[..., :128].reshape(rows, nb, 2, 64), raw[..., 128:192].reshape(rows, nb, 2, 32)
+    sc = raw[..., 192:208].copy().view(np.int8).astype(np.float32)  # [rows, nb, 16]
+    d = raw[..., 208:210].copy().view(np.float16).astype(np.float32)  # [rows, nb, 1]
+    low = np.stack([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4],
+                   axis=-2)  # [rows, nb, 2, 4, 32]
+    high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-2)
+    q = (low.astype(np.int16) | (high.astype(np.int16) << 4)) - 32
+    return q.reshape(rows, -1), (d * sc).reshape(rows, nb * 16)
+
+
+def _wide_blocks(data: np.ndarray, type_name: str, k: int, n: int, scale_dtype) -> NBitsBlocks:
+    values, block_bytes, block = _WIDE[type_name]
+    if k % values:
+        raise ValueError(f"a {type_name} row of {k} values is not whole blocks of {values}")
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size != n * (k // values) * block_bytes:
+        raise ValueError(f"{type_name} [{n} x {k}] needs {n * (k // values) * block_bytes} "
+                         f"bytes, got {raw.size}")
+    q, scales = _wide_codes(raw.reshape(n, k // values, block_bytes), type_name)
+    packed = (q + 128).astype(np.uint8).reshape(n, k // block, block)
+    return NBitsBlocks(k=k, n=n, bits=8, block_size=block, packed=packed,
+                       scales=scales.astype(scale_dtype), zero_points=None, source_type=type_name)
 
 
 def blocks_from_bytes(data: np.ndarray, type_name: str, k: int, n: int,
@@ -69,10 +152,14 @@ def blocks_from_bytes(data: np.ndarray, type_name: str, k: int, n: int,
     ``gguf.GGUFReader`` gives them; ``type_name``: ``"Q4_0"`` or ``"Q8_0"``; ``k``: the row
     length (GGUF ``ne0``, the MatMul's input size); ``n``: the rows (``ne1``, its output
     size); ``scale_dtype``: the graph's float type (fp16 scales widen exactly)."""
+    if type_name in _WIDE:
+        return _wide_blocks(data, type_name, k, n, scale_dtype)
+    if type_name == "Q4_K":
+        return _q4_k_blocks(data, k, n, scale_dtype)
     if type_name not in _FORMATS:
         raise UnsupportedOp(
             f"GGUF tensor type {type_name} has no exact MatMulNBits form; exact: "
-            f"{', '.join(_FORMATS)} (other types are dequantized and quantized again)")
+            f"{', '.join([*_FORMATS, *_WIDE])} (other types are dequantized and quantized again)")
     bits, block_bytes = _FORMATS[type_name]
     if k % BLOCK:
         raise ValueError(f"a {type_name} row of {k} values is not whole blocks of {BLOCK}")
@@ -150,5 +237,7 @@ def dequantize(blocks: NBitsBlocks) -> np.ndarray:
     else:
         q = blocks.packed.reshape(n, nb, blocks.block_size)
     zero = 2 ** (blocks.bits - 1)
+    if blocks.zero_points is not None:  # float zero points (Q4_K), one per block
+        zero = blocks.zero_points.astype(np.float32).reshape(n, nb)[..., None]
     w = (q.astype(np.float32) - zero) * blocks.scales.astype(np.float32)[..., None]
     return w.reshape(n, blocks.k).T

@@ -113,6 +113,15 @@ class QuantRecipe(BaseModel):
         "over its bytes, stored once), else it is int8 of its own (as --embedding int8) "
         "(streaming quantizer)",
     )
+    keep_source_bits: bool = Field(
+        True, description="int4: a weight the source holds in exact integer blocks of more "
+        "than 4 bits (a GGUF's Q5_0, Q6_K, Q8_0: gguf_blocks.py) keeps them as 8-bit "
+        "MatMulNBits instead of being rounded to 4 bits: never fewer bits than the file. "
+        "Gemma 3 270M's Q4_K_M holds its 640-wide q/k/gate/up as Q5_0 (no 256-value "
+        "super-blocks) and half its ffn_down as Q6_K; a source of 4-bit blocks (SmolLM2's "
+        "Q4_1, Q4_0) is unchanged. Only the streaming quantizer of an export from the GGUF "
+        "sees the source's blocks",
+    )
     keep_layers: list[int] = Field(
         default_factory=list,
         description="decoder layers whose weights stay at int8 (int4 scheme) or float (others)",

@@ -222,11 +222,14 @@ def _nbits_exact(node: onnx.NodeProto, blocks: NBitsBlocks, dtype, level: int,
 
 
 def _exact_for(node, lazy: LazyWeights, exact: ExactBlocks | None, spec: tuple,
-               k: int, n: int) -> tuple[NBitsBlocks | None, list[str], str | None]:
+               k: int, n: int, widen: bool = False
+               ) -> tuple[NBitsBlocks | None, list[str], str | None]:
     """``(blocks, names, why_not)``: the source's blocks for ``node``'s weight when they
     fit the recipe's bits and block size (packed weights: every part's blocks, side by side);
     else None and, when the source holds quantized blocks for it, why they were not kept.
-    ``names``: the source's tensor names of the parts (their modules where it has none)."""
+    ``names``: the source's tensor names of the parts (their modules where it has none).
+    ``widen`` (QuantRecipe.keep_source_bits): blocks of more bits than ``spec`` asks are kept
+    too, at their own bits and block size, when every part has the same ones."""
     if exact is None:
         return None, [], None
     modules = lazy.parts.get(node.input[1]) or [_module_and_layer(node)[0]]
@@ -244,6 +247,9 @@ def _exact_for(node, lazy: LazyWeights, exact: ExactBlocks | None, spec: tuple,
         return None, modules, reasons[0]
     if any(b is None for b in found):
         return None, modules, "only some parts of the packed weight have quantized blocks"
+    own = {(b.bits, b.block_size) for b in found}
+    if widen and len(own) == 1 and found[0].bits > spec[0]:
+        spec = (*own.pop(), *spec[2:])  # never fewer bits than the file holds
     for b in found:
         if (b.bits, b.block_size) != spec[:2]:
             return None, modules, (
@@ -322,7 +328,7 @@ def _nbits_hqq_ort(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
 def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: int,
                       out: _Writer, say: Say, exact: ExactBlocks | None = None,
                       kept_exact: list[str] | None = None,
-                      record: "ExactRecord | None" = None) -> int:
+                      record: "ExactRecord | None" = None, widen: bool = False) -> int:
     graph = model.graph
     nodes = list(graph.node)
     kept_exact = kept_exact if kept_exact is not None else []
@@ -336,7 +342,7 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
             new_nodes.append(node)
             continue
         shape = [int(d) for d in lazy.protos[node.input[1]].dims]
-        blocks, modules, why_not = (_exact_for(node, lazy, exact, spec, *shape)
+        blocks, modules, why_not = (_exact_for(node, lazy, exact, spec, *shape, widen=widen)
                                     if len(shape) == 2 else (None, [], None))
         if why_not is not None:
             record.requantized.update({m: why_not for m in modules})
@@ -348,6 +354,8 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
             new_nodes.append(new)
             count += 1
             kept_exact.append(node.name)
+            if blocks.bits != spec[0]:
+                record.widened[node.name] = f"int{blocks.bits}"
             continue
         w = lazy.array(node.input[1])
         if w.ndim != 2:
@@ -567,6 +575,8 @@ class ExactRecord:
 
     kept: dict[str, str] = field(default_factory=dict)  # tensor -> source type ("Q4_0")
     requantized: dict[str, str] = field(default_factory=dict)  # tensor (or module) -> reason
+    #: node -> its precision, where the source's wider blocks were kept (keep_source_bits)
+    widened: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self, nodes: list[str]) -> dict:
         """The manifest's ``quantization.gguf_exact``: counts, names and reasons."""
@@ -578,6 +588,8 @@ class ExactRecord:
             "nodes": sorted(nodes),
             "requantized": {"tensors": len(self.requantized), "names": sorted(self.requantized),
                             "reasons": dict(reasons)},
+            # MatMuls above the recipe's bits because the file holds more (keep_source_bits)
+            "wider_than_recipe": dict(Counter(self.widened.values())),
         }
 
 
@@ -648,8 +660,14 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         kept_exact: list[str] = []
         record = ExactRecord()
         phase = time.perf_counter()
-        count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact, record)
+        count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact, record,
+                                  widen=recipe.keep_source_bits and bits == 4)
         phase = _phase(say, f"{count} MatMuls quantized", phase)
+        if record.widened:
+            precision.update(record.widened)
+            say(f"{len(record.widened)} MatMuls keep the source's blocks of more than "
+                f"{bits} bits as they are: never fewer bits than the file "
+                "(QuantRecipe.keep_source_bits)")
         if kept_exact:
             say(f"{len(kept_exact)} MatMuls keep the source's own quantized blocks (no "
                 "requantization)")

@@ -4,8 +4,9 @@
 file's own blocks as the ``MatMulNBits`` weights (bits 4, block 32, no zero points), and
 ``--quant int8`` on Q8_0 likewise (bits 8, block 32): the artifact computes with the file's
 weights, so its logits are the dequantized model's to fp32 rounding. The manifest's
-``quantization.gguf_exact`` names the tensors kept; a recipe the blocks do not fit (int4 on
-a Q8_0 file) quantizes again and says why.
+``quantization.gguf_exact`` names the tensors kept; a recipe the blocks do not fit (int8 at
+block 64 on a Q8_0 file) quantizes again and says why; int4 on a file of more bits keeps the
+file's blocks (never fewer bits than the file).
 """
 
 from __future__ import annotations
@@ -133,19 +134,40 @@ def test_manifest_names_the_exact_tensors(weight_type, qtype, exported):
 
 
 def test_a_recipe_the_blocks_do_not_fit_quantizes_again_and_says_why(exported):
-    """int4 asked on a Q8_0 file: the layers are quantized from the dequantized weights; only
-    the int8 lm_head (the default for int4) fits the file's 8-bit blocks."""
+    """int8 at block 64 asked on a Q8_0 file (block 32): every weight is quantized from the
+    dequantized weights, and the manifest says why."""
+    tiny, out, manifest = exported("q8_0", "--quant", "int8", "--block-size", "64")
+    record = manifest["quantization"]["gguf_exact"]
+    assert record["names"] == [] and record["tensors"] == 0
+    assert record["requantized"]["tensors"] == 15
+    assert record["requantized"]["reasons"] == {
+        "the file's Q8_0 blocks are 8-bit, block 32; the recipe asks 8-bit, block 64 here: "
+        "quantized again": 15}
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    sizes = {next(a.i for a in n.attribute if a.name == "block_size")
+             for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert sizes == {64}
+
+
+def test_int4_never_rounds_below_the_files_bits(exported):
+    """The default int4 recipe on a Q8_0 file (QuantRecipe.keep_source_bits): every weight
+    keeps the file's 8-bit blocks instead of being rounded to 4 bits, so the artifact
+    computes with the file's weights (the dequantized model's logits) and the manifest counts
+    the MatMuls above the recipe's bits."""
     tiny, out, manifest = exported("q8_0", "--quant", "int4")
     record = manifest["quantization"]["gguf_exact"]
-    assert record["names"] == ["output.weight"] and record["by_type"] == {"Q8_0": 1}
-    assert record["requantized"]["tensors"] == 14
-    assert record["requantized"]["reasons"] == {
-        "the file's Q8_0 blocks are 8-bit, block 32; the recipe asks 4-bit, block 32 here: "
-        "quantized again": 14}
+    assert record["tensors"] == 15 and record["requantized"]["tensors"] == 0
+    assert record["wider_than_recipe"] == {"int8": 8}  # the lm_head is int8 by the recipe
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    bits = sorted(next(a.i for a in n.attribute if a.name == "bits")
-                  for n in model.graph.node if n.op_type == "MatMulNBits")
-    assert bits == [4] * 8 + [8]
+    bits = [next(a.i for a in n.attribute if a.name == "bits")
+            for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert bits == [8] * 9
+    reference, _, _ = gguf_source.load_gguf(tiny.path, torch.float32)
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor([IDS])).logits[0].numpy()
+    got = OnnxDecoder(out / "model.onnx").logits(IDS)
+    # accuracy level 4 (the default): int8 activations, so not to fp32 rounding
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_exact_blocks_of_a_tied_head_a_float_file_and_a_transposed_layout(tmp_path):

@@ -161,3 +161,129 @@ def test_streaming_quantizer_writes_a_sources_blocks_as_they_are(qtype_name, rec
     print(f"{qtype_name}: kept blocks {np.abs(got - want).max():.2e}, requantized {drift:.2e}")
     if qtype_name == "Q8_0":
         assert drift > 10 * np.abs(got - want).max()
+
+
+def _q6_k_bytes(rows: int, k: int, seed: int) -> np.ndarray:
+    """Random Q6_K rows (gguf cannot write Q6_K): any bytes are a valid block once its fp16
+    ``d`` is a finite normal number."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, k // 256, 210), dtype=np.uint8)
+    d = (rng.uniform(0.5, 2.0, (rows, k // 256)) * 1e-3).astype(np.float16)
+    raw[..., 208:210] = d.view(np.uint8).reshape(rows, k // 256, 2)
+    return raw
+
+
+@pytest.mark.parametrize("qtype_name, block", [("Q5_0", 32), ("Q6_K", 16)])
+def test_wider_gguf_types_are_exact_8bit_blocks(qtype_name, block):
+    """Q5_0 (a Q4_K_M file's type for rows that are not whole 256-value super-blocks) and
+    Q6_K are ``integer * scale`` with no offset: 8-bit MatMulNBits holds them bit for bit
+    (Q6_K's sub-blocks of 16 values: block 16), against gguf's own dequantizer."""
+    from slmedge.exporter.quantize.gguf_blocks import blocks_from_bytes, supported_type
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    n, k = 24, 512
+    if qtype_name == "Q5_0":
+        m = np.random.default_rng(2).standard_normal((n, k)).astype(np.float32)
+        data = gguf.quants.quantize(m, qtype)
+    else:
+        data = _q6_k_bytes(n, k, 2)
+    assert supported_type(qtype_name)
+    blocks = blocks_from_bytes(data, qtype_name, k, n)
+    assert (blocks.bits, blocks.block_size, blocks.zero_points) == (8, block, None)
+    file_w = gguf.quants.dequantize(data, qtype).reshape(n, k).T
+    np.testing.assert_array_equal(dequantize(blocks), file_w)
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    want = x.astype(np.float64) @ file_w.astype(np.float64)
+    np.testing.assert_allclose(nbits_logits(blocks, x), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match=f"{qtype_name} \\[{n} x {k}\\] needs"):
+        blocks_from_bytes(np.asarray(data).reshape(-1)[:-1], qtype_name, k, n)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_int4_default_keeps_a_wider_sources_blocks(keep, tiny_artifact, tmp_path):
+    """The default int4 recipe (HQQ, block 32) on a source whose weights are Q5_0 (more bits
+    than int4): with ``keep_source_bits`` (default) every MatMul keeps the file's blocks as
+    8-bit MatMulNBits, the logits are the fp32 graph's to fp32 rounding and the report says
+    so; without it they are rounded to 4 bits and move."""
+    from slmedge.exporter.quantize.gguf_blocks import blocks_from_bytes
+    from slmedge.exporter.quantize.graph import analyze
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+    from slmedge.exporter.quantize.streaming import quantize_file_streaming
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+    model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    source_blocks = {}
+    for w in analyze(model).weight_matmuls:
+        rows = numpy_helper.to_array(inits[w.weight]).T.astype(np.float32)
+        blocks = blocks_from_bytes(gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q5_0),
+                                   "Q5_0", w.k, w.n)
+        source_blocks[w.module] = blocks
+        inits[w.weight].CopyFrom(numpy_helper.from_array(dequantize(blocks), w.weight))
+    ref = tmp_path / "ref" / "model.onnx"
+    ref.parent.mkdir()
+    onnx.save_model(model, str(ref), save_as_external_data=True, location="model.onnx.data")
+    rec = QuantRecipe(scheme="int4", accuracy_level=1, keep_source_bits=keep)
+    assert rec.keep_source_bits is keep and QuantRecipe(scheme="int4").keep_source_bits
+    out = tmp_path / "q" / "model.onnx"
+    out.parent.mkdir()
+    report = quantize_file_streaming(ref, out, rec, exact=source_blocks.get)
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(out), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits"}
+    want = OnnxDecoder(ref).logits(IDS)
+    err = np.abs(OnnxDecoder(out).logits(IDS) - want).max()
+    if keep:
+        assert set(bits.values()) == {8}
+        assert len(report.exact_blocks) == len(bits)
+        # every body MatMul; the lm_head is int8 by the recipe itself, not widened
+        assert report.gguf_exact["wider_than_recipe"] == {"int8": len(bits) - 1}
+        assert set(report.weight_precision) == {"int8"}
+        np.testing.assert_allclose(err, 0, atol=2e-5 * np.abs(want).max())
+    else:
+        # the body at int4, the lm_head int8 by the recipe
+        assert sorted(bits.values()) == [4] * (len(bits) - 1) + [8]
+        assert report.gguf_exact["wider_than_recipe"] == {}
+        assert err > 1e-3 * np.abs(want).max()
+
+
+def test_q4_k_is_4bit_blocks_with_float_zero_points():
+    """Q4_K (``d * sc * q - dmin * m`` per sub-block of 32) as MatMulNBits 4-bit, block 32,
+    scale ``d * sc`` and float zero point ``dmin * m / (d * sc)``: gguf's own dequantized
+    values to fp32 rounding (the zero point's one division), and the kernel computes with
+    them; a sub-block of scale 0 with a nonzero min has no such form and is refused."""
+    from slmedge.exporter.quantize.gguf_blocks import blocks_from_bytes
+
+    rng = np.random.default_rng(4)
+    n, k = 16, 512
+    raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    raw[..., 0:4] = (rng.uniform(0.5, 2.0, (n, k // 256, 2)) * 1e-2).astype(np.float16).view(
+        np.uint8).reshape(n, k // 256, 4)
+    raw[..., 4:8] |= 1  # sub-blocks 0-3: scale bits 0-5 of bytes 0-3 nonzero
+    raw[..., 12:16] |= 1  # sub-blocks 4-7: low scale bits in bytes 8-11
+    file_w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(n, k).T
+    blocks = blocks_from_bytes(raw, "Q4_K", k, n)
+    assert (blocks.bits, blocks.block_size) == (4, 32)
+    assert blocks.zero_points.shape == blocks.scales.shape == (n, k // 32)
+    np.testing.assert_allclose(dequantize(blocks), file_w, rtol=0,
+                               atol=1e-6 * np.abs(file_w).max())
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    inits = [numpy_helper.from_array(blocks.packed, "B"),
+             numpy_helper.from_array(blocks.scales.reshape(-1), "scales"),
+             numpy_helper.from_array(blocks.zero_points.reshape(-1), "zp")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"],
+                            domain="com.microsoft", **blocks.attributes())
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    got = ort.InferenceSession(model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ file_w.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    raw[0, 0, 4:16] = 0
+    raw[0, 0, 8] = 1  # sub-block 0: scale 0, min 1
+    with pytest.raises(ValueError, match="scale 0 and a nonzero min"):
+        blocks_from_bytes(raw, "Q4_K", k, n)
