@@ -2,9 +2,9 @@
 
 ``run_export`` picks the flow; the flows never call back into it, so the modules form a tree
 (``pipeline -> profile_export -> export``) instead of the ``export <-> profile_export`` cycle
-that an entry point inside ``export.py`` needed. This is where issue 13's one export skeleton
-(check output -> load -> stage -> convert -> support files -> parity -> card -> manifest ->
-rename) is to grow; today each flow still runs its own steps.
+that an entry point inside ``export.py`` needed. Every flow runs on the one export skeleton
+(:mod:`.skeleton`: check output -> load -> stage -> convert -> support files -> parity ->
+card -> manifest -> rename) and supplies only its own steps.
 """
 
 from __future__ import annotations

@@ -25,14 +25,12 @@ from slmedge.device_profiles import load_profile
 from slmedge.device_profiles.schema import (
     QDQ_SCHEMES, ArtifactFormat, DeviceProfile, QuantScheme, ShapePolicy,
 )
-from slmedge.runtimes.artifact import MANIFEST_NAME, read_manifest_json
 from slmedge.runtimes.errors import QualityGateFailed, SlmEdgeError, UsageError
-from slmedge.runtimes.manifest_schema import validate_manifest
 
-from .export import architecture_facts, export_onnx, save_support_files
-from .manifest import file_table, onnx_facts, save_manifest, write_manifest
+from .export import export_onnx
+from .manifest import onnx_facts
+from .skeleton import ExportSteps, Extra, run_steps
 from .sources import load_source
-from .staging import check_output, staged_directory
 from .static_shapes import DECODE_FILE, PREFILL_FILE, WEIGHTS_FILE, export_static
 
 ORT_OPS_CONFIG = "required_operators.config"
@@ -80,41 +78,61 @@ def run_profile_export(config, progress=None) -> dict:
     derived = _derived(config, profile)
     say(f"profile {profile.name}: {profile.shapes.policy.value} shapes, "
         f"{derived.dtype.value}, quantization {derived.quant.scheme.value if derived.quant else 'none'}")
+    extras = (ProfileExtra(profile),)
     if profile.shapes.policy is ShapePolicy.static:
-        return _export_static_artifact(derived, profile, say)
-    export_onnx(derived, progress)  # pipeline.run_export has quieted the libraries
-    return _finish(Path(config.output), profile, say)
+        return run_steps(StaticSteps(derived, profile), derived.output, derived.overwrite, say,
+                         extras=extras)
+    # pipeline.run_export has quieted the libraries
+    return export_onnx(derived, progress, extras=extras)
 
 
-def _finish(root: Path, profile: DeviceProfile, say, extra: dict | None = None,
-            final: Path | None = None) -> dict:
-    """Add .ort files, the profile and the placement check to a written artifact. ``final``:
-    where ``root`` (a staging directory) will be renamed to; the manifest names that path."""
-    manifest = read_manifest_json(root / MANIFEST_NAME)  # amended below, then re-validated
-    info = validate_manifest(manifest, root / MANIFEST_NAME, root)
-    if ArtifactFormat.ort in profile.artifact.formats:
-        manifest["ort_format"] = convert_to_ort(
-            root, info.graph_files(), say,
-            runtime_style=profile.accelerator in ("NnapiExecutionProvider",
-                                                  "CoreMLExecutionProvider"),
-            arm=profile.device.arch.value != "x86_64")
-    manifest["profile"] = {"name": profile.name, **profile.model_dump(mode="json")}
-    manifest.update(extra or {})
-    say(f"placement check on {profile.accelerator or profile.runtime.providers[0].name}")
-    from slmedge.runtimes.placement import check_artifact
+class ProfileExtra(Extra):
+    """A device profile's steps after the flow's own: ``.ort`` files (``ort`` in the profile's
+    formats), the profile itself, and the placement check on its target."""
 
-    save_manifest(root, manifest)
-    try:
-        manifest["placement"] = check_artifact(root, profile).to_dict(max_rows=50)
-    except SlmEdgeError as e:  # the artifact is fine; say why its placement is unknown
-        manifest["placement"] = {"error": str(e)}
-    if final is not None:  # the staging path (.NAME.partial-PID) is gone once renamed
-        manifest["placement"] = json.loads(
-            json.dumps(manifest["placement"]).replace(json.dumps(str(root))[1:-1],
-                                                      json.dumps(str(final))[1:-1]))
-    model_roles = set(info.model_files()) | set(manifest.get("ort_format", {}).get("files", []))
-    manifest["files"] = file_table(root, model_roles)
-    return save_manifest(root, manifest)
+    def __init__(self, profile: DeviceProfile):
+        self.profile = profile
+
+    def files(self, stage: Path, fields: dict, say) -> tuple[dict, set[str]]:
+        profile = self.profile
+        more: dict = {}
+        if ArtifactFormat.ort in profile.artifact.formats:
+            static = fields.get("static")
+            graphs = ([static["prefill_file"], static["decode_file"]] if static
+                      else [fields["model_file"]])
+            more["ort_format"] = convert_to_ort(
+                stage, graphs, say,
+                runtime_style=profile.accelerator in ("NnapiExecutionProvider",
+                                                      "CoreMLExecutionProvider"),
+                arm=profile.device.arch.value != "x86_64")
+        more["profile"] = {"name": profile.name, **profile.model_dump(mode="json")}
+        return more, set(more.get("ort_format", {}).get("files", []))
+
+    def check(self, stage: Path, manifest: dict, final: Path, say) -> dict:
+        from slmedge.runtimes.artifact import Artifact
+        from slmedge.runtimes.placement import check_artifact
+
+        profile = self.profile
+        say(f"placement check on {profile.accelerator or profile.runtime.providers[0].name}")
+        # the .ort files hold the same weights as the graphs: a device loads one or the
+        # other, so the memory estimate counts the ONNX files only
+        ort = set(manifest.get("ort_format", {}).get("files", []))
+        artifact = Artifact(root=stage, manifest=manifest,
+                            model_path=stage / manifest["model_file"],
+                            files={rel: f for rel, f in manifest["files"].items()
+                                   if rel not in ort})
+        try:
+            placement = check_artifact(artifact, profile).to_dict(max_rows=50)
+        except SlmEdgeError as e:  # the artifact is fine; say why its placement is unknown
+            placement = {"error": str(e)}
+        return {"placement": _at_final_path(placement, stage, final)}
+
+
+def _at_final_path(report: dict, stage: Path, final: Path) -> dict:
+    """The placement report with the staging directory's path (``.NAME.partial-PID``, gone
+    once renamed) written as the output's: ONNX Runtime's messages quote the graph's path."""
+    return json.loads(json.dumps(report).replace(json.dumps(str(stage))[1:-1],
+                                                 json.dumps(str(final))[1:-1]))
 
 
 def convert_to_ort(root: Path, graphs: list[str], say, *, runtime_style: bool = False,
@@ -157,84 +175,95 @@ def convert_to_ort(root: Path, graphs: list[str], say, *, runtime_style: bool = 
 # -- static shapes ---------------------------------------------------------------------------
 
 
-def _export_static_artifact(config, profile: DeviceProfile, say) -> dict:
+class StaticSteps(ExportSteps):
+    """The static-shape flow's steps (:func:`.skeleton.run_steps` runs them): prefill and
+    decode graphs over the profile's context window, gated against PyTorch, then QDQ
+    (``_quantize_static``) or the float graphs' card (``_float_quality``)."""
 
-    check_output(config.output, config.overwrite)
-    _eval_text(config)  # a missing --eval-text fails now, not after the export
-    from .quantize.pipeline import check_quant_texts
+    def __init__(self, config, profile: DeviceProfile):
+        self.config, self.profile = config, profile
+        self.card_phase = "card" if config.quant is None else "quantize_and_card"
+        self.opset = config.opset
+        if config.quant is not None and config.quant.scheme is QuantScheme.a16w8:
+            self.opset = max(self.opset, A16W8_OPSET)
 
-    check_quant_texts(config.quant, config.quality)  # and a missing --calibration (a16w8)
-    t0 = time.perf_counter()
-    loaded = load_source(config.model, dtype=config.dtype.value, progress=say)
-    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    layers = spec.kv_layout(model.config)[0]
-    context, chunk = profile.shapes.context_length, profile.shapes.prefill_chunk
-    if config.quant is not None and config.quant.scheme not in QDQ_SCHEMES:
-        raise UsageError(
-            f"quantization {config.quant.scheme.value} uses CPU-only contrib ops; a static-shape "
-            "(NPU) export takes a16w8, int8-static or none")
-    opset = config.opset
-    if config.quant is not None and config.quant.scheme is QuantScheme.a16w8:
-        opset = max(opset, A16W8_OPSET)
-    fuse_norms = profile.recipe.fuse_norms
-    with staged_directory(config.output, config.overwrite) as stage:
-        say(f"exporting {spec.family} ({layers} layers) as static graphs: context {context}, "
-            f"prefill chunk {chunk}, {config.dtype.value}, opset {opset}"
+    def check(self) -> None:
+        config = self.config
+        _eval_text(config)  # a missing --eval-text fails now, not after the export
+        from .quantize.pipeline import check_quant_texts
+
+        check_quant_texts(config.quant, config.quality)  # and a missing --calibration (a16w8)
+        if config.quant is not None and config.quant.scheme not in QDQ_SCHEMES:
+            raise UsageError(
+                f"quantization {config.quant.scheme.value} uses CPU-only contrib ops; a "
+                "static-shape (NPU) export takes a16w8, int8-static or none")
+
+    def load(self, say):
+        return load_source(self.config.model, dtype=self.config.dtype.value, progress=say)
+
+    def convert(self, stage: Path, loaded, say) -> dict[str, float]:
+        config, shapes, spec = self.config, self.profile.shapes, loaded.spec
+        layers = spec.kv_layout(loaded.model.config)[0]
+        fuse_norms = self.profile.recipe.fuse_norms
+        say(f"exporting {spec.family} ({layers} layers) as static graphs: context "
+            f"{shapes.context_length}, prefill chunk {shapes.prefill_chunk}, "
+            f"{config.dtype.value}, opset {self.opset}"
             + (", RMSNorms fused (recipe.fuse_norms)" if fuse_norms else ""))
-        info = export_static(model, spec, stage, context_length=context, prefill_chunk=chunk,
-                             opset=opset, fuse_norms=fuse_norms,
-                             norm_weight_apart=config.quant is not None)
-        say("saving tokenizer and generation config")
-        tokenizer_report = save_support_files(stage, model, tokenizer, spec)
+        self.info = export_static(loaded.model, spec, stage, context_length=shapes.context_length,
+                                  prefill_chunk=shapes.prefill_chunk, opset=self.opset,
+                                  fuse_norms=fuse_norms, norm_weight_apart=config.quant is not None)
+        return {"export": round(self.info.seconds, 2)}
+
+    def parity(self, stage: Path, loaded, say) -> dict:
+        config, spec = self.config, loaded.spec
         say("checking parity of the prefill and decode graphs with PyTorch")
         # As the dynamic gate: an explicit --parity-atol is the whole tolerance, else the
         # architecture's atol plus its relative part (logit scale grows with the model).
-        parity = static_parity(model, stage, info.to_manifest(),
-                               atol=config.parity_atol or spec.parity_atol,
-                               rtol=0.0 if config.parity_atol else getattr(spec, "parity_rtol", 0.0),
+        rtol = 0.0 if config.parity_atol else getattr(spec, "parity_rtol", 0.0)
+        parity = static_parity(loaded.model, stage, self.info.to_manifest(),
+                               atol=config.parity_atol or spec.parity_atol, rtol=rtol,
                                fp16=config.dtype.value == "fp16")
         if not parity["passed"]:
             raise QualityGateFailed(
                 f"parity gate failed: static graphs differ from PyTorch by "
                 f"{parity['max_abs_diff']:.3g} (allowed {parity['atol']:.3g}); nothing was written",
                 parity)
-        quant = quality = None
-        static_doc = info.to_manifest()
+        return parity
+
+    def card(self, stage: Path, loaded, parity: dict, say) -> None:
+        config = self.config
+        self.quant = self.quality = None
+        self.static_doc = self.info.to_manifest()
         if config.quant is not None:
-            quant = _quantize_static(stage, info.to_manifest(), config, profile, say)
+            self.quant = _quantize_static(stage, self.info.to_manifest(), config, self.profile,
+                                          say)
             # the QDQ graphs rewrote model.onnx.data: the float export's byte counts are stale
-            static_doc.update(weights_bytes=quant["weights_bytes"],
-                              weights_bytes_saved_by_sharing=quant["weights_bytes_saved_by_sharing"])
+            self.static_doc.update(
+                weights_bytes=self.quant["weights_bytes"],
+                weights_bytes_saved_by_sharing=self.quant["weights_bytes_saved_by_sharing"])
         else:
-            quality = _float_quality(stage, info.to_manifest(), model, config, say)
-        manifest = write_manifest(
-            stage,
-            {
-                "format": "onnx-static",
-                "model_file": DECODE_FILE,
-                "source": loaded.source.to_dict(),
-                "architecture": architecture_facts(model, spec),
-                "recipe": {"dtype": config.dtype.value, "opset": opset,
-                           "external_data": True, "shapes": "static",
-                           "quant": quant["label"] if quant else None,
-                           "fuse_norms": fuse_norms, "device_card": _device_card(config)},
-                **({"quantization": quant} if quant else {"quality": quality}),
-                "static": static_doc,
-                "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
-                "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
-                         "decode": onnx_facts(stage / DECODE_FILE)},
-                "stop_token_ids": model.generation_config.eos_token_id,
-                "verification": {"parity": parity, "tokenizer": tokenizer_report,
-                                 "device_card": quant["quality"]["device_card"] if quant else {
-                                     "setting": _device_card(config), "ran": False,
-                                     "why": _float_card_why(quality)}},
-                "timings_s": {"export": round(info.seconds, 2),
-                              "total": round(time.perf_counter() - t0, 2)},
-            },
-            {PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE},
-        )
-        manifest = _finish(stage, profile, say, final=config.output)
-    return manifest
+            self.quality = _float_quality(stage, self.info.to_manifest(), loaded.model, config,
+                                          say)
+
+    def fields(self, stage: Path, loaded) -> tuple[dict, set[str]]:
+        config, quant, quality, info = self.config, self.quant, self.quality, self.info
+        return {
+            "format": "onnx-static",
+            "model_file": DECODE_FILE,
+            "recipe": {"dtype": config.dtype.value, "opset": self.opset,
+                       "external_data": True, "shapes": "static",
+                       "quant": quant["label"] if quant else None,
+                       "fuse_norms": self.profile.recipe.fuse_norms,
+                       "device_card": _device_card(config)},
+            **({"quantization": quant} if quant else {"quality": quality}),
+            "static": self.static_doc,
+            "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
+            "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
+                     "decode": onnx_facts(stage / DECODE_FILE)},
+            "verification": {"device_card": quant["quality"]["device_card"] if quant else {
+                "setting": _device_card(config), "ran": False,
+                "why": _float_card_why(quality)}},
+        }, {PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE}
 
 
 #: Gate for quantized static graphs: mean cosine of the logits vs the float graphs, on the

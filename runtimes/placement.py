@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifact import open_artifact
+from .artifact import Artifact, open_artifact
 from .errors import MissingDependency
 from .memory_budget import estimate_memory
 
@@ -114,12 +114,16 @@ def graph_files(artifact) -> list[Path]:
     return [artifact.model_path]
 
 
-def check_artifact(path: str | Path, profile, context: int | None = None) -> CheckReport:
+def check_artifact(path: str | Path | Artifact, profile,
+                   context: int | None = None) -> CheckReport:
     """Placement of every graph of the artifact at ``path`` on ``profile``'s target, and its
-    memory (weights + KV cache at ``context`` tokens) against the profile's RAM budget."""
-    artifact = open_artifact(path)
+    memory (weights + KV cache at ``context`` tokens) against the profile's RAM budget.
+    ``path`` may be an :class:`Artifact` already in hand (an export checks its staging
+    directory with the manifest it is about to write)."""
+    artifact = path if isinstance(path, Artifact) else open_artifact(path)
     target = profile.accelerator or profile.runtime.providers[0].name
-    report = CheckReport(profile.name, str(path), target, [], [])
+    shown = artifact.root if isinstance(path, Artifact) else path
+    report = CheckReport(profile.name, str(shown), target, [], [])
     memory = estimate_memory(artifact, profile, context)
     report.memory = memory.to_dict()
     if not memory.fits:
