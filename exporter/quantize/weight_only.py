@@ -168,18 +168,16 @@ def _gptq_act(model: onnx.ModelProto, by_block: dict[int, set[str]], hessians: H
         raise ValueError("gptq-act needs calibration statistics (hessians)")
     inits = {t.name: t for t in model.graph.initializer}
     targets = set().union(*by_block.values())
-    weights, inputs = {}, {}
-    for node in model.graph.node:
-        if node.name in targets and node.op_type == "MatMul" and node.input[1] in inits:
-            weights[node.output[0]] = numpy_helper.to_array(inits[node.input[1]])
-            inputs[node.input[0]] = weights[node.output[0]].shape[0]
+    mats = [n for n in model.graph.node
+            if n.name in targets and n.op_type == "MatMul" and n.input[1] in inits]
     layered = getattr(hessians, "layered", None)
     if layered is not None:  # on the float graph, before the RTN pass below replaces it
-        found = {x.name for x in model.graph.node if x.output and x.output[0] in weights}
-        blocks = {n: b for b, nodes in by_block.items() for n in nodes if n in found}
+        blocks = {n.name: b for b, nodes in by_block.items() for n in mats if n.name in nodes}
         say(f"gptq-act: {len(blocks)} MatMuls layer by layer, through the quantized layers")
-        quantized = layered(model, blocks)
+        quantized = layered(model, blocks)  # reads one layer's weights at a time
     else:
+        weights = {n.output[0]: numpy_helper.to_array(inits[n.input[1]]) for n in mats}
+        inputs = {n.input[0]: weights[n.output[0]].shape[0] for n in mats}
         say(f"gptq-act: input statistics of {len(inputs)} activations on the calibration text")
         stats = hessians(inputs)
     for block, nodes in by_block.items():
