@@ -140,6 +140,24 @@ def _segment_model(model: onnx.ModelProto, seg: Segment, inits: dict[str, onnx.T
     return out.SerializeToString()
 
 
+#: float64 working copies of one weight's columns at a time (GPTQ's output columns are
+#: independent): Qwen2.5-0.5B's lm_head (896 x 151936) would take 3 x 1.1 GB at once
+COLUMN_BUDGET_BYTES = 256 << 20
+
+
+def _gptq_by_columns(w: np.ndarray, hessian: np.ndarray, block: int,
+                     budget: int = COLUMN_BUDGET_BYTES) -> Quantized:
+    """:func:`gptq.gptq_quantize` of ``w`` (``[K, N]``) in slices of columns that keep its
+    float64 copies within ``budget`` (the same result: each column is rounded alone)."""
+    k, n = w.shape
+    step = max(1, budget // (k * 8 * 3))
+    if step >= n:
+        return gptq_quantize(np.asarray(w, dtype=np.float64), hessian, block)
+    parts = [gptq_quantize(np.asarray(w[:, c:c + step], dtype=np.float64), hessian, block)
+             for c in range(0, n, step)]
+    return tuple(np.concatenate(p, axis=1) for p in zip(*parts, strict=True))
+
+
 def gptq_layered(
     model: onnx.ModelProto,
     targets: dict[str, int],
@@ -212,8 +230,7 @@ def gptq_layered(
                                    sum(h.nbytes for h in hessians.values()), len(mats)))
         dequant = {}
         for m in mats:
-            w = np.asarray(floats[m.input[1]], dtype=np.float64)
-            q = gptq_quantize(w, hessians[m.input[0]], targets[m.name])
+            q = _gptq_by_columns(floats[m.input[1]], hessians[m.input[0]], targets[m.name])
             quantized[m.output[0]] = q
             dequant[m.input[1]] = dequantize(*q, targets[m.name]).astype(floats[m.input[1]].dtype)
         del hessians

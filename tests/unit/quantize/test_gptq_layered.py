@@ -148,3 +148,16 @@ def test_a_weight_that_is_not_a_constant_matmul_is_refused(prepared):
         gptq_layered(model, {gqa: BLOCK}, samples)
     with pytest.raises(ValueError, match="no node named"):
         plan_segments(model, ["nope"])
+
+
+def test_column_slices_give_the_whole_weights_result():
+    from slmedge.exporter.quantize.gptq_layered import _gptq_by_columns
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(64, 40)).astype(np.float32)
+    x = rng.normal(size=(256, 64)) @ (np.eye(64) + rng.normal(size=(64, 64)) / 8)
+    h = x.T @ x / len(x)
+    whole = gptq_quantize(w.astype(np.float64), h, BLOCK)
+    sliced = _gptq_by_columns(w, h, BLOCK, budget=64 * 8 * 3 * 7)  # 7 columns a slice
+    for a, b in zip(whole, sliced, strict=True):
+        np.testing.assert_array_equal(a, b)
