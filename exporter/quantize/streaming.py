@@ -626,14 +626,22 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
 
     ``graph``: instead of the file ``src`` (then None), a graph that was never written and
     the source of its weights (quantize on write: ``graph_writer.graph_without_weights``,
-    the weights read from the export's checkpoint one at a time). The graph is modified."""
+    the weights read from the export's checkpoint one at a time). The graph is not modified
+    (a copy is quantized)."""
     say = progress or (lambda _m: None)
     check_streamable(recipe)
     dst = Path(dst)
     t0 = time.perf_counter()
     _quiet_ort_logging()
     if graph is not None:
-        model, source = graph
+        # A copy the quantizer alone holds: with the upb protobuf backend a message's memory
+        # is one arena freed only with the whole message, so every tensor the quantizer sets
+        # and then moves to the data file (packed weights, the tied table, the zero-point
+        # corrections) stays allocated while anything holds the message. The caller's graph
+        # lived through the quality card: the 3B Llama's held 3.9 GB of heap under the
+        # candidate's ONNX Runtime session (issue 15); this copy goes when we return.
+        model, source = onnx.ModelProto(), graph[1]
+        model.CopyFrom(graph[0])
     else:
         src = Path(src)
         model = load_graph(src)  # large inline weights become references into src itself

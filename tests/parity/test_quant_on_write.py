@@ -60,7 +60,10 @@ def both_ways(source: str, tmp_path: Path, recipe: QuantRecipe, *, external: boo
     proto, source_ = graph_without_weights(graph)
     on_write = tmp_path / "on_write" / "model.onnx"
     on_write.parent.mkdir()
+    before = proto.SerializeToString()
     got = quantize_file_streaming(None, on_write, recipe, exact=blocks, graph=(proto, source_))
+    # a copy is quantized: the caller's message (and its protobuf arena) stays as it was
+    assert proto.SerializeToString() == before
     for key in ("label", "weight_precision", "embedding", "lm_head", "op_decisions",
                 "contrib_ops", "zero_points", "gguf_exact"):
         assert getattr(got, key) == getattr(want, key), key
