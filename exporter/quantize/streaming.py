@@ -211,10 +211,17 @@ def _nbits_exact(node: onnx.NodeProto, blocks: NBitsBlocks, dtype, level: int,
     """One MatMul -> MatMulNBits with a source's own blocks (no quantization), laid out and
     named as ``_nbits_rtn`` lays out its own."""
     name, bits = node.input[1], blocks.bits
-    tensors = [out.store(name + f"_Q{bits}", blocks.packed),
-               out.store(name + "_scales", blocks.scales.astype(dtype))]
-    if blocks.zero_points is not None:
-        tensors.append(out.store(name + "_zero_points", blocks.zero_points))
+    tensors = [out.store(name + f"_Q{bits}", blocks.packed)]
+    if blocks.zero_points is not None and blocks.zero_points.dtype.kind == "f":
+        # float zero points (Q4_K): scales and zero points inline for fold_float_zero_points,
+        # as _nbits_hqq leaves its own
+        tensors += [numpy_helper.from_array(blocks.scales.astype(dtype), name + "_scales"),
+                    numpy_helper.from_array(blocks.zero_points.astype(dtype),
+                                            name + "_zero_points")]
+    else:
+        tensors.append(out.store(name + "_scales", blocks.scales.astype(dtype)))
+        if blocks.zero_points is not None:
+            tensors.append(out.store(name + "_zero_points", blocks.zero_points))
     new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)],
                            [node.output[0]], name=node.name + f"_Q{bits}" if node.name else "",
                            domain="com.microsoft", **blocks.attributes(level))

@@ -287,3 +287,48 @@ def test_q4_k_is_4bit_blocks_with_float_zero_points():
     raw[0, 0, 8] = 1  # sub-block 0: scale 0, min 1
     with pytest.raises(ValueError, match="scale 0 and a nonzero min"):
         blocks_from_bytes(raw, "Q4_K", k, n)
+
+
+def test_float_zero_point_blocks_are_kept_and_folded(tiny_artifact, tmp_path):
+    """A source's 4-bit blocks with float zero points (Q4_K's form) go through the streaming
+    quantizer as they are: their scales and zero points stay inline for
+    fold_float_zero_points even when the packed weights go to the data file, and the folded
+    graph computes the file's values (here HQQ's own blocks of each weight stand in for Q4_K's,
+    which gguf cannot write)."""
+    from slmedge.exporter.quantize.gguf_blocks import NBitsBlocks
+    from slmedge.exporter.quantize.graph import analyze
+    from slmedge.exporter.quantize.hqq import hqq_quantize
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+    from slmedge.exporter.quantize.streaming import quantize_file_streaming
+    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+
+    model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    source_blocks = {}
+    for w in analyze(model).weight_matmuls:
+        weight = numpy_helper.to_array(inits[w.weight]).astype(np.float32)  # [K, N]
+        packed, scales, zp = hqq_quantize(weight, 4, 32)
+        blocks = NBitsBlocks(k=w.k, n=w.n, bits=4, block_size=32,
+                             packed=packed.reshape(w.n, w.k // 32, 16),
+                             scales=scales.reshape(w.n, -1), zero_points=zp.reshape(w.n, -1),
+                             source_type="Q4_K")
+        source_blocks[w.module] = blocks
+        inits[w.weight].CopyFrom(numpy_helper.from_array(dequantize(blocks), w.weight))
+    ref = tmp_path / "ref" / "model.onnx"
+    ref.parent.mkdir()
+    onnx.save_model(model, str(ref), save_as_external_data=True, location="model.onnx.data")
+    out = tmp_path / "q" / "model.onnx"
+    out.parent.mkdir()
+    rec = QuantRecipe(scheme="int4", lm_head="int4", accuracy_level=1)
+    report = quantize_file_streaming(ref, out, rec, exact=source_blocks.get)
+    assert report.zero_points == "folded"
+    assert report.gguf_exact["by_type"] == {"Q4_K": len(source_blocks)}
+    graph = onnx.load(str(out), load_external_data=False).graph
+    external = {t.name for t in graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert any(name.endswith("_Q4") for name in external)  # packed weights in the data file
+    # scales of 1024 bytes and more would go there too (the packed gate/up's: 2 x 128 x 4)
+    assert max(int(np.prod(t.dims)) * 4 for t in graph.initializer
+               if t.name.endswith("_scales")) >= 1024
+    want = OnnxDecoder(ref).logits(IDS)
+    got = OnnxDecoder(out).logits(IDS)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
