@@ -119,8 +119,8 @@ class QuantRecipe(BaseModel):
         "MatMulNBits instead of being rounded to 4 bits: never fewer bits than the file. "
         "Gemma 3 270M's Q4_K_M holds its 640-wide q/k/gate/up as Q5_0 (no 256-value "
         "super-blocks) and half its ffn_down as Q6_K; a source of 4-bit blocks (SmolLM2's "
-        "Q4_1, Q4_0) is unchanged. Only the streaming quantizer of an export from the GGUF "
-        "sees the source's blocks",
+        "Q4_1, Q4_0) is unchanged; an lm_head precision given explicitly (--lm-head int4) is "
+        "kept. Only the streaming quantizer of an export from the GGUF sees the source's blocks",
     )
     keep_layers: list[int] = Field(
         default_factory=list,

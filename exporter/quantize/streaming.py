@@ -335,7 +335,8 @@ def _nbits_hqq_ort(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
 def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: int,
                       out: _Writer, say: Say, exact: ExactBlocks | None = None,
                       kept_exact: list[str] | None = None,
-                      record: "ExactRecord | None" = None, widen: bool = False) -> int:
+                      record: "ExactRecord | None" = None,
+                      widen: set[str] | frozenset = frozenset()) -> int:
     graph = model.graph
     nodes = list(graph.node)
     kept_exact = kept_exact if kept_exact is not None else []
@@ -349,7 +350,8 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
             new_nodes.append(node)
             continue
         shape = [int(d) for d in lazy.protos[node.input[1]].dims]
-        blocks, modules, why_not = (_exact_for(node, lazy, exact, spec, *shape, widen=widen)
+        blocks, modules, why_not = (_exact_for(node, lazy, exact, spec, *shape,
+                                               widen=node.name in widen)
                                     if len(shape) == 2 else (None, [], None))
         if why_not is not None:
             record.requantized.update({m: why_not for m in modules})
@@ -675,8 +677,11 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         kept_exact: list[str] = []
         record = ExactRecord()
         phase = time.perf_counter()
+        # an lm_head precision the user named is theirs: only the recipe's defaults widen
+        widen = (set(todo) - ({facts.lm_head} if recipe.lm_head is not None else set())
+                 if recipe.keep_source_bits and bits == 4 else set())
         count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact, record,
-                                  widen=recipe.keep_source_bits and bits == 4)
+                                  widen=widen)
         phase = _phase(say, f"{count} MatMuls quantized", phase)
         if record.widened:
             precision.update(record.widened)

@@ -200,7 +200,7 @@ def test_wider_gguf_types_are_exact_8bit_blocks(qtype_name, block):
         blocks_from_bytes(np.asarray(data).reshape(-1)[:-1], qtype_name, k, n)
 
 
-@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("keep", [True, False, "head4"])
 def test_int4_default_keeps_a_wider_sources_blocks(keep, tiny_artifact, tmp_path):
     """The default int4 recipe (HQQ, block 32) on a source whose weights are Q5_0 (more bits
     than int4): with ``keep_source_bits`` (default) every MatMul keeps the file's blocks as
@@ -224,8 +224,11 @@ def test_int4_default_keeps_a_wider_sources_blocks(keep, tiny_artifact, tmp_path
     ref = tmp_path / "ref" / "model.onnx"
     ref.parent.mkdir()
     onnx.save_model(model, str(ref), save_as_external_data=True, location="model.onnx.data")
-    rec = QuantRecipe(scheme="int4", accuracy_level=1, keep_source_bits=keep)
-    assert rec.keep_source_bits is keep and QuantRecipe(scheme="int4").keep_source_bits
+    if keep == "head4":  # an lm_head precision named by the user is not widened
+        rec = QuantRecipe(scheme="int4", accuracy_level=1, lm_head="int4")
+    else:
+        rec = QuantRecipe(scheme="int4", accuracy_level=1, keep_source_bits=keep)
+    assert QuantRecipe(scheme="int4").keep_source_bits
     out = tmp_path / "q" / "model.onnx"
     out.parent.mkdir()
     report = quantize_file_streaming(ref, out, rec, exact=source_blocks.get)
@@ -234,7 +237,10 @@ def test_int4_default_keeps_a_wider_sources_blocks(keep, tiny_artifact, tmp_path
             if n.op_type == "MatMulNBits"}
     want = OnnxDecoder(ref).logits(IDS)
     err = np.abs(OnnxDecoder(out).logits(IDS) - want).max()
-    if keep:
+    if keep == "head4":
+        assert sorted(bits.values()) == [4] + [8] * (len(bits) - 1)
+        assert report.gguf_exact["wider_than_recipe"] == {"int8": len(bits) - 1}
+    elif keep:
         assert set(bits.values()) == {8}
         assert len(report.exact_blocks) == len(bits)
         # every body MatMul; the lm_head is int8 by the recipe itself, not widened
