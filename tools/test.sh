@@ -32,7 +32,7 @@ if [ "$tflite" = 1 ]; then
   setup_pid=$!
 fi
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+.venv/bin/python -m pytest --durations=30 "$@" || status=$?   # the slowest 30: where CI time goes
 if [ "$tflite" = 1 ]; then
   if ! wait "$setup_pid"; then
     tail -n 40 .cache/setup_tflite.log >&2
