@@ -56,6 +56,7 @@ class NBitsBlocks:
     scales: np.ndarray  # [N, K / block_size], float32 or float16
     zero_points: np.ndarray | None  # None: MatMulNBits' default (8 for 4 bits, 128 for 8)
     source_type: str = ""  # the GGML type the blocks came from ("Q4_0", "Q8_0")
+    part_types: tuple[str, ...] = ()  # packed weights (concat_blocks): each part's type, in order
     source_name: str = ""  # the tensor they came from ("blk.0.attn_q.weight")
 
     def attributes(self, accuracy_level: int = 0) -> dict:
@@ -224,7 +225,8 @@ def concat_blocks(parts: list[NBitsBlocks]) -> NBitsBlocks:
                        block_size=first.block_size,
                        packed=np.concatenate([p.packed for p in parts], axis=0),
                        scales=np.concatenate([p.scales for p in parts], axis=0),
-                       zero_points=zp, source_type=types.pop() if len(types) == 1 else "mixed")
+                       zero_points=zp, source_type=types.pop() if len(types) == 1 else "mixed",
+                       part_types=tuple(p.source_type for p in parts))
 
 
 def dequantize(blocks: NBitsBlocks) -> np.ndarray:

@@ -356,7 +356,8 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
         if why_not is not None:
             record.requantized.update({m: why_not for m in modules})
         if blocks is not None:
-            record.kept.update({m: blocks.source_type for m in modules})
+            types = blocks.part_types or (blocks.source_type,) * len(modules)
+            record.kept.update(dict(zip(modules, types, strict=True)))  # Gemma's QKV: Q5_0 + Q8_0
             dtype = helper.tensor_dtype_to_np_dtype(lazy.protos[node.input[1]].data_type)
             new, tensors = _nbits_exact(node, blocks, dtype, level, out)
             graph.initializer.extend(tensors)

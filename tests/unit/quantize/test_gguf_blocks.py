@@ -190,6 +190,13 @@ def test_wider_gguf_types_are_exact_8bit_blocks(qtype_name, block):
     assert supported_type(qtype_name)
     blocks = blocks_from_bytes(data, qtype_name, k, n)
     assert (blocks.bits, blocks.block_size, blocks.zero_points) == (8, block, None)
+    if qtype_name == "Q5_0":  # packed with a Q8_0 part (Gemma's QKV): each part keeps its type
+        from slmedge.exporter.quantize.gguf_blocks import concat_blocks
+
+        q8 = blocks_from_bytes(gguf.quants.quantize(m[:8], gguf.GGMLQuantizationType.Q8_0),
+                               "Q8_0", k, 8)
+        both = concat_blocks([blocks, q8])
+        assert (both.source_type, both.part_types) == ("mixed", ("Q5_0", "Q8_0"))
     file_w = gguf.quants.dequantize(data, qtype).reshape(n, k).T
     np.testing.assert_array_equal(dequantize(blocks), file_w)
     x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
