@@ -69,7 +69,6 @@ class CardReference(str, Enum):
     """What the quality card compares with (streamed_reference.py)."""
 
     auto = "auto"  # the fp32 graph's session; the source streamed when that would not fit
-    # or the graph reaches STREAMED_CARD_FROM
     graph = "graph"  # the fp32 graph's ONNX Runtime session
     streamed = "streamed"  # the source in PyTorch, one decoder layer at a time
 
@@ -93,8 +92,7 @@ class QualityConfig(BaseModel):
     reference: CardReference = Field(
         CardReference.auto, description="the card's reference: auto (the fp32 graph's session; "
         "the source streamed layer by layer in PyTorch where that session would not fit in 80% "
-        "of the available memory, the fp32 graph reaches 1 GiB (faster), or no fp32 graph was "
-        "written), graph, or streamed (needs the "
+        "of the available memory, or no fp32 graph was written), graph, or streamed (needs the "
         "source: slmedge export; an unquantized export then compares its graph with the source)")
 
     def settings(self) -> QualitySettings:
@@ -193,18 +191,6 @@ def _card_budget() -> tuple[int, str]:
     return int(psutil.virtual_memory().available * 0.8), "80% of the available memory"
 
 
-#: fp32 graph size from which an export's card compares with the source streamed in PyTorch
-#: (quality reference ``auto``) even when the graph's session fits: the graph reference's 6
-#: greedy prompts x 64 decode steps, each reading every fp32 weight, were the largest phase of
-#: the Qwen2.5-0.5B int4 export (1.98 GB graph: 183 of 501 s at load 10-15, bench_scale.json),
-#: where the streamed reference scores the candidate's greedy text in one teacher-forced pass
-#: (same gate figures; export 8:26 -> 4:01 min and 3397 -> 2919 MiB at load 15-18,
-#: tools/bench/results/card_reference_int4_0.5b.json; the 3B int4's streamed reference took
-#: 15 s at load ~1). Below it (SmolLM2-135M: 0.54 GB) the graph reference and its
-#: reference-generated greedy text stay.
-STREAMED_CARD_FROM = 1 << 30
-
-
 def streamed_reason(reference: Path | None, quality: QualityConfig, source) -> str | None:
     """Why the card's reference is the source streamed in PyTorch (streamed_reference.py), or
     None for the fp32 graph's session. ``source``: the export's ``StreamedModel`` (None from
@@ -220,17 +206,12 @@ def streamed_reason(reference: Path | None, quality: QualityConfig, source) -> s
         return "asked for (quality reference: streamed)"
     if reference is None:
         return "no fp32 graph was written"
-    size = _model_bytes(reference)
-    need = int(size * 1.2)
+    need = int(_model_bytes(reference) * 1.2)
     budget, where = _card_budget()
-    if need > budget:
-        return (f"the fp32 graph's ONNX Runtime session needs ~{need / 1e6:.0f} MB and the card "
-                f"may use {budget / 1e6:.0f} MB here ({where})")
-    if size >= STREAMED_CARD_FROM:
-        return (f"the fp32 graph is {size / 1e6:.0f} MB (from {STREAMED_CARD_FROM / 1e6:.0f} MB "
-                "the source streamed is the faster reference: no fp32 session, no greedy "
-                "decode steps in it)")
-    return None
+    if need <= budget:
+        return None
+    return (f"the fp32 graph's ONNX Runtime session needs ~{need / 1e6:.0f} MB and the card may "
+            f"use {budget / 1e6:.0f} MB here ({where})")
 
 
 def _card(out: Path, stage: Path, reference: Path | None, quality: QualityConfig, say: Say,
