@@ -22,6 +22,8 @@ def test_summarize_takes_node_medians_and_groups_layers_by_role():
     assert s["roles"]["layers.#.mlp.MatMul"] == {"nodes": 2, "us": 33}
     assert list(s["roles"])[0] == "lm_head"  # sorted by time
     assert s["timed_nodes"] == 4 and s["load_average"] == [1.0, 2.0, 3.0]
+    assert list(profile_decode.summarize(raw, top=2)["top_nodes"].items()) == [
+        ("lm_head", 50), ("layers.1.mlp.MatMul", 21)]
 
 
 def test_profile_of_the_tiny_llama_decode_graph(tiny_artifact):

@@ -87,8 +87,9 @@ def profile_once(path: Path, past: int, steps: int, threads: int) -> dict:
     return summarize(raw)
 
 
-def summarize(raw: dict) -> dict:
-    """Medians per node, sums per op type and per role (node name with digits as ``#``)."""
+def summarize(raw: dict, top: int = 12) -> dict:
+    """Medians per node, sums per op type and per role (node name with digits as ``#``), and
+    the ``top`` slowest nodes by name (a role sum hides e.g. the lm_head among the layers)."""
     node_us = {name: statistics.median(durs) for name, (_, durs) in raw["nodes"].items()}
     ops: dict[str, float] = defaultdict(float)
     op_nodes: Counter = Counter()
@@ -110,6 +111,8 @@ def summarize(raw: dict) -> dict:
                      for op, us in sorted(ops.items(), key=lambda kv: -kv[1])},
         "roles": {name: {"nodes": n, "us": round(us, 1)}
                   for name, (n, us) in sorted(roles.items(), key=lambda kv: -kv[1][1])},
+        "top_nodes": {name: round(us, 1) for name, us in
+                      sorted(node_us.items(), key=lambda kv: -kv[1])[:top]},
         "load_average": [round(x, 2) for x in raw["load"]],
     }
 
