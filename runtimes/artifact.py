@@ -69,11 +69,14 @@ class Artifact:
         return self.manifest.get("format", "onnx")
 
     def file_size_mb(self) -> float:
-        """Size on disk of the model files (graph + external data), in MB (10^6 bytes)."""
-        total = 0
-        for rel, meta in self.files.items():
-            if meta.get("role") == "model":
-                total += (self.root / rel).stat().st_size
+        """Size on disk of the model files a session loads (graph + external data), in MB
+        (10^6 bytes). A profile export's ``.ort`` files (``ort_format.files``) hold the same
+        weights as its ``.onnx`` graphs and a device loads one or the other: they count only
+        when there is no ``.onnx`` graph (a bundle shipped in ORT format)."""
+        model = [rel for rel, meta in self.files.items() if meta.get("role") == "model"]
+        ort = set((self.manifest.get("ort_format") or {}).get("files") or [])
+        model = [rel for rel in model if rel not in ort] or model
+        total = sum((self.root / rel).stat().st_size for rel in model)
         if total == 0:
             total = self.model_path.stat().st_size
         return total / 1e6

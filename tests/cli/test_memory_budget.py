@@ -91,3 +91,31 @@ def test_bundle_strict_refuses_over_budget(llama, tmp_path, capsys):
     code, _, err = run(capsys, "bundle", str(llama), "--profile", tight, "-o", str(out),
                        "--strict")
     assert code == EXIT_UNSUPPORTED and "over by" in err and not out.exists()
+
+
+def test_check_counts_the_weights_of_a_static_export_with_ort_files_once(
+        tmp_path_factory, tiny_dir, capsys):
+    """A profile export's .ort files hold the graphs' weights again (a device loads one or the
+    other): ``slmedge check`` counts the .onnx graphs + data only, as the export recorded."""
+    from static_fixtures import static_artifact_path
+
+    artifact = static_artifact_path(tmp_path_factory, tiny_dir)
+    capsys.readouterr()  # the export's own --json, when this test made it
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    ort = manifest["ort_format"]["files"]
+    assert sorted(ort) == ["decode.ort", "prefill.ort"]
+    size = {rel: (artifact / rel).stat().st_size for rel, meta in manifest["files"].items()
+            if meta["role"] == "model"}
+    onnx_bytes = sum(v for rel, v in size.items() if rel not in ort)
+    assert set(ort) <= set(size) and onnx_bytes < sum(size.values())
+    code, out, _ = run(capsys, "check", str(artifact), "--profile",
+                       str(artifact.parent / "test-npu.yaml"), "--json")
+    weights = json.loads(out)["memory"]["weights_mb"]
+    assert code == EXIT_OK and weights == pytest.approx(onnx_bytes / 1e6, abs=0.05)
+    assert weights == manifest["placement"]["memory"]["weights_mb"]  # the export's estimate
+    # a bundle in ORT format has no .onnx graph: both .ort files are loaded, both count
+    only_ort = open_artifact(artifact)
+    only_ort.files = {rel: meta for rel, meta in only_ort.files.items()
+                      if rel in ort or meta["role"] != "model"}
+    assert only_ort.file_size_mb() == pytest.approx(
+        sum(size[rel] for rel in ort) / 1e6)
