@@ -37,7 +37,10 @@ and becomes::
                                out       present_k    present_v
 
 - rotary moves into GQA (``do_rotary=1``): its cos/sin caches are the graph's own cos/sin
-  subgraph evaluated at positions ``0..max_sequence_length-1``;
+  subgraph at positions ``0..max_sequence_length-1``, copied to read a Range instead of
+  ``position_ids``: ONNX Runtime folds it when the session is created, so the file keeps the
+  rotary's small constants instead of the tables (Gemma 3 270M: 67 MB less at 32,768
+  positions and two RoPE bases; ~1 s more session creation on a loaded 2-core machine);
 - a q/k norm applied after the transpose (Gemma 3) is applied before it instead (it
   normalizes the last axis, which the transpose does not move);
 - ``seqlens_k`` (``sum(attention_mask) - 1`` per row, int32) and ``total_sequence_length``
@@ -351,6 +354,98 @@ def evaluate_cos_sin(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int)
     return c[:, :half], s[:, :half]
 
 
+#: ops that act on each element alone (with a scalar constant at most) between rotate_half's
+#: cat(freqs, freqs) and cos/sin
+_ELEMENTWISE = {"Cos", "Sin", "Cast", "Mul", "Div"}
+
+
+def _duplicating_concat(nodes: list[ir.Node], outputs: tuple[ir.Value, ...]) -> ir.Node | None:
+    """The ``Concat(x, x)`` on the last axis that feeds ``outputs`` through elementwise
+    ops only (transformers' ``cat((freqs, freqs), dim=-1)``), or None. Computing from ``x``
+    gives the tables' first half directly: half the work and memory when ONNX Runtime folds."""
+    concats = [n for n in nodes if n.op_type == "Concat" and not n.domain and len(n.inputs) == 2
+               and n.inputs[0] is n.inputs[1] and attr(n, "axis") in (-1, n.inputs[0].shape and
+                                                                      len(n.inputs[0].shape) - 1)]
+    if len(concats) != 1:
+        return None
+    stack, ends = [concats[0].outputs[0]], {id(v) for v in outputs}
+    while stack:
+        v = stack.pop()
+        if id(v) in ends:
+            continue
+        if v.is_graph_output() or not v.uses():
+            return None
+        for use in v.uses():
+            node = use.node
+            others = [x for x in node.inputs if x is not v]
+            if node.op_type not in _ELEMENTWISE or node.domain or any(
+                    x is None or x.const_value is None or x.const_value.size != 1 for x in others):
+                return None
+            stack.extend(node.outputs)
+    return concats[0]
+
+
+#   Range(0, L) -> Unsqueeze [1, L]  (in place of position_ids)
+#        |
+#   copy of the graph's cos/sin nodes (inv_freq, scaling: its own small constants)
+#        |                     |
+#   Reshape [L, D]        Reshape [L, D]
+#   Slice [:, :D/2]       Slice [:, :D/2]
+#        |                     |
+#    cos_cache             sin_cache
+def cos_sin_in_graph(graph: ir.Graph, cos: ir.Value, sin: ir.Value, length: int, half: int,
+                     prefix: str) -> tuple[ir.Value, ir.Value] | None:
+    """GroupQueryAttention's ``[length, half]`` cos/sin caches computed in the graph from
+    constants only: the graph's own cos/sin nodes, copied, read positions ``0..length-1``
+    from a Range instead of ``position_ids``. ONNX Runtime folds them when the session is
+    created (same kernels as :func:`evaluate_cos_sin`, same numbers) while the file holds
+    only the rotary's own constants instead of two ``length x half`` fp32 tables. None when
+    a node cannot be copied (a subgraph attribute): the caller then stores the tables."""
+    nodes, inputs = _cone([cos, sin])
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+           for n in nodes for a in n.attributes.values()):
+        return None
+    order = {id(n): i for i, n in enumerate(graph)}
+    nodes.sort(key=lambda n: order[id(n)])
+    new: list[ir.Node] = []
+
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        return make_initializer(graph, f"{prefix}.{name}", array)
+
+    new.append(ir.node("Range", [const("start", np.array(0, np.int64)), const("limit", np.array(length, np.int64)),
+                                 const("delta", np.array(1, np.int64))], name=f"{prefix}.positions"))
+    new.append(ir.node("Unsqueeze", [new[-1].outputs[0], const("batch_axis", np.array([0], np.int64))],
+                       name=f"{prefix}.position_ids"))
+    mapping: dict[int, ir.Value] = {id(v): new[-1].outputs[0] for v in inputs}
+    halved = _duplicating_concat(nodes, (cos, sin))
+    for i, n in enumerate(nodes):
+        if n is halved:  # cat(freqs, freqs): the copy computes the half the caches keep
+            mapping[id(n.outputs[0])] = mapping.get(id(n.inputs[0]), n.inputs[0])
+            continue
+        copy = ir.node(n.op_type, [None if v is None else mapping.get(id(v), v) for v in n.inputs],
+                       {a.name: a for a in n.attributes.values()}, domain=n.domain, version=n.version,
+                       num_outputs=len(n.outputs), name=f"{prefix}.{n.name or f'{n.op_type}_{i}'}")
+        for old, out in zip(n.outputs, copy.outputs):
+            mapping[id(old)] = out
+            if old.dtype is not None:
+                out.dtype = old.dtype
+        new.append(copy)
+    shape = const("table_shape", np.array([length, -1], np.int64))
+    starts, ends, axes = (const(k, np.array([v], np.int64)) for k, v in
+                          (("slice_start", 0), ("slice_end", half), ("slice_axis", 1)))
+    caches = []
+    for what, value in (("cos", cos), ("sin", sin)):
+        new.append(ir.node("Reshape", [mapping[id(value)], shape], name=f"{prefix}.{what}_table"))
+        new.append(ir.node("Slice", [new[-1].outputs[0], starts, ends, axes], name=f"{prefix}.{what}_cache"))
+        out = new[-1].outputs[0]
+        out.name, out.shape = f"{prefix}.{what}_cache", ir.Shape([length, half])
+        if value.dtype is not None:
+            out.dtype = value.dtype
+        caches.append(out)
+    graph.insert_before(next(iter(graph)), new)
+    return caches[0], caches[1]
+
+
 # -- the pass --------------------------------------------------------------------------------
 
 
@@ -418,6 +513,7 @@ class GroupQueryAttentionFusion(FusionPass):
 
     def _rotary_caches(self, model, matches) -> dict:
         caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        tables: dict[tuple[int, int], np.ndarray] = {}
         for m in matches:
             for side in (m.q, m.k):
                 r = side.rotary
@@ -426,14 +522,17 @@ class GroupQueryAttentionFusion(FusionPass):
                 key = (id(r.cos), id(r.sin))
                 if key in caches:
                     continue
+                # evaluated here to check the rotate_half layout and compare q/k tables
                 cos, sin = evaluate_cos_sin(model, r.cos, r.sin, self.max_sequence_length)
-                caches[key] = (make_initializer(model.graph, "gqa.cos_cache", cos),
-                               make_initializer(model.graph, "gqa.sin_cache", sin))
+                tables[key] = cos
+                caches[key] = (cos_sin_in_graph(model.graph, r.cos, r.sin, self.max_sequence_length,
+                                                cos.shape[1], f"gqa.rotary{len(caches)}")
+                               or (make_initializer(model.graph, "gqa.cos_cache", cos),
+                                   make_initializer(model.graph, "gqa.sin_cache", sin)))
             if m.q.rotary is not None:
                 kq = (id(m.q.rotary.cos), id(m.q.rotary.sin))
                 kk = (id(m.k.rotary.cos), id(m.k.rotary.sin))
-                if kq != kk and not np.array_equal(caches[kq][0].const_value.numpy(),
-                                                   caches[kk][0].const_value.numpy()):
+                if kq != kk and not np.array_equal(tables[kq], tables[kk]):
                     raise NoMatch(f"layer {m.layer}: query and key use different rotary tables")
         return caches
 
