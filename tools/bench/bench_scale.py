@@ -436,7 +436,10 @@ def bench(models: list[str], precisions: list[str], tools: list[str], workdir: P
                     row["genai_version"] = md.version("onnxruntime-genai")
                 say(json.dumps(row))
                 rows.append(row)
-                all_rows = merge_rows(all_rows, [row])
+                # the file as it is now: a run waits (bigmem lock) and measures for minutes,
+                # and rows others wrote meanwhile must not be replaced by the ones read at start
+                # (a 3B row written at 09:15 put back two 1B rows re-measured at 09:03)
+                all_rows = merge_rows(load_rows(json_path) if json_path else all_rows, [row])
                 if json_path:
                     write_json(json_path, all_rows)
                 shutil.rmtree(workdir / name / "genai-cache", ignore_errors=True)
@@ -576,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                  cap_gb=args.cap_gb, floor_gb=args.floor_gb, wait_gb=args.wait_gb,
                  max_wait_s=args.max_wait, keep_outputs=args.keep_outputs, source=args.source,
                  json_path=args.json, previous=previous, timeout_s=args.timeout)
-    merged = merge_rows(previous, rows)
+    merged = merge_rows(load_rows(args.json), rows)
     print(table(merged))
     print("\n".join(targets(merged)))
     return 0
