@@ -43,17 +43,22 @@ def _files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir())}
 
 
-def both_ways(source: str, tmp_path: Path, recipe: QuantRecipe, *, external: bool = False,
-              exact=False) -> tuple[Path, Path]:
-    """(written, on_write): the quantized model through the written fp32 graph, and straight
-    from the lazy weights; one traced graph serves both."""
+def fp32_graph(source: str, directory: Path, *, external: bool = False, exact=False):
+    """(graph, fp32 path, exact blocks): the traced graph and the fp32 file written from it."""
     streamed = open_source(source, dtype="fp32")
     graph, *_ = build_streamed_graph(
         streamed, fuse_options=FusionOptions.from_hf_config(streamed.model.config))
     blocks = getattr(streamed.weights, "exact_blocks", None) if exact else None
-    fp32 = tmp_path / "fp32" / "model.onnx"
+    fp32 = directory / "fp32" / "model.onnx"
     fp32.parent.mkdir()
     save_graph(graph, fp32, external_data=external)
+    return graph, fp32, blocks
+
+
+def quantize_both(traced, tmp_path: Path, recipe: QuantRecipe) -> tuple[Path, Path]:
+    """(written, on_write): the quantized model through the written fp32 graph, and straight
+    from the lazy weights; one traced graph serves both."""
+    graph, fp32, blocks = traced
     written = tmp_path / "written" / "model.onnx"
     written.parent.mkdir()
     want = quantize_file_streaming(fp32, written, recipe, exact=blocks)
@@ -70,6 +75,28 @@ def both_ways(source: str, tmp_path: Path, recipe: QuantRecipe, *, external: boo
     return written, on_write
 
 
+def both_ways(source: str, tmp_path: Path, recipe: QuantRecipe, *, external: bool = False,
+              exact=False) -> tuple[Path, Path]:
+    """:func:`quantize_both` on a graph traced for this call."""
+    return quantize_both(fp32_graph(source, tmp_path, external=external, exact=exact),
+                         tmp_path, recipe)
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_dir, tmp_path_factory):
+    """``traced(model_type)``: one traced graph and fp32 file per architecture, shared by the
+    three recipes (CI time: tracing and writing it was most of each case)."""
+    cache: dict = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            cache[model_type] = fp32_graph(str(tiny_dir(model_type)),
+                                           tmp_path_factory.mktemp(f"fp32-{model_type}"))
+        return cache[model_type]
+
+    return get
+
+
 def assert_identical(written: Path, on_write: Path) -> None:
     a, b = _files(written), _files(on_write)
     assert sorted(a) == sorted(b) == ["model.onnx", "model.onnx.data"]
@@ -81,9 +108,8 @@ def assert_identical(written: Path, on_write: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_quantize_on_write_is_byte_identical(model_type, name, tiny_dir, tmp_path):
-    written, on_write = both_ways(str(tiny_dir(model_type)), tmp_path,
-                                  QuantRecipe(**RECIPES[name]))
+def test_quantize_on_write_is_byte_identical(model_type, name, traced, tmp_path):
+    written, on_write = quantize_both(traced(model_type), tmp_path, QuantRecipe(**RECIPES[name]))
     assert_identical(written, on_write)
     # the fp32 weights were never in a file, and quantization changed the model
     assert not (on_write.parent / UNWRITTEN).exists()
