@@ -80,17 +80,23 @@ def supported_type(type_name: str) -> bool:
     return type_name in _FORMATS or type_name in _WIDE or type_name == "Q4_K"
 
 
+def _rows_of_blocks(data: np.ndarray, type_name: str, k: int, n: int, values: int,
+                    block_bytes: int) -> np.ndarray:
+    """``data``'s bytes as uint8 ``[n, GGML blocks per row, block_bytes]``; a row that is not
+    whole blocks or a byte count that does not match ``[n x k]`` is an error naming both."""
+    if k % values:
+        raise ValueError(f"a {type_name} row of {k} values is not whole blocks of {values}")
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size != n * (k // values) * block_bytes:
+        raise ValueError(f"{type_name} [{n} x {k}] needs {n * (k // values) * block_bytes} "
+                         f"bytes, got {raw.size}")
+    return raw.reshape(n, k // values, block_bytes)
+
+
 def _q4_k_blocks(data: np.ndarray, k: int, n: int, scale_dtype) -> NBitsBlocks:
     from gguf.quants import Q4_K
 
-    values, block_bytes = _Q4_K
-    if k % values:
-        raise ValueError(f"a Q4_K row of {k} values is not whole blocks of {values}")
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
-    if raw.size != n * (k // values) * block_bytes:
-        raise ValueError(f"Q4_K [{n} x {k}] needs {n * (k // values) * block_bytes} bytes, "
-                         f"got {raw.size}")
-    raw = raw.reshape(-1, block_bytes)  # one row per super-block
+    raw = _rows_of_blocks(data, "Q4_K", k, n, *_Q4_K).reshape(-1, _Q4_K[1])  # per super-block
     d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
     sc, m = Q4_K.get_scale_min(raw[:, 4:16].copy())
@@ -133,13 +139,7 @@ def _wide_codes(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray
 
 def _wide_blocks(data: np.ndarray, type_name: str, k: int, n: int, scale_dtype) -> NBitsBlocks:
     values, block_bytes, block = _WIDE[type_name]
-    if k % values:
-        raise ValueError(f"a {type_name} row of {k} values is not whole blocks of {values}")
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
-    if raw.size != n * (k // values) * block_bytes:
-        raise ValueError(f"{type_name} [{n} x {k}] needs {n * (k // values) * block_bytes} "
-                         f"bytes, got {raw.size}")
-    q, scales = _wide_codes(raw.reshape(n, k // values, block_bytes), type_name)
+    q, scales = _wide_codes(_rows_of_blocks(data, type_name, k, n, values, block_bytes), type_name)
     packed = (q + 128).astype(np.uint8).reshape(n, k // block, block)
     return NBitsBlocks(k=k, n=n, bits=8, block_size=block, packed=packed,
                        scales=scales.astype(scale_dtype), zero_points=None, source_type=type_name)
