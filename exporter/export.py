@@ -28,7 +28,6 @@ from .quantize.pipeline import (
 from .quantize.recipe import QuantRecipe
 from .quantize.streaming import streaming_unsupported
 from .skeleton import ExportSteps, Extra, run_steps
-from .skeleton import architecture_facts, save_support_files  # noqa: F401  (re-exported)
 from .sources import DEFAULT_MODEL, open_source
 from .streaming import export_streamed, export_unwritten, session_weights_bytes
 

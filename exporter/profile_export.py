@@ -114,13 +114,9 @@ class ProfileExtra(Extra):
 
         profile = self.profile
         say(f"placement check on {profile.accelerator or profile.runtime.providers[0].name}")
-        # the .ort files hold the same weights as the graphs: a device loads one or the
-        # other, so the memory estimate counts the ONNX files only
-        ort = set(manifest.get("ort_format", {}).get("files", []))
+        # the .ort files hold the graphs' weights again: Artifact.file_size_mb counts them once
         artifact = Artifact(root=stage, manifest=manifest,
-                            model_path=stage / manifest["model_file"],
-                            files={rel: f for rel, f in manifest["files"].items()
-                                   if rel not in ort})
+                            model_path=stage / manifest["model_file"], files=manifest["files"])
         try:
             placement = check_artifact(artifact, profile).to_dict(max_rows=50)
         except SlmEdgeError as e:  # the artifact is fine; say why its placement is unknown
