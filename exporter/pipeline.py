@@ -9,8 +9,8 @@ card -> manifest -> rename) and supplies only its own steps.
 
 from __future__ import annotations
 
-from .export import ExportConfig, Progress, export_onnx
-from .profile_export import run_profile_export
+from slmedge.exporter.onnx.export import ExportConfig, Progress, export_onnx
+from slmedge.exporter.onnx.profile import run_profile_export
 from .quiet import quiet_libraries
 
 __all__ = ["ExportConfig", "run_export"]

@@ -20,7 +20,7 @@ import os
 import warnings
 from contextlib import contextmanager
 
-#: Set by ``slmedge -v/--verbose`` (tools/cli.py); read each time a quiet block opens.
+#: Set by ``slmedge -v/--verbose`` (tools/cli/app.py); read each time a quiet block opens.
 VERBOSE_ENV = "SLMEDGE_VERBOSE"
 
 #: UserWarnings of dependencies that say nothing actionable to an slmedge user.

@@ -137,7 +137,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
             for err in e.errors())) from None
     from slmedge.exporter.quantize.pipeline import QualityConfig
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.runtimes.bench import BenchConfig
+    from slmedge.runtimes.bench.runner import BenchConfig
 
     # every recipe and setting checked now, not in the middle of the sweep
     checks = [(f"recipes[{i}] ({r.name}).quant", QuantRecipe, r.quant)
@@ -206,7 +206,7 @@ def plan(config: SweepConfig, base: Path) -> tuple[list[dict], dict[str, dict]]:
     out = (base / config.output).resolve()
     fleet_devices = None
     if config.fleet:
-        from slmedge.runtimes.fleet import load_fleet
+        from slmedge.runtimes.bench.fleet import load_fleet
 
         fleet = load_fleet(base / config.fleet)
         fleet_devices = [(d.name, d.target, d.profile) for d in fleet.devices]
@@ -314,7 +314,7 @@ def cell_task(spec: dict) -> dict:
                    gate=manifest.gate.model_dump(mode="json", exclude_unset=True)
                    if manifest.gate else None)
         if spec["bench_local"]:
-            from slmedge.runtimes.bench import BenchConfig, run_bench
+            from slmedge.runtimes.bench.runner import BenchConfig, run_bench
 
             kwargs = {}
             if spec["profile"]:
@@ -340,8 +340,8 @@ def cell_task(spec: dict) -> dict:
 def fleet_device_task(fleet_path: str, device: str, artifacts: list[str], bench: dict) -> dict:
     """Ray: all of one device's benches (one task per device: a device never runs two)."""
     from slmedge.device_profiles import session_kwargs
-    from slmedge.runtimes.bench import BenchConfig
-    from slmedge.runtimes.fleet import load_fleet, run_fleet
+    from slmedge.runtimes.bench.runner import BenchConfig
+    from slmedge.runtimes.bench.fleet import load_fleet, run_fleet
 
     fleet = load_fleet(fleet_path)
     return run_fleet(fleet.model_copy(update={"devices": [d for d in fleet.devices
@@ -374,8 +374,8 @@ class _Pool:
 
     def fleet(self, fleet_path: str, devices: list[str], artifacts: list[str], bench: dict):
         from slmedge.device_profiles import session_kwargs
-        from slmedge.runtimes.bench import BenchConfig
-        from slmedge.runtimes.fleet import load_fleet, run_fleet
+        from slmedge.runtimes.bench.runner import BenchConfig
+        from slmedge.runtimes.bench.fleet import load_fleet, run_fleet
 
         return [run_fleet(load_fleet(fleet_path), artifacts, BenchConfig.from_dict(bench),
                           fleet_path=fleet_path, session_kwargs=session_kwargs)]
@@ -534,7 +534,7 @@ def run_sweep(path: str | Path, *, ray: str | None = None, say: Say | None = Non
 
 
 def _bench_on_fleet(config, base, runner, computed, todo, say, on_cell) -> None:
-    from slmedge.runtimes.fleet import load_fleet
+    from slmedge.runtimes.bench.fleet import load_fleet
 
     fleet_path = str(base / config.fleet)
     fleet = load_fleet(fleet_path)

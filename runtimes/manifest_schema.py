@@ -55,7 +55,7 @@ class FileEntry(BaseModel):
 
 
 class SourceInfo(BaseModel):
-    """Where the model came from (``exporter/source_info.py``)."""
+    """Where the model came from (``exporter/sources/info.py``)."""
 
     model_config = _OPEN
     kind: str = Field(description="hf-dir, hf-hub, gguf, embedded, ...")
@@ -115,7 +115,7 @@ class OnnxFacts(BaseModel):
 
 class Replay(BaseModel):
     """A fixed prompt's greedy tokens and perplexity window, for a target to replay
-    (``runtimes/target_card.py``)."""
+    (``runtimes/check/target_card.py``)."""
 
     model_config = _OPEN
     prompt: str | None = Field(default=None, description="the prompt text")
@@ -130,7 +130,7 @@ class Replay(BaseModel):
 
 
 class QualityCard(BaseModel):
-    """The quality card (``exporter/quality.py``); a float export's holds the perplexity."""
+    """The quality card (``exporter/quality/card.py``); a float export's holds the perplexity."""
 
     model_config = _OPEN
     perplexity: float | None = Field(default=None, description="perplexity on the eval text")
@@ -195,7 +195,7 @@ class Quantization(BaseModel):
 
 
 class StaticInfo(BaseModel):
-    """Static-shape prefill / decode graphs (``exporter/static_shapes.py``)."""
+    """Static-shape prefill / decode graphs (``exporter/onnx/static_shapes.py``)."""
 
     model_config = _OPEN
     context_length: int = Field(ge=1, description="cached positions of the KV buffers")
@@ -210,7 +210,7 @@ class StaticInfo(BaseModel):
 
 
 class TfliteInfo(BaseModel):
-    """A TFLite graph (``exporter/tflite_graph.py``) and its parity fixture."""
+    """A TFLite graph (``exporter/tflite/convert.py``) and its parity fixture."""
 
     model_config = _OPEN
     signatures: dict[str, Any] = Field(default_factory=dict, description="name -> io")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Offline and quiet: tests never reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The results store (runtimes/results_store.py): the CLI writes every bench / quality card
+# The results store (runtimes/bench/results_store.py): the CLI writes every bench / quality card
 # there; tests never touch the home directory's store (child processes inherit this).
 if not os.environ.get("SLMEDGE_RESULTS"):
     import tempfile
@@ -89,7 +89,7 @@ def smollm2_artifact(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_torch():
     """(model, tokenizer) of the embedded SmolLM2 GGUF dequantized in PyTorch fp32."""
-    from slmedge.exporter.sources import load_source
+    from slmedge.exporter.sources.load import load_source
 
     loaded = load_source("embedded:smollm2-135m-instruct")
     return loaded.model, loaded.tokenizer

@@ -21,7 +21,7 @@ _CACHE: dict[str, Path] = {}
 def static_artifact_path(tmp_path_factory, tiny_dir, model_type: str = "llama") -> Path:
     """Export ``model_type`` with a profile extending android-nnapi (static 32 / 8, .ort)."""
     if model_type not in _CACHE:
-        from slmedge.tools.cli import main
+        from slmedge.tools.cli.app import main
 
         root = tmp_path_factory.mktemp(f"static-{model_type}")
         profile = root / "test-npu.yaml"

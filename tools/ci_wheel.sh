@@ -48,7 +48,7 @@ run=$(mktemp -d "${TMPDIR:-/tmp}/slmedge-run.XXXXXX")
 jobs_bg=()  # background steps still running when the script stops end with it
 trap 'for p in "${jobs_bg[@]}"; do kill "$p" 2>/dev/null || :; done; wait 2>/dev/null || :
       rm -rf "$run"; [ "${SLMEDGE_WHEEL_KEEP:-0}" = 1 ] || rm -rf "$work"' EXIT
-# bench / export / quantize keep their results in a SQLite store (runtimes/results_store.py):
+# bench / export / quantize keep their results in a SQLite store (runtimes/bench/results_store.py):
 # here, not in the home directory's ~/.cache/slmedge/results.sqlite
 export SLMEDGE_RESULTS="$run/results.sqlite"
 d=$run

@@ -36,7 +36,7 @@ class ArchitectureSpec:
     parity_rtol: ClassVar[float] = 1e-5
     #: End-of-turn tokens of the family's chat templates: generation stops on them too.
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()
-    #: ``--format tflite`` (litert-torch, exporter/tflite_graph.py's static-cache wrapper):
+    #: ``--format tflite`` (litert-torch, exporter/tflite/convert.py's static-cache wrapper):
     #: ``None`` when the wrapper expresses the family, else why not (exit 4 with the reason).
     #: A new family is refused until its TFLite parity test passes.
     tflite_unsupported: ClassVar[str | None] = "not wired to the TFLite static-cache wrapper"

@@ -95,7 +95,7 @@ def make_derived_initializer(graph: ir.Graph, name: str, fn, tensors: list[ir.Te
                              dtype: ir.DataType, shape) -> ir.Value:
     """Register ``fn(*arrays of tensors)`` as an initializer computed only when the graph is
     written (a lazy tensor: a transposed or concatenated weight costs no memory before)."""
-    from ..lazy_weights import lazy_apply
+    from slmedge.exporter.onnx.lazy_weights import lazy_apply
 
     base, i = name, 0
     while name in graph.initializers:

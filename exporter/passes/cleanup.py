@@ -77,7 +77,7 @@ class LazyTransposeFoldPass(ir.passes.InPlacePass):
         self.size_limit = size_limit
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from ..lazy_weights import lazy_apply
+        from slmedge.exporter.onnx.lazy_weights import lazy_apply
 
         graph = model.graph
         folded = 0

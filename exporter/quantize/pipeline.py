@@ -31,7 +31,7 @@ from slmedge.runtimes.artifact import MANIFEST_NAME, open_artifact, sha256_file
 from slmedge.runtimes.errors import QualityGateFailed, UsageError
 
 from ..manifest import onnx_facts, write_manifest
-from ..quality import DEFAULT_EVAL_TEXT, QualitySettings, artifact_card
+from slmedge.exporter.quality.card import DEFAULT_EVAL_TEXT, QualitySettings, artifact_card
 from ..quiet import quiet_libraries
 from ..staging import check_output, staged_directory
 from .auto import candidates
@@ -221,7 +221,7 @@ def _card(out: Path, stage: Path, reference: Path | None, quality: QualityConfig
     why = streamed_reason(reference, quality, source)
     streamed = None
     if why is not None:
-        from ..streamed_reference import StreamedReference, source_dtype
+        from slmedge.exporter.quality.streamed_reference import StreamedReference, source_dtype
 
         config = source.model.config
         streamed = StreamedReference(config, source.weights,

@@ -1,6 +1,6 @@
 """Calibrated QDQ quantization (int8, and 16-bit activations for NPUs) with ONNX Runtime's tools
 (``onnxruntime.quantization.quantize_static``; the static-*shape* graphs' side is
-``exporter/static_shapes_qdq.py``).
+``exporter/onnx/static_shapes_qdq.py``).
 
 Which ops are quantized is decided per op type (``OP_POLICY``) plus one graph fact:
 the *mask path* (the ``attention_mask`` arithmetic, the Add of the -3.4e38 mask to the

@@ -134,7 +134,7 @@ def arm64_target(arm64_root, tmp_path_factory):
 def arm64_python(arm64_root) -> str:
     """The target's runner venv (the one ``--target ssh://root@...`` makes and reuses, same
     marker), made here through chroot when missing; returns its python, as seen inside."""
-    from slmedge.runtimes.remote import DEFAULT_SSH_DIR, REMOTE_REQUIREMENTS
+    from slmedge.runtimes.bench.remote import DEFAULT_SSH_DIR, REMOTE_REQUIREMENTS
 
     venv = f"/root/{DEFAULT_SSH_DIR}/venv"
     reqs = " ".join(REMOTE_REQUIREMENTS)

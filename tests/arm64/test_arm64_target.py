@@ -15,9 +15,9 @@ import pytest
 
 from slmedge.device_profiles import load_profile
 from slmedge.exporter.quantize.recipe import QuantRecipe
-from slmedge.runtimes.remote_card import manifest_spec, recorded_replay, run_remote_card
-from slmedge.runtimes.target_card import compare
-from slmedge.tools.cli import main
+from slmedge.runtimes.check.remote_card import manifest_spec, recorded_replay, run_remote_card
+from slmedge.runtimes.check.target_card import compare
+from slmedge.tools.cli.app import main
 
 RECIPES = {
     "fp32": None,
@@ -148,7 +148,7 @@ def test_verify_target_reports_the_devices_failure_as_here(arm64_target, int8_bu
                                                           tmp_path):
     import shutil
 
-    from slmedge.runtimes.remote import DEFAULT_SSH_DIR, artifact_files
+    from slmedge.runtimes.bench.remote import DEFAULT_SSH_DIR, artifact_files
 
     bundle = tmp_path / "bundle-on-device"
     shutil.copytree(int8_bundle, bundle)

@@ -11,8 +11,8 @@ import shutil
 import pytest
 
 from slmedge.runtimes.errors import UsageError
-from slmedge.runtimes.remote import WHEELS_DIR, parse_target
-from slmedge.tools.cli import main
+from slmedge.runtimes.bench.remote import WHEELS_DIR, parse_target
+from slmedge.tools.cli.app import main
 
 
 def test_wheels_option_is_checked():

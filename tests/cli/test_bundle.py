@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from slmedge.device_profiles import load_profile
-from slmedge.exporter.bundle import render_snippets
-from slmedge.tools.cli import main
+from slmedge.exporter.bundle.build import render_snippets
+from slmedge.tools.cli.app import main
 
 PROMPT = [1, 10, 20, 30, 40, 50]
 NEW_TOKENS = 20
@@ -69,7 +69,7 @@ def bundle_copy(bundle, tmp_path) -> Path:
 def test_bundle_runs_in_onnxruntime_genai_with_slmedge_greedy_tokens(bundle, tiny_artifact):
     og = pytest.importorskip("onnxruntime_genai")
     from slmedge.runtimes.generation import generate
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     config = json.loads((bundle / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True  # GQA shared KV buffer
@@ -493,7 +493,7 @@ def test_verify_fails_parity_when_the_recorded_tokens_differ(capsys, bundle_copy
 
 def test_verify_runs_without_onnx_torch_or_transformers(bundle):
     """verify is for phones and Pis: onnxruntime + numpy only."""
-    code = ("import sys\nfrom slmedge.tools.cli import main\n"
+    code = ("import sys\nfrom slmedge.tools.cli.app import main\n"
             f"assert main(['verify', {str(bundle)!r}]) == 0\n"
             "loaded = [m for m in ('onnx', 'torch', 'transformers', 'onnxruntime_genai') "
             "if m in sys.modules]\nassert not loaded, loaded\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_bundle import _weight_copies, manifest_of, one_line_error, run
 
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_f
             [i["name"] for i in static["io"][kind]["inputs"]]
     # ORT format v6 is read from ONNX Runtime 1.16 on: the minimum is at least that, and
     # graphs that need less (none here) would be raised to it.
-    from slmedge.exporter.bundle import _runtime_section
-    from slmedge.runtimes.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
+    from slmedge.exporter.bundle.build import _runtime_section
+    from slmedge.runtimes.check.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
 
     first = ORT_FORMAT_MINIMUM[read_ort_header(out / "decode.ort")["format_version"]]
     minimum = manifest["onnxruntime"]["minimum"]
@@ -99,7 +99,7 @@ def test_ort_header_of_a_real_ort_file_matches_onnxruntime(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
 
-    from slmedge.runtimes.ort_format import (
+    from slmedge.runtimes.check.ort_format import (
         ORT_FORMAT_VERSIONS,
         OrtFormatError,
         parse_ort_header,
@@ -136,7 +136,7 @@ def test_ort_header_of_a_real_ort_file_matches_onnxruntime(tmp_path):
 def test_verify_reports_the_ort_format_and_passes_the_current_runtime(capsys, ort_bundle):
     import onnxruntime as ort
 
-    from slmedge.runtimes.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
+    from slmedge.runtimes.check.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
 
     out, _ = ort_bundle
     current = ".".join(ort.__version__.split(".")[:2])
@@ -161,7 +161,7 @@ def test_verify_refuses_a_runtime_older_than_the_ort_format(capsys, ort_bundle, 
     """The release just before the one that introduced the files' ORT format cannot load them;
     with the graphs' ONNX facts taken out of the manifest (the tiny export's IR version 10
     alone needs 1.18), the .ort files' format alone refuses it and sets the minimum."""
-    from slmedge.runtimes.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
+    from slmedge.runtimes.check.ort_format import ORT_FORMAT_MINIMUM, read_ort_header
 
     out, _ = ort_bundle
     version = read_ort_header(out / "decode.ort")["format_version"]
@@ -206,8 +206,8 @@ def test_format_ort_is_refused_for_a_profile_that_does_not_load_it(capsys, tmp_p
                                                                   tiny_dir, tmp_path):
     from static_fixtures import static_artifact_path
 
-    from slmedge.exporter.bundle import BUNDLE_FORMATS
-    from slmedge.tools.cli_bundle import BUNDLE_FORMATS_CHOICES
+    from slmedge.exporter.bundle.build import BUNDLE_FORMATS
+    from slmedge.tools.cli.bundle import BUNDLE_FORMATS_CHOICES
 
     assert BUNDLE_FORMATS_CHOICES == BUNDLE_FORMATS
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)

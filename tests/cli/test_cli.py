@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slmedge.runtimes.artifact import sha256_file
 from slmedge.runtimes.evaluate import plan_windows, token_nll
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -283,7 +283,7 @@ def test_top_level_help_names_every_command(capsys):
     argparse's list with its one-line help (a command added without either fails here)."""
     import argparse
 
-    from slmedge.tools.cli import DESCRIPTION, build_parser
+    from slmedge.tools.cli.app import DESCRIPTION, build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

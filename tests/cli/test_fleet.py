@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from test_remote_ssh import SSHD, Sshd
 
-from slmedge.runtimes.bench import BenchConfig
-from slmedge.runtimes.bench_schema import validate_result
+from slmedge.runtimes.bench.runner import BenchConfig
+from slmedge.runtimes.bench.schema import validate_result
 from slmedge.runtimes.errors import UsageError
-from slmedge.runtimes.fleet import load_fleet, run_fleet
+from slmedge.runtimes.bench.fleet import load_fleet, run_fleet
 
 DEVICES = ("pi-a", "pi-b", "pi-c")
 VICTIM = "pi-b"
@@ -137,7 +137,7 @@ def test_cli_fleet_json_merged_file_report_and_store(three_sshd, artifact, tmp_p
     assert f"{label} (fp32) @ pi-a" in page and f"{label} (fp32) @ pi-c" in page
     assert "failed: device pi-b (ssh://pi-b" in page
 
-    from slmedge.runtimes.results_store import ResultsStore
+    from slmedge.runtimes.bench.results_store import ResultsStore
 
     with ResultsStore(store) as s:
         assert sorted(r.device for r in s.query(kind="bench")) == ["pi-a", "pi-c"]
@@ -184,7 +184,7 @@ def test_a_slow_device_times_out_without_blocking_the_others(tmp_path, artifact)
 
     def bench_fn(device, art, config, *, on_started, **kwargs):
         if device.name == "here":
-            from slmedge.runtimes.fleet import run_local_bench
+            from slmedge.runtimes.bench.fleet import run_local_bench
 
             return run_local_bench(art, config, on_started=on_started, **kwargs)
         proc = subprocess.Popen(["sleep", "300"])

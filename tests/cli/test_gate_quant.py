@@ -31,7 +31,7 @@ def sharp(tiny_dir, tmp_path_factory):
     """(artifact dir, eval text) of the sharpened tiny Llama (unfused export)."""
     from slmedge.exporter.pipeline import ExportConfig, run_export
     from slmedge.runtimes.generation import SamplingConfig, generate
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("sharp")
@@ -118,7 +118,7 @@ def test_export_with_quant_writes_card_recipe_and_decisions(tiny_dir, tmp_path):
     assert "com.microsoft.MatMulNBits" in manifest["onnx"]["contrib_ops"]
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data")) == ["model.onnx"]
     ids = np.arange(10, 30).tolist()
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     assert np.isfinite(OnnxDecoder(out / "model.onnx").logits(ids)).all()
 

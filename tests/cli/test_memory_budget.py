@@ -10,10 +10,10 @@ import pytest
 from slmedge.device_profiles import load_profile
 from slmedge.runtimes.artifact import open_artifact
 from slmedge.runtimes.errors import EXIT_OK, EXIT_UNSUPPORTED
-from slmedge.runtimes.memory_budget import (
+from slmedge.runtimes.check.memory_budget import (
     DEFAULT_DYNAMIC_CONTEXT, RUNTIME_ALLOWANCE_MB, estimate_memory,
 )
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 
 def run(capsys, *argv):
@@ -72,7 +72,7 @@ def test_check_reports_memory_and_strict_refuses_over_budget(llama, tmp_path, ca
 
 
 def test_bench_warns_and_strict_refuses_before_running(llama, tmp_path, capsys, monkeypatch):
-    import slmedge.runtimes.bench as bench
+    import slmedge.runtimes.bench.runner as bench
 
     def must_not_run(*_a, **_k):
         raise AssertionError("the bench ran although --strict refused the memory budget")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import slmedge.runtimes
-from slmedge.exporter import export as export_module
-from slmedge.exporter import profile_export
-from slmedge.exporter import quality
+from slmedge.exporter.onnx import export as export_module
+from slmedge.exporter.onnx import profile as profile_export
+from slmedge.exporter.quality import card as quality
 from slmedge.exporter.quantize import calibration, pipeline
 from slmedge.runtimes.texts import default_calibration_text, default_eval_text
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 PACKAGE = Path(slmedge.runtimes.__file__).parent
 

@@ -9,7 +9,7 @@ import pytest
 from static_fixtures import static_artifact_path
 
 from slmedge.runtimes.errors import EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 needs_qnn = pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed here "

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from slmedge.runtimes.errors import EXIT_OK, EXIT_USAGE
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 #: android-qnn-htp (a16w8, fused norms) with a window small enough for a tiny model

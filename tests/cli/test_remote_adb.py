@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from slmedge.runtimes.bench import BenchConfig
-from slmedge.runtimes.bench_schema import validate_result
+from slmedge.runtimes.bench.runner import BenchConfig
+from slmedge.runtimes.bench.schema import validate_result
 from slmedge.runtimes.errors import UsageError
-from slmedge.runtimes.remote import RemoteError, parse_target, run_remote_bench
+from slmedge.runtimes.bench.remote import RemoteError, parse_target, run_remote_bench
 
 FAST = BenchConfig(prompt_tokens=8, new_tokens=4, warmup=0, repeats=2, prompt_buckets=(8,),
                    decode_depths=(8,), threads=1)
@@ -106,7 +106,7 @@ def test_adb_bench_commands_are_quoted_and_the_json_comes_back(fake_adb, spaced_
     assert model_push[1].endswith(".partial/model.onnx")
     # every shell: one argument, a command line where the paths survive as single words
     assert all(len(s) == 1 for s in shells)
-    run_line = next(s[0] for s in shells if "slmedge.runtimes.bench" in s[0])
+    run_line = next(s[0] for s in shells if "slmedge.runtimes.bench.runner" in s[0])
     words = shlex.split(run_line)
     assert words[:3] == ["cd", str(root), "&&"]
     assert sys.executable in words and "--exit-on-stdin-eof" in words
@@ -124,7 +124,7 @@ def test_adb_bench_commands_are_quoted_and_the_json_comes_back(fake_adb, spaced_
     assert again["environment"]["providers"] == ["CPUExecutionProvider"]
     later = fake_adb()[before:]
     assert not any(c[2:3] == ["push"] for c in later)
-    words = shlex.split(next(c[3] for c in later if "slmedge.runtimes.bench" in c[3]))
+    words = shlex.split(next(c[3] for c in later if "slmedge.runtimes.bench.runner" in c[3]))
     assert "--strict" in words
     assert json.loads(words[words.index("--providers-json") + 1]) == [["CPUExecutionProvider", {}]]
 
@@ -187,7 +187,7 @@ def test_on_a_real_device(spaced_artifact):
 
 
 def test_cli_bench_target_adb_passes_strict_to_the_device(fake_adb, spaced_artifact, tmp_path):
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     out = tmp_path / "r.json"
     rc = main(["bench", str(spaced_artifact), "--target", _device_url(tmp_path / "dev ice"),
@@ -195,6 +195,6 @@ def test_cli_bench_target_adb_passes_strict_to_the_device(fake_adb, spaced_artif
                "--repeats", "1", "--prompt-buckets", "8", "--depths", "8", "--output", str(out)])
     assert rc == 0
     run_line = next(c[3] for c in reversed(fake_adb()) if c[2:3] == ["shell"]
-                    and "slmedge.runtimes.bench" in c[3])
+                    and "slmedge.runtimes.bench.runner" in c[3])
     assert "--strict" in shlex.split(run_line)
     assert validate_result(json.loads(out.read_text())).target == "adb://emulator-5554"

@@ -23,9 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from slmedge.runtimes.bench import BenchConfig
-from slmedge.runtimes.bench_schema import validate_result
-from slmedge.runtimes.remote import ConnectionLost, RemoteError, run_remote_bench
+from slmedge.runtimes.bench.runner import BenchConfig
+from slmedge.runtimes.bench.schema import validate_result
+from slmedge.runtimes.bench.remote import ConnectionLost, RemoteError, run_remote_bench
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 FAST = BenchConfig(prompt_tokens=8, new_tokens=4, warmup=0, repeats=2, prompt_buckets=(8, 16),
@@ -122,7 +122,7 @@ def runners_in(root: Path) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "slmedge.runtimes.bench" in (p.info["cmdline"] or []) and \
+            if "slmedge.runtimes.bench.runner" in (p.info["cmdline"] or []) and \
                     Path(p.cwd()) == root.resolve():
                 found.append(p)
         except psutil.Error:
@@ -177,7 +177,7 @@ def test_bench_over_ssh_end_to_end_then_reuses_the_copy_and_the_venv(
     assert len(copied) == 1 and copied[0].name.startswith("tiny model-")
     assert (copied[0] / "model.onnx").read_bytes() == (spaced_artifact / "model.onnx").read_bytes()
     lib = next((remote_root / "lib").iterdir())
-    assert (lib / "slmedge" / "runtimes" / "bench.py").is_file()
+    assert (lib / "slmedge" / "runtimes" / "bench" / "runner.py").is_file()
     assert not list(lib.rglob("torch*"))
     venv_site = list((remote_root / "venv").glob("lib/python*/site-packages"))[0]
     assert (venv_site / "onnxruntime").is_dir() and not (venv_site / "torch").exists()
@@ -260,14 +260,14 @@ def test_unreachable_target_is_a_clear_error(ssh_env, spaced_artifact, tmp_path)
 
 
 def test_cli_maps_a_lost_connection_to_exit_code_1(monkeypatch, capsys, spaced_artifact):
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     def lost(*_a, **_k):
         raise ConnectionLost("lost the connection to ssh://pi during the benchmark (after load "
                              "and 1 of 3 measured rounds; exit 255: ...); partial results "
                              "written to p.json", {"rounds_done": 1})
 
-    monkeypatch.setattr("slmedge.runtimes.remote.run_remote_bench", lost)
+    monkeypatch.setattr("slmedge.runtimes.bench.remote.run_remote_bench", lost)
     assert main(["bench", str(spaced_artifact), "--target", "ssh://pi", "--json"]) == 1
     captured = capsys.readouterr()
     error = json.loads(captured.out)["error"]  # one document: the error, not half a result

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-from slmedge.runtimes.bench import BenchConfig, run_bench
-from slmedge.runtimes.bench_schema import validate_result
-from slmedge.tools.cli import main
+from slmedge.runtimes.bench.runner import BenchConfig, run_bench
+from slmedge.runtimes.bench.schema import validate_result
+from slmedge.tools.cli.app import main
 
 CFG = dict(prompt_tokens=16, new_tokens=6, warmup=0, repeats=2, prompt_buckets=(8, 32),
            decode_depths=(8, 64), depth_tokens=4)

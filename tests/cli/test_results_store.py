@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slmedge.runtimes.bench_schema import validate_result
+from slmedge.runtimes.bench.schema import validate_result
 from slmedge.runtimes.errors import UsageError
-from slmedge.runtimes.results_store import ResultsStore, default_path
+from slmedge.runtimes.bench.results_store import ResultsStore, default_path
 
 BENCH_FLAGS = ["--prompt-tokens", "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1",
                "--prompt-buckets", "8", "--depths", "8", "--threads", "1", "--no-record"]

@@ -20,7 +20,7 @@ import pytest
 
 from slmedge.exporter.sweep import load_sweep, run_sweep
 from slmedge.runtimes.errors import UsageError
-from slmedge.runtimes.results_store import ResultsStore
+from slmedge.runtimes.bench.results_store import ResultsStore
 
 RECIPES = ("  - {name: fp32}\n"
            "  - {name: int8, quant: {scheme: int8}, max_ppl_increase: 1000}\n"

@@ -9,10 +9,10 @@ import torch
 
 from slmedge.runtimes.evaluate import plan_windows, token_nll
 from slmedge.runtimes.generation import generate
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 from slmedge.runtimes.texts import default_eval_text
 from slmedge.runtimes.tokenizer import TextTokenizer
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 pytestmark = pytest.mark.slow
 EVAL_TEXT = default_eval_text()  # the packaged text: a clone needs nothing beside it

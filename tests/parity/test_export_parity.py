@@ -15,7 +15,7 @@ from tiny_models import TINY_MODEL_TYPES
 from transformers import AutoModelForCausalLM
 
 from slmedge.runtimes.generation import generate
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 ATOL = 1e-4
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from slmedge.exporter import export
+from slmedge.exporter.onnx import export
 
 
 def test_fp16_export_verifies_with_fp16_weights_kept(tiny_artifact, tiny_dir, tmp_path,

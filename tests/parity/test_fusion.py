@@ -16,8 +16,8 @@ from tiny_models import TINY_MODEL_TYPES, tiny_config
 from transformers import AutoModelForCausalLM
 
 from slmedge.runtimes.generation import generate
-from slmedge.runtimes.kv_buffer import SharedKVBuffer
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.kv_buffer import SharedKVBuffer
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 ATOL = 1e-4
 ROTARY = {"llama", "qwen2", "qwen3", "gemma3_text", "phi3"}

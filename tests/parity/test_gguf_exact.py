@@ -21,11 +21,11 @@ import torch
 from gguf_writer import _llama_permute, save_tiny_gguf
 from onnx import numpy_helper
 
-from slmedge.exporter import gguf_source
+from slmedge.exporter.sources import gguf as gguf_source
 from slmedge.exporter.quantize.gguf_blocks import blocks_from_gguf, concat_blocks, reorder_columns
 from slmedge.runtimes.manifest_schema import Manifest
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
-from slmedge.tools.cli import main
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
+from slmedge.tools.cli.app import main
 
 IDS = list(range(6, 60))
 #: the weights MatMulNBits packs side by side, per layer (GQA's packed QKV, gate/up)

@@ -23,13 +23,13 @@ from gguf_writer import (
     sentencepiece_vocab,
 )
 
-from slmedge.exporter import gguf_source
+from slmedge.exporter.sources import gguf as gguf_source
 from slmedge.exporter.pipeline import ExportConfig, run_export
-from slmedge.exporter.parity import torch_step_logits
+from slmedge.exporter.quality.parity import torch_step_logits
 from slmedge.runtimes.generation import generate
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 from slmedge.runtimes.tokenizer import TextTokenizer
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 SENTENCE = "It is a truth universally acknowledged, 0123 — naïve café!\n  Indented."
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2")
@@ -320,7 +320,7 @@ def test_smollm2_gguf_tokenizer_matches_its_metadata():
     """DESIGN.md: older conversions gave SmolLM2's GGUF EOS <|im_start|> and added BOS. With
     this transformers the conversion agrees with the file (EOS id 2 = <|im_end|>, BOS id 1,
     add_bos_token false) and with llama.cpp's splits; nothing needs repairing."""
-    from slmedge.exporter.sources import resolve_embedded
+    from slmedge.exporter.sources.load import resolve_embedded
     from slmedge.runtimes.errors import UsageError
 
     try:

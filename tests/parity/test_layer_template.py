@@ -1,4 +1,4 @@
-"""A graph replicated from two small traces (exporter/layer_template.py) is the full trace:
+"""A graph replicated from two small traces (exporter/onnx/layer_template.py) is the full trace:
 the same nodes (op types, names, inputs, outputs, attributes, metadata, in order), the same
 initializers, graph inputs and outputs; and after the export's passes (lazy weights, cleanup,
 fusion) the same graph with the same bytes in every weight."""
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_config
 
-from slmedge.exporter.layer_template import LARGE, NotReplicable, fit, trace_template
-from slmedge.exporter.lazy_weights import attach_weights
+from slmedge.exporter.onnx.layer_template import LARGE, NotReplicable, fit, trace_template
+from slmedge.exporter.onnx.lazy_weights import attach_weights
 from slmedge.exporter.passes import FusionOptions, fuse_model
 from slmedge.exporter.passes.cleanup import CleanupPass
-from slmedge.exporter.sources import open_source
-from slmedge.exporter.streaming import trace_streamed
+from slmedge.exporter.sources.load import open_source
+from slmedge.exporter.onnx.streaming import trace_streamed
 
 LAYERS = LARGE + 1  # a layer past the large template: the fits extrapolate (CI time: not 7)
 

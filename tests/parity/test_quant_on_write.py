@@ -20,15 +20,15 @@ import onnx
 import pytest
 from tiny_models import TINY_MODEL_TYPES
 
-from slmedge.exporter.graph_writer import graph_without_weights, save_graph
+from slmedge.exporter.onnx.graph_writer import graph_without_weights, save_graph
 from slmedge.exporter.passes import FusionOptions
 from slmedge.exporter.quantize import tied_table
 from slmedge.exporter.quantize.external_data import UNWRITTEN, UnwrittenSource
 from slmedge.exporter.quantize.recipe import QuantRecipe
 from slmedge.exporter.quantize.streaming import quantize_file_streaming
-from slmedge.exporter.sources import open_source
-from slmedge.exporter.streaming import build_streamed_graph
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.exporter.sources.load import open_source
+from slmedge.exporter.onnx.streaming import build_streamed_graph
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 IDS = list(range(6, 40))
 RECIPES = {

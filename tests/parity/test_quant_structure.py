@@ -17,7 +17,7 @@ from slmedge.exporter.quantize.graph import analyze, fold_weight_transposes, spl
 from slmedge.exporter.quantize.pack_matmuls import pack_shared_input_matmuls
 from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
 from slmedge.exporter.quantize.qdq import qdq_summary
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 SMALL_CALIB = {"prefill_samples": 2, "decode_samples": 6, "prefill_tokens": 32, "max_past": 64}
 IDS = list(range(6, 40))

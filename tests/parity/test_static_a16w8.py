@@ -17,7 +17,7 @@ import onnx
 import pytest
 from static_fixtures import static_artifact_path
 
-from slmedge.runtimes.static_decoder import StaticDecoder
+from slmedge.runtimes.sessions.static_decoder import StaticDecoder
 
 MASSIVE = 20_000.0
 TOKEN, CHANNEL = 9, 5
@@ -61,7 +61,7 @@ def _dq_fed(model: onnx.ModelProto) -> set[str]:
 
 def test_residual_stream_and_rotary_angle_stay_float_and_are_recorded(massive_llama, tmp_path):
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs, static_quality
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs, static_quality
 
     work = tmp_path / "q"
     shutil.copytree(massive_llama, work)
@@ -119,7 +119,7 @@ def test_quantizing_the_residual_stream_loses_the_ordinary_values(massive_llama,
     from slmedge.exporter.quantize.graph import analyze
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.qdq import quantize_static_qdq
-    from slmedge.exporter.static_shapes_qdq import FeedReader, _bias_path, _kept_float, record_feeds
+    from slmedge.exporter.onnx.static_shapes_qdq import FeedReader, _bias_path, _kept_float, record_feeds
 
     static = json.loads((massive_llama / "manifest.json").read_text())["static"]
     feeds = record_feeds(massive_llama, static, _ids(4, 400))
@@ -153,7 +153,7 @@ def test_a_tied_embedding_lookup_reads_the_quantized_table():
     the HTP emulator, QNN_COMMON_ERROR_MEM_ALLOC). An untied lookup writes the stream float."""
     from onnx import TensorProto, helper
 
-    from slmedge.exporter.static_shapes_qdq import residual_stream
+    from slmedge.exporter.onnx.static_shapes_qdq import residual_stream
 
     def graph(tied: bool):
         table = helper.make_tensor("table", TensorProto.FLOAT, [16, 4], [0.1] * 64)
@@ -186,7 +186,7 @@ def test_the_label_says_how_the_graph_holds_the_lm_head():
     from onnx import TensorProto, helper, numpy_helper
 
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_shapes_qdq import label_as_built, lm_head_precision
+    from slmedge.exporter.onnx.static_shapes_qdq import label_as_built, lm_head_precision
 
     def graph(zp_type):
         nodes = [helper.make_node("MatMul", ["h", "w"], ["logits"])]

@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from static_fixtures import static_artifact_path
 
-from slmedge.exporter.static_shapes import fuse_artifact_norms, fuse_rms_norms
-from slmedge.runtimes.static_decoder import StaticDecoder
+from slmedge.exporter.onnx.static_shapes import fuse_artifact_norms, fuse_rms_norms
+from slmedge.runtimes.sessions.static_decoder import StaticDecoder
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 HIDDEN, EPS = 64, 1e-5
@@ -63,7 +63,7 @@ def _numpy_rms_norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 def _relative_error_per_row(model: onnx.ModelProto, path, providers=None) -> np.ndarray:
-    from slmedge.runtimes.onnx_decoder import make_session
+    from slmedge.runtimes.sessions.onnx_decoder import make_session
 
     onnx.save(model, str(path))
     session = make_session(path, providers=providers, strict=providers is not None,
@@ -116,7 +116,7 @@ def test_static_export_with_fused_norms_matches_pytorch(tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from slmedge.exporter.architectures.registry import get_spec
-    from slmedge.exporter.static_shapes import export_static
+    from slmedge.exporter.onnx.static_shapes import export_static
 
     hf = tiny_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa").eval()
@@ -169,10 +169,10 @@ def test_a16w8_keeps_the_fused_norms_float_and_runs_on_the_htp(tiny_dir, tmp_pat
 
     from slmedge.device_profiles import load_profile
     from slmedge.exporter.architectures.registry import get_spec
-    from slmedge.exporter.profile_export import A16W8_OPSET
+    from slmedge.exporter.onnx.profile import A16W8_OPSET
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs, static_quality
-    from slmedge.exporter.static_shapes import export_static
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs, static_quality
+    from slmedge.exporter.onnx.static_shapes import export_static
 
     profile = load_profile("android-qnn-htp")
     assert profile.recipe.fuse_norms and "SimplifiedLayerNormalization" in profile.recipe.float_ops
@@ -254,9 +254,9 @@ def test_norm_weight_apart_lets_the_htp_finalize_a_qdq_norm_before_a_tied_head(t
     (what SmolLM2's a16w8 prefill hit); with the weight as a separate Mul it compiles, and the
     numbers on CPU are the same."""
     from slmedge.device_profiles import load_profile
-    from slmedge.exporter.static_shapes import _norm_weights_apart
+    from slmedge.exporter.onnx.static_shapes import _norm_weights_apart
     from slmedge.runtimes.errors import SlmEdgeError
-    from slmedge.runtimes.onnx_decoder import make_session
+    from slmedge.runtimes.sessions.onnx_decoder import make_session
 
     htp = [(n, o) for n, o in load_profile("android-qnn-htp").provider_specs()
            if n == "QNNExecutionProvider"]

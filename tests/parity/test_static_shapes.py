@@ -13,7 +13,7 @@ from static_fixtures import static_artifact_path
 
 from slmedge.runtimes.artifact import open_artifact
 from slmedge.runtimes.errors import UsageError
-from slmedge.runtimes.static_decoder import StaticDecoder, build_bias, open_decoder
+from slmedge.runtimes.sessions.static_decoder import StaticDecoder, build_bias, open_decoder
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 ATOL = 1e-4  # fp32
@@ -109,7 +109,7 @@ def test_sliding_window_family_matches_pytorch(tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from slmedge.exporter.architectures.registry import get_spec
-    from slmedge.exporter.static_shapes import export_static
+    from slmedge.exporter.onnx.static_shapes import export_static
 
     hf = tiny_dir("gemma3_text")
     model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa").eval()
@@ -150,7 +150,7 @@ def test_a16w8_qdq_of_static_graphs_tracks_float_on_cpu(static_llama, tmp_path):
     import shutil
 
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs, static_quality
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs, static_quality
 
     work = tmp_path / "q"
     shutil.copytree(static_llama, work)
@@ -179,7 +179,7 @@ def test_a16w8_qdq_of_static_graphs_tracks_float_on_cpu(static_llama, tmp_path):
 
 
 def _card(candidate, reference, tiny_dir, tmp_path, **kwargs):
-    from slmedge.exporter.quality import QualitySettings, artifact_card
+    from slmedge.exporter.quality.card import QualitySettings, artifact_card
 
     text = tmp_path / "eval.txt"
     text.write_text("the cat sat on the mat and the dog ran to the park " * 20)
@@ -298,7 +298,7 @@ def test_fp16_static_export_card_has_an_fp32_reference(tmp_path, tiny_dir, capsy
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     profile = tmp_path / "test-coreml.yaml"
     profile.write_text(COREML_TINY)
@@ -317,9 +317,9 @@ def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, t
                                                                      capsys, monkeypatch):
     """A float static graph whose card is over --max-ppl-increase fails as a quantized one
     does: exit 3, nothing written. The graphs here are fine, so the card is made worse."""
-    from slmedge.exporter import static_shapes_qdq
+    from slmedge.exporter.onnx import static_shapes_qdq
     from slmedge.runtimes.errors import EXIT_QUALITY_GATE
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     real = static_shapes_qdq.static_quality
 
@@ -346,8 +346,8 @@ def test_a_missing_eval_text_fails_before_the_static_export(tiny_dir, tmp_path):
     dynamic exports, not a silent switch to the calibration text after the export."""
     from static_fixtures import TEST_PROFILE
 
-    from slmedge.exporter.export import ExportConfig
-    from slmedge.exporter.profile_export import run_profile_export
+    from slmedge.exporter.onnx.export import ExportConfig
+    from slmedge.exporter.onnx.profile import run_profile_export
 
     profile = tmp_path / "p.yaml"
     profile.write_text(TEST_PROFILE)

@@ -1,5 +1,5 @@
 """StaticDecoder(share_weights=True): prefill and decode compute from one mapping of
-model.onnx.data (runtimes.shared_weights), with the logits of unshared sessions."""
+model.onnx.data (runtimes.sessions.shared_weights), with the logits of unshared sessions."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from static_fixtures import static_artifact_path
 
-import slmedge.runtimes.onnx_decoder as onnx_decoder
+import slmedge.runtimes.sessions.onnx_decoder as onnx_decoder
 from slmedge.runtimes.artifact import open_artifact
-from slmedge.runtimes.shared_weights import SharedWeights
-from slmedge.runtimes.static_decoder import StaticDecoder, _share, open_decoder
+from slmedge.runtimes.sessions.shared_weights import SharedWeights
+from slmedge.runtimes.sessions.static_decoder import StaticDecoder, _share, open_decoder
 
 IDS = np.random.default_rng(5).integers(0, 128, 15).tolist()
 

@@ -16,12 +16,12 @@ import pytest
 from tiny_models import TINY_MODEL_TYPES
 
 from slmedge.exporter.pipeline import ExportConfig, run_export
-from slmedge.exporter.graph_writer import save_graph
-from slmedge.exporter.lazy_weights import SafetensorsWeights, empty_model
-from slmedge.exporter.onnx_export import export_decoder
+from slmedge.exporter.onnx.graph_writer import save_graph
+from slmedge.exporter.onnx.lazy_weights import SafetensorsWeights, empty_model
+from slmedge.exporter.onnx.convert import export_decoder
 from slmedge.exporter.passes import FusionOptions, fuse_onnx_file
-from slmedge.exporter.sources import load_source, open_source
-from slmedge.exporter.streaming import export_streamed
+from slmedge.exporter.sources.load import load_source, open_source
+from slmedge.exporter.onnx.streaming import export_streamed
 from slmedge.runtimes.errors import ModelSourceError
 
 
@@ -111,7 +111,7 @@ def test_gguf_weights_read_one_at_a_time_equal_transformers_load(model_type, tmp
     import torch
     from gguf_writer import save_tiny_gguf
 
-    from slmedge.exporter.gguf_source import load_gguf, open_gguf_streamed
+    from slmedge.exporter.sources.gguf import load_gguf, open_gguf_streamed
 
     g = save_tiny_gguf(model_type, tmp_path / f"{model_type}.gguf")
     model, _, _ = load_gguf(g.path, torch.float32)
@@ -128,7 +128,7 @@ def test_gguf_weights_read_one_at_a_time_equal_transformers_load(model_type, tmp
 def test_single_file_writer_equals_onnx_ir_save(tiny_dir, tmp_path):
     """The streamed single-file protobuf is the model onnx_ir.save writes."""
     streamed = open_source(str(tiny_dir("phi3")))
-    from slmedge.exporter.streaming import build_streamed_graph
+    from slmedge.exporter.onnx.streaming import build_streamed_graph
 
     graph, *_ = build_streamed_graph(streamed)
     save_graph(graph, tmp_path / "streamed.onnx", external_data=False)

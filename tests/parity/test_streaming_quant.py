@@ -19,7 +19,7 @@ from slmedge.exporter.quantize.core import quantize_model
 from slmedge.exporter.quantize.recipe import QuantRecipe
 from slmedge.exporter.quantize.streaming import quantize_file_streaming
 from slmedge.runtimes.errors import UnsupportedOp
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 IDS = list(range(6, 40))
 #: the recipes the brief names, on every architecture

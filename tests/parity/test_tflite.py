@@ -23,19 +23,19 @@ pytest.importorskip(
 torch = pytest.importorskip("torch")
 
 from slmedge.exporter.architectures import get_spec  # noqa: E402
-from slmedge.exporter.parity import torch_step_logits  # noqa: E402
-from slmedge.exporter.tflite_export import (  # noqa: E402
+from slmedge.exporter.quality.parity import torch_step_logits  # noqa: E402
+from slmedge.exporter.tflite.export import (  # noqa: E402
     REFERENCE_FILE,
     check_tflite_parity,
     run_tflite_export,
 )
 from slmedge.exporter.architectures import tflite_model_types  # noqa: E402
 from slmedge.device_profiles.schema import QuantScheme  # noqa: E402
-from slmedge.exporter.tflite_options import TfliteExportConfig  # noqa: E402
-from slmedge.exporter.tflite_quant import quantize_tflite  # noqa: E402
+from slmedge.exporter.tflite.options import TfliteExportConfig  # noqa: E402
+from slmedge.exporter.tflite.quantize import quantize_tflite  # noqa: E402
 from slmedge.runtimes.errors import QualityGateFailed  # noqa: E402
 from slmedge.runtimes.generation import generate  # noqa: E402
-from slmedge.runtimes.litert_decoder import LiteRTDecoder  # noqa: E402
+from slmedge.runtimes.sessions.litert_decoder import LiteRTDecoder  # noqa: E402
 
 CONTEXT = 48
 CHUNKS = [8]
@@ -209,7 +209,7 @@ def test_fallback_runtime_must_pass_the_stored_fixture(tflite_artifact):
     """tflite-runtime is accepted only after the artifact's parity fixture passes on it: a
     runtime that returns other logits (here: a fixture doctored by one logit) is refused."""
     from slmedge.runtimes.artifact import open_artifact
-    from slmedge.runtimes.litert_decoder import LiteRTDecoder, check_parity_fixture
+    from slmedge.runtimes.sessions.litert_decoder import LiteRTDecoder, check_parity_fixture
 
     out, _ = tflite_artifact("llama")
     artifact = open_artifact(out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 needs_tflite = pytest.mark.skipif(
     importlib.util.find_spec("litert_torch") is None,
@@ -41,8 +41,8 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def tflite_artifact(tmp_path_factory, tiny_dir) -> Path:
-    from slmedge.exporter.tflite_export import run_tflite_export
-    from slmedge.exporter.tflite_options import TfliteExportConfig
+    from slmedge.exporter.tflite.export import run_tflite_export
+    from slmedge.exporter.tflite.options import TfliteExportConfig
 
     out = tmp_path_factory.mktemp("tflite-bundle") / "art"
     run_tflite_export(TfliteExportConfig(model=str(tiny_dir("llama")), output=out,

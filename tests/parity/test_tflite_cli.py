@@ -19,7 +19,7 @@ from slmedge.runtimes.errors import (
     EXIT_USAGE,
     QualityGateFailed,
 )
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 HAS_TFLITE = importlib.util.find_spec("litert_torch") is not None
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
@@ -141,7 +141,7 @@ def test_export_quantized_then_generate_eval_bench(capsys, tmp_path, tiny_dir):
     manifest = json.loads(stdout)
     assert manifest["recipe"]["quant"] == "int8-dynamic"
     # the TFLite card goes into the results store like the ONNX ones (issue 17)
-    from slmedge.runtimes.results_store import ResultsStore
+    from slmedge.runtimes.bench.results_store import ResultsStore
 
     with ResultsStore(tmp_path / "results.sqlite") as store:
         (row,) = store.query(kind="quality")
@@ -198,8 +198,8 @@ def test_export_quantized_then_generate_eval_bench(capsys, tmp_path, tiny_dir):
 @needs_tflite
 def test_parity_gate_refuses_a_wrong_graph(tmp_path, tiny_dir, monkeypatch):
     """Nothing is written when the converted graph does not reproduce PyTorch."""
-    from slmedge.exporter import tflite_export
-    from slmedge.exporter.tflite_options import TfliteExportConfig
+    from slmedge.exporter.tflite import export as tflite_export
+    from slmedge.exporter.tflite.options import TfliteExportConfig
 
     real = tflite_export.convert_decoder
 
@@ -231,7 +231,7 @@ def test_parity_gate_refuses_a_wrong_graph(tmp_path, tiny_dir, monkeypatch):
 @pytest.mark.skipif(not HAS_LITERT, reason="needs ai-edge-litert ([litert] extra)")
 def test_litert_runtime_imports_neither_torch_nor_tensorflow():
     code = (
-        "import sys; import slmedge.runtimes.litert_decoder as m; "
+        "import sys; import slmedge.runtimes.sessions.litert_decoder as m; "
         "m.load_interpreter_class('ai-edge-litert'); "
         "bad = [x for x in ('torch', 'tensorflow', 'transformers') if x in sys.modules]; "
         "assert not bad, bad"
@@ -265,8 +265,8 @@ def test_a_litert_profile_sets_sizes_recipe_and_format(capsys, tmp_path):
 def test_quantized_export_is_gated_on_perplexity(tmp_path, tiny_dir, monkeypatch):
     """Quantized recipes with the quality card on: the perplexity rise over the fp32 graph
     decides (exit 3, nothing written); the logit-step parity is recorded, not gating."""
-    from slmedge.exporter import tflite_export
-    from slmedge.exporter.tflite_options import TfliteExportConfig
+    from slmedge.exporter.tflite import export as tflite_export
+    from slmedge.exporter.tflite.options import TfliteExportConfig
 
     real = tflite_export._quality
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from slmedge.runtimes import bench as bench_mod
-from slmedge.runtimes.bench import (
+from slmedge.runtimes.bench import runner as bench_mod
+from slmedge.runtimes.bench.runner import (
     EVENT_PREFIX,
     EXIT_HANGUP,
     BenchConfig,
@@ -21,7 +21,7 @@ from slmedge.runtimes.bench import (
     run_bench,
     summarize,
 )
-from slmedge.runtimes.bench_schema import BenchResult, json_schema, validate_result
+from slmedge.runtimes.bench.schema import BenchResult, json_schema, validate_result
 from slmedge.runtimes.errors import UsageError
 
 SMALL = dict(prompt_tokens=16, new_tokens=12, warmup=1, repeats=3, prompt_buckets=(8, 32),
@@ -159,7 +159,7 @@ class TimedDecoder:
 
 
 def _bench_with(monkeypatch, tiny, factors, max_spread):
-    monkeypatch.setattr("slmedge.runtimes.onnx_decoder.OnnxDecoder",
+    monkeypatch.setattr("slmedge.runtimes.sessions.onnx_decoder.OnnxDecoder",
                         lambda *a, **k: TimedDecoder(factors=factors))
     monkeypatch.setattr("slmedge.runtimes.generation.time", FakeClock)
     cfg = BenchConfig(prompt_tokens=4, new_tokens=6, warmup=1, repeats=3, prompt_buckets=(2,),
@@ -242,7 +242,7 @@ def test_schema_rejects_unknown_fields_and_other_versions(tiny_result):
 
 
 def _runner(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "slmedge.runtimes.bench", *args],
+    return subprocess.Popen([sys.executable, "-m", "slmedge.runtimes.bench.runner", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
@@ -287,8 +287,8 @@ def test_runner_reports_a_bad_artifact_as_an_error_event(tmp_path):
 
 
 def test_runner_module_imports_no_torch():
-    code = ("import sys, slmedge.runtimes.bench, slmedge.runtimes.remote, "
-            "slmedge.runtimes.sysinfo; print(sorted(m for m in sys.modules "
+    code = ("import sys, slmedge.runtimes.bench.runner, slmedge.runtimes.bench.remote, "
+            "slmedge.runtimes.bench.sysinfo; print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torch', 'transformers', 'pydantic')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, env={**os.environ})
@@ -297,7 +297,7 @@ def test_runner_module_imports_no_torch():
 
 
 def test_cli_bench_keeps_its_contract(tiny, tmp_path):
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     out = tmp_path / "r.json"
     rc = main([

@@ -3,7 +3,7 @@ card is computed on the held-out text, not the evaluation text, against the fp32
 
 import json
 
-from slmedge.exporter.quality import QualitySettings, artifact_card
+from slmedge.exporter.quality.card import QualitySettings, artifact_card
 from slmedge.exporter.quantize.pipeline import QualityConfig, quantize_artifact
 from slmedge.exporter.quantize.recipe import QuantRecipe
 from slmedge.tools.bench import bench_quant
@@ -13,7 +13,7 @@ def test_heldout_text_is_a_separate_readable_book():
     held = bench_quant.HELDOUT_TEXT.read_text(encoding="utf-8")
     assert 150_000 <= len(held.encode()) <= 300_000
     assert held.startswith("Chapter 1\n\nSir Walter Elliot, of Kellynch Hall")
-    from slmedge.exporter.quality import DEFAULT_EVAL_TEXT
+    from slmedge.exporter.quality.card import DEFAULT_EVAL_TEXT
 
     evaluation = DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
     # no paragraph of the held-out book occurs in the evaluation text

@@ -1,9 +1,9 @@
-"""exporter/compare.py: the one parity comparison, on synthetic decoders (no model, no graph)."""
+"""exporter/quality/compare.py: the one parity comparison, on synthetic decoders (no model, no graph)."""
 
 import numpy as np
 import pytest
 
-from slmedge.exporter.compare import (
+from slmedge.exporter.quality.compare import (
     FP16_RTOL_OF_SCALE,
     Tolerance,
     compare_decoders,
@@ -127,7 +127,7 @@ def test_a_reference_of_other_tokens_is_refused(table):
 def test_static_card_is_the_quality_card_on_one_window(table):
     """static_quality (the static-shape flows' card) is quality_card on one window: the same
     keys for the float and the QDQ card, perplexity by hand, greedy first divergence."""
-    from slmedge.exporter.static_shapes_qdq import static_quality
+    from slmedge.exporter.onnx.static_shapes_qdq import static_quality
 
     big = np.random.default_rng(1).uniform(-3, 3, (32, VOCAB)).astype(np.float32)
     big[np.arange(32), np.arange(32) % VOCAB] += 6.0  # clear top-1 everywhere

@@ -1,4 +1,4 @@
-"""Energy per token (runtimes/energy.py): the three readers against the fixtures of
+"""Energy per token (runtimes/bench/energy.py): the three readers against the fixtures of
 tests/fixtures/energy (written from the documented formats), the per-token arithmetic, the
 probe inside a real bench, and a real RAPL reading where this machine has one."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from slmedge.runtimes import energy
-from slmedge.runtimes.bench_schema import EnergyReport, validate_result
-from slmedge.runtimes.energy import (
+from slmedge.runtimes.bench import energy
+from slmedge.runtimes.bench.schema import EnergyReport, validate_result
+from slmedge.runtimes.bench.energy import (
     BatteryMeter,
     Curve,
     EnergyProbe,
@@ -197,8 +197,8 @@ class _SteadyMeter:
 
 
 def test_bench_carries_the_energy_block(tiny_artifact, monkeypatch):
-    from slmedge.runtimes.bench import BenchConfig, run_bench
-    from slmedge.tools.report import compare_rows
+    from slmedge.runtimes.bench.runner import BenchConfig, run_bench
+    from slmedge.tools.cli.report import compare_rows
 
     monkeypatch.setattr(energy, "find_meter", lambda **_k: _SteadyMeter())
     config = BenchConfig(prompt_tokens=16, new_tokens=24, warmup=1, repeats=2,
@@ -235,7 +235,7 @@ def test_probe_attributes_prefill_and_decode_intervals():
 
 
 def test_bench_without_a_meter_says_why(tiny_artifact, monkeypatch):
-    from slmedge.runtimes.bench import BenchConfig, run_bench
+    from slmedge.runtimes.bench.runner import BenchConfig, run_bench
 
     monkeypatch.setenv("SLMEDGE_ENERGY", "0")
     doc = run_bench(tiny_artifact("llama"), BenchConfig(

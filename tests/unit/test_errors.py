@@ -37,7 +37,7 @@ def test_each_problem_names_its_field_path_and_pydantics_message():
 
 
 def test_the_export_cli_reports_a_bad_config_with_it(tmp_path, capsys):
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     config = tmp_path / "export.json"
     config.write_text('{"output": "out", "opset": "eighteen"}')

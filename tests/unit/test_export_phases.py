@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from slmedge.exporter import streaming
-from slmedge.exporter.quality import QualitySettings, artifact_card
-from slmedge.exporter.sources import open_source
+from slmedge.exporter.onnx import streaming
+from slmedge.exporter.quality.card import QualitySettings, artifact_card
+from slmedge.exporter.sources.load import open_source
 
 PHASES = ("load", "trace", "passes", "write", "support_files", "parity", "card")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slmedge.runtimes.errors import ArtifactError
-from slmedge.runtimes.onnx_decoder import _kv_dims
+from slmedge.runtimes.sessions.onnx_decoder import _kv_dims
 
 
 def test_concrete_dims_are_taken_from_the_graph(tmp_path):

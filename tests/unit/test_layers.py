@@ -42,8 +42,8 @@ HEAVY = {"torch", "transformers", "onnx", "onnxscript", "onnx_ir", "tensorflow",
 #: Library modules that parse a command line: processes the CLI starts on a target, where only
 #: runtimes/ is copied (``python -m ...`` over SSH / ADB). Any other argparse belongs in tools/.
 ARGPARSE_ENTRY_POINTS: dict[str, str] = {
-    "slmedge.runtimes.bench": "the runner on the device (runtimes/remote.py starts it)",
-    "slmedge.runtimes.target_card": "the quality card replayed on the device (remote_card.py)",
+    "slmedge.runtimes.bench.runner": "the runner on the device (runtimes/bench/remote.py starts it)",
+    "slmedge.runtimes.check.target_card": "the quality card replayed on the device (remote_card.py)",
 }
 
 #: Cycles that exist today and belong to work in progress elsewhere; any other cycle fails.
@@ -51,7 +51,7 @@ ARGPARSE_ENTRY_POINTS: dict[str, str] = {
 KNOWN_CYCLES: dict[frozenset[str], str] = {}
 #: (module, package): a heavy import a torch-free module makes when the package is there.
 OPTIONAL_HEAVY: dict[tuple[str, str], str] = {
-    ("slmedge.runtimes.placement", "onnx"):
+    ("slmedge.runtimes.check.placement", "onnx"):
         "slmedge check (run where the artifact was made, not on the device) reads the graph's "
         "op types with onnx when it is installed; its entry points catch the ImportError",
 }
@@ -172,10 +172,10 @@ def test_the_walk_sees_the_package(graph):
     layers = {m.split(".")[1] for m in graph}
     assert layers == set(LAYERS)
     assert len(graph) >= 80  # every module, not just the __init__ files
-    assert "slmedge.tools.cli" in graph and "slmedge.exporter.quantize.core" in graph
+    assert "slmedge.tools.cli.app" in graph and "slmedge.exporter.quantize.core" in graph
     assert not any(".bench." in m for m in graph if m.startswith("slmedge.tools"))
-    # function-level and relative imports are seen: tools.cli imports the exporter in cmd_export
-    assert "slmedge.exporter.pipeline" in graph["slmedge.tools.cli"]
+    # function-level and relative imports are seen: tools.cli.app imports the exporter in cmd_export
+    assert "slmedge.exporter.pipeline" in graph["slmedge.tools.cli.app"]
     assert "slmedge.exporter.quantize.qdq" in graph["slmedge.exporter.quantize.core"]
 
 

@@ -23,7 +23,7 @@ from slmedge.runtimes.manifest_schema import (
     load_manifest,
     validate_manifest,
 )
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 ONE_THREAD_PROFILE = "name: x86-cpu-1t\nextends: x86-cpu\nruntime:\n  threads: 1\n"
 
@@ -165,7 +165,7 @@ def test_the_runner_without_pydantic_refuses_another_major_version(fp32, tmp_pat
     _rewrite(art, schema_version=2)
     code = ("import runpy, sys; sys.modules['pydantic'] = None; "
             "sys.argv = ['bench', sys.argv[1], '--events']; "
-            "runpy.run_module('slmedge.runtimes.bench', run_name='__main__')")
+            "runpy.run_module('slmedge.runtimes.bench.runner', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == EXIT_USAGE, proc.stderr
@@ -203,7 +203,7 @@ def test_a_bare_model_file_has_no_typed_manifest(fp32):
 def test_the_recorded_replay_is_the_manifests_own(written):
     """remote_card reads quality.replay and the gate through the typed manifest; what a
     target replays is exactly the JSON the export recorded."""
-    from slmedge.runtimes.remote_card import manifest_spec, recorded_replay
+    from slmedge.runtimes.check.remote_card import manifest_spec, recorded_replay
 
     replay, gate = recorded_replay(written["int4"])
     doc = _doc(written["int4"])

@@ -1,4 +1,4 @@
-"""One place picks an artifact's decoder (runtimes.static_decoder.open_decoder): LiteRT for a
+"""One place picks an artifact's decoder (runtimes.sessions.static_decoder.open_decoder): LiteRT for a
 TFLite artifact, ONNX Runtime's static-shape or KV-cache decoder otherwise. The CLI, the
 bench, verify and the device's quality card all open artifacts through it (issue 13: three
 copies of the choice before)."""
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from slmedge.runtimes import litert_decoder, onnx_decoder, static_decoder
+from slmedge.runtimes.sessions import litert_decoder, onnx_decoder, static_decoder
 from slmedge.runtimes.artifact import Artifact
-from slmedge.runtimes.static_decoder import open_decoder
+from slmedge.runtimes.sessions.static_decoder import open_decoder
 
 
 @pytest.fixture

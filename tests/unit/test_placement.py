@@ -9,7 +9,7 @@ import pytest
 from static_fixtures import static_artifact_path
 
 from slmedge.device_profiles import builtin_names, load_profile
-from slmedge.runtimes.placement import check_artifact
+from slmedge.runtimes.check.placement import check_artifact
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 
@@ -98,7 +98,7 @@ def test_qnn_check_says_why_norm_and_softmax_are_not_8_bit(static_llama, tmp_pat
     import numpy as np
 
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.exporter.static_shapes_qdq import quantize_static_graphs
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs
 
     work = tmp_path / "q"
     shutil.copytree(static_llama, work)

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from slmedge.device_profiles import load_profile
-from slmedge.exporter.export import ExportConfig
-from slmedge.exporter.profile_export import _derived
+from slmedge.exporter.onnx.export import ExportConfig
+from slmedge.exporter.onnx.profile import _derived
 from slmedge.exporter.quantize.recipe import QuantRecipe
 from slmedge.runtimes.errors import UsageError
 

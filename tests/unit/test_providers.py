@@ -16,8 +16,8 @@ from slmedge.runtimes.errors import (
     ProviderUnavailable,
     UnsupportedOp,
 )
-from slmedge.runtimes.onnx_decoder import make_session
-from slmedge.runtimes.providers import availability, placement_of, selection_of, session_report
+from slmedge.runtimes.sessions.onnx_decoder import make_session
+from slmedge.runtimes.sessions.providers import availability, placement_of, selection_of, session_report
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 needs_qnn = pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed here "
@@ -105,7 +105,7 @@ def test_corrupt_file_is_an_artifact_error_not_a_fallback(tmp_path):
 
 
 def test_unknown_plugin_reason_names_the_package(monkeypatch):
-    from slmedge.runtimes import providers
+    from slmedge.runtimes.sessions import providers
 
     monkeypatch.setitem(providers.PLUGIN_PROVIDERS, "FakePluginExecutionProvider",
                         ("slmedge_no_such_plugin", "onnxruntime-fake"))
@@ -191,7 +191,7 @@ def test_qnn_session_failure_falls_back_or_fails_strict(tmp_path, capsys):
 @pytest.mark.qnn
 @needs_qnn
 def test_constants_second_workaround_lets_qnn_take_rms_norm(tmp_path):
-    from slmedge.exporter.static_shapes import constants_second
+    from slmedge.exporter.onnx.static_shapes import constants_second
 
     path = _rms_norm_model(tmp_path, weight_first=True)
     model = onnx.load(path)
@@ -215,7 +215,7 @@ def test_qnn_that_takes_no_node_is_reported(mixed_model, capsys):
 @needs_qnn
 def test_qnn_by_name_alone_would_run_on_cpu(mixed_model):
     """Why plugin EPs go through their devices: passed by name, ORT drops QNN silently."""
-    from slmedge.runtimes.providers import register_plugin_provider
+    from slmedge.runtimes.sessions.providers import register_plugin_provider
 
     assert register_plugin_provider("QNNExecutionProvider") is None
     s = ort.InferenceSession(str(mixed_model), providers=[QNN, "CPUExecutionProvider"])

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from slmedge.exporter.quality import kl_rows, quality_card
+from slmedge.exporter.quality.card import kl_rows, quality_card
 
 VOCAB = 16
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slmedge.exporter.quality import (
+from slmedge.exporter.quality.card import (
     QualitySettings,
     RecordedReference,
     artifact_card,
     decoder_card,
 )
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 SETTINGS = QualitySettings(eval_tokens=150, window=64, stride=32,
                            prompts=("The capital of France is", "def f(x):"), new_tokens=6)
@@ -62,7 +62,7 @@ def test_recorded_reference_replays_and_refuses_other_tokens(tmp_path):
 
 
 def test_keep_prefill_computes_a_repeated_window_once():
-    from slmedge.exporter.quality import KeepPrefill
+    from slmedge.exporter.quality.card import KeepPrefill
 
     calls = []
 

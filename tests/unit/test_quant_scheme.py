@@ -14,7 +14,7 @@ from slmedge.device_profiles.schema import (
     Recipe,
 )
 from slmedge.exporter.quantize.recipe import QuantRecipe
-from slmedge.exporter.tflite_options import TfliteExportConfig, parse_quant
+from slmedge.exporter.tflite.options import TfliteExportConfig, parse_quant
 from slmedge.runtimes.errors import UsageError
 
 
@@ -80,7 +80,7 @@ def test_the_qdq_subset_is_named_once_and_every_consumer_agrees():
     ("int4", "fp32", "int4-block32"), ("int8-static", "fp32", "int8-static"),
     ("a16w8", "fp32", "refused")])
 def test_a_litert_profile_names_its_tflite_scheme(tmp_path, quantization, precision, quant):
-    from slmedge.exporter.tflite_options import profile_fields
+    from slmedge.exporter.tflite.options import profile_fields
 
     path = tmp_path / "pixel-litert.yaml"
     path.write_text(

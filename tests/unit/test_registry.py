@@ -69,7 +69,7 @@ def test_a_new_family_is_refused_by_tflite_until_it_says_otherwise():
 
 @pytest.mark.parametrize("model_type, reason", [("gpt2", "Conv1D"), ("mamba", "no architecture")])
 def test_tflite_refuses_a_family_with_its_reason_and_the_supported_list(model_type, reason):
-    tflite_graph = pytest.importorskip("slmedge.exporter.tflite_graph")  # needs torch
+    tflite_graph = pytest.importorskip("slmedge.exporter.tflite.convert")  # needs torch
     with pytest.raises(UnsupportedArchitecture) as err:
         tflite_graph.check_family(model_type)
     message = str(err.value)

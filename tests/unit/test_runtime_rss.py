@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 LIMIT_OVER_FILE_MB = 150
 
-# The bench's own steps (runtimes.bench.run_bench): RSS, open the decoder, RSS again.
+# The bench's own steps (runtimes.bench.runner.run_bench): RSS, open the decoder, RSS again.
 _PROBE = """
 import json, sys
 from slmedge.runtimes.artifact import open_artifact
-from slmedge.runtimes.bench import rss_mb
-from slmedge.runtimes.static_decoder import open_decoder
+from slmedge.runtimes.bench.runner import rss_mb
+from slmedge.runtimes.sessions.static_decoder import open_decoder
 artifact = open_artifact(sys.argv[1])
 before = rss_mb()
 decoder = open_decoder(artifact, threads=2)
@@ -29,8 +29,8 @@ print(json.dumps({"before": before, "after": rss_mb(),
 # freed behind one live block stay resident until release_free_heap().
 _HEAP_PROBE = """
 import ctypes, json
-from slmedge.runtimes.bench import rss_mb
-from slmedge.runtimes.onnx_decoder import release_free_heap
+from slmedge.runtimes.bench.runner import rss_mb
+from slmedge.runtimes.sessions.onnx_decoder import release_free_heap
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

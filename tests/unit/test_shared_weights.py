@@ -1,4 +1,4 @@
-"""runtimes.shared_weights: the protobuf reader of external-data entries, against onnx."""
+"""runtimes.sessions.shared_weights: the protobuf reader of external-data entries, against onnx."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slmedge.runtimes.shared_weights import SharedWeights, external_tensors
+from slmedge.runtimes.sessions.shared_weights import SharedWeights, external_tensors
 
 
 def _model(tmp_path, name="m.onnx", location="w.data"):

@@ -10,7 +10,7 @@ import pytest
 
 from slmedge.exporter import skeleton
 from slmedge.exporter.skeleton import ExportSteps, Extra, run_steps
-from slmedge.exporter.sources import load_source
+from slmedge.exporter.sources.load import load_source
 from slmedge.runtimes.artifact import MANIFEST_NAME
 from slmedge.runtimes.errors import QualityGateFailed, UsageError
 

@@ -96,7 +96,7 @@ def test_sigterm_during_a_real_export_leaves_nothing(tmp_path, tiny_dir):
 
 
 def test_the_next_export_removes_stale_stages_of_dead_processes(capsys, tmp_path, tiny_dir):
-    from slmedge.tools.cli import main
+    from slmedge.tools.cli.app import main
 
     pid = dead_pid()
     for kind in ("partial", "old"):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slmedge.exporter.quality import (
+from slmedge.exporter.quality.card import (
     QualitySettings,
     RecordedReference,
     artifact_card,
     record_reference,
 )
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 SETTINGS = QualitySettings(eval_tokens=150, window=64, stride=32,
                            prompts=("The capital of France is", "def f(x):"), new_tokens=6)
@@ -22,8 +22,8 @@ SETTINGS = QualitySettings(eval_tokens=150, window=64, stride=32,
 def _streamed(directory, progress=None):
     from transformers import AutoConfig
 
-    from slmedge.exporter.lazy_weights import SafetensorsWeights
-    from slmedge.exporter.streamed_reference import StreamedReference
+    from slmedge.exporter.onnx.lazy_weights import SafetensorsWeights
+    from slmedge.exporter.quality.streamed_reference import StreamedReference
 
     return StreamedReference(AutoConfig.from_pretrained(directory),
                              SafetensorsWeights(directory), source_dtype="fp32",
@@ -73,7 +73,7 @@ def test_streamed_logits_equal_fp32_graph(tiny_dir, tiny_artifact, model_type):
 
 
 def test_streamed_recording_makes_the_cards_window_calls(tiny_dir, tiny_artifact, tmp_path):
-    from slmedge.exporter.streamed_reference import record_streamed_reference
+    from slmedge.exporter.quality.streamed_reference import record_streamed_reference
 
     artifact = tiny_artifact("llama")
     graph = record_reference(OnnxDecoder(artifact / "model.onnx"), artifact, SETTINGS,
@@ -149,10 +149,10 @@ def test_streamed_reason_keeps_small_models_on_the_graph(tiny_artifact, monkeypa
 
 
 def test_fp16_session_plan_keeps_fp16_weights_when_fp32_would_not_fit(tiny_dir, tmp_path):
-    from slmedge.exporter.export import ExportConfig, _session_plan
-    from slmedge.exporter.onnx_export import weights_bytes
-    from slmedge.exporter.sources import open_source
-    from slmedge.exporter.streaming import session_weights_bytes
+    from slmedge.exporter.onnx.export import ExportConfig, _session_plan
+    from slmedge.exporter.onnx.convert import weights_bytes
+    from slmedge.exporter.sources.load import open_source
+    from slmedge.exporter.onnx.streaming import session_weights_bytes
 
     streamed = open_source(str(tiny_dir("llama")), dtype="fp16")
     stored, held = weights_bytes(streamed.model), session_weights_bytes(streamed.model)
@@ -171,9 +171,9 @@ def test_fp16_session_plan_keeps_fp16_weights_when_fp32_would_not_fit(tiny_dir, 
 
 def test_fp16_session_plan_keeps_fp16_weights_when_fp32_copy_passes_the_headroom(
         tiny_dir, tmp_path, monkeypatch):
-    from slmedge.exporter import export
-    from slmedge.exporter.onnx_export import weights_bytes
-    from slmedge.exporter.sources import open_source
+    from slmedge.exporter.onnx import export
+    from slmedge.exporter.onnx.convert import weights_bytes
+    from slmedge.exporter.sources.load import open_source
 
     config = export.ExportConfig(model="x", output=tmp_path, dtype="fp16",
                                  verify_session_max_mb=1e6)
@@ -191,7 +191,7 @@ def test_fp16_session_plan_keeps_fp16_weights_when_fp32_copy_passes_the_headroom
 
 
 def test_keep_fp16_session_gives_the_same_logits(tiny_artifact):
-    from slmedge.exporter.quality import FP16_TO_FP32_FOLD, verification_session_options
+    from slmedge.exporter.quality.card import FP16_TO_FP32_FOLD, verification_session_options
 
     graph = tiny_artifact("llama", dtype="fp16") / "model.onnx"
     opts = verification_session_options(keep_fp16=True)

@@ -13,7 +13,7 @@ How it measures (DESIGN.md: +-15% noise between passes here, so compare within a
 - the tools alternate in rounds (A B C, A B C, ...), ``--repeats`` rounds; median and
   min/max over the rounds are reported;
 - ``--threads`` intra-op threads everywhere, the prompt ids of
-  ``slmedge.runtimes.bench.bench_prompt_ids``, exactly ``--new-tokens`` new tokens with
+  ``slmedge.runtimes.bench.runner.bench_prompt_ids``, exactly ``--new-tokens`` new tokens with
   no early stop; TTFT = call -> first new token, decode = later tokens / their time;
 - the greedy tokens of each tool are compared with PyTorch's (identical leading tokens);
   ``slmedge bench`` does not report its tokens, so an untimed ``slmedge_tokens.py`` run
@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bench(args, tools: list[str], cache: Path, run: Runner, say) -> dict:
     """Prepare what the tools need, run the rounds, and assemble the JSON result."""
-    from slmedge.runtimes.bench import bench_prompt_ids
+    from slmedge.runtimes.bench.runner import bench_prompt_ids
 
     t_start = time.perf_counter()
     env = environment()

@@ -5,7 +5,7 @@
 
 For each artifact, one replay spec (the card's fixed prompt, ``--new-tokens`` greedy tokens,
 the first ``--window`` tokens of the packaged evaluation text) runs here with this machine's
-ONNX Runtime, then on the target (``runtimes/target_card.py``: token ids in, ids and figures
+ONNX Runtime, then on the target (``runtimes/check/target_card.py``: token ids in, ids and figures
 out) with x86's tokens as the reference for teacher-forced agreement. A row: the recipe (scheme,
 label, MatMulNBits accuracy level), both token lists, the common prefix, teacher-forced
 agreement and first divergence, both perplexities and their difference.
@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from slmedge.runtimes.artifact import open_artifact
-from slmedge.runtimes.static_decoder import open_decoder
-from slmedge.runtimes.target_card import REPLAY_PROMPT, compare, platform_facts, run_spec
+from slmedge.runtimes.sessions.static_decoder import open_decoder
+from slmedge.runtimes.check.target_card import REPLAY_PROMPT, compare, platform_facts, run_spec
 from slmedge.runtimes.texts import default_eval_text
 from slmedge.runtimes.tokenizer import TextTokenizer
 
@@ -84,7 +84,7 @@ def run_chroot(root: Path, artifact: Path, spec: dict, threads: int, qemu_cpu: s
         raise SystemExit(f"{root}{CHROOT_PYTHON} is missing: run the arm64 tests once "
                          "(tests/arm64 make the venv), or use --target ssh://...")
     cmd = ["chroot", str(root), "/usr/bin/env", f"QEMU_CPU={qemu_cpu}",
-           f"PYTHONPATH={inner}/lib", CHROOT_PYTHON, "-m", "slmedge.runtimes.target_card",
+           f"PYTHONPATH={inner}/lib", CHROOT_PYTHON, "-m", "slmedge.runtimes.check.target_card",
            f"{inner}/artifacts/{dst.name}", "--spec-json", f"{inner}/spec.json",
            "--threads", str(threads), "--json"]
     try:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             there = run_chroot(args.chroot, artifact, target_spec, args.threads, args.qemu_cpu,
                                args.timeout)
         else:
-            from slmedge.runtimes.remote_card import run_remote_card
+            from slmedge.runtimes.check.remote_card import run_remote_card
 
             there = run_remote_card(args.target, artifact, target_spec, threads=args.threads,
                                     timeout=args.timeout)

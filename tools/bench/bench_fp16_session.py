@@ -26,8 +26,8 @@ from pathlib import Path
 _CHILD = r"""
 import json, sys, time
 import numpy as np
-from slmedge.exporter.quality import verification_session_options
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.exporter.quality.card import verification_session_options
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -12,7 +12,7 @@ What it does, on SmolLM2-135M (the embedded model) by default:
    - ``genai-<variant>``: ``onnxruntime_genai.models.builder`` of that directory, with
      ``intra_op_num_threads`` written into its ``genai_config.json``;
 2. measures each (tool, variant) in its own subprocess, alternating tools round after
-   round, with the same prompt ids (:func:`slmedge.runtimes.bench.bench_prompt_ids`),
+   round, with the same prompt ids (:func:`slmedge.runtimes.bench.runner.bench_prompt_ids`),
    the same prompt/new token counts and thread count, generation never stopping early;
 3. prints a table with tok/s, TTFT and the slmedge/GenAI ratios, and writes JSON.
 
@@ -79,7 +79,7 @@ def prepare_hf_dir(workdir: Path, source: str) -> Path:
     # its dequantized weights into a fresh model of the same config and save that.
     code = (
         "import torch, transformers\n"
-        "from slmedge.exporter.sources import load_source\n"
+        "from slmedge.exporter.sources.load import load_source\n"
         f"m = load_source({source!r}, dtype='fp32')\n"
         "cfg = m.model.config\n"
         "if hasattr(cfg, 'quantization_config'): del cfg.quantization_config\n"
@@ -144,7 +144,7 @@ def _summary(ttft_s: list[float], decode_tps: list[float]) -> dict:
 def child_slmedge(path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
     """slmedge's own loop (``runtimes.generation.generate``), as ``slmedge bench`` runs it."""
     from slmedge.runtimes.generation import generate
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     t0 = time.perf_counter()
     decoder = OnnxDecoder(path / "model.onnx", threads=threads)
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     hf_dir = prepare_hf_dir(args.workdir, args.source)
 
-    from slmedge.runtimes.bench import bench_prompt_ids
+    from slmedge.runtimes.bench.runner import bench_prompt_ids
 
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     prompt = bench_prompt_ids(vocab, args.prompt_tokens)
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
             say(f"  decode {run['decode_tokens_per_s']:.1f} tok/s, TTFT {run['ttft_ms']:.0f} ms")
             results[e.tool][e.label]["runs"].append(run)
 
-    from slmedge.runtimes.bench import environment
+    from slmedge.runtimes.bench.runner import environment
 
     doc = {
         "what": "slmedge vs ONNX Runtime GenAI model builder, same weights, same prompt ids",

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from slmedge.exporter.gguf_source import open_gguf_streamed
-    from slmedge.exporter.quality import QualitySettings, artifact_card
+    from slmedge.exporter.sources.gguf import open_gguf_streamed
+    from slmedge.exporter.quality.card import QualitySettings, artifact_card
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
 

@@ -41,7 +41,7 @@ def timed_bench(artifact: Path, out: Path, *, prompt: int, new: int, repeats: in
     cfg = {"prompt_tokens": prompt, "new_tokens": new, "warmup": 0, "repeats": repeats,
            "threads": threads, "prompt_buckets": [prompt], "decode_depths": [prompt]}
     proc = subprocess.run(
-        [TIME, "-v", sys.executable, "-m", "slmedge.runtimes.bench", str(artifact),
+        [TIME, "-v", sys.executable, "-m", "slmedge.runtimes.bench.runner", str(artifact),
          "--config-json", json.dumps(cfg), "--output", str(out)],
         capture_output=True, text=True, timeout=1800, env={**os.environ, "LC_ALL": "C"},
     )

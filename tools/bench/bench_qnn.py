@@ -11,14 +11,14 @@ Builds what is missing under --out (later runs reuse it), timing each export:
 
 Then, for every variant x provider, in a subprocess of its own (an emulator crash or its
 memory stays there):
-  * the decoder of the static graphs (``runtimes.static_decoder``); ``qnn`` is the profile's
+  * the decoder of the static graphs (``runtimes.sessions.static_decoder``); ``qnn`` is the profile's
     provider list with CPU fallback disabled (``session.disable_cpu_ep_fallback=1``) and
     strict, so a node the HTP cannot take fails the run instead of running on CPU;
   * nodes placed on QNN / total, per graph, from ONNX Runtime's graph-assignment record;
   * ms per prefill chunk (64 tokens) and per decode step, median of --timing-repeats calls.
     The emulator runs the Hexagon instruction set on this x86 CPU: its timings say nothing
     about a phone;
-  * the quality card (``exporter.quality.decoder_card``) against the fp32 dynamic graph on CPU:
+  * the quality card (``exporter.quality.card.decoder_card``) against the fp32 dynamic graph on CPU:
     perplexity on the first --eval-tokens tokens of eval_mansfield_park.txt (windows 512,
     stride 256), KL, greedy top-1 agreement and first divergence on --prompts prompts x
     --new-tokens tokens (the candidate is fed the reference's tokens).
@@ -67,10 +67,10 @@ def measure(artifact: Path, provider: str, reference: Path, eval_tokens: int, pr
             new_tokens: int, repeats: int, threads: int) -> dict:
     """Placement, time per call and quality card of ``artifact``'s static graphs."""
     from slmedge.device_profiles import load_profile
-    from slmedge.exporter.quality import DEFAULT_PROMPTS, QualitySettings, decoder_card
+    from slmedge.exporter.quality.card import DEFAULT_PROMPTS, QualitySettings, decoder_card
     from slmedge.runtimes.artifact import open_artifact
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
-    from slmedge.runtimes.static_decoder import open_decoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.static_decoder import open_decoder
 
     opened = open_artifact(artifact)
     profile = load_profile(opened.manifest["profile"]["name"])

@@ -219,9 +219,9 @@ def prepare_genai(hf_dir: Path, precision: str, threads: int) -> Path:
 
 _SLMEDGE_SPEED = """
 import json, sys, time
-from slmedge.runtimes.bench import bench_prompt_ids
+from slmedge.runtimes.bench.runner import bench_prompt_ids
 from slmedge.runtimes.generation import generate
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 path, threads, n_prompt, n_new, reps, vocab = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
 dec = OnnxDecoder(path + "/model.onnx", threads=threads)
 prompt = bench_prompt_ids(vocab, n_prompt)
@@ -236,7 +236,7 @@ print(json.dumps(out))
 _GENAI_SPEED = """
 import json, sys, time
 import onnxruntime_genai as og
-from slmedge.runtimes.bench import bench_prompt_ids
+from slmedge.runtimes.bench.runner import bench_prompt_ids
 path, threads, n_prompt, n_new, reps, vocab = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
 model = og.Model(path)
 prompt = bench_prompt_ids(vocab, n_prompt)
@@ -275,7 +275,7 @@ def speed(tool: str, path: Path, threads: int, prompt: int, new: int, reps: int,
 
 
 def quality(path: Path, reference: Path, tokenizer_dir: Path, eval_tokens: int) -> dict:
-    from slmedge.exporter.quality import QualitySettings, artifact_card
+    from slmedge.exporter.quality.card import QualitySettings, artifact_card
 
     card = artifact_card(path, tokenizer_dir, QualitySettings(eval_tokens=eval_tokens),
                          reference_model=reference, threads=2)
@@ -286,7 +286,7 @@ def heldout_quality(path: Path, reference: Path, tokenizer_dir: Path, text: Path
                     eval_tokens: int) -> dict:
     """Perplexity, KL and top-1 agreement of ``path`` vs ``reference`` on the held-out text
     (no greedy prompts: those are the evaluation card's), as ``heldout_*`` row fields."""
-    from slmedge.exporter.quality import QualitySettings, artifact_card
+    from slmedge.exporter.quality.card import QualitySettings, artifact_card
 
     card = artifact_card(path, tokenizer_dir,
                          QualitySettings(eval_text=text, eval_tokens=eval_tokens, prompts=()),

@@ -329,7 +329,7 @@ def source_snapshot(commit: str, workdir: Path) -> tuple[str, Path]:
                          check=True, capture_output=True, text=True).stdout.strip()
     root = Path(workdir) / f"src-{sha[:12]}"
     pkg = root / "slmedge"
-    if not (pkg / "tools" / "cli.py").exists():
+    if not (pkg / "tools" / "__init__.py").exists():
         pkg.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, *PACKAGES],
                                  check=True, capture_output=True).stdout

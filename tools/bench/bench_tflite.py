@@ -134,9 +134,9 @@ def bench_once(name: str, out: Path, threads: int, prompt: int, new: int) -> dic
 CROSS_CARD = r"""
 import json, sys
 from pathlib import Path
-from slmedge.exporter.quality import QualitySettings, eval_token_ids, quality_card
-from slmedge.runtimes.litert_decoder import LiteRTDecoder
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.exporter.quality.card import QualitySettings, eval_token_ids, quality_card
+from slmedge.runtimes.sessions.litert_decoder import LiteRTDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 from slmedge.runtimes.tokenizer import TextTokenizer
 tfl, onnx = Path(sys.argv[1]), Path(sys.argv[2])
 settings = QualitySettings()

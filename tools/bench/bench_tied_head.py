@@ -26,8 +26,8 @@ _CHILD = r"""
 import json, sys, time
 import numpy as np
 from slmedge.runtimes.artifact import open_artifact
-from slmedge.runtimes.bench import rss_mb
-from slmedge.runtimes.static_decoder import open_decoder
+from slmedge.runtimes.bench.runner import rss_mb
+from slmedge.runtimes.sessions.static_decoder import open_decoder
 artifact = open_artifact(sys.argv[1])
 tokens = int(sys.argv[2])
 before = rss_mb()

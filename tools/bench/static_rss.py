@@ -34,7 +34,7 @@ def mem():
 root, share = Path(sys.argv[1]), sys.argv[2] == "1"
 threads, tokens, decode = map(int, sys.argv[3:6])
 import onnxruntime  # noqa: F401  (in the baseline, not in the load)
-from slmedge.runtimes.static_decoder import StaticDecoder
+from slmedge.runtimes.sessions.static_decoder import StaticDecoder
 static = json.loads((root / "manifest.json").read_text())["static"]
 base = mem()
 t = time.perf_counter()

@@ -10,7 +10,7 @@ from test_rms_norm import D, _inits, _rms_nodes
 
 from slmedge.exporter.passes import fuse_onnx_file
 from slmedge.runtimes.errors import EXIT_USAGE
-from slmedge.tools.cli import main
+from slmedge.tools.cli.app import main
 
 
 def test_fuse_onnx_file_reports_counts_and_keeps_values(tmp_path):
@@ -27,7 +27,7 @@ def test_fuse_onnx_file_reports_counts_and_keeps_values(tmp_path):
     fused = ir.load(str(tmp_path / "fused.onnx"))
     assert [n.op_type for n in fused.graph] == ["SimplifiedLayerNormalization"]
     np.testing.assert_allclose(run(fused, {"x": x})[0], want, atol=1e-5)
-    # The command line (`slmedge fuse`, tools/cli_fuse.py) rewrites in place by default.
+    # The command line (`slmedge fuse`, tools/cli/fuse.py) rewrites in place by default.
     assert main(["fuse", str(path)]) == 0
     assert [n.op_type for n in ir.load(str(path)).graph] == ["SimplifiedLayerNormalization"]
 
@@ -56,8 +56,8 @@ def test_slmedge_fuse_json_prints_the_report_and_writes_output(tmp_path, capsys)
 
 
 def test_slmedge_fuse_options_come_from_the_config_then_the_flags(tmp_path):
-    from slmedge.tools.cli import build_parser
-    from slmedge.tools.cli_fuse import _options
+    from slmedge.tools.cli.app import build_parser
+    from slmedge.tools.cli.fuse import _options
 
     path = _rms_file(tmp_path)
     parse = build_parser().parse_args

@@ -88,7 +88,7 @@ def test_hqq_int4_of_tiny_llama_is_folded_and_unchanged(tiny_artifact, tmp_path,
     from slmedge.exporter.quantize import core
     from slmedge.exporter.quantize.core import quantize_model
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     art = tiny_artifact("llama")
     recipe = QuantRecipe(scheme="int4", block_size=32, accuracy_level=1)  # fp32 compute: exact

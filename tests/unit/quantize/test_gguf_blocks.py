@@ -125,7 +125,7 @@ def test_streaming_quantizer_writes_a_sources_blocks_as_they_are(qtype_name, rec
     from slmedge.exporter.quantize.graph import analyze
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
     model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
@@ -217,7 +217,7 @@ def test_int4_default_keeps_a_wider_sources_blocks(keep, tiny_artifact, tmp_path
     from slmedge.exporter.quantize.graph import analyze
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -313,7 +313,7 @@ def test_float_zero_point_blocks_are_kept_and_folded(tiny_artifact, tmp_path):
     from slmedge.exporter.quantize.hqq import hqq_quantize
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     model = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from slmedge.exporter.quantize.core import quantize_model
 from slmedge.exporter.quantize.head_split import frequent_tokens, split_lm_head
 from slmedge.exporter.quantize.recipe import QuantRecipe
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 IDS = list(range(6, 40))
 

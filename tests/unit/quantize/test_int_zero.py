@@ -111,7 +111,7 @@ def test_bench_rewrite_of_a_tiny_llama_finds_every_4bit_weight(tiny_artifact, tm
 
     from slmedge.exporter.quantize.pipeline import QualityConfig, quantize_artifact
     from slmedge.exporter.quantize.recipe import QuantRecipe
-    from slmedge.runtimes.onnx_decoder import OnnxDecoder
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     fp32 = tiny_artifact("llama")
     rtn = tmp_path / "rtn"

@@ -9,7 +9,7 @@ import pytest
 from slmedge.exporter.quantize import weight_only
 from slmedge.exporter.quantize.core import quantize_model
 from slmedge.exporter.quantize.recipe import QuantRecipe
-from slmedge.runtimes.onnx_decoder import OnnxDecoder
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 IDS = [3, 17, 42, 5, 99, 12, 7, 64, 21, 88]
 

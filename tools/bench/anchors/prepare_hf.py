@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
 
-    from slmedge.exporter.sources import load_source
+    from slmedge.exporter.sources.load import load_source
 
     out: Path = args.output
     if (out / MARKER).exists():

@@ -2,7 +2,7 @@
 
 ``slmedge bench --json`` reports timings, not the tokens it generated, so
 ``tools/bench/bench_anchors.py`` runs this once to compare slmedge's greedy output with
-PyTorch's. The prompt is built exactly as ``slmedge.runtimes.bench.run_bench`` builds it
+PyTorch's. The prompt is built exactly as ``slmedge.runtimes.bench.runner.run_bench`` builds it
 (the vocabulary size read from the session, ``bench_prompt_ids`` with the same seed),
 and printed too, so the caller can check every tool got the same ids.
 
@@ -16,9 +16,9 @@ import json
 import sys
 
 from slmedge.runtimes.artifact import open_artifact
-from slmedge.runtimes.bench import bench_prompt_ids
+from slmedge.runtimes.bench.runner import bench_prompt_ids
 from slmedge.runtimes.generation import generate
-from slmedge.runtimes.static_decoder import open_decoder
+from slmedge.runtimes.sessions.static_decoder import open_decoder
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,2 @@
+"""torch -> ONNX with KV cache: the ONNX flow, the static-shape (NPU) flow of a device profile,
+the streamed export."""

@@ -1,0 +1,2 @@
+"""Model sources: a Hugging Face directory or hub id, a GGUF file, the embedded default; loaded
+in PyTorch."""

@@ -1,0 +1,1 @@
+"""The ``slmedge`` command: flags -> typed config -> library call; progress is drawn here."""
