@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """``tiny_dir(model_type)`` -> path of a tiny HF checkpoint (cached per session)."""
-    from tiny_models import save_tiny
+    from helpers.tiny_models import save_tiny
 
     cache: dict[str, Path] = {}
 

@@ -325,7 +325,7 @@ def test_static_bundle_ships_the_onnx_graphs_and_their_weights_once(capsys, stat
                                                                     tmp_path_factory, tiny_dir):
     """The profile lists [onnx, ort]: the bundle ships the .onnx graphs, which share one
     external weights file; each .ort would carry the weights again."""
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)
     manifest = manifest_of(static_bundle)
@@ -351,7 +351,7 @@ def test_static_bundle_ships_the_onnx_graphs_and_their_weights_once(capsys, stat
 @pytest.fixture(scope="module")
 def static_bundle(tmp_path_factory, tiny_dir) -> Path:
     """The tiny static export (32 / 8, extends android-nnapi) bundled for its profile."""
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)
     out = tmp_path_factory.mktemp("static-bundle") / "npu"
@@ -364,7 +364,7 @@ def test_static_bundles_carry_the_quality_card(capsys, static_bundle, tmp_path_f
                                               tiny_dir, tmp_path):
     """A float static export's card (vs PyTorch) is its manifest's ``quality``; a quantized
     one's (vs the float graphs) is ``quantization.quality``: the bundle carries either."""
-    from static_fixtures import TEST_PROFILE, static_artifact_path
+    from helpers.static_fixtures import TEST_PROFILE, static_artifact_path
 
     float_source = manifest_of(static_artifact_path(tmp_path_factory, tiny_dir))
     assert manifest_of(static_bundle)["quality"] == float_source["quality"]

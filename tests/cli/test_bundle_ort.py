@@ -21,7 +21,7 @@ def ort_bundle(tmp_path_factory, tiny_dir) -> tuple[Path, str]:
     import contextlib
     import io
 
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)
     out = tmp_path_factory.mktemp("ort-bundle") / "ort"
@@ -38,7 +38,7 @@ def test_static_bundle_in_ort_format_ships_only_the_ort_files(capsys, tmp_path_f
     """--format ort: .ort graphs + the operators config, no .onnx / external data; ORT format
     inlines the weights, so the manifest says they are there twice, and they are."""
     import onnxruntime as ort
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)
     out, stdout = ort_bundle
@@ -204,7 +204,7 @@ def test_verify_names_a_file_that_is_not_an_ort_flatbuffer(capsys, ort_bundle, t
 
 def test_format_ort_is_refused_for_a_profile_that_does_not_load_it(capsys, tmp_path_factory,
                                                                   tiny_dir, tmp_path):
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     from slmedge.exporter.bundle.build import BUNDLE_FORMATS
     from slmedge.tools.cli.bundle import BUNDLE_FORMATS_CHOICES

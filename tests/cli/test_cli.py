@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import IM_END
+from helpers.tiny_models import IM_END
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slmedge.runtimes.artifact import sha256_file

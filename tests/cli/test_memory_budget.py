@@ -97,7 +97,7 @@ def test_check_counts_the_weights_of_a_static_export_with_ort_files_once(
         tmp_path_factory, tiny_dir, capsys):
     """A profile export's .ort files hold the graphs' weights again (a device loads one or the
     other): ``slmedge check`` counts the .onnx graphs + data only, as the export recorded."""
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     artifact = static_artifact_path(tmp_path_factory, tiny_dir)
     capsys.readouterr()  # the export's own --json, when this test made it

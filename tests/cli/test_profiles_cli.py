@@ -6,7 +6,7 @@ import importlib.util
 import json
 
 import pytest
-from static_fixtures import static_artifact_path
+from helpers.static_fixtures import static_artifact_path
 
 from slmedge.runtimes.errors import EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE
 from slmedge.tools.cli.app import main

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_models import TINY_MODEL_TYPES
+from helpers.tiny_models import TINY_MODEL_TYPES
 from transformers import AutoModelForCausalLM
 
 from slmedge.runtimes.generation import generate

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import TINY_MODEL_TYPES, tiny_config
+from helpers.tiny_models import TINY_MODEL_TYPES, tiny_config
 from transformers import AutoModelForCausalLM
 
 from slmedge.runtimes.generation import generate

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from gguf_writer import _llama_permute, save_tiny_gguf
+from helpers.gguf_writer import _llama_permute, save_tiny_gguf
 from onnx import numpy_helper
 
 from slmedge.exporter.sources import gguf as gguf_source

@@ -1,4 +1,4 @@
-"""The GGUF model source, offline, on tiny GGUFs the tests write (tests/gguf_writer.py).
+"""The GGUF model source, offline, on tiny GGUFs the tests write (tests/helpers/gguf_writer.py).
 
 A tiny model is written as llama.cpp lays a GGUF out, exported with ``slmedge export``, and
 the ONNX logits are compared with the ORIGINAL PyTorch model's: the whole chain (tensor
@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from gguf_writer import (
+from helpers.gguf_writer import (
     ENDOFTEXT,
     IM_END,
     IM_START,

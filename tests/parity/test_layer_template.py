@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_config
+from helpers.tiny_models import tiny_config
 
 from slmedge.exporter.onnx.layer_template import LARGE, NotReplicable, fit, trace_template
 from slmedge.exporter.onnx.lazy_weights import attach_weights
@@ -42,7 +42,7 @@ def test_fit_refuses_what_is_not_a_function_of_the_layer(samples, why):
 def save_deep_tiny(model_type: str, directory: Path) -> Path:
     """The tiny checkpoint of ``model_type`` with LAYERS layers (random weights, seed 0)."""
     import torch
-    from tiny_models import tiny_tokenizer
+    from helpers.tiny_models import tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)

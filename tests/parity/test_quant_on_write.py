@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tiny_models import TINY_MODEL_TYPES
+from helpers.tiny_models import TINY_MODEL_TYPES
 
 from slmedge.exporter.onnx.graph_writer import graph_without_weights, save_graph
 from slmedge.exporter.passes import FusionOptions

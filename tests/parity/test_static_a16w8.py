@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from static_fixtures import static_artifact_path
+from helpers.static_fixtures import static_artifact_path
 
 from slmedge.runtimes.sessions.static_decoder import StaticDecoder
 
@@ -29,7 +29,7 @@ def massive_llama(tmp_path_factory):
     """A float static artifact (context 32, chunk 8) of a tiny Llama whose token ``TOKEN``
     puts ``MASSIVE`` into channel ``CHANNEL`` of the residual stream."""
     import torch
-    from tiny_models import EOS, tiny_model, tiny_tokenizer
+    from helpers.tiny_models import EOS, tiny_model, tiny_tokenizer
 
     hf = tmp_path_factory.mktemp("hf-llama-massive")
     model = tiny_model("llama")

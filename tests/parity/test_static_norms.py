@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from static_fixtures import static_artifact_path
+from helpers.static_fixtures import static_artifact_path
 
 from slmedge.exporter.onnx.static_shapes import fuse_artifact_norms, fuse_rms_norms
 from slmedge.runtimes.sessions.static_decoder import StaticDecoder

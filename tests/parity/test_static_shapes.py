@@ -9,7 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from static_fixtures import static_artifact_path
+from helpers.static_fixtures import static_artifact_path
 
 from slmedge.runtimes.artifact import open_artifact
 from slmedge.runtimes.errors import UsageError
@@ -344,7 +344,7 @@ def test_float_static_export_over_the_perplexity_gate_writes_nothing(tmp_path, t
 def test_a_missing_eval_text_fails_before_the_static_export(tiny_dir, tmp_path):
     """An explicit --eval-text that does not exist is a usage error (exit 2) at once, as for
     dynamic exports, not a silent switch to the calibration text after the export."""
-    from static_fixtures import TEST_PROFILE
+    from helpers.static_fixtures import TEST_PROFILE
 
     from slmedge.exporter.onnx.export import ExportConfig
     from slmedge.exporter.onnx.profile import run_profile_export

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from static_fixtures import static_artifact_path
+from helpers.static_fixtures import static_artifact_path
 
 import slmedge.runtimes.sessions.onnx_decoder as onnx_decoder
 from slmedge.runtimes.artifact import open_artifact

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from tiny_models import TINY_MODEL_TYPES
+from helpers.tiny_models import TINY_MODEL_TYPES
 
 from slmedge.exporter.pipeline import ExportConfig, run_export
 from slmedge.exporter.onnx.graph_writer import save_graph
@@ -96,7 +96,7 @@ def test_sharded_checkpoint_with_external_data(tiny_dir, tmp_path):
 
 
 def test_gguf_streamed_equals_in_memory(tmp_path):
-    from gguf_writer import save_tiny_gguf
+    from helpers.gguf_writer import save_tiny_gguf
 
     g = save_tiny_gguf("llama", tmp_path / "tiny.gguf")
     in_memory_export(str(g.path), tmp_path / "memory.onnx", "fp32")
@@ -109,7 +109,7 @@ def test_gguf_weights_read_one_at_a_time_equal_transformers_load(model_type, tmp
     """Every parameter read from the GGUF alone (dequantized, un-permuted) equals what
     transformers' whole-file loader put in the model."""
     import torch
-    from gguf_writer import save_tiny_gguf
+    from helpers.gguf_writer import save_tiny_gguf
 
     from slmedge.exporter.sources.gguf import load_gguf, open_gguf_streamed
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from tiny_models import TINY_MODEL_TYPES
+from helpers.tiny_models import TINY_MODEL_TYPES
 
 from slmedge.exporter.quantize.core import quantize_model
 from slmedge.exporter.quantize.recipe import QuantRecipe

@@ -82,7 +82,7 @@ def torch_greedy(model, prompt, n):
 
 
 def test_every_registered_tflite_family_has_a_tiny_fixture():
-    from tiny_models import TINY_MODEL_TYPES
+    from helpers.tiny_models import TINY_MODEL_TYPES
 
     assert set(FAMILIES) <= set(TINY_MODEL_TYPES)
     assert {"llama", "qwen2", "qwen3", "gemma3_text", "phi3"} <= set(FAMILIES)
@@ -90,7 +90,7 @@ def test_every_registered_tflite_family_has_a_tiny_fixture():
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_fp32_logits_and_greedy_match_pytorch(model_type, tflite_artifact):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     out, manifest = tflite_artifact(model_type)
     assert manifest["format"] == "tflite"
@@ -141,7 +141,7 @@ def teacher_forced_agreement(decoder, prompt, tokens) -> float:
 def test_quantized_logits_within_quantization_steps(scheme, floor, tflite_artifact, tmp_path):
     """Each recipe on the fp32 flatbuffer stays within ``quant_steps`` steps of the logit range
     at its weight bits, and predicts PyTorch's greedy tokens (all of them for float compute)."""
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     out, _ = tflite_artifact("llama")
     fp32_path = out / "model.tflite"
@@ -164,7 +164,7 @@ def test_int8_static_is_limited_to_fc_and_bmm_and_judged_by_the_gate(tflite_arti
     says why the rest stays float. Measured here: on the random tiny Llama (weights widened
     4x) even that does not hold (max |diff| ~1.0 on a logit range of ~4.7, top-1 ~70%), so the
     parity gate must refuse it: an export with this recipe would exit 3."""
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     out, _ = tflite_artifact("llama")
     fp32_path = out / "model.tflite"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench_scripts import bench_anchors as ba
+from helpers.bench_scripts import bench_anchors as ba
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from bench_scripts import bench_outside as bo
+from helpers.bench_scripts import bench_outside as bo
 
 #: Peak RSS is the same process seen twice (the runner's getrusage vs the kernel's through
 #: /usr/bin/time): not a timing, it does not move with the host's load.

@@ -28,7 +28,7 @@ GB = 1e9
 
 @pytest.fixture(scope="module")
 def qwen_shaped(tmp_path_factory):
-    from bench_scripts import bench_scale
+    from helpers.bench_scripts import bench_scale
 
     return bench_scale.write_random_checkpoint("qwen2.5-0.5b", tmp_path_factory.mktemp("q05"))
 

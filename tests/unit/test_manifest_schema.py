@@ -57,7 +57,7 @@ def fp32(tiny_artifact):
 def written(fp32, tmp_path_factory, tiny_dir):
     """The manifests the test fixtures produce: fp32, int4, int8 (slmedge quantize), a
     static-shape profile export, and bundles of the fp32 and the static export."""
-    from static_fixtures import static_artifact_path
+    from helpers.static_fixtures import static_artifact_path
 
     root = tmp_path_factory.mktemp("manifests")
     out = {"fp32": fp32}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from static_fixtures import static_artifact_path
+from helpers.static_fixtures import static_artifact_path
 
 from slmedge.device_profiles import builtin_names, load_profile
 from slmedge.runtimes.check.placement import check_artifact

@@ -1,7 +1,7 @@
 """The architecture registry: declarative specs, clear errors, and a tiny fixture for each."""
 
 import pytest
-from tiny_models import TINY_MODEL_TYPES, tiny_config
+from helpers.tiny_models import TINY_MODEL_TYPES, tiny_config
 
 from slmedge.exporter.architectures import (
     get_spec,
@@ -15,7 +15,7 @@ from slmedge.runtimes.errors import EXIT_UNSUPPORTED, UnsupportedArchitecture
 def test_every_registered_architecture_has_a_tiny_fixture():
     # optimum's test_all_models_tested: registering a family without a test fixture fails here.
     missing = set(supported_model_types()) - set(TINY_MODEL_TYPES)
-    assert not missing, f"registered without a tiny fixture in tests/tiny_models.py: {missing}"
+    assert not missing, f"registered without a tiny fixture in tests/helpers/tiny_models.py: {missing}"
     for model_type in supported_model_types():
         assert tiny_config(model_type).model_type == model_type
 

@@ -1,7 +1,7 @@
 """GGUF Q4_0 / Q8_0 tensors as MatMulNBits weights without requantization (gguf_blocks.py).
 
 GGUFs are written with the gguf package (the tensors of a tiny model from
-tests/gguf_writer.py, quantized by gguf's own Q4_0 / Q8_0 code), read back with
+tests/helpers/gguf_writer.py, quantized by gguf's own Q4_0 / Q8_0 code), read back with
 ``gguf.GGUFReader``, mapped to MatMulNBits, and run through onnxruntime: the logits equal
 ``x @ dequantize(file)`` (gguf's own dequantizer) to fp32 rounding, and the weights
 MatMulNBits reads are the file's dequantized values bit for bit.
@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from gguf_writer import gguf_tensors, tiny_gguf_model
+from helpers.gguf_writer import gguf_tensors, tiny_gguf_model
 from onnx import TensorProto, helper, numpy_helper
 
 from slmedge.exporter.quantize.gguf_blocks import blocks_from_gguf, dequantize

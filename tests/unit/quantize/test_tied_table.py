@@ -44,7 +44,7 @@ def test_a_tied_int4_table_is_stored_once_and_computes_the_same(tied, tmp_path, 
     assert len(heads) == 1 and lookup.input[2] == heads[0].input[2]  # same bytes, same scales
     assert not any(t.data_type == onnx.TensorProto.INT4 for t in graph.initializer)
 
-    vocab, hidden = 128, 64  # tests/tiny_models.py
+    vocab, hidden = 128, 64  # tests/helpers/tiny_models.py
     assert _size(twice_out) - _size(shared_out) >= vocab * hidden // 2  # one 4-bit table less
     a = OnnxDecoder(shared_out).logits(IDS)
     b = OnnxDecoder(twice_out).logits(IDS)

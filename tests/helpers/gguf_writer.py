@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from tiny_models import CHATML, CORPUS, tiny_config
+from helpers.tiny_models import CHATML, CORPUS, tiny_config
 
 VOCAB = 320
 # "<mask>": transformers' GemmaTokenizer adds one when the vocabulary has none (every real

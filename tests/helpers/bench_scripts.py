@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench"
 
 
 def load_bench_script(name: str):
