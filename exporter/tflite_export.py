@@ -137,10 +137,13 @@ def _quality(
     return out
 
 
-def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = None) -> dict:
-    """Export, quantize, verify and write a TFLite artifact; returns the manifest."""
+def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = None,
+                      command: str | None = None) -> dict:
+    """Export, quantize, verify and write a TFLite artifact; returns the manifest.
+    ``command`` is recorded in the manifest, as the ONNX flow records it."""
     require_tflite_extra()
-    return run_steps(TfliteSteps(config), config.output, config.overwrite, progress)
+    return run_steps(TfliteSteps(config), config.output, config.overwrite, progress,
+                     command=command)
 
 
 class TfliteSteps(ExportSteps):
