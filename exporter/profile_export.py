@@ -402,7 +402,8 @@ def _float_quality(stage: Path, static: dict, model, config, say) -> tuple[dict,
     card.seconds = round(time.perf_counter() - t0, 2)
     limit = config.quality.max_ppl_increase
     gate = {"max_ppl_increase_pct": limit, "passed": card.ppl_increase_pct <= limit}
-    doc = {**card.to_dict(), "candidate": "the static prefill / decode graphs on CPU (ONNX Runtime)"}
+    doc = {**card.to_dict(),
+           "candidate": "the static prefill / decode graphs on CPU (ONNX Runtime)"}
     say(f"quality card: {card.summary()}, {card.seconds:.1f} s")
     if not gate["passed"]:
         raise QualityGateFailed(

@@ -138,8 +138,9 @@ class Replay(BaseModel):
 
 
 #: A static-shape card's keys before issue 13 -> its ``greedy`` keys (the ONNX card's).
-_OLD_STATIC_GREEDY = {"greedy_agreement": "top1_agreement", "first_divergence": "first_divergence",
-                      "prompts": "prompts", "new_tokens": "new_tokens"}
+_OLD_STATIC_GREEDY = {"greedy_agreement": "top1_agreement",
+                      "first_divergence": "first_divergence", "prompts": "prompts",
+                      "new_tokens": "new_tokens"}
 
 
 def _static_card_aliases(doc: Any) -> Any:
@@ -402,7 +403,8 @@ class Manifest(_Common):
         """A gate written inside the card before issue 13 (a float static export's
         ``quality.gate: {max_ppl_increase, passed}``, a TFLite export's
         ``{max_ppl_increase_pct, passed}``) as the manifest's ``gate``."""
-        if not isinstance(data, dict) or "gate" in data or not isinstance(data.get("quality"), dict):
+        if (not isinstance(data, dict) or "gate" in data
+                or not isinstance(data.get("quality"), dict)):
             return data
         old = data["quality"].get("gate")
         limit = old.get("max_ppl_increase_pct", old.get("max_ppl_increase")) \

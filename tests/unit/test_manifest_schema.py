@@ -230,9 +230,12 @@ def _old_static_card(card: dict, gate: dict | None = None) -> dict:
            "new_tokens": greedy["new_tokens"]}
     if gate is not None:
         old.update(reference=card["reference"], candidate=card["candidate"],
-                   eval={"text": card["eval"]["text"], "text_sha256": card["eval"]["text_sha256"],
-                         "window": card["eval"]["tokens"], "prompt_tokens": greedy["prompt_tokens"]},
-                   gate={"max_ppl_increase": gate["max_ppl_increase_pct"], "passed": gate["passed"]},
+                   eval={"text": card["eval"]["text"],
+                         "text_sha256": card["eval"]["text_sha256"],
+                         "window": card["eval"]["tokens"],
+                         "prompt_tokens": greedy["prompt_tokens"]},
+                   gate={"max_ppl_increase": gate["max_ppl_increase_pct"],
+                         "passed": gate["passed"]},
                    seconds=card["seconds"])
     return old
 
