@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from slmedge.runtimes.errors import UsageError
+from slmedge.runtimes.errors import UsageError, validation_problems
 
 from .schema import DeviceProfile
 
@@ -113,8 +113,8 @@ def load_profile(ref: str | Path) -> DeviceProfile:
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as e:
-        raise UsageError(f"profile {path}: " + "; ".join(explain(err) for err in e.errors())) \
-            from None
+        raise UsageError(f"profile {path}: " + validation_problems(
+            e, top="(profile)", name=_field, explain=explain)) from None
 
 
 def load_builtin_profiles() -> list[DeviceProfile]:
@@ -161,37 +161,36 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def explain(err: dict) -> str:
-    """One line for one pydantic error: the field, what was wrong, what is allowed."""
+def _field(err: dict) -> str:
+    """The field's dotted name, without the discriminator tag pydantic inserts into the
+    location of a union member; a provider's tag error names the provider's ``name``."""
     loc = tuple(err.get("loc", ()))
-    # Drop the discriminator tag pydantic inserts into the location of union members.
     shown = [str(p) for p in loc if not (isinstance(p, str) and p.endswith("ExecutionProvider")
                                          and p != loc[-1])]
-    field = ".".join(shown) or "(profile)"
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        shown.append("name")
+    return ".".join(shown)
+
+
+def explain(err: dict) -> str | None:
+    """What a profile's reader needs beyond pydantic's message for one error: the fields or
+    values allowed there. None: :func:`validation_problems`' own message (with the value)."""
     kind = err.get("type", "")
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
-        parent = _model_at(loc)
+        parent = _model_at(tuple(err.get("loc", ())))
         allowed = ", ".join(parent.model_fields) if parent else "see `slmedge profiles show`"
-        return f"field {field}: unknown field; allowed fields here: {allowed}"
+        return f"unknown field; allowed fields here: {allowed}"
     if kind == "union_tag_invalid":
-        return (f"field {field}.name: unknown provider {ctx.get('tag')!r}; allowed values: "
+        return (f"unknown provider {ctx.get('tag')!r}; allowed values: "
                 f"{', '.join(_names_of_providers())}")
     if kind == "union_tag_not_found":
-        return f"field {field}: a provider needs a name; allowed values: " \
-               f"{', '.join(_names_of_providers())}"
+        return f"a provider needs a name; allowed values: {', '.join(_names_of_providers())}"
     if kind == "enum":
-        return f"field {field}: {err.get('input')!r} is not allowed; allowed values: " \
-               f"{ctx.get('expected')}"
-    if kind == "missing":
-        return f"field {field}: required"
-    if kind == "value_error":
-        msg = str(ctx.get("error", err.get("msg", "")))
-        if field == "(profile)":  # a cross-field check: its message starts with the field
-            head = msg.split(":", 1)[0]
-            return f"field {msg}" if head.replace(".", "").replace("_", "").isalnum() else msg
-        return f"field {field}: {msg}"
-    return f"field {field}: {err.get('msg')} (got {err.get('input')!r})"
+        return f"{err.get('input')!r} is not allowed; allowed values: {ctx.get('expected')}"
+    if kind in ("missing", "value_error"):
+        return None
+    return f"{err.get('msg')} (got {err.get('input')!r})"
 
 
 def _names_of_providers() -> list[str]:

@@ -22,7 +22,7 @@ from slmedge.runtimes.artifact import (
     check_schema_version,
     sha256_file,
 )
-from slmedge.runtimes.errors import SlmEdgeError
+from slmedge.runtimes.errors import SlmEdgeError, validation_problems
 
 _VERSIONED = ("slmedge", "torch", "transformers", "onnx", "onnxscript", "onnx-ir",
               "onnxruntime", "tokenizers", "gguf")
@@ -129,8 +129,7 @@ def save_manifest(root: Path, manifest: dict, indent: int | None = 2) -> dict:
     try:
         (BundleManifest if bundle else Manifest).model_validate(manifest)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                             for err in e.errors()[:5])
+        problems = validation_problems(e, limit=5)
         raise SlmEdgeError(
             f"slmedge built a {'bundle ' if bundle else ''}manifest for {root} that its own "
             f"schema (version {BUNDLE_SCHEMA_VERSION if bundle else MANIFEST_SCHEMA_VERSION}) "

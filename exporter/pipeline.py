@@ -25,5 +25,5 @@ def run_export(
     else the ONNX export. ``command`` is recorded in the manifest."""
     with quiet_libraries():
         if config.profile:
-            return run_profile_export(config, progress)
+            return run_profile_export(config, progress, command)
         return export_onnx(config, progress, command)

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slmedge.runtimes.errors import UsageError
+from slmedge.runtimes.errors import UsageError, validation_problems
 
 SWEEP_SCHEMA_VERSION = 1
 CELL_KIND = "slmedge.sweep-cell"
@@ -132,9 +132,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as e:
-        raise UsageError(f"sweep {p}: " + "; ".join(
-            f"field {'.'.join(map(str, err['loc'])) or '(sweep)'}: {err['msg']}"
-            for err in e.errors())) from None
+        raise UsageError(f"sweep {p}: {validation_problems(e, top='(sweep)')}") from None
     from slmedge.exporter.quantize.pipeline import QualityConfig
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.runtimes.bench.runner import BenchConfig
@@ -147,9 +145,9 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
         try:
             model(**fields)
         except ValidationError as e:
-            raise UsageError(f"sweep {p}: field {where}: " + "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) \
-                from None
+            raise UsageError(f"sweep {p}: " + validation_problems(
+                e, name=lambda err, where=where: ".".join([where, *map(str, err["loc"])])
+            )) from None
     try:
         BenchConfig.from_dict(config.bench)
     except (ValueError, TypeError) as e:

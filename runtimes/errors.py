@@ -10,6 +10,8 @@ Exit codes (also in ``slmedge --help``):
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -79,9 +81,49 @@ class MissingDependency(SlmEdgeError):
     exit_code = EXIT_USAGE
 
 
-def validation_problems(error, limit: int | None = None) -> str:
-    """``field.path: message; ...`` for a pydantic ``ValidationError`` (its first ``limit``
-    errors), the one-line form a UsageError carries for a config or file that was refused.
-    Profiles and fleets explain more (allowed values, device names): their loaders' own."""
-    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                     for err in error.errors()[:limit])
+def validation_problems(error, limit: int | None = None, *, top: str = "(top level)",
+                        name=None, explain=None) -> str:
+    """The one-line form of a pydantic ``ValidationError`` that a :class:`UsageError` carries
+    for a config or file that was refused: ``field <path>: <message>`` per error, joined by
+    ``; `` -- the first ``limit`` errors and ``and N more`` when there are more.
+
+    The path is the dotted location (``inner.threads``, list items by index); a model-level
+    check names ``top``, or the field its message starts with (``devices: the name 'a' is
+    used twice`` -> ``field devices: the name ...``). The message is pydantic's, except that a
+    missing field says ``required`` and a validator's ``ValueError`` its own text (without
+    pydantic's ``Value error, ``).
+
+    Callers that know more than the error holds pass hooks, each given pydantic's error dict:
+    ``name(err) -> str`` names the field ('' for the top level), e.g. a fleet's device by its
+    name; ``explain(err) -> str | None`` gives the message (None: the default above), e.g. a
+    profile's allowed values."""
+    errors = error.errors()
+    shown = errors if limit is None else errors[:limit]
+    out = [_problem(err, top, name, explain) for err in shown]
+    if len(errors) > len(shown):
+        out.append(f"and {len(errors) - len(shown)} more")
+    return "; ".join(out)
+
+
+_FIELD_HEAD = re.compile(r"^[A-Za-z_][\w.\[\]]*$")
+
+
+def _problem(err: dict, top: str, name, explain) -> str:
+    field = name(err) if name is not None else ".".join(map(str, err.get("loc", ())))
+    message = explain(err) if explain is not None else None
+    if message is None:
+        kind = err.get("type", "")
+        if kind == "missing":
+            message = "required"
+        elif kind in ("value_error", "assertion_error") and (err.get("ctx") or {}).get("error"):
+            message = str(err["ctx"]["error"])
+        else:
+            message = str(err.get("msg", ""))
+    if not field:
+        # a model-level check whose message starts with the field it is about
+        head, sep, rest = message.partition(": ")
+        if sep and _FIELD_HEAD.match(head):
+            field, message = head, rest
+        else:
+            field = top
+    return f"field {field}: {message}"

@@ -20,6 +20,14 @@ Kinds: an *artifact* manifest (``slmedge export`` / ``quantize`` / ``export --pr
 History:
   1  the first manifest (schema_version 1), unchanged by this typed model: it only states
      what version 1 writers already wrote.
+     Static-shape (profile) exports' quality cards have the ONNX card's keys since issue 13
+     (one card function, ``exporter/quality/card.py``). Their old keys are read as aliases
+     (:func:`_static_card_aliases`): ``tokens`` -> ``eval.tokens``; ``greedy_agreement``,
+     ``first_divergence``, ``prompts``, ``new_tokens`` -> ``greedy.top1_agreement`` ...;
+     the float card's ``gate: {max_ppl_increase, passed}`` -> the manifest's ``gate``
+     (``max_ppl_increase_pct``), and a TFLite card's ``gate`` likewise. So an artifact written
+     before loads with its figures in the fields a reader reads, and is written back (bundle,
+     round trip) in the new form.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UsageError
 from .manifest_version import (
@@ -129,10 +137,39 @@ class Replay(BaseModel):
     onnxruntime: str | None = Field(default=None, description="runtime version used")
 
 
+#: A static-shape card's keys before issue 13 -> its ``greedy`` keys (the ONNX card's).
+_OLD_STATIC_GREEDY = {"greedy_agreement": "top1_agreement",
+                      "first_divergence": "first_divergence", "prompts": "prompts",
+                      "new_tokens": "new_tokens"}
+
+
+def _static_card_aliases(doc: Any) -> Any:
+    """A card written by a static-shape export before issue 13 (``tokens``,
+    ``greedy_agreement``, ``first_divergence``, ``prompts``, ``new_tokens`` at its top level)
+    in the ONNX card's form (``eval.tokens``, ``greedy.top1_agreement`` ...); any other value
+    as it is. Its ``gate`` stays (the manifest's validator lifts it)."""
+    if not isinstance(doc, dict) or "greedy_agreement" not in doc or "greedy" in doc:
+        return doc
+    doc = dict(doc)
+    doc["greedy"] = {new: doc.pop(old) for old, new in _OLD_STATIC_GREEDY.items() if old in doc}
+    evaluation = dict(doc.get("eval") or {})
+    if "tokens" in doc:
+        evaluation.setdefault("tokens", doc.pop("tokens"))
+    if "prompt_tokens" in evaluation:
+        doc["greedy"]["prompt_tokens"] = evaluation.pop("prompt_tokens")
+    doc["eval"] = evaluation
+    return doc
+
+
 class QualityCard(BaseModel):
     """The quality card (``exporter/quality/card.py``); a float export's holds the perplexity."""
 
     model_config = _OPEN
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        return _static_card_aliases(data)
     perplexity: float | None = Field(default=None, description="perplexity on the eval text")
     eval: dict[str, Any] | None = Field(default=None, description="eval text and windows")
     reference_perplexity: float | None = Field(default=None, description="the reference's")
@@ -140,6 +177,9 @@ class QualityCard(BaseModel):
     kl_mean: float | None = Field(default=None, description="mean KL(reference || this)")
     kl_max_position: float | None = Field(default=None, description="largest per-position KL")
     top1_agreement_eval: float | None = Field(default=None, description="top-1 agreement")
+    cosine_mean: float | None = Field(default=None, description="mean cosine of the "
+                                      "reference's and this one's logit rows")
+    cosine_min: float | None = Field(default=None, description="the least such cosine")
     greedy: dict[str, Any] | None = Field(default=None, description="greedy-decoding figures")
     reference: str | None = Field(default=None, description="what it was compared with")
     seconds: float | None = Field(default=None, description="time the card took")
@@ -178,6 +218,24 @@ class GGUFExact(BaseModel):
                                 "does not stream)")
 
 
+class StaticCards(BaseModel):
+    """A quantized static-shape export's cards vs its float graphs
+    (``exporter/onnx/profile.py``): on CPU, and on the target's emulator where it runs here
+    (QNN HTP); the gate read the ``judged_on`` one."""
+
+    model_config = _OPEN
+    cpu: QualityCard | None = Field(default=None, description="the card on CPU")
+    qnn_htp_emulator: QualityCard | None = Field(default=None, description="the card on the "
+                                                 "QNN HTP emulator (--device-card)")
+    device_card: dict[str, Any] | None = Field(default=None, description="--device-card: the "
+                                               "setting, whether it ran, why not")
+    judged_on: str | None = Field(default=None, description="the card the gate read")
+
+    def judged(self) -> QualityCard | None:
+        """The card the gate read."""
+        return getattr(self, self.judged_on, None) if self.judged_on else self.cpu
+
+
 class Quantization(BaseModel):
     """What quantization did to the graph (``exporter/quantize``)."""
 
@@ -185,8 +243,8 @@ class Quantization(BaseModel):
     label: str | None = Field(default=None, description="recipe label (int4-b32, a16w8, ...)")
     recipe: dict[str, Any] | None = Field(default=None, description="the recipe as applied")
     external_data: bool | None = Field(default=None, description="weights in model.onnx.data")
-    quality: QualityCard | None = Field(default=None, description="static quantization: the "
-                                        "card vs the float graphs")
+    quality: StaticCards | None = Field(default=None, description="static quantization: the "
+                                        "cards vs the float graphs")
     gguf_exact: GGUFExact | None = Field(default=None, description="GGUF source: the tensors "
                                          "whose own blocks were kept (no requantization)")
     float_graph: str | None = Field(default=None, description="slmedge export: 'written' (the "
@@ -326,7 +384,7 @@ class _Common(BaseModel):
             return [self.static.prefill_file, self.static.decode_file]
         return [self.model_file]
 
-    def card(self) -> QualityCard | None:
+    def card(self) -> QualityCard | StaticCards | None:
         """The quality card: ``quality``, or a quantized static export's
         ``quantization.quality`` (vs its float graphs)."""
         return self.quality or (self.quantization.quality if self.quantization else None)
@@ -338,6 +396,24 @@ class _Common(BaseModel):
 
 class Manifest(_Common):
     """An artifact's ``manifest.json`` (``slmedge export`` / ``quantize``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_in_the_card(cls, data: Any) -> Any:
+        """A gate written inside the card before issue 13 (a float static export's
+        ``quality.gate: {max_ppl_increase, passed}``, a TFLite export's
+        ``{max_ppl_increase_pct, passed}``) as the manifest's ``gate``."""
+        if (not isinstance(data, dict) or "gate" in data
+                or not isinstance(data.get("quality"), dict)):
+            return data
+        old = data["quality"].get("gate")
+        limit = old.get("max_ppl_increase_pct", old.get("max_ppl_increase")) \
+            if isinstance(old, dict) else None
+        if limit is None:
+            return data
+        quality = {k: v for k, v in data["quality"].items() if k != "gate"}
+        return {**data, "quality": quality,
+                "gate": {"max_ppl_increase_pct": limit, "passed": old.get("passed")}}
 
     kind: str | None = Field(default=None, description="absent in an artifact's manifest "
                              "(a bundle's says 'bundle')")

@@ -71,8 +71,9 @@ def _derived(config, profile: DeviceProfile):
     return config.model_copy(update=update)
 
 
-def run_profile_export(config, progress=None) -> dict:
-    """Export for ``config.profile``; returns the manifest."""
+def run_profile_export(config, progress=None, command: str | None = None) -> dict:
+    """Export for ``config.profile``; returns the manifest. ``command`` is recorded in the
+    manifest, as the ONNX flow records it."""
     say = progress or (lambda _m: None)
     profile = load_profile(config.profile)
     derived = _derived(config, profile)
@@ -81,9 +82,9 @@ def run_profile_export(config, progress=None) -> dict:
     extras = (ProfileExtra(profile),)
     if profile.shapes.policy is ShapePolicy.static:
         return run_steps(StaticSteps(derived, profile), derived.output, derived.overwrite, say,
-                         extras=extras)
+                         command=command, extras=extras)
     # pipeline.run_export has quieted the libraries
-    return export_onnx(derived, progress, extras=extras)
+    return export_onnx(derived, progress, command, extras=extras)
 
 
 class ProfileExtra(Extra):
@@ -228,7 +229,7 @@ class StaticSteps(ExportSteps):
 
     def card(self, stage: Path, loaded, parity: dict, say) -> None:
         config = self.config
-        self.quant = self.quality = None
+        self.quant = self.quality = self.gate = None
         self.static_doc = self.info.to_manifest()
         if config.quant is not None:
             self.quant = _quantize_static(stage, self.info.to_manifest(), config, self.profile,
@@ -238,8 +239,8 @@ class StaticSteps(ExportSteps):
                 weights_bytes=self.quant["weights_bytes"],
                 weights_bytes_saved_by_sharing=self.quant["weights_bytes_saved_by_sharing"])
         else:
-            self.quality = _float_quality(stage, self.info.to_manifest(), loaded.model, config,
-                                          say)
+            self.quality, self.gate = _float_quality(stage, self.info.to_manifest(),
+                                                     loaded.model, config, say)
 
     def fields(self, stage: Path, loaded) -> tuple[dict, set[str]]:
         config, quant, quality, info = self.config, self.quant, self.quality, self.info
@@ -252,6 +253,7 @@ class StaticSteps(ExportSteps):
                        "fuse_norms": self.profile.recipe.fuse_norms,
                        "device_card": _device_card(config)},
             **({"quantization": quant} if quant else {"quality": quality}),
+            **({"gate": self.gate} if self.gate else {}),
             "static": self.static_doc,
             "io": {"inputs": info.input_names["decode"], "outputs": info.output_names},
             "onnx": {"prefill": onnx_facts(stage / PREFILL_FILE),
@@ -265,6 +267,10 @@ class StaticSteps(ExportSteps):
 #: Gate for quantized static graphs: mean cosine of the logits vs the float graphs, on the
 #: target when it can be run here (QNN HTP emulator), else on CPU.
 MIN_QDQ_COSINE = 0.99
+#: The reference of a QDQ static export's cards.
+FLOAT_GRAPHS_REFERENCE = "the float static graphs on CPU"
+
+
 def _device_card(config) -> str:
     return config.device_card.value if config.device_card is not None else "full"
 
@@ -304,7 +310,9 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
         ids = tokenizer.encode(text_path.read_text(encoding="utf-8", errors="replace")[:50_000])
         ref = StaticDecoder(reference, static)
         say("quality card of the QDQ graphs vs the float graphs (CPU)")
-        cards = {"cpu": static_quality(ref, StaticDecoder(stage, static), ids, window=256)}
+        card = static_quality(ref, StaticDecoder(stage, static), ids, window=256)
+        card.reference = FLOAT_GRAPHS_REFERENCE
+        cards = {"cpu": card.to_dict()}
         setting = _device_card(config)
         device = {"setting": setting, "ran": False}
         if profile.accelerator != "QNNExecutionProvider":
@@ -320,7 +328,9 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
                 f"window, {shape['prompts']} prompt(s) x {shape['new_tokens']} tokens)")
             htp = StaticDecoder(stage, static, providers=profile.provider_specs(),
                                 allow_cpu_fallback=True)
-            cards["qnn_htp_emulator"] = static_quality(ref, htp, ids, **shape)
+            card = static_quality(ref, htp, ids, **shape)
+            card.reference = FLOAT_GRAPHS_REFERENCE
+            cards["qnn_htp_emulator"] = card.to_dict()
             cards["qnn_htp_emulator"]["nodes_by_provider"] = {
                 k: v.nodes_by_provider for k, v in htp.placement.items() if v is not None}
             device["ran"] = True
@@ -333,7 +343,7 @@ def _quantize_static(stage: Path, static: dict, config, profile: DeviceProfile, 
         raise QualityGateFailed(
             f"quality gate failed: {report['label']} static graphs diverge from the float graphs "
             f"on {judged} (mean logit cosine {cards[judged]['cosine_mean']:.3f} < "
-            f"{MIN_QDQ_COSINE}, greedy agreement {cards[judged]['greedy_agreement']:.0%}); "
+            f"{MIN_QDQ_COSINE}, greedy agreement {cards[judged]['greedy']['top1_agreement']:.0%}); "
             "nothing was written. Export without quantization (a profile that extends this one "
             "with recipe.quantization none), or keep more op types in recipe.float_ops", report)
     return report
@@ -345,9 +355,10 @@ def _eval_text(config) -> Path | None:
     return config.quality.settings().text_path()
 
 
-def _float_quality(stage: Path, static: dict, model, config, say) -> dict:
-    """Quality card of the float static graphs vs PyTorch in fp32, both on CPU, with the
-    figures of the QDQ graphs' card (``static_quality``); gate on ``--max-ppl-increase``.
+def _float_quality(stage: Path, static: dict, model, config, say) -> tuple[dict, dict | None]:
+    """Quality card of the float static graphs vs PyTorch in fp32, both on CPU (the QDQ
+    graphs' card, ``static_quality``: the ONNX flow's keys) and its ``gate`` (the manifest's
+    top-level gate, as a quantized ONNX export's); gate on ``--max-ppl-increase``.
 
     Parity compares the first chunk + 5 positions; this card reads the whole window (256
     tokens at most) and generates through the decode graph. An fp16 export loaded the model
@@ -369,7 +380,7 @@ def _float_quality(stage: Path, static: dict, model, config, say) -> dict:
     text_path = _eval_text(config) or (DEFAULT_CALIBRATION_TEXT
                                        if DEFAULT_CALIBRATION_TEXT.is_file() else None)
     if text_path is None:
-        return {"skipped": "no evaluation text found; pass --eval-text FILE"}
+        return {"skipped": "no evaluation text found; pass --eval-text FILE"}, None
     text = text_path.read_text(encoding="utf-8", errors="replace")  # as _quantize_static
     ids = TextTokenizer(stage).encode(text[:50_000])
     candidate = StaticDecoder(stage, static)
@@ -384,27 +395,25 @@ def _float_quality(stage: Path, static: dict, model, config, say) -> dict:
     say(f"quality card of the static graphs vs {reference}: {min(256, candidate.context)}-token "
         f"window, 3 greedy prompts x {new_tokens} tokens")
     card = static_quality(TorchDecoder(model, candidate.context), candidate, ids, window=256,
-                          prompts=3, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+                          prompts=3, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                          eval_info={"text": str(text_path), "text_sha256": hashlib.sha256(
+                              text_path.read_bytes()).hexdigest()})
+    card.reference = reference
+    card.seconds = round(time.perf_counter() - t0, 2)
     limit = config.quality.max_ppl_increase
-    card.update(reference=reference,
-                candidate="the static prefill / decode graphs on CPU (ONNX Runtime)",
-                eval={"text": str(text_path),
-                      "text_sha256": hashlib.sha256(text_path.read_bytes()).hexdigest(),
-                      "window": card["tokens"], "prompt_tokens": prompt_tokens},
-                gate={"max_ppl_increase": limit, "passed": card["ppl_increase_pct"] <= limit},
-                seconds=round(time.perf_counter() - t0, 2))
-    say(f"quality card: perplexity {card['perplexity']:.3f} vs PyTorch "
-        f"{card['reference_perplexity']:.3f} ({card['ppl_increase_pct']:+.2f}%), greedy "
-        f"agreement {card['greedy_agreement']:.0%}, {card['seconds']:.1f} s")
-    if not card["gate"]["passed"]:
+    gate = {"max_ppl_increase_pct": limit, "passed": card.ppl_increase_pct <= limit}
+    doc = {**card.to_dict(),
+           "candidate": "the static prefill / decode graphs on CPU (ONNX Runtime)"}
+    say(f"quality card: {card.summary()}, {card.seconds:.1f} s")
+    if not gate["passed"]:
         raise QualityGateFailed(
-            f"quality gate failed: the static graphs' perplexity is {card['perplexity']:.3f}, "
-            f"{card['ppl_increase_pct']:+.2f}% over PyTorch's {card['reference_perplexity']:.3f} "
-            f"on {card['tokens']} tokens (allowed +{limit:g}%); nothing was written. Parity "
+            f"quality gate failed: the static graphs' perplexity is {card.perplexity:.3f}, "
+            f"{card.ppl_increase_pct:+.2f}% over PyTorch's {card.reference_perplexity:.3f} "
+            f"on {card.eval['tokens']} tokens (allowed +{limit:g}%); nothing was written. Parity "
             "compares the first prefill chunk and a few decode steps only: look at later "
             "positions of the window (cache slots, attention bias); --max-ppl-increase PCT "
-            "raises the limit", card)
-    return card
+            "raises the limit", {**doc, "gate": gate})
+    return doc, gate
 
 
 def _float_card_why(quality: dict) -> str:

@@ -32,8 +32,10 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from slmedge.runtimes.generation import Decoder
 from slmedge.runtimes.sessions.static_decoder import StaticDecoder
 
+from slmedge.exporter.quality.card import QualityCard, quality_card
 from .static_shapes import DECODE_FILE, PREFILL_FILE, WEIGHTS_FILE, share_weights
 
 
@@ -385,27 +387,23 @@ def lm_head_precision(model: onnx.ModelProto) -> str | None:
     return _QUANT_BITS.get(zp.data_type, "quantized")
 
 
-def static_quality(reference: StaticDecoder, candidate: StaticDecoder, token_ids: list[int], *,
+def static_quality(reference: Decoder, candidate: Decoder, token_ids: list[int], *,
                    prompts: int = 3, prompt_tokens: int = 16, new_tokens: int = 16,
-                   window: int | None = None) -> dict:
-    """Quality card of ``candidate`` against ``reference`` (the float static graphs, or PyTorch
-    through ``parity.TorchDecoder``): :func:`.quality.quality_card` confined to one window of
-    the static graphs' context (perplexity of both, KL(reference || candidate), logit cosine)
-    and greedy agreement / first divergence on ``prompts`` prompts taken along ``token_ids``;
-    the figures the static-graph gates read, rounded for the manifest."""
-    from slmedge.exporter.quality.card import quality_card
-
+                   window: int | None = None, eval_info: dict | None = None) -> QualityCard:
+    """The quality card of ``candidate`` against ``reference`` (the float static graphs, or
+    PyTorch through ``parity.TorchDecoder``) on one window of the static graphs' context: the
+    ONNX flow's card (:func:`.quality.quality_card`, the same :class:`.quality.QualityCard` and
+    manifest keys) with one window of at most ``reference.context`` tokens (perplexity of
+    both, KL(reference || candidate), logit cosine) and greedy agreement / first divergence on
+    ``prompts`` prompts of ``prompt_tokens`` tokens taken along ``token_ids``
+    (``greedy.prompt_tokens``). ``eval_info`` is added to the card's ``eval``."""
     window = min(window or reference.context, reference.context, len(token_ids))
     ids = token_ids[:window]
     step = max(1, (len(token_ids) - prompt_tokens) // max(1, prompts))
     prompt_ids = [token_ids[p * step:p * step + prompt_tokens] for p in range(prompts)]
     card = quality_card(candidate, ids, reference=reference, prompt_ids=prompt_ids,
-                        window=len(ids), stride=len(ids), new_tokens=new_tokens)
-    return {"tokens": len(ids), "reference_perplexity": round(card.reference_perplexity, 4),
-            "perplexity": round(card.perplexity, 4),
-            "ppl_increase_pct": round(card.ppl_increase_pct, 3),
-            "cosine_mean": round(card.cosine_mean, 6), "cosine_min": round(card.cosine_min, 6),
-            "kl_mean": float(f"{card.kl_mean:.4g}"),
-            "greedy_agreement": round(card.greedy["top1_agreement"], 4),
-            "first_divergence": card.greedy["first_divergence"],
-            "prompts": prompts, "new_tokens": new_tokens}
+                        window=len(ids), stride=len(ids), new_tokens=new_tokens,
+                        eval_info=eval_info)
+    if card.greedy is not None:
+        card.greedy["prompt_tokens"] = prompt_tokens
+    return card

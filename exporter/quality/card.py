@@ -15,7 +15,10 @@ protocol (``slmedge.runtimes.generation.Decoder``): a *reference* (the fp32 grap
   the candidate would leave the reference's text). A reference streamed from the source
   (streamed_reference.py: too large for an fp32 session) cannot decode step by step: the
   candidate generates and the reference scores its text teacher-forced
-  (``greedy.generated_by: "candidate"``); the first divergence is the same position.
+  (``greedy.generated_by: "candidate"``); the first divergence is the same position. An fp32
+  graph from :data:`GRAPH_TEACHER_FORCED_FROM` bytes does the same (its 6 x 64 decode steps
+  were the longest part of a 0.5B-1B int4 export): its session is opened again after the
+  candidate's, and scores each prompt's candidate text in one prefill.
 
 With no reference (an fp32 export, whose reference is itself) the card holds the
 perplexity only. Nothing here imports torch.
@@ -56,6 +59,12 @@ DEFAULT_PROMPTS = (
     "Question: What is the largest planet in the solar system?\nAnswer:",
 )
 Progress = Callable[[str], None]
+#: An fp32 graph reference of this many bytes (file + external data) or more scores the
+#: candidate's greedy text teacher-forced instead of decoding its own greedy tokens step by
+#: step. Measured before (load 10-18): the fp32 graph's 6 prompts x 64 decode steps took 183 s
+#: of a Qwen2.5-0.5B int4 export's 520 s (1976 MB graph) and 554 s of Llama-3.2-1B's 1064 s.
+#: SmolLM2-135M (541 MB) and the tiny test models stay below: their cards decode step by step.
+GRAPH_TEACHER_FORCED_FROM = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -447,6 +456,36 @@ def replay_record(candidate: Decoder, prompt_ids: Sequence[int], eval_ids: Seque
     return record
 
 
+class GraphScorer:
+    """An ONNX graph as a teacher-forced scorer (the ``score(sequences, last)`` of
+    :class:`~slmedge.exporter.quality.streamed_reference.StreamedReference`): its session is opened
+    for one :meth:`score` call and closed after it, so that it never sits beside the
+    candidate's (one session at a time, as :func:`artifact_card` records the reference)."""
+
+    def __init__(self, model_path: Path, threads: int | None = None):
+        self.model_path = Path(model_path)
+        self.threads = threads
+
+    def score(self, sequences: Sequence[Sequence[int]], last: int) -> list[np.ndarray]:
+        """The logits of the last ``last`` positions of each sequence, one prefill of each
+        from an empty cache: row ``j`` predicts the token after position ``len(s) - last + j``."""
+        from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
+
+        decoder = OnnxDecoder(self.model_path, threads=self.threads,
+                              session_options=verification_session_options())
+        try:
+            return [np.array(decoder.logits(list(s))[len(s) - last :], dtype=np.float32)
+                    for s in sequences]
+        finally:
+            del decoder
+            release_memory()
+
+
+def _graph_bytes(path: Path) -> int:
+    data = Path(path).with_name(Path(path).name + ".data")
+    return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def artifact_card(
     candidate_model: Path,
     tokenizer_dir: Path,
@@ -459,6 +498,7 @@ def artifact_card(
     progress: Progress | None = None,
     timings: dict | None = None,
     reference_source=None,
+    teacher_forced_from: int | None = GRAPH_TEACHER_FORCED_FROM,
 ) -> QualityCard | None:
     """The card of an ONNX graph against another (None when no evaluation text exists).
 
@@ -466,9 +506,13 @@ def artifact_card(
     through its prefill / decode graphs). ``providers`` / ``allow_cpu_fallback`` build the
     candidate's sessions (e.g. a profile's QNN HTP with CPU fallback off); the reference
     always runs on CPU. ``timings`` (when given) receives ``reference``: the seconds of the
-    reference's session and recorded logits. ``reference_source``: a
+    reference's session and recorded logits (and of its teacher-forced scoring of the
+    candidate's greedy text, when it scores that). ``reference_source``: a
     :class:`~slmedge.exporter.quality.streamed_reference.StreamedReference` to compare with instead of
-    ``reference_model`` (the source in PyTorch, one layer at a time: no fp32 graph session)."""
+    ``reference_model`` (the source in PyTorch, one layer at a time: no fp32 graph session).
+    ``teacher_forced_from``: a ``reference_model`` of this many bytes or more scores the
+    candidate's greedy text (:class:`GraphScorer`) instead of decoding its own greedy tokens;
+    None: always step by step."""
     from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
     candidate_model = Path(candidate_model)
@@ -503,11 +547,22 @@ def artifact_card(
                                                progress=say)
         else:
             say("quality: reference logits (one session at a time)")
+            size = _graph_bytes(reference_model)
+            scorer = (GraphScorer(reference_model, threads)
+                      if teacher_forced_from is not None and size >= teacher_forced_from else None)
             reference = OnnxDecoder(reference_model, threads=threads,
                                     session_options=verification_session_options())
             recorded = record_reference(reference, tokenizer_dir, settings,
-                                        Path(scratch) / "logits", progress=say)
+                                        Path(scratch) / "logits", progress=say,
+                                        greedy=scorer is None)
             del reference
+            if recorded is not None and scorer is not None:
+                recorded.teacher_forced = scorer
+                recorded.greedy_note = (
+                    f"the fp32 graph ({size / 1e6:.0f} MB, from {teacher_forced_from / 1e6:.0f} MB "
+                    "on) scored the candidate's greedy text teacher-forced, one prefill per "
+                    "prompt, instead of decoding its own greedy tokens step by step "
+                    "(greedy.generated_by); the first divergence is the same position")
         release_memory()
         if timings is not None:
             timings["reference"] = round(time.perf_counter() - t_ref, 2)
@@ -516,11 +571,19 @@ def artifact_card(
         candidate = open_candidate()
         card = decoder_card(candidate, tokenizer_dir, settings, reference=recorded,
                             progress=progress, score_greedy=False)
-        # a streamed reference scores the candidate's greedy text after its session is closed
+        # a teacher-forced reference (streamed, or a large fp32 graph) scores the candidate's
+        # greedy text after its session is closed
         # (the two side by side were the 3B int4 export's peak: 10.9 GB)
         del candidate
         release_memory()
+        t_greedy = time.perf_counter()
         finish_greedy(card)
+        if timings is not None and card.greedy and card.greedy.get("generated_by"):
+            # the reference's share of the card: its scoring of the candidate's greedy text too
+            timings["reference"] = round(timings["reference"] + time.perf_counter() - t_greedy, 2)
+        note = getattr(recorded, "greedy_note", None)
+        if note and card.greedy:
+            card.notes.append(note)
         return card
 
 
@@ -562,6 +625,12 @@ def verification_session_options(keep_fp16: bool = False):
 
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False
+    # Worker threads sleep between ops instead of spinning: an export shares the machine
+    # (other processes, the quantizer's threads), and a spinning pool's waits take the cores
+    # its own work needs. Same kernels, same thread count: the same logits. Measured at load
+    # 15-18 on 2 cores, 32 decode steps of Qwen2.5-0.5B int4 (alternating, 3 sessions each):
+    # 5.1-6.2 s spinning, 3.8-4.1 s not (CPU 1.7-2.0 vs 1.1 s); SmolLM2 int4 2.2-2.7 vs 1.6-2.1 s.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if keep_fp16:
         opts.add_session_config_entry("optimization.disable_specified_optimizers",
                                       FP16_TO_FP32_FOLD)
@@ -607,8 +676,10 @@ class RecordedReference:
         self.card_reference = "fp32 graph"
         #: an object with ``score(sequences, last)`` when the greedy prompts were not recorded
         #: (a streamed reference: the candidate generates, the reference scores; see
-        #: streamed_reference.py)
+        #: streamed_reference.py; or a large fp32 graph: GraphScorer)
         self.teacher_forced = None
+        #: the card's note on why its greedy text is the candidate's (None: nothing to say)
+        self.greedy_note: str | None = None
 
     # -- recording
     def wrap(self, decoder: Decoder) -> Decoder:
@@ -651,9 +722,11 @@ class RecordedReference:
 
 
 def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualitySettings,
-                     path: Path, progress: Progress | None = None) -> RecordedReference | None:
+                     path: Path, progress: Progress | None = None,
+                     greedy: bool = True) -> RecordedReference | None:
     """Run ``reference`` through the calls :func:`decoder_card` makes to its reference (the
-    windows, the greedy prompts, the replay window) and record its logits in ``path``."""
+    windows, the greedy prompts unless ``greedy`` is False, the replay window) and record its
+    logits in ``path``."""
     from slmedge.runtimes.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(tokenizer_dir)
@@ -662,7 +735,7 @@ def record_reference(reference: Decoder, tokenizer_dir: Path, settings: QualityS
         return None
     recorded = RecordedReference(path)
     replay_reference_calls(recorded.wrap(reference), tokenizer, found[0], settings,
-                           progress=progress)
+                           greedy=greedy, progress=progress)
     return recorded.finish()
 
 

@@ -113,6 +113,13 @@ class QuantRecipe(BaseModel):
         "over its bytes, stored once), else it is int8 of its own (as --embedding int8) "
         "(streaming quantizer)",
     )
+    large_table_bits: int = Field(
+        8, description="int4 scheme, large_table: the bits of a large table tied to the "
+        "lm_head. 8: the lm_head int8, the lookup reads its table. 4: the lm_head (unless "
+        "--lm-head names a precision) is int4 RTN with integer zero points (none when "
+        "symmetric) and the lookup reads those bytes: ONNX Runtime GenAI's layout, half the "
+        "table's bytes (Qwen2.5-0.5B: 85 instead of 157 MB). An untied table stays int8",
+    )
     keep_source_bits: bool = Field(
         True, description="int4: a weight the source holds in exact integer blocks of more "
         "than 4 bits (a GGUF's Q5_0, Q6_K, Q8_0: gguf_blocks.py) keeps them as 8-bit "
@@ -136,6 +143,8 @@ class QuantRecipe(BaseModel):
             value = getattr(self, name)
             if value is not None and value not in (16, 32, 64, 128, 256):
                 raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {value}")
+        if self.large_table_bits not in (4, 8):
+            raise ValueError(f"large_table_bits must be 4 or 8, got {self.large_table_bits}")
         if self.mlp_block_size is not None and self.scheme is not QuantScheme.int4:
             raise ValueError(f"mlp_block_size applies to int4 only, not {self.scheme.value}")
         if self.scheme is not QuantScheme.int4:

@@ -460,6 +460,13 @@ def _large_gathers(model, gathers: list[str]) -> list[str]:
     return found
 
 
+def _tied_head_int4(recipe: QuantRecipe) -> bool:
+    """Whether a large tied table (and so the lm_head it is shared with) goes to 4 bits:
+    ``large_table_bits`` 4 on the int4 scheme, the lm_head's precision not named."""
+    return (recipe.large_table_bits == 4 and recipe.scheme is QuantScheme.int4
+            and recipe.lm_head is None)
+
+
 def _transposed_equal(lazy: LazyWeights, table: str, weight: str) -> bool:
     """Whether the ``[V, K]`` ``table`` equals the ``[K, V]`` ``weight`` transposed: the
     tied ``lm_head``'s ``W.T`` placeholder of it, or a copy compared a block of rows at a time
@@ -666,6 +673,11 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             tied = tied_gathers(model, facts.embedding_gathers, facts.lm_head,
                                 lambda table, weight: _transposed_equal(lazy, table, weight))
         large = [g for g in _large_gathers(model, facts.embedding_gathers) if g not in tied]
+        if tied and _tied_head_int4(recipe):
+            # the shared table at 4 bits: RTN's integer zero points (HQQ's float ones are
+            # folded into a correction the lookup cannot read)
+            todo[facts.lm_head] = (4, recipe.block_size, recipe.symmetric, Int4Algorithm.rtn)
+            precision[facts.lm_head] = "int4"
     head_output = next((n.output[0] for n in model.graph.node if n.name == facts.lm_head), None)
     data_path = dst.with_name(dst.name + ".data")
     zero_points = None
@@ -699,11 +711,12 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             _drop_unused(model)
         gathers = facts.embedding_gathers
         shared = [g for g in tied if share_tied_nbits_table(model, g, head_output)]
+        tied_bits = precision.get(facts.lm_head, "int8")
         if shared:
             _drop_unused(model)
-            precision.update({g: "int8" for g in shared})
-            say(f"embedding lookup reads the tied lm_head's int8 table (stored once: the "
-                "table is large; QuantRecipe.large_table)")
+            precision.update({g: tied_bits for g in shared})
+            say(f"embedding lookup reads the tied lm_head's {tied_bits} table (stored once: "
+                "the table is large; QuantRecipe.large_table)")
         large_done = []
         if large:
             say(f"embedding -> GatherBlockQuantized int8 (block {recipe.block_size}): the table is "
@@ -740,7 +753,8 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
-        embedding=("int8-tied" if shared else "int8" if large_done else recipe.embedding.value)
+        embedding=(f"{tied_bits}-tied" if shared else "int8" if large_done
+                   else recipe.embedding.value)
         if facts.embedding_gathers else "none",
         lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",
         op_decisions=weight_only_table(model),

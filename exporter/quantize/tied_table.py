@@ -136,10 +136,15 @@ def tied_gathers(model: onnx.ModelProto, gathers: list[str], head: str | None,
 
 def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str) -> bool:
     """The ``Gather`` named ``gather`` becomes a ``GatherBlockQuantized`` reading the 8-bit
-    ``MatMulNBits`` that produces ``head_output`` (the tied ``lm_head``: its ``[N, K]`` weight
-    is the table): its bytes, scales and zero points through ``Reshape`` nodes, no copy. The
-    lookup gives the rows the ``lm_head`` computes with (dequantized exactly as
-    ``MatMulNBits`` does). Returns False (graph unchanged) when the head is not such a node."""
+    or 4-bit ``MatMulNBits`` that produces ``head_output`` (the tied ``lm_head``: its
+    ``[N, K]`` weight is the table): its bytes, scales and integer zero points through
+    ``Reshape`` nodes, no copy. The lookup gives the rows the ``lm_head`` computes with
+    (dequantized exactly as ``MatMulNBits`` does: ``GatherBlockQuantized`` with ``bits=4``
+    over uint8 data reads two values a byte, low nibble first, and packed 4-bit zero points,
+    8 when there are none, as ``MatMulNBits`` does; checked against ORT 1.32's kernels).
+    Returns False (graph unchanged) when the head is not such a node (float zero points:
+    HQQ's, folded later; a ``g_idx``; a 4-bit head with an odd number of blocks per row,
+    whose packed zero points would straddle rows)."""
     graph = model.graph
     head = next((n for n in graph.node if n.op_type == "MatMulNBits"
                  and n.output[0] == head_output), None)
@@ -148,14 +153,31 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
         return False
     a = _attrs(head)
     axis = next((x.i for x in node.attribute if x.name == "axis"), 0)
-    if a.get("bits") != 8 or a["K"] % a["block_size"] or axis != 0 or (
+    bits = a.get("bits")
+    if bits not in (4, 8) or a["K"] % a["block_size"] or axis != 0 or (
             len(head.input) > 4 and any(head.input[4:])):
         return False
     n, k, bs = a["N"], a["K"], a["block_size"]
+    zero_points = head.input[3] if len(head.input) > 3 and head.input[3] else None
+    if zero_points is not None:
+        zp = next((t for t in graph.initializer if t.name == zero_points), None)
+        if zp is None or zp.data_type != TensorProto.UINT8:
+            return False  # float zero points (HQQ) are folded into a correction later
+    if bits == 4 and zero_points is not None and (k // bs) % 2:
+        return False
     base = node.name or node.output[0]
-    table_shape = numpy_helper.from_array(np.array([n, k], np.int64), f"{base}/tied_shape")
+    # bits 4: two values a byte, so a row of the table is k / 2 bytes (and blocks / 2 of
+    # packed zero points)
+    table_shape = numpy_helper.from_array(np.array([n, k * bits // 8], np.int64),
+                                          f"{base}/tied_shape")
     block_shape = numpy_helper.from_array(np.array([n, k // bs], np.int64), f"{base}/tied_block_shape")
     graph.initializer.extend([table_shape, block_shape])
+    zp_shape = block_shape.name
+    if bits == 4 and zero_points is not None:
+        packed = numpy_helper.from_array(np.array([n, k // bs // 2], np.int64),
+                                         f"{base}/tied_zero_point_shape")
+        graph.initializer.append(packed)
+        zp_shape = packed.name
     inputs = [f"{base}/tied_table", node.input[1], f"{base}/tied_scales"]
     reshapes = [helper.make_node("Reshape", [head.input[1], table_shape.name], [inputs[0]],
                                  name=f"{base}/tied_reshape"),
@@ -163,11 +185,11 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
                                  name=f"{base}/tied_scales_reshape")]
     if len(head.input) > 3 and head.input[3]:
         inputs.append(f"{base}/tied_zero_points")
-        reshapes.append(helper.make_node("Reshape", [head.input[3], block_shape.name],
+        reshapes.append(helper.make_node("Reshape", [head.input[3], zp_shape],
                                          [inputs[3]], name=f"{base}/tied_zero_points_reshape"))
     gbq = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name,
                            domain="com.microsoft", gather_axis=0, quantize_axis=1,
-                           block_size=bs, bits=8)
+                           block_size=bs, bits=bits)
     gbq.metadata_props.extend(node.metadata_props)
     idx = list(graph.node).index(node)
     graph.node.remove(node)

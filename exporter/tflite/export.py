@@ -137,10 +137,13 @@ def _quality(
     return out
 
 
-def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = None) -> dict:
-    """Export, quantize, verify and write a TFLite artifact; returns the manifest."""
+def run_tflite_export(config: TfliteExportConfig, progress: Progress | None = None,
+                      command: str | None = None) -> dict:
+    """Export, quantize, verify and write a TFLite artifact; returns the manifest.
+    ``command`` is recorded in the manifest, as the ONNX flow records it."""
     require_tflite_extra()
-    return run_steps(TfliteSteps(config), config.output, config.overwrite, progress)
+    return run_steps(TfliteSteps(config), config.output, config.overwrite, progress,
+                     command=command)
 
 
 class TfliteSteps(ExportSteps):
@@ -239,6 +242,7 @@ class TfliteSteps(ExportSteps):
                     self.final_parity.to_dict(),
                 )
         quality: dict = {"skipped": "quality card turned off (quality=false)"}
+        self.gate = None  # the manifest's gate, as a quantized ONNX export's
         if config.quality:
             say("quality card")
             quality = _quality(
@@ -247,15 +251,15 @@ class TfliteSteps(ExportSteps):
             )
             rise = quality.get("ppl_increase_pct")
             if scheme is not QuantScheme.fp32 and rise is not None:
-                quality["gate"] = {"max_ppl_increase_pct": config.max_ppl_increase,
-                                   "passed": rise <= config.max_ppl_increase}
+                self.gate = {"max_ppl_increase_pct": config.max_ppl_increase,
+                             "passed": rise <= config.max_ppl_increase}
                 if rise > config.max_ppl_increase:
                     raise QualityGateFailed(
                         f"quality gate failed: {scheme.value} TFLite perplexity "
                         f"{quality['perplexity']:.3f} is {rise:+.2f}% over the fp32 graph's "
                         f"{quality['reference_perplexity']:.3f} (allowed "
                         f"+{config.max_ppl_increase:g}%, --max-ppl-increase); nothing was written",
-                        quality,
+                        {**quality, "gate": self.gate},
                     )
         self.quality = quality
         fixture_prompt, fixture_steps = parity_inputs(
@@ -289,6 +293,7 @@ class TfliteSteps(ExportSteps):
                 "versions": _stack_versions(),
             },
             "quality": self.quality,
+            **({"gate": self.gate} if self.gate else {}),
             # the gate's parity is the fp32 graph's; the artifact's is the candidate's
             "verification": {"parity": self.final_parity.to_dict(),
                              "parity_fp32": self.parity_fp32.to_dict()},

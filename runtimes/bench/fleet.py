@@ -51,7 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmedge.runtimes.bench.runner import BenchConfig
-from slmedge.runtimes.errors import SlmEdgeError, UsageError
+from slmedge.runtimes.errors import SlmEdgeError, UsageError, validation_problems
 
 FLEET_SCHEMA_VERSION = 1
 FLEET_KIND = "slmedge.fleet-bench"
@@ -147,13 +147,14 @@ def load_fleet(path: str | Path) -> Fleet:
     try:
         return Fleet.model_validate(data)
     except ValidationError as e:
-        raise UsageError(f"fleet {p}: " + "; ".join(_explain(err, data) for err in e.errors())) \
-            from None
+        raise UsageError(f"fleet {p}: " + validation_problems(
+            e, top="(fleet)", name=lambda err: _field(err, data), explain=_explain)) from None
 
 
-def _explain(err: dict, data: dict) -> str:
+def _field(err: dict, data: dict) -> str:
+    """The field's dotted name with a device named as ``devices[0] (pixel)``."""
     loc = list(err.get("loc", ()))
-    parts = []
+    parts: list[str] = []
     for i, part in enumerate(loc):
         if isinstance(part, int) and i > 0 and loc[i - 1] == "devices":
             try:
@@ -163,15 +164,16 @@ def _explain(err: dict, data: dict) -> str:
             parts[-1] = f"devices[{part}]" + (f" ({name})" if name else "")
         else:
             parts.append(str(part))
-    where = ".".join(parts) or "(fleet)"
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        model = Device if "devices" in loc and len(loc) > 2 else Fleet
-        return f"field {where}: unknown field; allowed fields here: {', '.join(model.model_fields)}"
-    if kind == "missing":
-        return f"field {where}: required"
-    msg = str((err.get("ctx") or {}).get("error", err.get("msg", "")))
-    return f"field {where}: {msg}"
+    return ".".join(parts)
+
+
+def _explain(err: dict) -> str | None:
+    """An unknown field: the fields allowed where it stands (else the formatter's message)."""
+    if err.get("type") != "extra_forbidden":
+        return None
+    loc = list(err.get("loc", ()))
+    model = Device if "devices" in loc and len(loc) > 2 else Fleet
+    return f"unknown field; allowed fields here: {', '.join(model.model_fields)}"
 
 
 # -- running ----------------------------------------------------------------------------------

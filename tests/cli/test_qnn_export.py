@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 
 import pytest
 
@@ -39,6 +40,10 @@ def test_device_card_off_records_the_choice_and_the_final_placement_path(tmp_pat
     out = tmp_path / "artifact"
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["recipe"]["device_card"] == "off" and on_disk["recipe"]["fuse_norms"] is True
+    # the user's command as given (the ONNX flow records it so), not this process's argv
+    assert on_disk["command"] == shlex.join(
+        ["slmedge", "export", "--model", str(tiny_dir("llama")), "--output", str(out),
+         "--profile", str(tmp_path / "test-qnn.yaml"), "--json", "--device-card", "off"])
     assert on_disk["recipe"]["opset"] == 21 and on_disk["recipe"]["quant"].startswith("a16w8")
     quality = on_disk["quantization"]["quality"]
     assert quality["device_card"]["setting"] == "off" and not quality["device_card"]["ran"]
@@ -68,7 +73,8 @@ def test_device_card_short_runs_one_chunk_on_the_htp_emulator(tmp_path, tiny_dir
     assert quality["device_card"] == {"setting": "short", "ran": True}
     assert quality["judged_on"] == "qnn_htp_emulator"
     card = quality["qnn_htp_emulator"]
-    assert card["tokens"] == 8 and card["prompts"] == 1 and card["new_tokens"] == 4
+    assert card["eval"]["tokens"] == 8
+    assert card["greedy"]["prompts"] == 1 and card["greedy"]["new_tokens"] == 4
     assert card["cosine_mean"] > 0.95, card
 
 

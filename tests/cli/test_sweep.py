@@ -158,9 +158,10 @@ def test_killed_sweep_resumes(pool_run, workdir):
 
 @pytest.mark.parametrize("text, expected", [
     ("models: [{name: a, source: x}]\nrecipes: [{name: r, quant: {scheme: int3}}]\n",
-     r"sweep .*bad\.yaml: field recipes\[0\] \(r\)\.quant: scheme: .*'int3'; choose one of int4"),
+     r"sweep .*bad\.yaml: field recipes\[0\] \(r\)\.quant\.scheme: the ONNX quantizer does not "
+     r"offer quantization 'int3'; choose one of int4"),
     ("models: [{name: a, source: x}]\nrecipes: [{name: r}, {name: r}]\n",
-     r"recipes: names used twice: r"),
+     r"field recipes: names used twice: r"),
     ("models: [{name: a, source: x}]\nrecipes: [{name: r}]\nbench: {tokens: 3}\n",
      r"unknown bench config fields \['tokens'\]"),
     ("models: [{name: a, source: x}]\nrecipes: [{name: r}]\ncolour: red\n",

@@ -19,6 +19,14 @@ EVAL_TEXT = default_eval_text()  # the packaged text: a clone needs nothing besi
 PPL_REFERENCE = 33.08  # runtimes/data/SOURCES.md: PyTorch fp32, first 4096 tokens, 512/256 windows
 
 
+def test_parity_gate_within_4e_4(smollm2_artifact):
+    """The fp32 export's logits vs PyTorch (the parity gate, recorded in the manifest) stay
+    within 4e-4 (issue 13's bar; the gate itself allows atol + rtol x logit scale)."""
+    parity = json.loads((smollm2_artifact / "manifest.json").read_text())["verification"]["parity"]
+    assert parity["passed"] is True and parity["prefill_tokens"] > 0 and parity["decode_steps"] > 0
+    assert parity["max_abs_diff"] <= 4e-4, parity
+
+
 def test_128_greedy_tokens_identical_to_pytorch(smollm2_artifact, smollm2_torch):
     model, tokenizer = smollm2_torch
     prompt = tokenizer(EVAL_TEXT.read_text()[:400]).input_ids[:64]

@@ -140,6 +140,11 @@ def test_export_quantized_then_generate_eval_bench(capsys, tmp_path, tiny_dir):
     assert code == 0, err
     manifest = json.loads(stdout)
     assert manifest["recipe"]["quant"] == "int8-dynamic"
+    # the user's command as given, as the ONNX flow records it (not this process's argv)
+    assert manifest["command"].startswith("slmedge export --format tflite --model ")
+    # the gate is the manifest's, as a quantized ONNX export's; the card has the ONNX card's keys
+    assert manifest["gate"]["passed"] is True and manifest["gate"]["max_ppl_increase_pct"] > 0
+    assert "gate" not in manifest["quality"] and manifest["quality"]["greedy"]["prompts"] > 0
     # the TFLite card goes into the results store like the ONNX ones (issue 17)
     from slmedge.runtimes.bench.results_store import ResultsStore
 

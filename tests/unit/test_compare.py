@@ -125,8 +125,9 @@ def test_a_reference_of_other_tokens_is_refused(table):
 
 
 def test_static_card_is_the_quality_card_on_one_window(table):
-    """static_quality (the static-shape flows' card) is quality_card on one window: the same
-    keys for the float and the QDQ card, perplexity by hand, greedy first divergence."""
+    """static_quality (the static-shape flows' card) is quality_card on one window: the ONNX
+    card's QualityCard (the same manifest keys), perplexity by hand, greedy first divergence."""
+    from slmedge.exporter.quality.card import QualityCard
     from slmedge.exporter.onnx.static_shapes_qdq import static_quality
 
     big = np.random.default_rng(1).uniform(-3, 3, (32, VOCAB)).astype(np.float32)
@@ -139,13 +140,20 @@ def test_static_card_is_the_quality_card_on_one_window(table):
     logp = logp - logp.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     want = float(np.exp(-logp[np.arange(15), ids[1:16]].mean()))
-    assert card["tokens"] == 16 and card["reference_perplexity"] == pytest.approx(want, abs=1e-4)
-    assert "perplexity_reference" not in card and card["kl_mean"] > 0
-    assert card["cosine_min"] < card["cosine_mean"] < 1.0
+    assert isinstance(card, QualityCard)
+    assert card.eval == {"tokens": 16, "window": 16, "stride": 16, "windows": 1}
+    assert card.reference_perplexity == pytest.approx(want, rel=1e-9) and card.kl_mean > 0
+    assert card.cosine_min < card.cosine_mean < 1.0
     # a table decoder reads rows by position: each prompt fills positions 0-3 and its greedy
     # tokens are read at rows 3, 4, 5, 6; the flip at row 6 is the 4th (index 3) of each
-    assert card["first_divergence"] == [3, 3] and card["greedy_agreement"] == 0.75
+    assert card.greedy["first_divergence"] == [3, 3] and card.greedy["top1_agreement"] == 0.75
+    assert card.greedy["prompts"] == 2 and card.greedy["new_tokens"] == 4
+    assert card.greedy["prompt_tokens"] == 4
+    doc = card.to_dict()  # the manifest's keys: the ONNX card's, none renamed
+    assert {"tokens", "greedy_agreement", "first_divergence"}.isdisjoint(doc)
+    assert {"perplexity", "reference_perplexity", "ppl_increase_pct", "kl_mean", "cosine_mean",
+            "top1_agreement_eval", "greedy", "eval"} <= set(doc)
     same = static_quality(ref, TableDecoder(big), ids, prompts=2, prompt_tokens=4,
                           new_tokens=4, window=16)
-    assert same["cosine_min"] == pytest.approx(1.0) and same["kl_mean"] == 0.0
-    assert same["ppl_increase_pct"] == 0.0 and same["first_divergence"] == [4, 4]
+    assert same.cosine_min == pytest.approx(1.0) and same.kl_mean == 0.0
+    assert same.ppl_increase_pct == 0.0 and same.greedy["first_divergence"] == [4, 4]

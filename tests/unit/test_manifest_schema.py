@@ -211,3 +211,96 @@ def test_the_recorded_replay_is_the_manifests_own(written):
     assert recorded_replay(written["fp32"])[1] is None  # an fp32 export has no gate
     spec = manifest_spec(written["int4"])
     assert spec["reference_tokens"] == doc["quality"]["replay"]["tokens"]
+
+
+def _old_static_card(card: dict, gate: dict | None = None) -> dict:
+    """``card`` (a static export's, written now) as a static export wrote it before issue 13:
+    greedy figures and the token count at the top level, rounded, the float card's gate
+    inside it (exporter/onnx/static_shapes_qdq.py's static_quality and profile_export.py's
+    _float_quality at 544db9c)."""
+    greedy = card["greedy"]
+    old = {"tokens": card["eval"]["tokens"],
+           "reference_perplexity": round(card["reference_perplexity"], 4),
+           "perplexity": round(card["perplexity"], 4),
+           "ppl_increase_pct": round(card["ppl_increase_pct"], 3),
+           "cosine_mean": round(card["cosine_mean"], 6), "cosine_min": round(card["cosine_min"], 6),
+           "kl_mean": float(f"{card['kl_mean']:.4g}"),
+           "greedy_agreement": round(greedy["top1_agreement"], 4),
+           "first_divergence": greedy["first_divergence"], "prompts": greedy["prompts"],
+           "new_tokens": greedy["new_tokens"]}
+    if gate is not None:
+        old.update(reference=card["reference"], candidate=card["candidate"],
+                   eval={"text": card["eval"]["text"],
+                         "text_sha256": card["eval"]["text_sha256"],
+                         "window": card["eval"]["tokens"],
+                         "prompt_tokens": greedy["prompt_tokens"]},
+                   gate={"max_ppl_increase": gate["max_ppl_increase_pct"],
+                         "passed": gate["passed"]},
+                   seconds=card["seconds"])
+    return old
+
+
+def test_a_static_card_written_before_issue_13_reads_into_the_onnx_cards_fields(
+        tmp_path_factory, tiny_dir, tmp_path):
+    """Static-shape exports wrote their card with their own keys until issue 13 (``tokens``,
+    ``greedy_agreement``, ``first_divergence``, ``prompts``, ``new_tokens``; the float card's
+    gate inside it): such a manifest loads with those figures in the ONNX card's fields and its
+    gate as the manifest's, and is written back in the new form."""
+    from helpers.static_fixtures import static_artifact_path
+
+    root = _copy(static_artifact_path(tmp_path_factory, tiny_dir), tmp_path / "old")
+    doc = _doc(root)
+    new, gate = doc["quality"], doc.pop("gate")
+    old = _old_static_card(new, gate)
+    _rewrite(root, quality=old, gate=None)
+    info = load_manifest(root)
+    card = info.card()
+    assert card.eval == {"text": old["eval"]["text"], "text_sha256": old["eval"]["text_sha256"],
+                         "window": old["tokens"], "tokens": old["tokens"]}
+    assert card.greedy == {"top1_agreement": old["greedy_agreement"],
+                           "first_divergence": old["first_divergence"], "prompts": 3,
+                           "new_tokens": 16, "prompt_tokens": 16}
+    assert (card.perplexity, card.cosine_mean) == (old["perplexity"], old["cosine_mean"])
+    assert info.gate.max_ppl_increase_pct == gate["max_ppl_increase_pct"] == 5.0
+    assert info.gate.passed is True
+    written = info.to_json()
+    assert "gate" not in written["quality"] and "greedy_agreement" not in written["quality"]
+    assert validate_manifest(written, root / MANIFEST_NAME).to_json() == written
+    # open_artifact (bench, verify, check) reads the same fields
+    assert open_artifact(root).info.card().greedy["top1_agreement"] == old["greedy_agreement"]
+
+    # a quantized static export's cards (quantization.quality.cpu / qnn_htp_emulator)
+    quantized = {k: v for k, v in doc.items() if k != "quality"}
+    quantized["quantization"] = {
+        "label": "a16w8", "quality": {"cpu": _old_static_card(new),
+                                      "qnn_htp_emulator": {**_old_static_card(new),
+                                                           "nodes_by_provider": {}},
+                                      "device_card": {"setting": "short", "ran": True},
+                                      "judged_on": "qnn_htp_emulator"}}
+    cards = validate_manifest(quantized, root / MANIFEST_NAME).card()
+    assert cards.judged() is cards.qnn_htp_emulator
+    assert cards.cpu.eval == {"tokens": old["tokens"]}
+    assert cards.judged().greedy["top1_agreement"] == old["greedy_agreement"]
+    assert cards.judged().model_extra == {"nodes_by_provider": {}}
+
+
+def test_a_card_in_the_current_form_is_read_as_it_is():
+    """The alias reads only the old static form: a card with ``greedy`` is left alone (the
+    ONNX card's ``greedy_agreement``-free keys), so a new card round-trips unchanged."""
+    from slmedge.runtimes.manifest_schema import QualityCard
+
+    doc = {"perplexity": 2.0, "eval": {"tokens": 8}, "greedy": {"top1_agreement": 0.5},
+           "tokens": [1, 2]}  # an unknown key of a newer minor version
+    assert QualityCard.model_validate(doc).model_dump(exclude_unset=True) == doc
+
+
+def test_a_tflite_gate_written_in_its_card_reads_as_the_manifests_gate(fp32):
+    """TFLite exports wrote their gate inside the card until issue 13: it loads as the
+    manifest's gate (what remote_card reads), the card without it."""
+    doc = _doc(fp32)
+    doc["quality"] = {**doc["quality"],
+                      "gate": {"max_ppl_increase_pct": 7.5, "passed": True}}
+    info = validate_manifest(doc, fp32 / MANIFEST_NAME)
+    assert (info.gate.max_ppl_increase_pct, info.gate.passed) == (7.5, True)
+    assert "gate" not in info.to_json()["quality"]
+    assert info.card().perplexity == doc["quality"]["perplexity"]

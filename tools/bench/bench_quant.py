@@ -104,10 +104,33 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
                        "--embedding", "int8", *OPEN_GATE), "int4"),
     "abl-hqqint-head8": (("--quant", "int4", "--algorithm", "rtn", "--mlp-block-size", "64",
                           "--embedding", "int8", *OPEN_GATE), "int4"),
+    # -- the ablation of the default `--quant int4` (issue 16's README table; quality with
+    # --skip-speed --no-genai, speed vs "int4-head8" with --baseline int4-head8). The default:
+    # HQQ with its float zero points folded, block 32, accuracy level 4, lm_head int8,
+    # embedding float (keep_source_bits does nothing on an fp32 source). Each row changes one
+    # ingredient; "int4-emb8" / "int4-emb4" above are its embedding rows.
+    # body rounding: asymmetric RTN (integer zero points, min/max grids) / symmetric RTN (no
+    # zero points: GenAI's body) / gptq-act (calibrated on the packaged Emma, integer zero
+    # points, one layer at a time through the quantized prefix)
+    "int4-rtn-asym": (("--quant", "int4", "--algorithm", "rtn", *OPEN_GATE), "int4"),
+    "int4-rtn-sym": (("--quant", "int4", "--symmetric", *OPEN_GATE), "int4"),
+    "int4-gptq-act": (("--quant", "int4", "--algorithm", "gptq-act", *OPEN_GATE), "int4"),
+    # HQQ's grid kept, its zero points made integer (int_zero.py refit; see REWRITTEN)
+    "int4-hqq-intzero": (("--quant", "int4", "--algorithm", "rtn", *OPEN_GATE), "int4"),
+    # block size (every MatMulNBits) 64 / 128 instead of 32
+    "int4-b64": (("--quant", "int4", "--block-size", "64", *OPEN_GATE), "int4"),
+    "int4-b128": (("--quant", "int4", "--block-size", "128", *OPEN_GATE), "int4"),
+    # MatMulNBits accuracy level 1 (fp32 compute; the ARM profiles') instead of 4 (int8)
+    "int4-acc1": (("--quant", "int4", "--accuracy-level", "1", *OPEN_GATE), "int4"),
+    # lm_head float / int4 / split (the 8192 most frequent calibration tokens' rows int8)
+    "int4-head-float": (("--quant", "int4", "--lm-head", "float", *OPEN_GATE), "int4"),
+    "int4-head4": (("--quant", "int4", "--lm-head", "int4", *OPEN_GATE), "int4"),
+    "int4-head-split": (("--quant", "int4", "--lm-head", "int4", "--lm-head-int8-tokens",
+                         "8192", *OPEN_GATE), "int4"),
 }
 #: variants written from another variant's artifact: its 4-bit MatMulNBits re-quantized by
 #: ``int_zero.from_hqq`` on the fp32 graph's weights (the card is computed here, after it)
-REWRITTEN = {"abl-hqqint-head8": "abl-rtn-head8"}
+REWRITTEN = {"abl-hqqint-head8": "abl-rtn-head8", "int4-hqq-intzero": "int4-rtn-asym"}
 
 
 def say(msg: str) -> None:
@@ -333,6 +356,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-text", type=Path, default=HELDOUT_TEXT,
                     help="held-out text (never read by a recipe decision) for the held-out "
                     "columns; its first --eval-tokens tokens")
+    ap.add_argument("--baseline", choices=list(VARIANTS),
+                    help="speed: each slmedge row's decode tok/s and TTFT as a ratio to this "
+                    "variant's slmedge row of the same run (the ablation: int4-head8)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -406,10 +432,16 @@ def main(argv=None) -> int:
         if loads:
             row["load_average_rounds"] = loads
     by = {(r["variant"], r["tool"]): r for r in rows}
+    base = by.get((args.baseline, "slmedge"), {})
+    for r in rows:  # same run, rounds alternating: the only speed ratio that means anything
+        if r["tool"] == "slmedge" and "decode_tok_s" in r and "decode_tok_s" in base:
+            r.update(decode_vs_baseline=round(r["decode_tok_s"] / base["decode_tok_s"], 3),
+                     ttft_vs_baseline=round(r["ttft_ms"] / base["ttft_ms"], 3),
+                     baseline=args.baseline)
     print("| variant | tool | decode tok/s | TTFT ms | size MB | perplexity | vs fp32 | KL | top-1 | "
           "held-out perplexity | held-out vs fp32 | held-out KL | held-out top-1 | greedy agree | "
-          "decode ratio | TTFT ratio | decode vs GenAI asym |")
-    print("|---" * 17 + "|")
+          "decode ratio | TTFT ratio | decode vs GenAI asym | decode vs baseline |")
+    print("|---" * 18 + "|")
     for r in rows:
         g = by.get((r["variant"], "genai"))
         timed = r["tool"] == "slmedge" and g and "decode_tok_s" in r
@@ -424,7 +456,8 @@ def main(argv=None) -> int:
               f"{r.get('top1_agreement_eval', '')} | {r.get('heldout_perplexity', '')} | "
               f"{r.get('heldout_ppl_increase_pct', '')}% | {r.get('heldout_kl_mean', '')} | "
               f"{r.get('heldout_top1_agreement', '')} | "
-              f"{r.get('greedy_agreement', '')} | {ratio} | {tratio} | {aratio} |")
+              f"{r.get('greedy_agreement', '')} | {ratio} | {tratio} | {aratio} | "
+              f"{r.get('decode_vs_baseline', '')} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

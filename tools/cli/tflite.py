@@ -151,7 +151,8 @@ def cmd_export_tflite(args) -> int:
 
     progress = Progress()
     try:
-        manifest = run_tflite_export(config, progress=progress.say)
+        manifest = run_tflite_export(config, progress=progress.say,
+                                     command=getattr(args, "command_line", None))
     finally:
         progress.close()
     from slmedge.tools.cli.results import store_quality

@@ -1,0 +1,194 @@
+"""Large embedding tables (QuantRecipe.large_table, issues 15/16), with the 64M-value
+threshold lowered to the tiny models' tables.
+
+- an untied table (llama's, as the 8B's 128256 x 4096) is int8 of its own on both export
+  paths, the fp32 graph written or quantized on write: same files, the manifest says int8,
+  each looked-up row within half an int8 step of the fp32 table;
+- ``large_table_bits=4``: a tied table (gemma3's, as Qwen2.5-0.5B's) and its lm_head are
+  one int4 table (RTN, integer zero points or none), the lookup reading the head's bytes:
+  its rows are exactly the head's dequantized weights, and the two paths give the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+from test_quant_on_write import assert_identical, both_ways
+from test_streaming_quant import external_copy
+
+from slmedge.exporter.quantize import tied_table
+from slmedge.exporter.quantize.recipe import QuantRecipe
+from slmedge.exporter.quantize.streaming import quantize_file_streaming
+from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
+
+IDS = list(range(6, 40))
+
+
+def _export(tiny_dir, out: Path, **options) -> dict:
+    from slmedge.exporter.pipeline import ExportConfig, run_export
+
+    run_export(ExportConfig(model=str(tiny_dir("llama")), output=out, quant={"scheme": "int4"},
+                            quality={"eval_tokens": 64, "new_tokens": 4}, **options))
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _lookup(model: onnx.ModelProto, gbq: onnx.NodeProto, ids: np.ndarray,
+            head: onnx.NodeProto | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows ``gbq`` returns for ``ids`` (ORT's kernel), and with ``head`` the head's
+    weight as ``MatMulNBits`` dequantizes it (``[K, N]``, through an identity input)."""
+    k = None
+    nodes = [n for n in model.graph.node if n.op_type == "Reshape" and n.output[0] in gbq.input]
+    nodes.append(gbq)
+    outputs = [helper.make_tensor_value_info(gbq.output[0], onnx.TensorProto.FLOAT, None)]
+    extra = []
+    if head is not None:
+        attrs = {x.name: helper.get_attribute_value(x) for x in head.attribute}
+        k = attrs["K"]
+        nodes.append(helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"],
+                                      domain="com.microsoft",
+                                      **{n: v for n, v in attrs.items() if n != "accuracy_level"}))
+        outputs.append(helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None))
+        extra.append(numpy_helper.from_array(np.eye(k, dtype=np.float32), "eye"))
+    graph = helper.make_graph(
+        nodes, "lookup",
+        [helper.make_tensor_value_info(gbq.input[1], onnx.TensorProto.INT64, [1, None])],
+        outputs, [t for t in model.graph.initializer if t.name in {i for n in nodes for i in n.input}]
+        + extra)
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import),
+                            ir_version=model.ir_version)
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {gbq.input[1]: ids[None, :]})
+    return got[0][0], (got[1] if head is not None else None)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
+
+
+def test_an_untied_large_table_is_int8_on_both_export_paths(tiny_dir, tiny_artifact, tmp_path,
+                                                            monkeypatch):
+    """The default int4 export of an untied model whose table is large: written through the
+    fp32 graph and quantized on write, the same files; the manifest's result (not its
+    recipe, which records what was asked: ``embedding: float``) says int8; the lookup is a
+    GatherBlockQuantized whose rows are the fp32 table's within half an int8 step."""
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    written = _export(tiny_dir, tmp_path / "written")
+    on_write = _export(tiny_dir, tmp_path / "on-write", verify_session_max_mb=0.01)
+    assert on_write["quantization"]["float_graph"].startswith("not written")
+    for manifest in (written, on_write):
+        q = manifest["quantization"]
+        assert q["recipe"]["embedding"] == "float" and q["recipe"]["large_table"] is True
+        assert q["embedding"] == "int8", q["embedding"]
+        assert q["lm_head"] == "int8"
+    assert (tmp_path / "on-write" / "model.onnx").read_bytes() == \
+        (tmp_path / "written" / "model.onnx").read_bytes()
+
+    model = onnx.load(str(tmp_path / "on-write" / "model.onnx"))
+    gbq = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1 and not any(n.op_type == "Gather" and n.input[0] == gbq[0].input[0]
+                                     for n in model.graph.node)
+    attrs = {a.name: helper.get_attribute_value(a) for a in gbq[0].attribute}
+    assert attrs["bits"] == 8
+    fp32 = onnx.load(str(tiny_artifact("llama") / "model.onnx"))
+    gather = next(n for n in fp32.graph.node if n.op_type == "Gather"
+                  and any(t.name == n.input[0] for t in fp32.graph.initializer))
+    table = numpy_helper.to_array(next(t for t in fp32.graph.initializer
+                                       if t.name == gather.input[0]))
+    vocab, k = table.shape
+    ids = np.array([0, 1, vocab // 2, vocab - 1], np.int64)
+    rows, _ = _lookup(model, gbq[0], ids)
+    scales = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                        if t.name == gbq[0].input[2]))
+    step = np.repeat(scales[ids], attrs["block_size"], axis=1)[:, :k]
+    error = np.abs(rows - table[ids])
+    assert np.all(error <= step / 2 * (1 + 1e-5)), (error / step).max()
+    assert error.max() > 0  # quantized, not copied
+    # the logits: the int8 table moves them little next to the same int4 model's float table
+    off = tmp_path / "off" / "model.onnx"
+    off.parent.mkdir()
+    quantize_file_streaming(external_copy(tiny_artifact("llama") / "model.onnx", tmp_path / "src"),
+                            off, QuantRecipe(scheme="int4", large_table=False))
+    got = OnnxDecoder(tmp_path / "on-write" / "model.onnx").logits(IDS)
+    want = OnnxDecoder(off).logits(IDS)
+    assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_large_tied_table_at_4_bits_is_the_lm_heads_int4_table(symmetric, tiny_artifact,
+                                                                 tmp_path, monkeypatch):
+    """``large_table_bits=4``: the tied lm_head is int4 RTN (integer zero points, or none
+    when symmetric) and the lookup reads its bytes, scales and zero points: the rows are
+    exactly the head's dequantized weights, the file is smaller than the int8-tied one by
+    about half the table, and the logits point as the float-table model's do."""
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    source = external_copy(tiny_artifact("gemma3_text") / "model.onnx", tmp_path / "src")
+    paths = {}
+    reports = {}
+    for name, recipe in {"int4": dict(large_table_bits=4), "int8": {},
+                         "float": dict(large_table=False)}.items():
+        paths[name] = tmp_path / name / "model.onnx"
+        paths[name].parent.mkdir()
+        reports[name] = quantize_file_streaming(
+            source, paths[name], QuantRecipe(scheme="int4", symmetric=symmetric, **recipe))
+    assert reports["int4"].embedding == "int4-tied" and reports["int4"].lm_head == "int4"
+    assert reports["int8"].embedding == "int8-tied" and reports["int8"].lm_head == "int8"
+    assert reports["float"].embedding == "float"
+    model = onnx.load(str(paths["int4"]))
+    gbq = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1
+    assert {a.name: helper.get_attribute_value(a) for a in gbq[0].attribute}["bits"] == 4
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                and (n.output[0] == "logits" or "lm_head" in n.name))
+    head_attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    assert head_attrs["bits"] == 4
+    assert (len(head.input) > 3 and bool(head.input[3])) is not symmetric  # integer zero points
+    reshape = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape"}
+    assert [reshape[i] for i in gbq[0].input if i in reshape] == [head.input[1], *head.input[2:4]]
+    inits = {t.name for t in model.graph.initializer}
+    assert gbq[0].input[0] not in inits  # no table of its own
+    vocab = head_attrs["N"]
+    ids = np.array([0, 1, vocab // 2, vocab - 1], np.int64)
+    rows, w = _lookup(model, gbq[0], ids, head)
+    np.testing.assert_array_equal(rows, w.T[ids])
+    table_bytes = vocab * head_attrs["K"]  # the int8 table's values, one byte each
+    assert _size(paths["int4"]) < _size(paths["int8"]) - 0.4 * table_bytes
+    # the model still runs and points the same way as with the float table (a tiny random
+    # model: 4-bit noise is large next to its small logits, so compare directions)
+    got, want = OnnxDecoder(paths["int4"]).logits(IDS), OnnxDecoder(paths["float"]).logits(IDS)
+    cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert np.abs(got - want).max() > 0 and cosine.min() > 0.95, cosine.min()
+
+
+def test_the_int4_tied_table_is_the_same_quantized_on_write(tiny_dir, tmp_path, monkeypatch):
+    """The 4-bit tied table through the written fp32 graph (external data, as large exports
+    are written) and straight from the checkpoint's lazy weights: the same files."""
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    written, on_write = both_ways(str(tiny_dir("gemma3_text")), tmp_path,
+                                  QuantRecipe(scheme="int4", large_table_bits=4), external=True)
+    assert_identical(written, on_write)
+    ops = [n for n in onnx.load(str(on_write), load_external_data=False).graph.node
+           if n.op_type == "GatherBlockQuantized"]
+    assert [helper.get_attribute_value(a) for a in ops[0].attribute if a.name == "bits"] == [4]
+
+
+def test_an_lm_head_precision_named_by_the_user_is_kept(tiny_artifact, tmp_path, monkeypatch):
+    """``large_table_bits=4`` changes only a default: with ``--lm-head int8`` the tied table
+    stays the head's int8 table."""
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    source = external_copy(tiny_artifact("gemma3_text") / "model.onnx", tmp_path / "src")
+    out = tmp_path / "q" / "model.onnx"
+    out.parent.mkdir()
+    report = quantize_file_streaming(source, out, QuantRecipe(scheme="int4", lm_head="int8",
+                                                              large_table_bits=4))
+    assert report.embedding == "int8-tied" and report.lm_head == "int8"
+
+
+def test_large_table_bits_is_checked():
+    with pytest.raises(ValueError, match="large_table_bits must be 4 or 8, got 2"):
+        QuantRecipe(scheme="int4", large_table_bits=2)
