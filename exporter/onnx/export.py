@@ -100,7 +100,7 @@ class ExportConfig(BaseModel):
     )
     profile: str | None = Field(
         None, description="device profile (built-in name or YAML file): its recipe sets dtype, "
-        "quantization, static shapes and formats unless given explicitly (profile_export.py)"
+        "quantization, static shapes and formats unless given explicitly (onnx/profile.py)"
     )
     device_card: DeviceCard | None = Field(
         None, description="quantized static-shape profile exports: the quality card "

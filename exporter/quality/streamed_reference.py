@@ -209,7 +209,7 @@ class StreamedReference:
     def record(self, tokenizer_dir: Path, settings: QualitySettings, path: Path,
                progress: Progress | None = None) -> RecordedReference | None:
         """:func:`record_streamed_reference` of this reference: what ``quality.artifact_card``
-        calls on its ``reference_source`` (a method, so quality.py need not import this
+        calls on its ``reference_source`` (a method, so quality/card.py need not import this
         module, which imports it: no import cycle)."""
         return record_streamed_reference(self, tokenizer_dir, settings, path, progress=progress)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from slmedge.device_profiles.schema import TFLITE_SCHEMES, Precision, QuantScheme
 from slmedge.runtimes.errors import UsageError
 
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"  # same default as the ONNX path (sources.py)
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"  # same default as the ONNX path (sources/load.py)
 DEFAULT_CONTEXT = 1024
 DEFAULT_CHUNKS = (32, 128)
 

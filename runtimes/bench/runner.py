@@ -5,7 +5,7 @@ seed -> same ids; a shorter prompt is a prefix of a longer one), so other tools 
 fed the very same prompt; generation never stops early (stop tokens are ignored) so
 every run decodes the same number of tokens.
 
-What one run measures (the result is a JSON document, schema in ``bench_schema.py``)::
+What one run measures (the result is a JSON document, schema in ``bench/schema.py``)::
 
     load            once: session creation time, RSS before / after
     per round       (warm-up rounds first, then ``repeats`` measured rounds)

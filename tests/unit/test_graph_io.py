@@ -1,4 +1,4 @@
-"""One reader of a graph's inputs and outputs (issue 13: manifest.py and bundle.py each had a
+"""One reader of a graph's inputs and outputs (issue 13: manifest.py and bundle/build.py each had a
 ``graph_io`` returning a different shape): the bundle's static snippets take the signature,
 the manifest's ``io`` its names."""
 

@@ -216,7 +216,7 @@ def test_the_recorded_replay_is_the_manifests_own(written):
 def _old_static_card(card: dict, gate: dict | None = None) -> dict:
     """``card`` (a static export's, written now) as a static export wrote it before issue 13:
     greedy figures and the token count at the top level, rounded, the float card's gate
-    inside it (exporter/onnx/static_shapes_qdq.py's static_quality and profile_export.py's
+    inside it (exporter/onnx/static_shapes_qdq.py's static_quality and onnx/profile.py's
     _float_quality at 544db9c)."""
     greedy = card["greedy"]
     old = {"tokens": card["eval"]["tokens"],
