@@ -38,7 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UsageError
+from .errors import UsageError, validation_problems
 from .manifest_version import (
     BUNDLE_SCHEMA_VERSION,
     MANIFEST_NAME,
@@ -351,6 +351,26 @@ class _Common(BaseModel):
     """Keys artifact and bundle manifests share."""
 
     model_config = _OPEN
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_in_the_card(cls, data: Any) -> Any:
+        """A gate written inside the card before issue 13 (a float static export's
+        ``quality.gate: {max_ppl_increase, passed}``, a TFLite export's
+        ``{max_ppl_increase_pct, passed}``) as the manifest's ``gate``; a bundle of such an
+        artifact carried it in its card too."""
+        if (not isinstance(data, dict) or "gate" in data
+                or not isinstance(data.get("quality"), dict)):
+            return data
+        old = data["quality"].get("gate")
+        limit = old.get("max_ppl_increase_pct", old.get("max_ppl_increase")) \
+            if isinstance(old, dict) else None
+        if limit is None:
+            return data
+        quality = {k: v for k, v in data["quality"].items() if k != "gate"}
+        return {**data, "quality": quality,
+                "gate": {"max_ppl_increase_pct": limit, "passed": old.get("passed")}}
+
     schema_version: int | str = Field(description="major version (int) or 'MAJOR.MINOR'")
     created_at: str | None = Field(default=None, description="UTC time written, ISO 8601")
     command: str | None = Field(default=None, description="the command that wrote it")
@@ -396,24 +416,6 @@ class _Common(BaseModel):
 
 class Manifest(_Common):
     """An artifact's ``manifest.json`` (``slmedge export`` / ``quantize``)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gate_in_the_card(cls, data: Any) -> Any:
-        """A gate written inside the card before issue 13 (a float static export's
-        ``quality.gate: {max_ppl_increase, passed}``, a TFLite export's
-        ``{max_ppl_increase_pct, passed}``) as the manifest's ``gate``."""
-        if (not isinstance(data, dict) or "gate" in data
-                or not isinstance(data.get("quality"), dict)):
-            return data
-        old = data["quality"].get("gate")
-        limit = old.get("max_ppl_increase_pct", old.get("max_ppl_increase")) \
-            if isinstance(old, dict) else None
-        if limit is None:
-            return data
-        quality = {k: v for k, v in data["quality"].items() if k != "gate"}
-        return {**data, "quality": quality,
-                "gate": {"max_ppl_increase_pct": limit, "passed": old.get("passed")}}
 
     kind: str | None = Field(default=None, description="absent in an artifact's manifest "
                              "(a bundle's says 'bundle')")
@@ -468,21 +470,13 @@ class BundleManifest(_Common):
     litert: dict[str, Any] | None = Field(default=None, description="LiteRT versions")
     source_verification: Verification | None = Field(default=None, description="the "
                                                      "artifact's export-time checks")
+    gate: Gate | None = Field(default=None, description="the artifact's quality gate and "
+                              "whether it passed (its manifest's gate)")
     parity: BundleParity | None = Field(default=None, description="replayed by verify")
     genai_config: str | None = Field(default=None, description="genai_config.json or None")
     genai_config_reason: str | None = Field(default=None, description="why (not)")
     last_bench: dict[str, Any] | None = Field(default=None, description="last bench summary")
     notes: list[str] = Field(default_factory=list, description="softer mismatches")
-
-
-def _problems(e: ValidationError, limit: int = 5) -> str:
-    out = []
-    for err in e.errors()[:limit]:
-        where = ".".join(map(str, err["loc"])) or "(top level)"
-        out.append(f"'{where}' {err['msg'].lower()}" if err["type"] == "missing"
-                   else f"'{where}': {err['msg']}")
-    more = len(e.errors()) - limit
-    return "; ".join(out) + (f"; and {more} more" if more > 0 else "")
 
 
 def validate_manifest(doc: dict, source: str | Path = "manifest",
@@ -498,8 +492,9 @@ def validate_manifest(doc: dict, source: str | Path = "manifest",
     except ValidationError as e:
         raise UsageError(
             f"{source} is not a valid slmedge {'bundle ' if model is BundleManifest else ''}"
-            f"manifest (schema version {doc.get('schema_version')}): {_problems(e)}; write it "
-            f"again: {reexport_command(doc, root)}") from None
+            f"manifest (schema version {doc.get('schema_version')}): "
+            f"{validation_problems(e, limit=5)}; write it again: {reexport_command(doc, root)}") \
+            from None
 
 
 def load_manifest(path: str | Path) -> Manifest | BundleManifest:

@@ -505,6 +505,9 @@ def build_bundle(source: str | Path, profile: DeviceProfile, output: str | Path,
             "recipe": json_of(src.recipe),
             "quality": json_of(src.card()),
             "quantization": json_of(src.quantization),
+            # the gate the export was held to and whether it passed (since issue 13 a static
+            # or TFLite card's gate is the manifest's, no longer inside the card)
+            "gate": json_of(src.gate),
             "source_verification": json_of(src.verification),
             "onnx": facts,
             "onnxruntime": ort_section,

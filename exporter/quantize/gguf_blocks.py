@@ -243,3 +243,37 @@ def dequantize(blocks: NBitsBlocks) -> np.ndarray:
         zero = blocks.zero_points.astype(np.float32).reshape(n, nb)[..., None]
     w = (q.astype(np.float32) - zero) * blocks.scales.astype(np.float32)[..., None]
     return w.reshape(n, blocks.k).T
+
+
+#: a weight's kinds by the last name of its module (Llama / Qwen / Gemma / Phi-3 layouts; a
+#: packed module has several): QuantRecipe.keep_source_bits_kinds names these
+MODULE_KINDS = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",),
+                "qkv_proj": ("q", "k", "v"), "gate_proj": ("gate",), "up_proj": ("up",),
+                "gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
+
+
+def module_kinds(module: str) -> tuple[str, ...] | None:
+    """The kinds of a decoder module's weight (``...layers.3.mlp.gate_proj`` -> ``("gate",)``),
+    None for a module that is none of :data:`MODULE_KINDS` (the lm_head, other layouts)."""
+    return MODULE_KINDS.get(module.rsplit(".", 1)[-1])
+
+
+def narrow_wider_blocks(exact, kinds, bits: int = 4):
+    """``exact`` (``streaming.ExactBlocks``) that keeps blocks of more than ``bits`` bits only
+    for the modules whose every kind is in ``kinds``: for another module of known kind it gives
+    the reason instead, so the quantizer rounds the dequantized values to ``bits`` bits as any
+    other weight (a module of unknown kind keeps its blocks: never fewer bits by default)."""
+    kinds = frozenset(k.value if hasattr(k, "value") else str(k) for k in kinds)
+
+    def narrowed(module: str):
+        found = exact(module)
+        if not isinstance(found, NBitsBlocks) or found.bits <= bits:
+            return found
+        own = module_kinds(module)
+        if own is None or set(own) <= kinds:
+            return found
+        return (f"{'/'.join(own)}: the file's blocks of more than {bits} bits are kept only for "
+                f"{', '.join(sorted(kinds)) or 'no kind'} (QuantRecipe.keep_source_bits_kinds): "
+                f"rounded to {bits} bits")
+
+    return narrowed

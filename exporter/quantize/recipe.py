@@ -43,6 +43,22 @@ class TensorPrecision(str, Enum):
     int4 = "int4"
 
 
+#: the automatic ``int8_block_size`` of a GGUF source with a large table (QuantRecipe)
+SOURCE_INT8_BLOCK = 128
+
+
+class WeightKind(str, Enum):
+    """A decoder layer weight by role (gguf_blocks.MODULE_KINDS maps module names to these)."""
+
+    q = "q"
+    k = "k"
+    v = "v"
+    o = "o"
+    gate = "gate"
+    up = "up"
+    down = "down"
+
+
 class CalibrationMethod(str, Enum):
     minmax = "minmax"
     entropy = "entropy"
@@ -129,6 +145,30 @@ class QuantRecipe(BaseModel):
         "Q4_1, Q4_0) is unchanged; an lm_head precision given explicitly (--lm-head int4) is "
         "kept. Only the streaming quantizer of an export from the GGUF sees the source's blocks",
     )
+    int8_block_size: int | None = Field(
+        None, description="int4 scheme: block size of its 8-bit MatMulNBits (the int8 lm_head, "
+        "kept layers, and a source's wider blocks kept by keep_source_bits, which are then "
+        "rounded again at 8 bits, symmetric, on this coarser grid instead of copied: one fp32 "
+        "scale per 128 values instead of per 32, or 16 for Q6_K). Default: block_size, except "
+        "for a GGUF source with a large table (large_table's threshold) whose rows are whole "
+        "blocks of 128: SOURCE_INT8_BLOCK (128). Measured on Gemma 3 270M's Q4_K_M (253.1 MB; "
+        "1024 tokens of the tuning text vs the fp32 graph of the file): block 32 (the file's "
+        "own blocks) 295.5 MB = 1.17x the GGUF, KL 0.0021; 64: 281.3 MB, KL 0.0049; 128: "
+        "272.4 MB = 1.08x, KL 0.0077, +0.99% perplexity, top-1 95.0%; 256: the 640-wide "
+        "table cannot be shared with the head, 986 MB (tools/bench/results/"
+        "bench_gguf_int4_gemma3_270m.json)",
+    )
+    keep_source_bits_kinds: list[WeightKind] = Field(
+        default_factory=lambda: list(WeightKind),
+        description="with keep_source_bits: the decoder weights (by kind; a packed MatMul "
+        "such as GQA's q/k/v keeps them only when all its parts are listed) that keep the "
+        "source's wider blocks; the others are rounded to 4 bits from the dequantized values "
+        "(HQQ, as any weight). Default: all kinds. Measured on Gemma 3 270M's Q4_K_M (1024 "
+        "tokens of the tuning text vs the fp32 graph of the file; all kept: 295.5 MB, KL "
+        "0.0021): q/k/v to 4 bits -6.6 MB, KL 0.085; gate/up -17.7 MB, KL 0.072; the Q6_K "
+        "down -5.9 MB, KL 0.031 (top-1 81-89%), where int8_block_size 128 saves 23 MB for KL "
+        "0.0077: so no kind is rounded by default",
+    )
     keep_layers: list[int] = Field(
         default_factory=list,
         description="decoder layers whose weights stay at int8 (int4 scheme) or float (others)",
@@ -139,7 +179,7 @@ class QuantRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        for name in ("block_size", "mlp_block_size"):
+        for name in ("block_size", "mlp_block_size", "int8_block_size"):
             value = getattr(self, name)
             if value is not None and value not in (16, 32, 64, 128, 256):
                 raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {value}")
@@ -147,6 +187,9 @@ class QuantRecipe(BaseModel):
             raise ValueError(f"large_table_bits must be 4 or 8, got {self.large_table_bits}")
         if self.mlp_block_size is not None and self.scheme is not QuantScheme.int4:
             raise ValueError(f"mlp_block_size applies to int4 only, not {self.scheme.value}")
+        if self.int8_block_size is not None and self.scheme is not QuantScheme.int4:
+            raise ValueError("int8_block_size applies to the int4 scheme's 8-bit weights, not "
+                             f"{self.scheme.value} (use block_size)")
         if self.scheme is not QuantScheme.int4:
             if self.lm_head is TensorPrecision.int4:
                 raise ValueError(f"lm_head int4 needs scheme int4, not {self.scheme.value}")
@@ -179,6 +222,20 @@ class QuantRecipe(BaseModel):
             return self.algorithm
         return Int4Algorithm.rtn if self.symmetric else Int4Algorithm.hqq
 
+    def int8_block_for(self, gguf_table_width: int | None) -> int | None:
+        """The block size of the int4 scheme's 8-bit MatMuls when it is not ``block_size``
+        (None): ``int8_block_size`` when given, else :data:`SOURCE_INT8_BLOCK` for a GGUF
+        source (its blocks kept) with a large table of rows ``gguf_table_width`` wide (None:
+        no such table) that are whole blocks of it (else the lookup could not share the
+        lm_head's bytes), else None."""
+        if self.scheme is not QuantScheme.int4:
+            return None
+        if self.int8_block_size is not None:
+            return None if self.int8_block_size == self.block_size else self.int8_block_size
+        if gguf_table_width and self.keep_source_bits and not gguf_table_width % SOURCE_INT8_BLOCK:
+            return SOURCE_INT8_BLOCK
+        return None
+
     @property
     def lm_head_precision(self) -> TensorPrecision:
         if self.lm_head is not None:
@@ -207,4 +264,8 @@ class QuantRecipe(BaseModel):
             parts.append(f"emb{self.embedding.value[3:]}")
         if self.keep_layers:
             parts.append("keep" + "_".join(map(str, self.keep_layers)))
+        if self.int8_block_size and self.int8_block_size != self.block_size:
+            parts.append(f"i8b{self.int8_block_size}")
+        if set(self.keep_source_bits_kinds) != set(WeightKind):
+            parts.append("src8" + "".join(sorted(k.value for k in self.keep_source_bits_kinds)))
         return "-".join(parts)

@@ -49,7 +49,7 @@ from .external_data import (
     INLINE_BELOW, DataFileWriter, TensorSource, is_external, load_graph, tensor_nbytes,
 )
 from .fold_zero_points import fold_float_zero_points
-from .gguf_blocks import NBitsBlocks, concat_blocks
+from .gguf_blocks import NBitsBlocks, concat_blocks, narrow_wider_blocks
 from .graph import GraphFacts, _module_and_layer, analyze
 from .hqq import hqq_quantize
 from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
@@ -139,7 +139,8 @@ def plan(facts: GraphFacts, recipe: QuantRecipe) -> tuple[dict[str, tuple], dict
     if head and recipe.lm_head_precision is TensorPrecision.int8 and head not in first:
         second.add(head)
     for n in second:
-        todo[n] = (8, recipe.block_size, recipe.symmetric, Int4Algorithm.rtn)
+        todo[n] = (8, recipe.int8_block_size or recipe.block_size, recipe.symmetric,
+                   Int4Algorithm.rtn)
     precision = {n: f"int{spec[0]}" for n, spec in todo.items()}
     for w in facts.weight_matmuls:
         precision.setdefault(w.node, "float")
@@ -336,7 +337,8 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
                       out: _Writer, say: Say, exact: ExactBlocks | None = None,
                       kept_exact: list[str] | None = None,
                       record: "ExactRecord | None" = None,
-                      widen: set[str] | frozenset = frozenset()) -> int:
+                      widen: set[str] | frozenset = frozenset(),
+                      wide_block: int | None = None) -> int:
     graph = model.graph
     nodes = list(graph.node)
     kept_exact = kept_exact if kept_exact is not None else []
@@ -355,6 +357,15 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
                                     if len(shape) == 2 else (None, [], None))
         if why_not is not None:
             record.requantized.update({m: why_not for m in modules})
+        if (blocks is not None and wide_block and blocks.bits > spec[0]
+                and blocks.block_size != wide_block):
+            # the source's wider blocks at 8 bits on a coarser grid (QuantRecipe.int8_block_size)
+            spec = (8, wide_block, True, Int4Algorithm.rtn)
+            record.widened[node.name] = "int8"
+            record.requantized.update({m: f"8-bit blocks of {blocks.block_size} rounded again at "
+                                       f"8 bits, block {wide_block} (QuantRecipe.int8_block_size)"
+                                       for m in modules})
+            blocks = None
         if blocks is not None:
             types = blocks.part_types or (blocks.source_type,) * len(modules)
             record.kept.update(dict(zip(modules, types, strict=True)))  # Gemma's QKV: Q5_0 + Q8_0
@@ -458,6 +469,13 @@ def _large_gathers(model, gathers: list[str]) -> list[str]:
                 and int(np.prod(table.dims)) >= tied_table.TIED_TABLE_MIN_VALUES):
             found.append(node.name)
     return found
+
+
+def _large_table_width(model, facts: GraphFacts) -> int | None:
+    """The row width of the first large embedding table (``_large_gathers``), or None."""
+    large = _large_gathers(model, facts.embedding_gathers)
+    tables = {n.input[0] for n in model.graph.node if n.name in large}
+    return next((int(t.dims[1]) for t in model.graph.initializer if t.name in tables), None)
 
 
 def _tied_head_int4(recipe: QuantRecipe) -> bool:
@@ -666,6 +684,9 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
     lazy = LazyWeights(model, source)
     facts = prepare(model, lazy, recipe, say)
     todo, precision = plan(facts, recipe)
+    wide_block = recipe.int8_block_for(_large_table_width(model, facts) if exact else None)
+    if wide_block:  # the 8-bit MatMuls (lm_head, kept layers) on the same coarser grid
+        todo.update({n: (8, wide_block, *s[2:]) for n, s in todo.items() if s[0] == 8})
     level = recipe.accuracy_level
     tied, large = [], []
     if recipe.large_table and recipe.embedding is TensorPrecision.float:
@@ -693,8 +714,10 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         # an lm_head precision the user named is theirs: only the recipe's defaults widen
         widen = (set(todo) - ({facts.lm_head} if recipe.lm_head is not None else set())
                  if recipe.keep_source_bits and bits == 4 else set())
+        if widen and exact is not None:  # wider blocks kept for some kinds only
+            exact = narrow_wider_blocks(exact, recipe.keep_source_bits_kinds, bits)
         count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact, record,
-                                  widen=widen)
+                                  widen=widen, wide_block=wide_block)
         phase = _phase(say, f"{count} MatMuls quantized", phase)
         if record.widened:
             precision.update(record.widened)

@@ -41,7 +41,7 @@ def recorded_replay(artifact: str | Path) -> tuple[dict, float | None]:
     if not replay:
         raise UsageError(f"{artifact}: the manifest's quality card has no replay record (exported "
                          "before slmedge recorded one); export or quantize it again")
-    gate = info.gate.max_ppl_increase_pct if getattr(info, "gate", None) else None
+    gate = info.gate.max_ppl_increase_pct if info.gate else None  # an artifact's or bundle's
     return replay.model_dump(mode="json", exclude_unset=True), gate
 
 

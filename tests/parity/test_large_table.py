@@ -42,7 +42,6 @@ def _lookup(model: onnx.ModelProto, gbq: onnx.NodeProto, ids: np.ndarray,
             head: onnx.NodeProto | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows ``gbq`` returns for ``ids`` (ORT's kernel), and with ``head`` the head's
     weight as ``MatMulNBits`` dequantizes it (``[K, N]``, through an identity input)."""
-    k = None
     nodes = [n for n in model.graph.node if n.op_type == "Reshape" and n.output[0] in gbq.input]
     nodes.append(gbq)
     outputs = [helper.make_tensor_value_info(gbq.output[0], onnx.TensorProto.FLOAT, None)]
@@ -55,11 +54,11 @@ def _lookup(model: onnx.ModelProto, gbq: onnx.NodeProto, ids: np.ndarray,
                                       **{n: v for n, v in attrs.items() if n != "accuracy_level"}))
         outputs.append(helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None))
         extra.append(numpy_helper.from_array(np.eye(k, dtype=np.float32), "eye"))
+    used = {i for n in nodes for i in n.input}
     graph = helper.make_graph(
         nodes, "lookup",
         [helper.make_tensor_value_info(gbq.input[1], onnx.TensorProto.INT64, [1, None])],
-        outputs, [t for t in model.graph.initializer if t.name in {i for n in nodes for i in n.input}]
-        + extra)
+        outputs, [t for t in model.graph.initializer if t.name in used] + extra)
     sub = helper.make_model(graph, opset_imports=list(model.opset_import),
                             ir_version=model.ir_version)
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])

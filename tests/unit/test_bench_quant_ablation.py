@@ -51,8 +51,11 @@ def test_speed_ratios_against_the_baseline_row_of_the_same_run(tiny_artifact, tm
                              "--rounds", "1", "--repeats", "1", "--prompt-tokens", "8",
                              "--new-tokens", "4", "--skip-quality", "--no-genai", "--open-gate",
                              "--workdir", str(tmp_path), "--baseline", "int4-head8",
-                             "--json", str(out)]) == 0
+                             "--eval-tokens", "64", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    # the quantizer's own card scored the run's --eval-tokens (as the held-out card would)
+    command = json.loads((tmp_path / "slmedge-q-int4-b64" / "manifest.json").read_text())["command"]
+    assert "--eval-tokens 64" in command
     base, b64 = rows["int4-head8"], rows["int4-b64"]
     assert base["decode_vs_baseline"] == 1.0 and base["ttft_vs_baseline"] == 1.0
     assert b64["baseline"] == "int4-head8"
@@ -68,7 +71,7 @@ def test_speed_ratios_against_the_baseline_row_of_the_same_run(tiny_artifact, tm
     out2 = tmp_path / "rows2.json"
     assert bench_quant.main(["--fp32", str(fp32), "--variants", "int4-head8", "--rounds", "1",
                              "--repeats", "1", "--prompt-tokens", "8", "--new-tokens", "4",
-                             "--skip-quality", "--no-genai", "--open-gate",
-                             "--workdir", str(tmp_path), "--json", str(out2)]) == 0
+                             "--skip-quality", "--no-genai", "--open-gate", "--eval-tokens",
+                             "64", "--workdir", str(tmp_path), "--json", str(out2)]) == 0
     (row,) = json.loads(out2.read_text())
     assert "decode_vs_baseline" not in row and "decode_tok_s" in row

@@ -177,12 +177,12 @@ def test_a_missing_required_field_names_the_field_and_the_file(fp32, tmp_path):
     _rewrite(art, architecture=None)
     with pytest.raises(UsageError) as e:
         load_manifest(art)
-    assert "'architecture' field required" in str(e.value)
+    assert "field architecture: required" in str(e.value)
     assert str(art / MANIFEST_NAME) in str(e.value)
     assert e.value.exit_code == EXIT_USAGE
     # a wrong type inside a section names the dotted path
     _rewrite(art, architecture={**_doc(fp32)["architecture"], "num_layers": "two"})
-    with pytest.raises(UsageError, match=r"'architecture\.num_layers'"):
+    with pytest.raises(UsageError, match=r"field architecture\.num_layers: "):
         open_artifact(art).info
 
 
@@ -304,3 +304,44 @@ def test_a_tflite_gate_written_in_its_card_reads_as_the_manifests_gate(fp32):
     assert (info.gate.max_ppl_increase_pct, info.gate.passed) == (7.5, True)
     assert "gate" not in info.to_json()["quality"]
     assert info.card().perplexity == doc["quality"]["perplexity"]
+
+
+def test_a_bundle_carries_the_artifacts_gate(written, tmp_path):
+    """Since issue 13 a gated export's gate is its manifest's ``gate`` (no longer inside a
+    static or TFLite card): the bundle copies it into its own typed ``gate``, so a bundle still
+    says what its artifact was held to and whether it passed; remote_card reads it there."""
+    from slmedge.runtimes.check.remote_card import recorded_replay
+
+    # the float static export (gated vs PyTorch) and its bundle from the fixture
+    static_gate = _doc(written["static"])["gate"]
+    assert static_gate["passed"] is True and static_gate["max_ppl_increase_pct"] > 0
+    assert _doc(written["static-bundle"])["gate"] == static_gate
+    assert load_manifest(written["static-bundle"]).gate.passed is True
+    # an int4 quantization (gated by `slmedge quantize`) bundled: the gate and the replay
+    # remote_card reads are the artifact's
+    profile = tmp_path / "x86-cpu-1t.yaml"
+    profile.write_text(ONE_THREAD_PROFILE)
+    assert main(["bundle", str(written["int4"]), "--profile", str(profile),
+                 "-o", str(tmp_path / "b4")]) == 0
+    bundle = load_manifest(tmp_path / "b4")
+    assert isinstance(bundle, BundleManifest)
+    assert bundle.to_json()["gate"] == _doc(written["int4"])["gate"]
+    assert recorded_replay(tmp_path / "b4") == recorded_replay(written["int4"])
+    assert recorded_replay(tmp_path / "b4")[1] == _doc(written["int4"])["gate"][
+        "max_ppl_increase_pct"]
+    # an fp32 export has no gate: its bundle says none
+    assert _doc(written["bundle"])["gate"] is None and load_manifest(written["bundle"]).gate is None
+
+
+def test_a_bundle_written_with_the_gate_in_its_card_reads_it_as_its_gate(written):
+    """A bundle of a static export made before issue 13 carried the gate inside its card: it
+    loads as the bundle's gate, the card without it (as an artifact's manifest does)."""
+    doc = _doc(written["static-bundle"])
+    gate = doc.pop("gate")
+    doc["quality"] = {**doc["quality"], "gate": {"max_ppl_increase": gate["max_ppl_increase_pct"],
+                                                 "passed": gate["passed"]}}
+    info = validate_manifest(doc, written["static-bundle"] / MANIFEST_NAME)
+    assert isinstance(info, BundleManifest)
+    assert (info.gate.max_ppl_increase_pct, info.gate.passed) == (
+        gate["max_ppl_increase_pct"], True)
+    assert "gate" not in info.to_json()["quality"]

@@ -143,16 +143,19 @@ def run(cmd: list[str]) -> None:
 
 
 def prepare_slmedge(fp32: Path, name: str, flags: tuple[str, ...], max_ppl: float,
-                    workdir: Path = WORK) -> Path:
+                    workdir: Path = WORK, eval_tokens: int = 4096) -> Path:
+    """``slmedge quantize`` of ``fp32`` into ``workdir`` (reused when its manifest exists);
+    its card scores ``eval_tokens`` tokens, as the held-out and GenAI cards of the run."""
     if not flags:
         return fp32
     out = workdir / f"slmedge-q-{name}"
     if name in REWRITTEN:
-        base = prepare_slmedge(fp32, REWRITTEN[name], flags, max_ppl, workdir)
+        base = prepare_slmedge(fp32, REWRITTEN[name], flags, max_ppl, workdir, eval_tokens)
         return rewrite_int_zero(fp32, base, out)
     if not (out / "manifest.json").exists():
         run([sys.executable, "-m", "slmedge.tools.cli", "quantize", str(fp32), "-o", str(out),
-             "--overwrite", "--max-ppl-increase", str(max_ppl), *flags])
+             "--overwrite", "--max-ppl-increase", str(max_ppl), "--eval-tokens",
+             str(eval_tokens), *flags])
     return out
 
 
@@ -369,7 +372,8 @@ def main(argv=None) -> int:
         flags = (*flags, *OPEN_GATE) if args.open_gate else flags
         used[name] = flags
         models.append((name, "slmedge", prepare_slmedge(args.fp32, name, flags,
-                                                        args.max_ppl_increase, args.workdir)))
+                                                        args.max_ppl_increase, args.workdir,
+                                                        args.eval_tokens)))
         if not args.no_genai:
             models.append((name, "genai", prepare_genai(args.hf_dir, precision, args.threads)))
             if args.genai_asym and precision == "int4":
