@@ -36,6 +36,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HELDOUT_TEXT = REPO / "tests" / "data" / "heldout_persuasion.txt"
+
+
+def card_figures(card) -> dict:
+    """A card's figures as a bench row holds them (bench_large_table.py's rows too)."""
+    return {"ppl_increase_pct": round(card.ppl_increase_pct, 2),
+            "kl_mean": round(card.kl_mean, 4),
+            "top1_agreement": round(card.top1_agreement_eval, 4),
+            "perplexity": round(card.perplexity, 3),
+            "reference_perplexity": round(card.reference_perplexity, 3)}
+
+
 KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
          "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 
@@ -161,12 +172,7 @@ def _run(variant, args, weights, recorded, settings, QuantRecipe, quantize_file_
         del candidate
         release_memory()
         finish_greedy(card)
-        row[tag] = {"ppl_increase_pct": round(card.ppl_increase_pct, 2),
-                    "kl_mean": round(card.kl_mean, 4),
-                    "top1_agreement": round(card.top1_agreement_eval, 4),
-                    "perplexity": round(card.perplexity, 3),
-                    "reference_perplexity": round(card.reference_perplexity, 3),
-                    "seconds": round(time.perf_counter() - t1)}
+        row[tag] = {**card_figures(card), "seconds": round(time.perf_counter() - t1)}
     row["load_end"] = os.getloadavg()
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if not args.keep:

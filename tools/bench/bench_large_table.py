@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from slmedge.exporter.quality.card import QualitySettings, artifact_card
+    from bench_gguf_int4 import card_figures  # a sibling script (tools/bench is sys.path[0])
     from slmedge.exporter.quantize import tied_table
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
@@ -94,12 +95,7 @@ def main(argv=None) -> int:
                                  QualitySettings(eval_text=texts[tag], eval_tokens=args.tokens,
                                                  prompts=()),
                                  reference_model=args.fp32 / "model.onnx", threads=2)
-            row[tag] = {"ppl_increase_pct": round(card.ppl_increase_pct, 2),
-                        "kl_mean": round(card.kl_mean, 4),
-                        "top1_agreement": round(card.top1_agreement_eval, 4),
-                        "perplexity": round(card.perplexity, 3),
-                        "reference_perplexity": round(card.reference_perplexity, 3),
-                        "seconds": round(time.perf_counter() - t1)}
+            row[tag] = {**card_figures(card), "seconds": round(time.perf_counter() - t1)}
         row["load_end"] = os.getloadavg()
         row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(row), flush=True)
