@@ -77,7 +77,7 @@ class QuantReport:
         return asdict(self)
 
 
-def _quiet_ort_logging() -> None:
+def quiet_ort_logging() -> None:
     """ORT's matmul_nbits_quantizer calls ``logging.basicConfig(level=INFO)`` on import, which
     turns on INFO for the root logger: one line per node on stderr from then on. Import it
     here, then put the root logger back to WARNING (our progress callback reports)."""
@@ -318,7 +318,7 @@ def quantize_model(
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     strategy = strategy_for(recipe)
-    _quiet_ort_logging()
+    quiet_ort_logging()
     model = onnx.load(str(src))
     gemms = split_gemms(model)
     if gemms:

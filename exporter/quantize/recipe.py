@@ -222,6 +222,13 @@ class QuantRecipe(BaseModel):
             return self.algorithm
         return Int4Algorithm.rtn if self.symmetric else Int4Algorithm.hqq
 
+    @property
+    def tied_head_int4(self) -> bool:
+        """Whether a large tied table (and so the lm_head it is shared with) goes to 4 bits:
+        ``large_table_bits`` 4 on the int4 scheme, the lm_head's precision not named."""
+        return (self.large_table_bits == 4 and self.scheme is QuantScheme.int4
+                and self.lm_head is None)
+
     def int8_block_for(self, gguf_table_width: int | None) -> int | None:
         """The block size of the int4 scheme's 8-bit MatMuls when it is not ``block_size``
         (None): ``int8_block_size`` when given, else :data:`SOURCE_INT8_BLOCK` for a GGUF

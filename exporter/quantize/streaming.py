@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slmedge.device_profiles.schema import QDQ_SCHEMES
 from slmedge.runtimes.errors import UnsupportedOp
 
-from .core import QuantReport, weight_only_table
+from .core import QuantReport, quiet_ort_logging, weight_only_table
 from .external_data import (
     INLINE_BELOW, DataFileWriter, TensorSource, is_external, load_graph, tensor_nbytes,
 )
@@ -478,13 +478,6 @@ def _large_table_width(model, facts: GraphFacts) -> int | None:
     return next((int(t.dims[1]) for t in model.graph.initializer if t.name in tables), None)
 
 
-def _tied_head_int4(recipe: QuantRecipe) -> bool:
-    """Whether a large tied table (and so the lm_head it is shared with) goes to 4 bits:
-    ``large_table_bits`` 4 on the int4 scheme, the lm_head's precision not named."""
-    return (recipe.large_table_bits == 4 and recipe.scheme is QuantScheme.int4
-            and recipe.lm_head is None)
-
-
 def _transposed_equal(lazy: LazyWeights, table: str, weight: str) -> bool:
     """Whether the ``[V, K]`` ``table`` equals the ``[K, V]`` ``weight`` transposed: the
     tied ``lm_head``'s ``W.T`` placeholder of it, or a copy compared a block of rows at a time
@@ -667,7 +660,7 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
     check_streamable(recipe)
     dst = Path(dst)
     t0 = time.perf_counter()
-    _quiet_ort_logging()
+    quiet_ort_logging()
     if graph is not None:
         # A copy the quantizer alone holds: with the upb protobuf backend a message's memory
         # is one arena freed only with the whole message, so every tensor the quantizer sets
@@ -694,7 +687,7 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             tied = tied_gathers(model, facts.embedding_gathers, facts.lm_head,
                                 lambda table, weight: _transposed_equal(lazy, table, weight))
         large = [g for g in _large_gathers(model, facts.embedding_gathers) if g not in tied]
-        if tied and _tied_head_int4(recipe):
+        if tied and recipe.tied_head_int4:
             # the shared table at 4 bits: RTN's integer zero points (HQQ's float ones are
             # folded into a correction the lookup cannot read)
             todo[facts.lm_head] = (4, recipe.block_size, recipe.symmetric, Int4Algorithm.rtn)
@@ -794,18 +787,6 @@ def _phase(say: Say, what: str, since: float) -> float:
     now = time.perf_counter()
     say(f"{what} in {now - since:.1f} s")
     return now
-
-
-def _quiet_ort_logging() -> None:
-    """ORT's matmul_nbits_quantizer turns the root logger to INFO on import (one line per
-    node on stderr); put it back to WARNING, as core.quantize_model does."""
-    import logging
-
-    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
-
-    root = logging.getLogger()
-    if root.level < logging.WARNING:
-        root.setLevel(logging.WARNING)
 
 
 def _drop_unused(model) -> None:
