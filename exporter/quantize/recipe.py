@@ -265,6 +265,8 @@ class QuantRecipe(BaseModel):
             parts.append(self.calibration.method.value)
         head = self.lm_head_precision
         parts.append({"float": "headf", "int8": "head8", "int4": "head4"}[head.value])
+        if self.tied_head_int4:  # a large tied table (and its head) goes to 4 bits
+            parts[-1] += "tab4"
         if self.lm_head_int8_tokens:
             parts[-1] += f"x8top{self.lm_head_int8_tokens}"
         if self.embedding is not TensorPrecision.float:

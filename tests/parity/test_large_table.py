@@ -191,3 +191,22 @@ def test_an_lm_head_precision_named_by_the_user_is_kept(tiny_artifact, tmp_path,
 def test_large_table_bits_is_checked():
     with pytest.raises(ValueError, match="large_table_bits must be 4 or 8, got 2"):
         QuantRecipe(scheme="int4", large_table_bits=2)
+
+
+def test_large_table_bits_flag_reaches_the_recipe_and_its_label():
+    """``--large-table-bits 4`` is a CLI flag (it was a config-file field only) and the label
+    says the tied table and head go to 4 bits; naming ``--lm-head`` keeps the head's label."""
+    import argparse
+
+    from slmedge.tools.cli.quantize import add_quant_flags, quant_fields
+
+    p = argparse.ArgumentParser()
+    add_quant_flags(p)
+    fields = quant_fields(p.parse_args(["--quant", "int4", "--large-table-bits", "4"]))
+    assert fields["quant"]["large_table_bits"] == 4
+    recipe = QuantRecipe(**fields["quant"])
+    assert recipe.label().endswith("head8tab4")
+    assert QuantRecipe(scheme="int4").label().endswith("head8")
+    assert QuantRecipe(scheme="int4", large_table_bits=4, lm_head="int8").label().endswith("head8")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quant", "int4", "--large-table-bits", "2"])

@@ -64,6 +64,10 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
                    "keep int8 lm_head rows (a split lm_head)")
     g.add_argument("--embedding", choices=["float", "int8", "int4"],
                    help="embedding table (default float; int8/int4: GatherBlockQuantized)")
+    g.add_argument("--large-table-bits", type=int, choices=[4, 8],
+                   help="int4: bits of a large embedding table tied to the lm_head (8, default: "
+                   "the head int8 and the lookup reads its table; 4: table and head int4 RTN, "
+                   "GenAI's layout, half the bytes, less faithful)")
     g.add_argument("--keep-layers", type=lambda s: [int(x) for x in s.split(",") if x],
                    metavar="I,J", help="decoder layers kept one precision step up")
     q = p.add_argument_group("quality card and gate")
@@ -91,7 +95,8 @@ def quant_fields(args) -> dict:
                       ("algorithm", "algorithm"),
                       ("accuracy_level", "accuracy_level"), ("int8_format", "int8_format"),
                       ("lm_head", "lm_head"), ("embedding", "embedding"),
-                      ("keep_layers", "keep_layers"), ("lm_head_int8_tokens", "lm_head_int8_tokens")):
+                      ("keep_layers", "keep_layers"), ("lm_head_int8_tokens", "lm_head_int8_tokens"),
+                      ("large_table_bits", "large_table_bits")):
         value = getattr(args, flag, None)
         if value is not None:
             recipe[key] = value
