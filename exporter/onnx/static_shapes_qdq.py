@@ -268,7 +268,9 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
     precomputed ranges; else each graph calibrates on its own samples."""
     from slmedge.exporter.quantize.graph import analyze
     from slmedge.exporter.quantize.qdq import (
+        calibrate_layered,
         calibrate_ranges,
+        layered_calibration,
         merge_ranges,
         plan_static,
         quantize_static_qdq,
@@ -301,8 +303,12 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
             for kind, file in files.items():
                 say(f"calibrating the {kind} graph on {len(feeds[kind])} samples "
                     f"({cal.method.value})")
-                data[kind] = calibrate_ranges(root / file, FeedReader(feeds[kind]), recipe,
-                                              op_types, work)
+                if layered_calibration(recipe):  # one decoder layer at a time (issue 15)
+                    data[kind] = calibrate_layered(root / file, FeedReader(feeds[kind]), recipe,
+                                                   op_types, say=say)
+                else:
+                    data[kind] = calibrate_ranges(root / file, FeedReader(feeds[kind]), recipe,
+                                                  op_types, work)
             merged, shared = merge_ranges(data, models)
             ranges = {k: save_ranges(v, work / f"{k}.ranges.json") for k, v in merged.items()}
             stream = residual_stream(models["prefill"].graph,

@@ -54,6 +54,10 @@ OP_POLICY: dict[str, tuple[str, str, str]] = {
     "Split": ("float", "quantize", "data movement"),
 }
 MASK_PATH_REASON = "on the attention-mask path (mask arithmetic, mask Add, Softmax): float"
+#: MinMax calibration one decoder layer at a time (qdq_layered.py), the ranges handed to
+#: quantize_static as its calibration cache; False: ORT's calibrator on the whole augmented
+#: graph (kept for comparison; entropy / percentile always take it)
+QDQ_LAYERED = True
 
 
 def _calib_method(method: CalibrationMethod):
@@ -148,25 +152,76 @@ def quantize_static_qdq(
         "WeightSymmetric": True,
         **_calib_extra(recipe),
     }
-    if ranges is None:
+    op_types = sorted({op for op, row in table.items() if row["quantized"]})
+    layered_dir = None
+    if ranges is None and layered_calibration(recipe):
+        import tempfile
+
+        say(f"calibrating {len(op_types)} op types layer by layer on {len(reader)} samples "
+            f"(minmax), then QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes")
+        layered_dir = tempfile.TemporaryDirectory(prefix="slmedge-qdq-")
+        data = calibrate_layered(src, reader, recipe, op_types, say=say)
+        ranges = save_ranges(data, Path(layered_dir.name) / "ranges.json")
+        reader = None
+    elif ranges is None:
         say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
             f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
     else:
         say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
     cache = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
-    quantize_static(
-        str(src), str(dst), reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=sorted({op for op, row in table.items() if row["quantized"]}),
-        nodes_to_quantize=nodes,
-        per_channel=recipe.per_channel,
-        activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=_calib_method(recipe.calibration.method),
-        extra_options=extra,
-        **cache,
-    )
+    try:
+        quantize_static(
+            str(src), str(dst), reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            nodes_to_quantize=nodes,
+            per_channel=recipe.per_channel,
+            activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=_calib_method(recipe.calibration.method),
+            extra_options=extra,
+            **cache,
+        )
+    finally:
+        if layered_dir is not None:
+            layered_dir.cleanup()
     return table
+
+
+def layered_calibration(recipe: QuantRecipe) -> bool:
+    """Whether ``recipe``'s ranges are calibrated layer by layer (:mod:`.qdq_layered`):
+    MinMax, with an onnxruntime whose quantize_static takes precomputed ranges."""
+    return (QDQ_LAYERED and recipe.calibration.method is CalibrationMethod.minmax
+            and supports_range_cache())
+
+
+def reader_samples(reader) -> list[dict]:
+    """Every sample of a calibration reader, read once; a reader with its own session of the
+    whole graph (``KVCacheCalibrationReader``) is closed after, to free it."""
+    if hasattr(reader, "samples"):
+        samples = list(reader.samples())
+    else:
+        reader.rewind()
+        samples = list(iter(reader.get_next, None))
+        reader.rewind()
+    if hasattr(reader, "close"):
+        reader.close()
+    return samples
+
+
+def calibrate_layered(src: Path, reader, recipe: QuantRecipe, op_types: list[str], *,
+                      say: Say = lambda _m: None):
+    """MinMax ranges of ``src``'s ``op_types`` tensors, one decoder layer at a time
+    (:func:`.qdq_layered.calibrate_minmax_layered`); the same ``TensorsData`` as
+    :func:`calibrate_ranges` with ORT's MinMax calibrator."""
+    from .qdq_layered import calibrate_minmax_layered
+
+    samples = reader_samples(reader)
+    model = onnx.load(str(src))
+    try:
+        return calibrate_minmax_layered(model, samples, op_types, say=say)
+    finally:
+        del model, samples
 
 
 def supports_range_cache() -> bool:

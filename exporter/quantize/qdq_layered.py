@@ -1,0 +1,200 @@
+"""Static QDQ's MinMax calibration one decoder layer at a time, in bounded memory (issue 15).
+
+ONNX Runtime's calibrator (``quantize_static``'s ``MinMaxCalibrater``) loads the whole graph
+with inferred shapes, adds a ReduceMin / ReduceMax pair for every tensor of the calibrated op
+types, writes that *augmented* graph to disk and opens a session on it: the weights are held
+by the loaded proto, the augmented proto and the session at once, beside the calibration
+reader's own session of the whole graph (which made the decode samples' caches).
+
+Here the graph is cut into the segments of :mod:`.gptq_layered` (one per decoder layer: the
+nodes its weight MatMuls need that no earlier segment ran; then the lm_head; then whatever
+is left), and the samples move through them in order::
+
+    samples --> [segment 0] --> frontier --> [segment 1] --> ... --> [rest]
+                   | every tensor of the calibrated op types made here: min / max per
+                   | sample, the min / max over samples kept (two floats per tensor)
+
+Only one segment's session is alive at a time, and per sample only the *frontier* (what
+later segments read: the residual stream, the mask, the rotary tables, cache inputs not
+yet read). The activations are the float graph's own, computed by the same kernels with
+graph optimizations off as in ORT's augmented session, so the ranges are ORT's: the same
+``TensorsData`` (tests compare them and the quantized graphs on tiny models and SmolLM2).
+The ranges go to ``quantize_static`` as its calibration cache (``calibration_cache_path``).
+
+MinMax only: the entropy and percentile calibrators build histograms over all samples with
+bin edges that grow as data arrives; those still use ORT's whole-graph calibrator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from .gptq_layered import Segment, plan_segments
+
+Say = Callable[[str], None]
+
+
+def calibration_segments(model: onnx.ModelProto) -> list[Segment]:
+    """Every node of ``model`` in a segment: :func:`.gptq_layered.plan_segments` on the weight
+    MatMuls (MatMul with a constant second input), then one segment of the nodes left (those
+    no weight MatMul needs, e.g. the last layer's cache outputs), frontiers recomputed."""
+    graph = model.graph
+    nodes = list(graph.node)
+    consts = {t.name for t in graph.initializer}
+    targets = [n.name for n in nodes if n.op_type == "MatMul" and len(n.input) > 1
+               and n.input[1] in consts]
+    if len(set(targets)) != len(targets) or any(not t for t in targets):
+        raise ValueError("layered calibration needs unique, non-empty node names; this graph "
+                         "has weight MatMuls without them")
+    segments = plan_segments(model, targets) if targets else []
+    taken = {i for seg in segments for i in seg.nodes}
+    rest = [i for i in range(len(nodes)) if i not in taken]
+    if rest:
+        made = {o for i in rest for o in nodes[i].output if o}
+        reads = list(dict.fromkeys(t for i in rest for t in nodes[i].input
+                                   if t and t not in made))
+        segments.append(Segment(None, rest, [], reads, []))
+    made_in = {o: s for s, seg in enumerate(segments) for i in seg.nodes
+               for o in nodes[i].output if o}
+    for seg in segments:
+        seg.frontier = []
+    for s, seg in enumerate(segments):
+        for t in seg.reads:
+            owner = made_in.get(t)
+            if owner is not None and owner != s and t not in segments[owner].frontier:
+                segments[owner].frontier.append(t)
+    return segments
+
+
+def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str] | None) -> set[str]:
+    """The non-constant inputs and outputs of the nodes of ``op_types`` (all nodes when
+    None), as ORT's ``CalibraterBase.select_tensors_to_calibrate`` picks them. Its further
+    filters (a float type in the inferred value_info) are applied at run time: a tensor whose
+    array is not float gets no range. A range for a tensor the quantizer cannot see typed is
+    never read (it quantizes only tensors typed float in the same inferred value_info)."""
+    inits = {t.name for t in model.graph.initializer}
+    picked = set()
+    for node in model.graph.node:
+        if not op_types or node.op_type in op_types:
+            picked.update(t for t in [*node.input, *node.output] if t and t not in inits)
+    return picked
+
+
+def _segment_bytes(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict[str, int],
+                   outputs: list[str]) -> bytes:
+    graph = model.graph
+    feeds = [onnx.helper.make_tensor_value_info(t, types[t], None)
+             for t in seg.reads if t not in inits]
+    sub = onnx.helper.make_graph(
+        [graph.node[i] for i in seg.nodes], f"calibration_segment_{seg.layer}", feeds,
+        [onnx.ValueInfoProto(name=t) for t in outputs],
+        initializer=[inits[t] for t in seg.reads if t in inits])
+    out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import),
+                                 ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out.SerializeToString()
+
+
+class _MinMax:
+    """Running min / max per tensor over samples, as ORT's MinMaxCalibrater computes them
+    (per sample ReduceMin / ReduceMax over the whole tensor, then nanmin / nanmax over
+    samples; an empty tensor contributes nothing)."""
+
+    def __init__(self):
+        self.low: dict[str, np.ndarray] = {}
+        self.high: dict[str, np.ndarray] = {}
+        self.order: list[str] = []
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if value.dtype not in (np.float32, np.float16) or value.size == 0:
+            return
+        lo, hi = value.min(keepdims=False), value.max(keepdims=False)
+        if name not in self.low:
+            self.order.append(name)
+            self.low[name], self.high[name] = lo, hi
+        else:
+            self.low[name] = np.fmin(self.low[name], lo)
+            self.high[name] = np.fmax(self.high[name], hi)
+
+    def tensors_data(self, symmetric: bool = False):
+        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+
+        data = {}
+        for name in self.order:
+            lo, hi = np.asarray([self.low[name]]), np.asarray([self.high[name]])
+            if symmetric:
+                m = np.fmax(np.abs(lo), np.abs(hi))
+                lo, hi = -m, m
+            data[name] = TensorData(lowest=lo, highest=hi)
+        return TensorsData(CalibrationMethod.MinMax, data)
+
+
+def calibrate_minmax_layered(
+    model: onnx.ModelProto,
+    samples: Iterable[dict],
+    op_types: Sequence[str] | None,
+    *,
+    symmetric: bool = False,
+    threads: int | None = None,
+    say: Say = lambda _m: None,
+):
+    """MinMax ranges (``onnxruntime.quantization.calibrate.TensorsData``) of every tensor of
+    the ``op_types`` nodes of the float graph ``model``, one segment at a time (module
+    docstring). ``samples`` are feeds of the whole graph, read once. ``model`` is not
+    changed; its weights must be loaded."""
+    import onnxruntime as ort
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    wanted = tensors_to_calibrate(model, op_types)
+    state = [dict(feed) for feed in samples]
+    if not state:
+        raise ValueError("the calibration reader gave no samples")
+    stats = _MinMax()
+    for i in graph.input:  # graph inputs: their ranges straight from the feeds
+        if i.name in wanted:
+            for sample in state:
+                if i.name in sample:
+                    stats.add(i.name, np.asarray(sample[i.name]))
+    segments = calibration_segments(model)
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    last_read = {}
+    for s, seg in enumerate(segments):
+        for t in seg.reads:
+            last_read[t] = s
+    opts = ort.SessionOptions()
+    # as ORT's calibrator runs the augmented graph: no fusion, the same kernels as unfused
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    for s, seg in enumerate(segments):
+        for t in seg.reads:
+            if t not in types and t not in inits:
+                types[t] = onnx.helper.np_dtype_to_tensor_dtype(state[0][t].dtype)
+        made = [o for i in seg.nodes for o in graph.node[i].output if o]
+        calibrated = [t for t in made if t in wanted]
+        outputs = list(dict.fromkeys(calibrated + seg.frontier))
+        if not outputs:
+            continue
+        session = ort.InferenceSession(_segment_bytes(model, seg, inits, types, outputs), opts,
+                                       providers=["CPUExecutionProvider"])
+        feeds_of = [t for t in seg.reads if t not in inits]
+        keep = set(seg.frontier)
+        for sample in state:
+            values = session.run(outputs, {t: sample[t] for t in feeds_of})
+            for name, value in zip(outputs, values, strict=True):
+                if name in wanted:
+                    stats.add(name, value)
+                if name in keep:
+                    sample[name] = value
+            del values
+        for sample in state:  # nothing later reads these
+            for t in [t for t in sample if last_read.get(t, -1) <= s]:
+                del sample[t]
+        del session
+        say(f"calibration: segment {s + 1}/{len(segments)} "
+            f"(layer {seg.layer if seg.layer is not None else '-'}, {len(calibrated)} tensors)")
+    return stats.tensors_data(symmetric)

@@ -1,0 +1,99 @@
+"""Static QDQ's MinMax calibration layer by layer (qdq_layered.py) against ORT's calibrator.
+
+ORT's calibrator runs the whole graph augmented with a ReduceMin / ReduceMax per tensor; the
+layered pass runs one decoder layer's segment at a time. Both compute the float graph's
+activations, so the ranges must be the same numbers and the QDQ graph the same file.
+"""
+
+import numpy as np
+import onnx
+import pytest
+
+from slmedge.exporter.quantize import qdq
+from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader, ListCalibrationReader
+from slmedge.exporter.quantize.core import quantize_model
+from slmedge.exporter.quantize.qdq import OP_POLICY, calibrate_layered, calibrate_ranges
+from slmedge.exporter.quantize.qdq_layered import calibration_segments
+from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
+
+CALIB = CalibrationConfig(prefill_samples=2, decode_samples=6, prefill_tokens=32, max_past=64)
+IDS = [int(x) for x in np.random.default_rng(0).integers(6, 128, 400)]
+#: op types ORT calibrates for int8-static (weight MatMuls) and a16w8 (every policy op)
+INT8_OPS = ["MatMul"]
+A16_OPS = sorted(op for op, (_, a16, _) in OP_POLICY.items() if a16 != "float")
+
+
+def _recipe(scheme="int8-static", **calibration):
+    return QuantRecipe(scheme=scheme, calibration={**CALIB.model_dump(), **calibration})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+def test_segments_cover_every_node_once_in_graph_order(tiny_artifact, model_type):
+    model = onnx.load(str(tiny_artifact(model_type, fuse=False) / "model.onnx"))
+    segments = calibration_segments(model)
+    seen = [i for seg in segments for i in seg.nodes]
+    assert sorted(seen) == list(range(len(model.graph.node)))
+    layers = [seg.layer for seg in segments if seg.layer is not None]
+    assert layers == sorted(set(layers)) and len(layers) >= 2  # one segment per decoder layer
+    # each segment's outside reads are graph inputs, initializers or an earlier frontier
+    inputs = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    handed = set()
+    for seg in segments:
+        assert set(seg.reads) <= inputs | handed
+        handed |= set(seg.frontier)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("op_types", [INT8_OPS, A16_OPS], ids=["int8", "a16w8"])
+def test_ranges_equal_ort_calibrator(tiny_artifact, tmp_path, model_type, op_types):
+    path = tiny_artifact(model_type, fuse=False) / "model.onnx"
+    reader = KVCacheCalibrationReader(path, IDS, CALIB)
+    samples = list(reader.samples())
+    assert any(s["past_key_values.0.key"].shape[2] > 0 for s in samples)  # decode samples too
+    want = calibrate_ranges(path, ListCalibrationReader(samples), _recipe(), op_types, tmp_path)
+    got = calibrate_layered(path, reader, _recipe(), op_types)
+    assert reader.session is None  # the whole graph's session was freed before the segments
+    assert len(want.data) > 10
+    missing = sorted(set(want.data) - set(got.data))
+    assert not missing, missing[:5]
+    for name, td in want.data.items():
+        lo, hi = got.data[name].range_value
+        assert lo.dtype == td.range_value[0].dtype and lo.shape == td.range_value[0].shape
+        np.testing.assert_array_equal(lo, td.range_value[0], err_msg=name)
+        np.testing.assert_array_equal(hi, td.range_value[1], err_msg=name)
+    # the extra ranges are tensors ORT left out (not float in the inferred value_info): the
+    # quantizer never reads them
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    typed = {v.name: v.type.tensor_type.elem_type for v in
+             [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    for name in set(got.data) - set(want.data):
+        assert typed.get(name) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16), name
+
+
+def _quantized_bytes(path):
+    model = onnx.load(str(path))
+    return ([n.SerializeToString() for n in model.graph.node],
+            {t.name: t.SerializeToString() for t in model.graph.initializer})
+
+
+@pytest.mark.parametrize("scheme", ["int8-static", "a16w8"])
+def test_quantized_graph_is_the_same_file(tiny_artifact, tmp_path, monkeypatch, scheme):
+    art = tiny_artifact("llama", fuse=False)
+    recipe = _recipe(scheme)
+    outs = {}
+    for layered in (False, True):
+        monkeypatch.setattr(qdq, "QDQ_LAYERED", layered)
+        outs[layered] = tmp_path / f"{layered}.onnx"
+        quantize_model(art / "model.onnx", outs[layered], recipe, calibration_ids=IDS)
+    whole, layered = _quantized_bytes(outs[False]), _quantized_bytes(outs[True])
+    assert whole[0] == layered[0]  # the same nodes, in order
+    assert whole[1].keys() == layered[1].keys()
+    differ = [k for k in whole[1] if whole[1][k] != layered[1][k]]
+    assert not differ, differ[:5]  # the same scales and zero points, bit for bit
+    n_q = sum(n.startswith(b"\n") and b"QuantizeLinear" in n for n in layered[0])
+    assert n_q > 0
+
+
+def test_entropy_keeps_ort_calibrator(tiny_artifact):
+    assert qdq.layered_calibration(_recipe())
+    assert not qdq.layered_calibration(_recipe(method="entropy"))
