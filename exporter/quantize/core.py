@@ -72,9 +72,25 @@ class QuantReport:
     # "folded": HQQ's float zero points rewritten as default zero point + blocksum(x) @ M
     # (fold_zero_points.py), so MatMulNBits runs its fast kernels; None: nothing to fold
     zero_points: str | None = None
+    # MatMulNBits nodes per (bits, accuracy_level) as written (nbits_levels): what runs. The
+    # int4 scheme's 8-bit nodes are level 4 whatever the recipe's level (QuantRecipe.level_for)
+    accuracy_levels: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def nbits_levels(model: onnx.ModelProto) -> list[dict]:
+    """How many ``MatMulNBits`` nodes of each ``bits`` carry each ``accuracy_level`` (0: the
+    attribute unset, ONNX Runtime's default), e.g. ``[{"bits": 4, "accuracy_level": 1,
+    "nodes": 120}, {"bits": 8, "accuracy_level": 4, "nodes": 1}]``."""
+    count: Counter = Counter()
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute if x.name in ("bits", "accuracy_level")}
+            count[(a.get("bits", 4), a.get("accuracy_level", 0))] += 1
+    return [{"bits": bits, "accuracy_level": level, "nodes": n}
+            for (bits, level), n in sorted(count.items())]
 
 
 def quiet_ort_logging() -> None:
@@ -353,6 +369,7 @@ def quantize_model(
         seconds=round(time.perf_counter() - t0, 2),
         ort_tools=done.tools,
         zero_points=done.zero_points,
+        accuracy_levels=nbits_levels(out),
     )
 
 

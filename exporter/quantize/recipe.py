@@ -105,7 +105,9 @@ class QuantRecipe(BaseModel):
     )
     accuracy_level: int = Field(
         4, ge=0, le=4,
-        description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
+        description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+        "activations; the int4 scheme's 8-bit nodes (lm_head, kept layers) are level 4 whatever "
+        "this says (level_for)",
     )
     # int8
     int8_format: Int8Format = Field(Int8Format.nbits, description="int8 kernel family")
@@ -221,6 +223,20 @@ class QuantRecipe(BaseModel):
         if self.algorithm is not None:
             return self.algorithm
         return Int4Algorithm.rtn if self.symmetric else Int4Algorithm.hqq
+
+    def level_for(self, bits: int) -> int:
+        """The ``accuracy_level`` a MatMulNBits node of ``bits`` bits is written with.
+
+        The recipe's ``accuracy_level`` applies to the scheme's own nodes (every node of the
+        int8 scheme; the 4-bit ones of the int4 scheme). The int4 scheme's 8-bit nodes (the
+        lm_head, kept layers, a source's wider blocks) are always level 4: ONNX Runtime 1.32
+        has a fast 8-bit kernel only there and dequantizes an 8-bit node on every call at
+        levels 0-3 (one 576 x 1536 node, x86, 2 threads: ~30 us at level 4, ~3 ms at level
+        1; SmolLM2's int4 at level 1 decoded at ~0.11x the level-4 default with its int8
+        lm_head at level 1)."""
+        if bits == 8 and self.scheme is QuantScheme.int4:
+            return 4
+        return self.accuracy_level
 
     @property
     def tied_head_int4(self) -> bool:

@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slmedge.device_profiles.schema import QDQ_SCHEMES
 from slmedge.runtimes.errors import UnsupportedOp
 
-from .core import QuantReport, quiet_ort_logging, weight_only_table
+from .core import QuantReport, nbits_levels, quiet_ort_logging, weight_only_table
 from .external_data import (
     INLINE_BELOW, DataFileWriter, TensorSource, is_external, load_graph, tensor_nbytes,
 )
@@ -333,9 +333,9 @@ def _nbits_hqq_ort(node: onnx.NodeProto, w: np.ndarray, spec: tuple, level: int,
     return new, tensors
 
 
-def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: int,
-                      out: _Writer, say: Say, exact: ExactBlocks | None = None,
-                      kept_exact: list[str] | None = None,
+def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple],
+                      level_for: Callable[[int], int], out: _Writer, say: Say,
+                      exact: ExactBlocks | None = None, kept_exact: list[str] | None = None,
                       record: "ExactRecord | None" = None,
                       widen: set[str] | frozenset = frozenset(),
                       wide_block: int | None = None) -> int:
@@ -370,7 +370,7 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
             types = blocks.part_types or (blocks.source_type,) * len(modules)
             record.kept.update(dict(zip(modules, types, strict=True)))  # Gemma's QKV: Q5_0 + Q8_0
             dtype = helper.tensor_dtype_to_np_dtype(lazy.protos[node.input[1]].data_type)
-            new, tensors = _nbits_exact(node, blocks, dtype, level, out)
+            new, tensors = _nbits_exact(node, blocks, dtype, level_for(blocks.bits), out)
             graph.initializer.extend(tensors)
             new_nodes.append(new)
             count += 1
@@ -386,7 +386,7 @@ def _quantize_matmuls(model, lazy: LazyWeights, todo: dict[str, tuple], level: i
             raise UnsupportedOp(f"{node.name}: weight {node.input[1]} is {w.dtype}; the streaming "
                                 "quantizer takes fp32 or fp16 weights")
         quantize = _nbits_hqq if spec[3] is Int4Algorithm.hqq else _nbits_rtn
-        new, tensors = quantize(node, w, spec, level, out)
+        new, tensors = quantize(node, w, spec, level_for(spec[0]), out)
         del w
         graph.initializer.extend(tensors)
         new_nodes.append(new)
@@ -680,7 +680,6 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
     wide_block = recipe.int8_block_for(_large_table_width(model, facts) if exact else None)
     if wide_block:  # the 8-bit MatMuls (lm_head, kept layers) on the same coarser grid
         todo.update({n: (8, wide_block, *s[2:]) for n, s in todo.items() if s[0] == 8})
-    level = recipe.accuracy_level
     tied, large = [], []
     if recipe.large_table and recipe.embedding is TensorPrecision.float:
         if todo.get(facts.lm_head, (None,))[0] == 8:
@@ -709,8 +708,8 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
                  if recipe.keep_source_bits and bits == 4 else set())
         if widen and exact is not None:  # wider blocks kept for some kinds only
             exact = narrow_wider_blocks(exact, recipe.keep_source_bits_kinds, bits)
-        count = _quantize_matmuls(model, lazy, todo, level, out, say, exact, kept_exact, record,
-                                  widen=widen, wide_block=wide_block)
+        count = _quantize_matmuls(model, lazy, todo, recipe.level_for, out, say, exact,
+                                  kept_exact, record, widen=widen, wide_block=wide_block)
         phase = _phase(say, f"{count} MatMuls quantized", phase)
         if record.widened:
             precision.update(record.widened)
@@ -779,6 +778,7 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         seconds=round(time.perf_counter() - t0, 2),
         ort_tools=["onnxruntime.quantization.matmul_nbits_quantizer (per tensor, streamed)"],
         zero_points=zero_points,
+        accuracy_levels=nbits_levels(model),
     )
 
 

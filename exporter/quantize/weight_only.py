@@ -86,6 +86,7 @@ def _run_nbits(
     idle = [i for i in model.graph.input if i.name not in read]
     for value in idle:
         model.graph.input.remove(value)
+    before = {n.name for n in model.graph.node if n.op_type == "MatMulNBits"}
     quantizer = mnq.MatMulNBitsQuantizer(
         model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=level,
         nodes_to_exclude=exclude, algo_config=algo,
@@ -98,10 +99,11 @@ def _run_nbits(
     _unhide_weights(out, hidden)
     _restore_inputs(out, idle, order)
     if level:
-        # HQQ does not write accuracy_level; the others do. Set it on every MatMulNBits so the
-        # recipe's compute type holds whichever algorithm made the weights.
+        # HQQ does not write accuracy_level; the others do. Set it on every MatMulNBits this
+        # pass made so the recipe's compute type holds whichever algorithm made the weights
+        # (an earlier pass's nodes keep theirs: another bits' level, or none at level 0).
         for node in out.graph.node:
-            if node.op_type == "MatMulNBits" and not any(
+            if node.op_type == "MatMulNBits" and node.name not in before and not any(
                 a.name == "accuracy_level" for a in node.attribute
             ):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
@@ -182,7 +184,7 @@ def _gptq_act(model: onnx.ModelProto, by_block: dict[int, set[str]], hessians: H
         stats = hessians(inputs)
     for block, nodes in by_block.items():
         model = _run_nbits(model, nodes, bits=4, algorithm=Int4Algorithm.rtn, block_size=block,
-                           symmetric=False, accuracy_level=recipe.accuracy_level)
+                           symmetric=False, accuracy_level=recipe.level_for(4))
     if layered is not None:
         rewrite_matmul_nbits(model, quantized=quantized, say=say)
     else:
@@ -286,12 +288,12 @@ def quantize_weight_only(
         # both (tools/bench/bench_quant.py, README).
         model = _run_nbits(model, {split[1]}, bits=4, algorithm=Int4Algorithm.rtn,
                            block_size=recipe.block_size, symmetric=True,
-                           accuracy_level=recipe.accuracy_level)
+                           accuracy_level=recipe.level_for(4))
         precision[split[1]] = "int4"
     elif head and head_prec.value == f"int{body_bits}":
         first.add(head)
     common = dict(block_size=recipe.block_size, symmetric=recipe.symmetric,
-                  accuracy_level=recipe.accuracy_level)
+                  accuracy_level=recipe.level_for(body_bits))
     algorithm = recipe.int4_algorithm if body_bits == 4 else Int4Algorithm.rtn
     say(f"{len(first)} MatMuls -> MatMulNBits {body_bits}-bit ({algorithm.value})")
     by_block = {recipe.block_size: set(first)}
@@ -317,7 +319,9 @@ def quantize_weight_only(
         second.add(head)
     if second:
         say(f"{len(second)} MatMuls -> MatMulNBits 8-bit (lm_head / kept layers)")
-        model = _run_nbits(model, second, bits=8, **common)
+        # level_for(8): 4 on the int4 scheme whatever its level (ORT's only fast 8-bit kernel)
+        model = _run_nbits(model, second, bits=8, **{**common,
+                                                     "accuracy_level": recipe.level_for(8)})
         precision.update({n: "int8" for n in second})
     if split:
         precision[head] = "int4+int8"

@@ -66,7 +66,9 @@ def test_a_profile_extending_an_arm_one_with_another_scheme_still_loads(tmp_path
     assert _derived(ExportConfig(output="o", profile=str(path)), profile).quant is None
 
 
-def test_profile_export_writes_level_1_matmulnbits(tiny_dir, tmp_path):
+def test_profile_export_writes_level_1_on_4_bit_nodes_and_4_on_8_bit_ones(tiny_dir, tmp_path):
+    """The profile's level 1 is the 4-bit nodes'; the int8 lm_head stays at level 4, ONNX
+    Runtime's only fast 8-bit kernel (QuantRecipe.level_for). The manifest says what runs."""
     from slmedge.exporter.pipeline import run_export
 
     out = tmp_path / "arm"
@@ -74,9 +76,17 @@ def test_profile_export_writes_level_1_matmulnbits(tiny_dir, tmp_path):
                                        profile="arm64-cpu"))
     assert manifest["quantization"]["recipe"]["accuracy_level"] == 1
     assert manifest["profile"]["recipe"]["int4_accuracy_level"] == 1
+    assert manifest["quantization"]["lm_head"] == "int8"
     model = onnx.load(out / "model.onnx", load_external_data=False)
-    levels = [next(a.i for a in n.attribute if a.name == "accuracy_level")
-              for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert levels and set(levels) == {1}, levels
-    assert json.loads((out / "manifest.json").read_text())["quantization"]["recipe"][
-        "accuracy_level"] == 1
+    levels = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            levels.setdefault(a["bits"], []).append(a["accuracy_level"])
+    assert sorted(levels) == [4, 8], levels
+    assert set(levels[4]) == {1} and set(levels[8]) == {4}, levels
+    written = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert written["recipe"]["accuracy_level"] == 1
+    assert written["accuracy_levels"] == [
+        {"bits": 4, "accuracy_level": 1, "nodes": len(levels[4])},
+        {"bits": 8, "accuracy_level": 4, "nodes": len(levels[8])}]
