@@ -36,8 +36,9 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
     """Rewrite every MatMulNBits with float zero points in ``model`` (in place).
 
     Nodes are left unchanged when their zero points are not a float initializer, their
-    scales are not an initializer, ``K`` is not a multiple of ``block_size``, or they carry
-    a ``g_idx`` input. Returns the number of rewritten nodes.
+    scales are not an initializer, or they carry a ``g_idx`` input. A ``K`` that is not a
+    multiple of ``block_size`` is folded too (the last block holds the rows that exist).
+    Returns the number of rewritten nodes.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -59,9 +60,9 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
             continue
         a = _attrs(node)
         k, n, bits, bs = a["K"], a["N"], a["bits"], a["block_size"]
-        if k % bs:
-            continue
-        blocks = k // bs
+        # ceil: MatMulNBits pads a last block that K does not fill (K=576, block 128: 5
+        # blocks, the last of 64 rows); its blocksum below sums the rows that exist
+        blocks = -(-k // bs)
         scales = numpy_helper.to_array(sc_t).astype(np.float64).reshape(n, blocks)
         zp = numpy_helper.to_array(zp_t).astype(np.float64).reshape(n, blocks)
         z0 = float(2 ** (bits - 1))
@@ -72,7 +73,7 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
 
     new_nodes: list[onnx.NodeProto] = []
     sums: dict[tuple[str, int, int], str] = {}  # (x, blocks, bs) -> blocksum output
-    indicators: dict[tuple[int, int, int], str] = {}  # (blocks, bs, dtype) -> [K, blocks] 0/1
+    indicators: dict[tuple[int, int, int], str] = {}  # (K, bs, dtype) -> [K, blocks] 0/1
     dropped_zp: list[str] = []
     for idx, node in enumerate(graph.node):
         if idx not in plans:
@@ -85,9 +86,10 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         if key not in sums:
             # blocksum(x) = x @ S with S[k, b] = 1 when k // bs == b: one MatMul, any rank of
             # x, no Shape/Reshape ops (each op is a kernel launch per decode step).
-            ind_key = (blocks, bs, corr.dtype.num)
+            k = _attrs(node)["K"]
+            ind_key = (k, bs, corr.dtype.num)
             if ind_key not in indicators:
-                ind = np.kron(np.eye(blocks, dtype=corr.dtype), np.ones((bs, 1), corr.dtype))
+                ind = np.kron(np.eye(blocks, dtype=corr.dtype), np.ones((bs, 1), corr.dtype))[:k]
                 name = unique_name(f"zp_fold/block_indicator_{blocks}x{bs}", names)
                 graph.initializer.append(numpy_helper.from_array(ind, name))
                 indicators[ind_key] = name
