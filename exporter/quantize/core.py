@@ -108,7 +108,12 @@ def quiet_ort_logging() -> None:
 
 def save_model(model: onnx.ModelProto, path: Path) -> bool:
     """Save ``model``; weights go to ``<name>.data`` only above 2 GB. Returns that choice."""
-    external = model.ByteSize() >= TWO_GB - (64 << 20)
+    from google.protobuf.message import EncodeError
+
+    try:
+        external = model.ByteSize() >= TWO_GB - (64 << 20)
+    except EncodeError:  # "Failed to serialize proto": above 2 GB (Qwen2.5-0.5B fp32 plus
+        external = True  # its tied table transposed for the lm_head: int8-static died here)
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=Path(path).name + ".data" if external else None)
     return external
