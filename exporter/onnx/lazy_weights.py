@@ -215,13 +215,28 @@ def attach_weights(graph: ir.Graph, model, source: WeightSource, torch_dtype) ->
     return count
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(a)``, the same bytes; a strided view (a transposed weight) is
+    copied by torch, whose blocked copy is ~4x faster than numpy's element-order walk on large
+    matrices (Qwen2.5-0.5B's tied ``[151936, 896]`` table transposed for the head: 3.2 s in
+    numpy, 0.8 s in torch, on this machine at load 1-3)."""
+    if a.flags.c_contiguous or a.size < 1 << 20:
+        return np.ascontiguousarray(a)
+    try:
+        import torch
+
+        return torch.from_numpy(a).contiguous().numpy()
+    except (ImportError, TypeError, ValueError):  # a dtype torch has not (bfloat16 of ml_dtypes)
+        return np.ascontiguousarray(a)
+
+
 def lazy_apply(fn: Callable[..., np.ndarray], inputs: list[ir.TensorProtocol], *,
                dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
     """A LazyTensor whose value is ``fn(*(t.numpy() for t in inputs))``, computed only when it
     is written (so a derived weight costs no memory until then)."""
 
     def load() -> ir.Tensor:
-        return ir.Tensor(np.ascontiguousarray(fn(*(t.numpy() for t in inputs))), name=name)
+        return ir.Tensor(contiguous(fn(*(t.numpy() for t in inputs))), name=name)
 
     layer = next((t.layer for t in inputs if getattr(t, "layer", None) is not None), None)
     return WeightTensor(load, dtype, ir.Shape(list(shape)), name=name, layer=layer)

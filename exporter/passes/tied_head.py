@@ -129,7 +129,7 @@ class TiedHeadOnce(FusionPass):
         (``W``) read one ``[1, K, V]`` table instead."""
         v, k = (int(d) for d in tensor.shape)
         once = make_derived_initializer(
-            graph, f"{table.name}_T", lambda w: np.ascontiguousarray(w.T).reshape(1, k, v),
+            graph, f"{table.name}_T", lambda w: w.T.reshape(1, k, v),  # lazy_apply copies
             [tensor], tensor.dtype, [1, k, v])
         for head, _ in list(head_b.uses()):
             head.replace_input_with(1, once)
