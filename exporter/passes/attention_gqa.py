@@ -510,6 +510,8 @@ class GroupQueryAttentionFusion(FusionPass):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         model.metadata_props["slmedge.kv_cache"] = "shared_buffer"
         model.metadata_props["slmedge.max_sequence_length"] = str(self.max_sequence_length)
+        # which padded batches are exact (the runtime batches right-padded rows only on "right")
+        model.metadata_props["slmedge.batch_padding"] = "mask" if self.padding_mask else "right"
         return len(matches)
 
     def _rotary_caches(self, model, matches) -> dict:

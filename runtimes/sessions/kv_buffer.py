@@ -22,6 +22,10 @@ from slmedge.runtimes.errors import UsageError
 
 SHARED_KV_METADATA = "slmedge.kv_cache"
 MAX_LENGTH_METADATA = "slmedge.max_sequence_length"
+#: "right": the graph's attention masks itself from ``sum(attention_mask) - 1`` per row, exact
+#: for right-padded rows of a batch (``OnnxDecoder.decode_batch``); "mask": the exporter's mask
+#: goes in as GQA's attention_bias (left padding); absent: an older export, batch 1 only
+BATCH_PADDING_METADATA = "slmedge.batch_padding"
 INITIAL_CAPACITY = 256
 
 
@@ -37,7 +41,9 @@ class SharedKVBuffer:
     """Per-layer key/value buffers bound as both past input and present output."""
 
     def __init__(self, past_names: list[str], present_names: list[str], kv_heads: int,
-                 head_dim: int, dtype, max_length: int, initial_capacity: int = INITIAL_CAPACITY):
+                 head_dim: int, dtype, max_length: int, initial_capacity: int = INITIAL_CAPACITY,
+                 batch: int = 1):
+        self.batch = batch
         self.past_names = past_names
         self.present_names = present_names
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
@@ -49,7 +55,7 @@ class SharedKVBuffer:
         self._allocate(min(initial_capacity, max_length), keep=0)
 
     def _allocate(self, capacity: int, keep: int) -> None:
-        shape = (1, self.kv_heads, capacity, self.head_dim)
+        shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         arrays = []
         for old in self.arrays or [None] * len(self.past_names):
             new = np.zeros(shape, dtype=self.dtype)

@@ -95,3 +95,70 @@ def test_token_nll_in_chunks_is_the_whole_window_formula():
     whole = m[:, 0] + np.log(np.exp(x - m).sum(axis=-1)) - x[np.arange(150), targets]
     np.testing.assert_array_equal(token_nll(logits, targets, chunk=16), whole)
     np.testing.assert_array_equal(token_nll(logits, targets), whole)
+
+
+class _OneAtATime:
+    """A decoder seen without ``decode_batch`` (as a LiteRT or static-shape one is)."""
+
+    batches_rows = False
+
+    def __init__(self, decoder):
+        self._decoder = decoder
+
+    def reset(self):
+        self._decoder.reset()
+
+    def step(self, token_ids, all_logits=False):
+        return self._decoder.step(token_ids, all_logits=all_logits)
+
+
+def test_card_with_batched_greedy_prompts_equals_one_prompt_at_a_time(tiny_artifact, tmp_path):
+    from slmedge.exporter.quantize.pipeline import quantize_candidate
+    from slmedge.exporter.quantize.recipe import QuantRecipe
+
+    artifact = tiny_artifact("llama")
+    quantize_candidate(artifact / "model.onnx", tmp_path / "model.onnx",
+                       QuantRecipe(scheme="int4"), artifact)
+    settings = QualitySettings(eval_tokens=150, window=64, stride=32,
+                               prompts=("The capital of France is", "def f(x):",
+                                        "Once upon a time"), new_tokens=12)
+    reference, candidate = OnnxDecoder(artifact / "model.onnx"), OnnxDecoder(tmp_path / "model.onnx")
+    assert reference.batches_rows and candidate.batches_rows
+    batched = decoder_card(candidate, artifact, settings, reference=reference).to_dict()
+    single = decoder_card(_OneAtATime(candidate), artifact, settings,
+                          reference=_OneAtATime(reference)).to_dict()
+    batched.pop("seconds"), single.pop("seconds")
+    assert 0.0 < batched["greedy"]["top1_agreement"] < 1.0  # the int4 copy leaves the text
+    assert batched == single
+    # one batched, the other one at a time: the same card too
+    mixed = decoder_card(_OneAtATime(candidate), artifact, settings, reference=reference).to_dict()
+    mixed.pop("seconds")
+    assert mixed == single
+
+
+def test_recorded_batch_replays_and_refuses_other_prompts(tmp_path):
+    class Batching(_Counting):
+        batches_rows = True
+
+        def decode_batch(self, prompts, new_tokens, forced=None):
+            tokens = [[(p[-1] + 1 + i) % 8 for i in range(new_tokens)] for p in prompts]
+            rows = [np.stack([self.step([t]) for t in [p[-1], *ts[:-1]]])
+                    for p, ts in zip(prompts, tokens)]
+            return tokens, rows
+
+    recorded = RecordedReference(tmp_path / "logits")
+    live = recorded.wrap(Batching())
+    assert live.batches_rows
+    live.step([1, 2], all_logits=True)
+    tokens, rows = live.decode_batch([[1, 2], [5]], 3)
+    recorded.finish()
+    assert recorded.batches_rows
+    np.testing.assert_array_equal(recorded.step([1, 2], all_logits=True)[0], [0, 0, 3, 0, 0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match="differs from the recorded one"):
+        recorded.decode_batch([[1, 2], [6]], 3)
+    got_tokens, got_rows = recorded.decode_batch([[1, 2], [5]], 3)
+    assert got_tokens == tokens == [[3, 4, 5], [6, 7, 0]]
+    for got, want in zip(got_rows, rows, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(RuntimeError, match="one more"):
+        recorded.decode_batch([[1, 2], [5]], 3)

@@ -81,7 +81,9 @@ def test_streamed_recording_makes_the_cards_window_calls(tiny_dir, tiny_artifact
     streamed = record_streamed_reference(_streamed(tiny_dir("llama")), artifact, SETTINGS,
                                          tmp_path / "streamed")
     window_calls = [c for c in graph.calls if c[1]]  # all_logits: windows and replay window
-    assert len(window_calls) >= 3 and len(graph.calls) > len(window_calls)  # + greedy steps
+    # the graph's greedy prompts: one batch (OnnxDecoder.decode_batch), not recorded as steps
+    assert len(window_calls) >= 3 and len(graph.calls) == len(window_calls)
+    assert graph.batches_rows and len(graph.batch_calls) == 1 and not streamed.batch_calls
     assert [c[:2] for c in streamed.calls] == [c[:2] for c in window_calls]
     assert streamed.teacher_forced is not None
     assert "streamed layer by layer" in streamed.card_reference
