@@ -239,11 +239,18 @@ def test_int4_default_keeps_a_wider_sources_blocks(keep, tiny_artifact, tmp_path
     out = tmp_path / "q" / "model.onnx"
     out.parent.mkdir()
     report = quantize_file_streaming(ref, out, rec, exact=source_blocks.get)
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
-            for n in onnx.load(str(out), load_external_data=False).graph.node
-            if n.op_type == "MatMulNBits"}
+    graph = onnx.load(str(out))
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
+    # the recipe's level 1 is the 4-bit nodes'; 8-bit ones are level 4 (QuantRecipe.level_for)
+    assert {(bits[n.name], next(a.i for a in n.attribute if a.name == "accuracy_level"))
+            for n in nodes} <= {(4, 1), (8, 4)}
+    for node in nodes:  # the weights' own values, in fp32 arithmetic (no int8 activations)
+        next(a for a in node.attribute if a.name == "accuracy_level").i = 1
+    fp32 = tmp_path / "q-level1.onnx"
+    onnx.save_model(graph, str(fp32))
     want = OnnxDecoder(ref).logits(IDS)
-    err = np.abs(OnnxDecoder(out).logits(IDS) - want).max()
+    err = np.abs(OnnxDecoder(fp32).logits(IDS) - want).max()
     if keep == "head4":
         assert sorted(bits.values()) == [4] + [8] * (len(bits) - 1)
         assert report.gguf_exact["wider_than_recipe"] == {"int8": len(bits) - 1}
