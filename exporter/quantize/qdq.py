@@ -217,9 +217,11 @@ def calibrate_layered(src: Path, reader, recipe: QuantRecipe, op_types: list[str
     from .qdq_layered import calibrate_minmax_layered
 
     samples = reader_samples(reader)
-    model = onnx.load(str(src))
+    # weights in a .data file are read one segment at a time (a graph above 2 GB has one)
+    model = onnx.load(str(src), load_external_data=False)
     try:
-        return calibrate_minmax_layered(model, samples, op_types, say=say)
+        return calibrate_minmax_layered(model, samples, op_types,
+                                        external_dir=str(Path(src).parent), say=say)
     finally:
         del model, samples
 

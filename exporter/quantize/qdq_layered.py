@@ -83,15 +83,29 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str] | None)
     return picked
 
 
+def _loaded(tensor: onnx.TensorProto, external_dir: str | None) -> onnx.TensorProto:
+    """``tensor`` with its bytes: a copy read from its external file when it has one."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if external_dir is None or not uses_external_data(tensor):
+        return tensor
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    load_external_data_for_tensor(copy, external_dir)
+    del copy.external_data[:]
+    copy.data_location = onnx.TensorProto.DEFAULT
+    return copy
+
+
 def _segment_bytes(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict[str, int],
-                   outputs: list[str]) -> bytes:
+                   outputs: list[str], external_dir: str | None = None) -> bytes:
     graph = model.graph
     feeds = [onnx.helper.make_tensor_value_info(t, types[t], None)
              for t in seg.reads if t not in inits]
     sub = onnx.helper.make_graph(
         [graph.node[i] for i in seg.nodes], f"calibration_segment_{seg.layer}", feeds,
         [onnx.ValueInfoProto(name=t) for t in outputs],
-        initializer=[inits[t] for t in seg.reads if t in inits])
+        initializer=[_loaded(inits[t], external_dir) for t in seg.reads if t in inits])
     out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import),
                                  ir_version=model.ir_version)
     out.functions.extend(model.functions)
@@ -139,12 +153,15 @@ def calibrate_minmax_layered(
     *,
     symmetric: bool = False,
     threads: int | None = None,
+    external_dir: str | None = None,
     say: Say = lambda _m: None,
 ):
     """MinMax ranges (``onnxruntime.quantization.calibrate.TensorsData``) of every tensor of
     the ``op_types`` nodes of the float graph ``model``, one segment at a time (module
     docstring). ``samples`` are feeds of the whole graph, read once. ``model`` is not
-    changed; its weights must be loaded."""
+    changed. Weights in external data are read from ``external_dir`` one segment at a time
+    (load ``model`` with ``load_external_data=False``: only one segment's weights are then
+    in memory)."""
     import onnxruntime as ort
 
     graph = model.graph
@@ -179,8 +196,9 @@ def calibrate_minmax_layered(
         outputs = list(dict.fromkeys(calibrated + seg.frontier))
         if not outputs:
             continue
-        session = ort.InferenceSession(_segment_bytes(model, seg, inits, types, outputs), opts,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            _segment_bytes(model, seg, inits, types, outputs, external_dir), opts,
+            providers=["CPUExecutionProvider"])
         feeds_of = [t for t in seg.reads if t not in inits]
         keep = set(seg.frontier)
         for sample in state:
