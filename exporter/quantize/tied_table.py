@@ -144,7 +144,16 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
     8 when there are none, as ``MatMulNBits`` does; checked against ORT 1.32's kernels).
     Returns False (graph unchanged) when the head is not such a node (float zero points:
     HQQ's, folded later; a ``g_idx``; a 4-bit head with an odd number of blocks per row,
-    whose packed zero points would straddle rows)."""
+    whose packed zero points would straddle rows).
+
+    An 8-bit table is read as the head stores it, ``[N, K / bs, bs]`` (``quantize_axis=2``,
+    then a ``Reshape`` of the looked-up rows to ``[..., K]``), not through a ``Reshape`` of
+    the table: ONNX Runtime constant-folds a ``Reshape`` of an initializer into a new tensor,
+    so the session held the table twice (that copy, and ``MatMulNBits``' pre-packed one);
+    read directly, the lookup's table is the file's own bytes, memory-mapped from
+    ``model.onnx.data`` (Gemma 3 270M int4: 168 MB less after load with the runtime's
+    ``release_mapped_weights``). Only the small scales and zero points go through a
+    ``Reshape`` (``MatMulNBits`` takes its scales only as ``[N, K / bs]`` or flat)."""
     graph = model.graph
     head = next((n for n in graph.node if n.op_type == "MatMulNBits"
                  and n.output[0] == head_output), None)
@@ -166,6 +175,11 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
     if bits == 4 and zero_points is not None and (k // bs) % 2:
         return False
     base = node.name or node.output[0]
+    table = next((t for t in graph.initializer if t.name == head.input[1]), None)
+    rank = _rank(graph, node.input[1])
+    if bits == 8 and rank and table is not None and list(table.dims) == [n, k // bs, bs]:
+        _gather_blocks(model, node, head, rank)
+        return True
     # bits 4: two values a byte, so a row of the table is k / 2 bytes (and blocks / 2 of
     # packed zero points)
     table_shape = numpy_helper.from_array(np.array([n, k * bits // 8], np.int64),
@@ -199,3 +213,66 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return True
+
+
+def _rank(graph, name: str) -> int | None:
+    """The rank of graph input or value ``name`` when the graph states it."""
+    for v in [*graph.input, *graph.value_info]:
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def _gather_blocks(model: onnx.ModelProto, node: onnx.NodeProto, head: onnx.NodeProto,
+                   rank: int) -> None:
+    """``node`` (a ``Gather`` of ``rank``-D indices) becomes a ``GatherBlockQuantized`` over the
+    8-bit head's ``[N, K / bs, bs]`` bytes as they are, and a ``Reshape`` of its
+    ``[..., K / bs, bs]`` rows to ``[..., K]``::
+
+        head bytes [N, nb, bs] ------------------------------+--> MatMulNBits (lm_head)
+        scales [N, nb] --+-> Reshape [N, nb, 1] --+           |
+        zero points -----+-> Reshape [N, nb, 1] --+--> GatherBlockQuantized(quantize_axis=2)
+        input_ids [..] --------------------------------------+    -> [.., nb, bs]
+                                                                  -> Reshape [.., K]
+    """
+    graph = model.graph
+    a = _attrs(head)
+    n, k, bs = a["N"], a["K"], a["block_size"]
+    base = node.name or node.output[0]
+    block_shape = numpy_helper.from_array(np.array([n, k // bs, 1], np.int64),
+                                          f"{base}/tied_block_shape")
+    row_shape = numpy_helper.from_array(np.array([0] * rank + [k], np.int64),
+                                        f"{base}/tied_row_shape")
+    graph.initializer.extend([block_shape, row_shape])
+    inputs = [head.input[1], node.input[1], f"{base}/tied_scales"]
+    reshapes = [helper.make_node("Reshape", [head.input[2], block_shape.name], [inputs[2]],
+                                 name=f"{base}/tied_scales_reshape")]
+    if len(head.input) > 3 and head.input[3]:
+        inputs.append(f"{base}/tied_zero_points")
+        reshapes.append(helper.make_node("Reshape", [head.input[3], block_shape.name],
+                                         [inputs[3]], name=f"{base}/tied_zero_points_reshape"))
+    blocks = f"{base}/tied_blocks"
+    gbq = helper.make_node("GatherBlockQuantized", inputs, [blocks], name=node.name,
+                           domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                           block_size=bs, bits=8)
+    gbq.metadata_props.extend(node.metadata_props)
+    rows = helper.make_node("Reshape", [blocks, row_shape.name], list(node.output),
+                            name=f"{base}/tied_rows")
+    idx = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(idx, rows)
+    graph.node.insert(idx, gbq)
+    for r in reversed(reshapes):
+        graph.node.insert(0, r)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def looks_up_head_bytes(model: onnx.ModelProto) -> bool:
+    """Whether a ``GatherBlockQuantized`` reads a ``MatMulNBits``' weight bytes as they are
+    (:func:`_gather_blocks`): the graph then keeps its weights in ``model.onnx.data``, which
+    ONNX Runtime memory-maps, so the session's lookup table is the file's pages and not a
+    second private copy beside the head's pre-packed weights."""
+    heads = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    return any(n.op_type == "GatherBlockQuantized" and n.input[0] in heads
+               for n in model.graph.node)
