@@ -112,3 +112,32 @@ def test_quantized_graph_is_the_same_file(tiny_artifact, tmp_path, monkeypatch, 
 def test_entropy_keeps_ort_calibrator(tiny_artifact):
     assert qdq.layered_calibration(_recipe())
     assert not qdq.layered_calibration(_recipe(method="entropy"))
+
+
+def test_static_shape_graphs_quantize_to_the_same_files(tmp_path_factory, tiny_dir, tmp_path,
+                                                        monkeypatch):
+    """The NPU flow (static_shapes_qdq.quantize_static_graphs: prefill and decode graphs
+    sharing one external weights file, ranges merged across them): the same QDQ files."""
+    import json
+    import shutil
+
+    from helpers.static_fixtures import static_artifact_path
+
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs
+
+    art = static_artifact_path(tmp_path_factory, tiny_dir)
+    static = json.loads((art / "manifest.json").read_text())["static"]
+    files, calls = {}, []
+    real = qdq.calibrate_layered
+    monkeypatch.setattr(qdq, "calibrate_layered", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for layered in (False, True):
+        monkeypatch.setattr(qdq, "QDQ_LAYERED", layered)
+        work = tmp_path / str(layered)
+        shutil.copytree(art, work)
+        quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), IDS,
+                               float_ops=["Softmax"])
+        files[layered] = {p.name: p.read_bytes() for p in sorted(work.glob("*.onnx*"))}
+    assert len(calls) == 2  # the layered run calibrated both graphs layer by layer
+    assert files[False].keys() == files[True].keys() and len(files[True]) >= 3
+    differ = [name for name in files[True] if files[True][name] != files[False][name]]
+    assert not differ, differ
