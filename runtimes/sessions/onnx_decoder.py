@@ -318,13 +318,13 @@ class OnnxDecoder:
         The tokens are the greedy ones (argmax), or ``forced[b]`` when given (fed whatever the
         logits say, as a teacher-forced candidate). Only where :attr:`batches_rows`.
 
-        Rows of different lengths are right-padded: the prefill feeds ``[B, longest]`` with
-        each row's mask covering its own tokens, and every decode step writes row ``b``'s token
-        at its own length (GQA's ``seqlens_k = sum(attention_mask) - 1`` per row). Each row's
-        matrix products are its own, so the logits are those of one prompt at a time (SmolLM2
-        int4 and fp32, 6 prompts x 16 steps: bit-identical); the batch reads each weight once
-        per step for all rows instead of once per row. The decoder's own cache is untouched
-        (its length is reset to 0)."""
+        Each prompt is prefilled on its own row of a ``[B, ...]`` cache; then every decode step
+        feeds ``[B, 1]`` with row ``b``'s mask covering its own length, right-padded, and GQA
+        writes its token at that length (``seqlens_k = sum(attention_mask) - 1`` per row).
+        Each row's matrix products are its own, so the logits are those of one prompt at a time
+        (SmolLM2 int4 and fp32, Qwen2.5-0.5B int4, 6 prompts: bit-identical); the batch reads
+        each weight once per step for all rows instead of once per row. The decoder's own
+        cache is untouched (its length is reset to 0)."""
         if not self.batches_rows:
             raise UsageError(
                 f"{self.model_path} cannot decode a batch of rows of different lengths (it needs "
@@ -342,15 +342,21 @@ class OnnxDecoder:
                                self.kv.head_dim, self.kv.dtype, self._shared.max_length,
                                initial_capacity=longest + new_tokens - 1, batch=rows)
         cache.ensure(longest + new_tokens - 1, 0)  # the same error as step() past the maximum
+        # Each prompt's prefill on its own row of the cache (a view: the batch axis is the
+        # outermost), keeping its last position's logits only: a padded [rows, longest] prefill
+        # computed the head at every position (0.5B: 6 x 15 rows of a 151,936-token head).
+        last = np.empty((rows, self.vocab_size), dtype=np.float32)
+        for b, prompt in enumerate(prompts):
+            row_io = self.session.io_binding()
+            for past, present, array in zip(cache.past_names, cache.present_names, cache.arrays):
+                value = ort.OrtValue.ortvalue_from_numpy(array[b : b + 1])
+                row_io.bind_ortvalue_input(past, value)
+                row_io.bind_ortvalue_output(present, value)
+            n = len(prompt)
+            last[b] = self._run_batch(row_io, np.asarray([prompt]), np.ones((1, n)),
+                                      np.arange(n)[None], all_logits=False)[0, -1]
         io = self.session.io_binding()
         cache.bind(io)
-        ids = np.zeros((rows, longest), dtype=np.int64)
-        for b, prompt in enumerate(prompts):
-            ids[b, : len(prompt)] = prompt
-        positions = np.broadcast_to(np.arange(longest, dtype=np.int64), (rows, longest))
-        logits = self._run_batch(io, ids, np.arange(longest)[None] < lengths[:, None], positions,
-                                 all_logits=True)
-        last = logits[np.arange(rows), lengths - 1]
         tokens = [[] for _ in range(rows)]
         kept = np.empty((rows, new_tokens, last.shape[-1]), dtype=np.float32)
         for pos in range(new_tokens):

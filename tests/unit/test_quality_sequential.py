@@ -122,7 +122,8 @@ def test_card_with_batched_greedy_prompts_equals_one_prompt_at_a_time(tiny_artif
     settings = QualitySettings(eval_tokens=150, window=64, stride=32,
                                prompts=("The capital of France is", "def f(x):",
                                         "Once upon a time"), new_tokens=12)
-    reference, candidate = OnnxDecoder(artifact / "model.onnx"), OnnxDecoder(tmp_path / "model.onnx")
+    reference = OnnxDecoder(artifact / "model.onnx")
+    candidate = OnnxDecoder(tmp_path / "model.onnx")
     assert reference.batches_rows and candidate.batches_rows
     batched = decoder_card(candidate, artifact, settings, reference=reference).to_dict()
     single = decoder_card(_OneAtATime(candidate), artifact, settings,
@@ -153,7 +154,8 @@ def test_recorded_batch_replays_and_refuses_other_prompts(tmp_path):
     tokens, rows = live.decode_batch([[1, 2], [5]], 3)
     recorded.finish()
     assert recorded.batches_rows
-    np.testing.assert_array_equal(recorded.step([1, 2], all_logits=True)[0], [0, 0, 3, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(recorded.step([1, 2], all_logits=True)[0],
+                                  [0, 0, 3, 0, 0, 0, 0, 0])
     with pytest.raises(RuntimeError, match="differs from the recorded one"):
         recorded.decode_batch([[1, 2], [6]], 3)
     got_tokens, got_rows = recorded.decode_batch([[1, 2], [5]], 3)
