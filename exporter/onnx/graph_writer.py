@@ -9,6 +9,7 @@ its serialized bytes, two copies of every weight at once.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -80,11 +81,71 @@ def save_graph(model: ir.Model, path: Path, *, external_data: bool, say: Say | N
     _order_by_layer(model.graph)
     tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
     progress = WriteProgress(say, tensors, layers)
-    if external_data:
-        ir.save(model, str(path), external_data=path.name + ".data", size_threshold_bytes=1024,
-                callback=lambda tensor, _info: progress(tensor))
-    else:
-        _save_single_file(model, path, progress)
+    with _prefetched(model.graph):
+        if external_data:
+            ir.save(model, str(path), external_data=path.name + ".data",
+                    size_threshold_bytes=1024, callback=lambda tensor, _info: progress(tensor))
+        else:
+            _save_single_file(model, path, progress)
+
+
+#: a lazy weight is computed ahead of the writer only up to this size (the memory it costs)
+PREFETCH_MAX_BYTES = 256 << 20
+
+
+class _Prefetch:
+    """Each lazy weight computed in a worker thread while the writer writes the one before
+    (reading from the checkpoint, converting and transposing overlap the file writes; numpy,
+    torch and file I/O release the GIL). At most one weight is computed ahead, and only one
+    of up to :data:`PREFETCH_MAX_BYTES`; a weight asked for out of order, or twice, is
+    computed then, as without prefetching: the bytes are the same either way."""
+
+    def __init__(self, lazies: list[ir.LazyTensor], pool):
+        self.lazies, self.pool = lazies, pool
+        self.ahead: dict[int, object] = {}  # index -> Future of its ir.Tensor
+        self.started: set[int] = set()
+
+    def _submit(self, i: int) -> None:
+        if i < len(self.lazies) and i not in self.started and \
+                _nbytes(self.lazies[i]) <= PREFETCH_MAX_BYTES:
+            self.started.add(i)
+            self.ahead[i] = self.pool.submit(self.lazies[i]._evaluate)
+
+    def get(self, i: int):
+        self._submit(i + 1)  # the next weight, while this one is finished and written
+        future = self.ahead.pop(i, None)
+        if future is None:
+            self.started.add(i)
+            return self.lazies[i]._evaluate()
+        return future.result()
+
+
+@contextlib.contextmanager
+def _prefetched(graph: ir.Graph):
+    """The graph's lazy initializers (:class:`lazy_weights.WeightTensor` and other
+    ``LazyTensor``) replaced, while the block runs, by ones served by :class:`_Prefetch`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .lazy_weights import WeightTensor
+
+    values = [v for v in graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
+    originals = [v.const_value for v in values]
+    if len(values) < 2:
+        yield
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="slmedge-prefetch") as pool:
+        prefetch = _Prefetch(originals, pool)
+        try:
+            for i, (value, lazy) in enumerate(zip(values, originals)):
+                value.const_value = WeightTensor(lambda i=i: prefetch.get(i), lazy.dtype,
+                                                 lazy.shape, name=lazy.name,
+                                                 layer=tensor_layer(lazy))
+            yield
+        finally:
+            for value, lazy in zip(values, originals):
+                value.const_value = lazy
+            for future in prefetch.ahead.values():
+                future.cancel()
 
 
 def graph_without_weights(model: ir.Model, inline_below: int = 1024):
