@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from .calibration import KVCacheCalibrationReader, calibration_text
-from .fold_zero_points import fold_float_zero_points
+from .fold_zero_points import fold_and_say
 from .gptq import collect_hessians
 from .gptq_layered import gptq_layered
 from .graph import GraphFacts, analyze, fold_weight_transposes, split_gemms
@@ -72,6 +72,9 @@ class QuantReport:
     # "folded": HQQ's float zero points rewritten as default zero point + blocksum(x) @ M
     # (fold_zero_points.py), so MatMulNBits runs its fast kernels; None: nothing to fold
     zero_points: str | None = None
+    # "folded-u12" / "folded-u8" only: the largest rounding of a zero point by its code, in
+    # quantization steps of its block (QuantRecipe.zero_point_storage)
+    zero_point_error: float | None = None
     # MatMulNBits nodes per (bits, accuracy_level) as written (nbits_levels): what runs. The
     # int4 scheme's 8-bit nodes are level 4 whatever the recipe's level (QuantRecipe.level_for)
     accuracy_levels: list[dict] = field(default_factory=list)
@@ -196,6 +199,7 @@ class _Done:
     tools: list[str]
     calibration: dict | None = None
     zero_points: str | None = None
+    zero_point_error: float | None = None
 
 
 class _Strategy:
@@ -254,16 +258,12 @@ class _WeightOnly(_Strategy):
                                                 calibration_reader=gptq_reader,
                                                 hessians=hessians,
                                                 frequent_tokens=frequent, say=say)
-        zero_points = None
-        n_folded = fold_float_zero_points(model)
-        if n_folded:
-            zero_points = "folded"
-            say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
-                "correction (fast integer kernels)")
+        fold = fold_and_say(model, recipe.zero_point_storage.code_bits, say)
         save_model(model, job.dst)
         return _Done(precision, weight_only_table(model),
                      ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"],
-                     calib_doc, zero_points)
+                     calib_doc, fold.label,
+                     round(fold.max_zero_point_error, 4) if fold.compact else None)
 
 
 class _DynamicInt8(_Strategy):
@@ -374,6 +374,7 @@ def quantize_model(
         seconds=round(time.perf_counter() - t0, 2),
         ort_tools=done.tools,
         zero_points=done.zero_points,
+        zero_point_error=done.zero_point_error,
         accuracy_levels=nbits_levels(out),
     )
 

@@ -15,9 +15,31 @@ So ``y = x @ W`` is the same node without ``zero_points`` plus
 (``q``, ``scale``) are untouched. ``blocksum(x)`` is itself a MatMul with a 0/1 ``[K, K / bs]``
 matrix, shared by the nodes that read the same ``x``; so the correction costs two small
 MatMuls and an Add per node, with no shape ops (every op is a kernel launch per decode step).
+
+Stored compactly (``code_bits`` 12 or 8, :class:`QuantRecipe.zero_point_storage`): ``M`` is
+not written as fp32 but as ``M = scale^T * (lo + step * codes)``, ``codes`` one 12- or 8-bit
+integer per block (``[N, K / bs]``) on one affine grid per matrix for ``z0 - zp`` (HQQ's lie
+in about +-7.5 steps: SmolLM2's 120 matrices), reusing the node's own ``scales``. 12 bits are
+a uint8 high part and the low 4 bits two to a byte (1.5 bytes per block). The ops that
+rebuild ``M`` read initializers only, so ONNX Runtime's constant folding turns them back
+into the fp32 ``M`` when the session loads: the decode graph and its speed are today's, the
+file holds 1.5 (1) bytes per block instead of 4 (Qwen2.5-0.5B's shapes: ~45 MB -> ~17 (11)
+MB). The zero points are then rounded to ``step / 2`` (SmolLM2: <= 0.0017 (0.026) steps):
+a node keeps its fp32 ``M`` when that would exceed :data:`MAX_CODE_ERROR` quantization steps,
+or when it is named in ``keep_exact`` (a source's own blocks, e.g. a Q4_K GGUF's, kept to
+fp32 rounding). The rounding is the same for every weight of a block, so its effect on
+``x @ W`` grows with ``blocksum(x)`` rather than averaging out as the 4-bit rounding does:
+SmolLM2's card moved from KL 0.0033 to 0.0038 with 8-bit codes (README int4 ablation). ::
+
+    codes[N,B] u8 -Cast-Mul(step)-Add(lo)-Mul-Transpose-> M[B,N]    (folded at session load)
+    scales ------------(Reshape [N,B])----'
+    12 bits: codes = Cast(high u8) * 16 + low nibbles (Floor/Sub of Cast(packed) / 16, Concat)
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -28,17 +50,73 @@ from .graph import unique_name
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
+#: largest rounding of a zero point (in quantization steps of its block) that codes may
+#: make; a matrix whose ``z0 - zp`` spans more than ``(2**bits - 1) / 8`` steps (8 bits: ~32)
+#: keeps fp32 ``M``.
+MAX_CODE_ERROR = 1 / 16
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold_zero_points` did: ``folded`` nodes, of which ``compact`` store ``M``
+    as ``code_bits`` codes (the rest fp32), and the largest zero-point rounding of those in
+    quantization steps (0.0: none rounded)."""
+
+    folded: int = 0
+    compact: int = 0
+    max_zero_point_error: float = 0.0
+    code_bits: int = 0
+
+    @property
+    def label(self) -> str | None:
+        """The manifest's ``zero_points``: ``folded`` (fp32 ``M``: the same weights),
+        ``folded-u12`` / ``folded-u8`` (zero points rounded, ``max_zero_point_error``), None:
+        nothing folded."""
+        if not self.folded:
+            return None
+        return f"folded-u{self.code_bits}" if self.compact else "folded"
+
+
+def _codes(d: np.ndarray, bits: int) -> tuple[np.ndarray, float, float, float]:
+    """``d`` (``z0 - zp``, float64) on a ``bits`` grid: codes (uint16), lo, step, max error."""
+    top = 2**bits - 1
+    lo, hi = float(d.min()), float(d.max())
+    step = (hi - lo) / top if hi > lo else 1.0
+    codes = np.clip(np.rint((d - lo) / step), 0, top).astype(np.uint16)
+    return codes, lo, step, float(np.abs(codes * step + lo - d).max())
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def fold_and_say(model: onnx.ModelProto, code_bits: int, say, keep_exact: Collection[str] = ()
+                 ) -> FoldReport:
+    """:func:`fold_zero_points` with the progress line the quantizers print."""
+    report = fold_zero_points(model, code_bits=code_bits, keep_exact=keep_exact)
+    if report.folded:
+        how = (f"; M of {report.compact} as {code_bits}-bit codes (zero points rounded by <= "
+               f"{report.max_zero_point_error:.3f} step)" if report.compact else "")
+        say(f"{report.folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
+            f"correction (fast integer kernels){how}")
+    return report
+
+
 def fold_float_zero_points(model: onnx.ModelProto) -> int:
+    """:func:`fold_zero_points` with fp32 ``M`` (the weights unchanged): the count folded."""
+    return fold_zero_points(model).folded
+
+
+def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
+                     keep_exact: Collection[str] = ()) -> FoldReport:
     """Rewrite every MatMulNBits with float zero points in ``model`` (in place).
 
     Nodes are left unchanged when their zero points are not a float initializer, their
     scales are not an initializer, or they carry a ``g_idx`` input. A ``K`` that is not a
     multiple of ``block_size`` is folded too (the last block holds the rows that exist).
-    Returns the number of rewritten nodes.
+    ``code_bits`` 12 or 8: ``M`` as codes (module docstring; 0: fp32) except for the nodes in
+    ``keep_exact`` and those whose codes would round a zero point by more than
+    :data:`MAX_CODE_ERROR` steps.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -66,10 +144,19 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         scales = numpy_helper.to_array(sc_t).astype(np.float64).reshape(n, blocks)
         zp = numpy_helper.to_array(zp_t).astype(np.float64).reshape(n, blocks)
         z0 = float(2 ** (bits - 1))
-        corr = (scales * (z0 - zp)).T.astype(numpy_helper.to_array(sc_t).dtype)  # [blocks, N]
-        plans[idx] = (blocks, bs, corr)
+        dtype = numpy_helper.to_array(sc_t).dtype
+        corr = (scales * (z0 - zp)).T.astype(dtype)  # [blocks, N]
+        packed = None
+        if code_bits and node.name not in keep_exact:
+            codes, lo, step, err = _codes(z0 - zp, code_bits)
+            if err <= MAX_CODE_ERROR:
+                packed = (codes, lo, step, err, sc_t, code_bits)
+        plans[idx] = (blocks, bs, corr, packed)
+    if code_bits not in (0, 8, 12):
+        raise ValueError(f"code_bits is 0 (fp32 M), 8 or 12, not {code_bits}")
+    report = FoldReport(folded=len(plans), code_bits=code_bits)
     if not plans:
-        return 0
+        return report
 
     new_nodes: list[onnx.NodeProto] = []
     sums: dict[tuple[str, int, int], str] = {}  # (x, blocks, bs) -> blocksum output
@@ -79,7 +166,7 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         if idx not in plans:
             new_nodes.append(node)
             continue
-        blocks, bs, corr = plans[idx]
+        blocks, bs, corr, packed = plans[idx]
         x = node.input[0]
         base = node.name or node.output[0]
         key = (x, blocks, bs)
@@ -106,7 +193,12 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         y_main = unique_name(f"{y}/zp_fold/main", names)
         node.output[0] = y_main
         m_name = unique_name(f"{base}/zp_fold/correction", names)
-        graph.initializer.append(numpy_helper.from_array(corr, m_name))
+        if packed is None:
+            graph.initializer.append(numpy_helper.from_array(corr, m_name))
+        else:
+            new_nodes.extend(_rebuild_correction(graph, m_name, packed, corr.dtype, names))
+            report.compact += 1
+            report.max_zero_point_error = max(report.max_zero_point_error, packed[3])
         delta = unique_name(f"{base}/zp_fold/delta", names)
         new_nodes.append(node)
         new_nodes.append(helper.make_node("MatMul", [sums[key], m_name], [delta], name=delta))
@@ -121,4 +213,107 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         keep = [t for t in graph.initializer if t.name not in unused]
         del graph.initializer[:]
         graph.initializer.extend(keep)
-    return len(plans)
+    return report
+
+
+def _rebuild_correction(graph: onnx.GraphProto, m_name: str, packed: tuple, dtype,
+                        names: set[str]) -> list[onnx.NodeProto]:
+    """Nodes computing ``M`` (``m_name``, ``[B, N]``) from the codes and the node's scales;
+    their initializers are added to ``graph``. Constant inputs only: folded at load. The
+    arithmetic is fp32 whatever the graph's float type (fp16 holds integers to 2048 only)."""
+    codes, lo, step, _err, sc_t, bits = packed
+    n, b = codes.shape
+    t, dtype = TensorProto.FLOAT, np.dtype(dtype)
+
+    def init(suffix, array):
+        name = unique_name(f"{m_name}/{suffix}", names)
+        graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(op, inputs, suffix, **attrs):
+        out = unique_name(f"{m_name}/{suffix}", names)
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    nodes: list[onnx.NodeProto] = []
+    if bits == 8:
+        offsets = node("Cast", [init("codes", codes.astype(np.uint8))], "cast", to=t)
+    else:  # 12 bits: high byte [N, B] + low nibbles, the first half's low, the second's high
+        flat = np.concatenate([codes.reshape(-1), np.zeros(codes.size % 2, np.uint16)])
+        half = flat.size // 2
+        low = (flat[:half] & 15) | ((flat[half:] & 15) << 4)
+        sixteen = init("sixteen", np.array(16, np.float32))
+        high = node("Cast", [init("codes", (codes >> 4).astype(np.uint8))], "high", to=t)
+        high = node("Mul", [high, sixteen], "high16")
+        packed_low = node("Cast", [init("low_nibbles", low.astype(np.uint8))], "low", to=t)
+        second = node("Mul", [packed_low, init("sixteenth", np.array(1 / 16, np.float32))],
+                      "low_div")
+        second = node("Floor", [second], "second")  # exact: a byte / 16 in fp32
+        first = node("Sub", [packed_low, node("Mul", [second, sixteen], "second16")], "first")
+        low_all = node("Concat", [first, second], "low_all", axis=0)
+        if codes.size % 2:
+            low_all = node("Slice", [low_all, init("start", np.array([0], np.int64)),
+                                     init("end", np.array([codes.size], np.int64))], "low_cut")
+        low_all = node("Reshape", [low_all, init("low_shape", np.array([n, b], np.int64))],
+                       "low_2d")
+        offsets = node("Add", [high, low_all], "codes12")
+    offsets = node("Mul", [offsets, init("step", np.array(step, np.float32))], "times_step")
+    offsets = node("Add", [offsets, init("lo", np.array(lo, np.float32))], "plus_lo")  # z0 - zp
+    scales = sc_t.name
+    if sc_t.data_type != t:
+        scales = node("Cast", [scales], "scales_fp32", to=t)
+    if list(sc_t.dims) != [n, b]:
+        scales = node("Reshape", [scales, init("shape", np.array([n, b], np.int64))], "scales")
+    m_t = node("Mul", [scales, offsets], "transposed")
+    if dtype == np.float32:
+        nodes.append(helper.make_node("Transpose", [m_t], [m_name], name=m_name, perm=[1, 0]))
+    else:
+        m_t = node("Transpose", [m_t], "fp32", perm=[1, 0])
+        nodes.append(helper.make_node("Cast", [m_t], [m_name], name=m_name,
+                                      to=helper.np_dtype_to_tensor_dtype(dtype)))
+    return nodes
+
+
+#: ops of the compact correction's constant subgraph, as numpy
+_NUMPY_OPS = {
+    "Cast": lambda xs, a: xs[0].astype(helper.tensor_dtype_to_np_dtype(a["to"])),
+    "Mul": lambda xs, a: xs[0] * xs[1],
+    "Add": lambda xs, a: xs[0] + xs[1],
+    "Reshape": lambda xs, a: xs[0].reshape([int(v) for v in xs[1]]),
+    "Sub": lambda xs, a: xs[0] - xs[1],
+    "Floor": lambda xs, a: np.floor(xs[0]),
+    "Concat": lambda xs, a: np.concatenate(xs, axis=a["axis"]),
+    "Slice": lambda xs, a: xs[0][int(xs[1][0]):int(xs[2][0])],
+    "Transpose": lambda xs, a: xs[0].transpose(a["perm"]),
+}
+
+
+def materialize_corrections(model: onnx.ModelProto) -> int:
+    """Replace the compact corrections' constant subgraphs by their fp32 ``M`` initializers
+    (what ONNX Runtime's constant folding does at load), in place: the graph of
+    ``compact=False`` with the rounded zero points. For tools and tests that read ``M``.
+    Returns the number of corrections materialized."""
+    graph = model.graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    kept, computed, done = [], [], 0
+    for nd in graph.node:
+        if "/zp_fold/correction" not in nd.name or nd.op_type not in _NUMPY_OPS or not all(
+                i in values for i in nd.input):
+            kept.append(nd)
+            continue
+        values[nd.output[0]] = _NUMPY_OPS[nd.op_type]([values[i] for i in nd.input], _attrs(nd))
+        computed.append(nd.output[0])
+    read = {i for nd in kept for i in nd.input} | {o.name for o in graph.output}
+    for name in computed:
+        if name in read:  # an M the decode graph reads
+            graph.initializer.append(numpy_helper.from_array(values[name], name))
+            done += 1
+    if not done:
+        return 0
+    del graph.node[:]
+    graph.node.extend(kept)
+    stale = {t.name for t in graph.initializer if "/zp_fold/correction/" in t.name} - read
+    keep = [t for t in graph.initializer if t.name not in stale]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return done

@@ -47,6 +47,19 @@ class TensorPrecision(str, Enum):
 SOURCE_INT8_BLOCK = 128
 
 
+class ZeroPointStorage(str, Enum):
+    """How the folded float zero points' correction ``M`` is stored (fold_zero_points.py)."""
+
+    uint12 = "uint12"  # a 12-bit code per block (1.5 bytes), rebuilt (and folded by ORT) at load
+    uint8 = "uint8"  # an 8-bit code per block: smaller, SmolLM2's KL 0.0033 -> 0.0038
+    float32 = "float32"  # fp32 M: the zero points as computed, 4 bytes per block
+
+    @property
+    def code_bits(self) -> int:
+        """fold_zero_points' ``code_bits``: 0 for fp32 ``M``."""
+        return {"uint12": 12, "uint8": 8, "float32": 0}[self.value]
+
+
 class WeightKind(str, Enum):
     """A decoder layer weight by role (gguf_blocks.MODULE_KINDS maps module names to these)."""
 
@@ -137,6 +150,14 @@ class QuantRecipe(BaseModel):
         "--lm-head names a precision) is int4 RTN with integer zero points (none when "
         "symmetric) and the lookup reads those bytes: ONNX Runtime GenAI's layout, half the "
         "table's bytes (Qwen2.5-0.5B: 85 instead of 157 MB). An untied table stays int8",
+    )
+    zero_point_storage: ZeroPointStorage = Field(
+        ZeroPointStorage.uint12, description="int4 with float zero points (HQQ, a Q4_K "
+        "source): the folded correction's M per block as a 12-bit (uint12, 1.5 bytes) or 8-bit "
+        "(uint8) code of the zero point on one grid per matrix, rebuilt from the node's scales "
+        "by ops ONNX Runtime folds at load (the manifest's quantization.zero_points says "
+        "folded-u12 / folded-u8, zero_point_error the largest rounding in steps), or float32 "
+        "(4 bytes, the zero points as computed). A source's own blocks (Q4_K) keep float32",
     )
     keep_source_bits: bool = Field(
         True, description="int4: a weight the source holds in exact integer blocks of more "
@@ -291,6 +312,8 @@ class QuantRecipe(BaseModel):
             parts.append("keep" + "_".join(map(str, self.keep_layers)))
         if self.int8_block_size and self.int8_block_size != self.block_size:
             parts.append(f"i8b{self.int8_block_size}")
+        if self.zero_point_storage is not ZeroPointStorage.uint12:
+            parts.append({"uint8": "zpu8", "float32": "zpf32"}[self.zero_point_storage.value])
         if set(self.keep_source_bits_kinds) != set(WeightKind):
             parts.append("src8" + "".join(sorted(k.value for k in self.keep_source_bits_kinds)))
         return "-".join(parts)

@@ -17,7 +17,7 @@ i.e. ``quantize_matmul_4bits`` / ``_8bits``; HQQ: hqq.py, the bytes of
 ``MatMulNBits`` nodes carry the same names and attributes, the embedding goes through
 :func:`weight_only.embedding_int8` (row blocks at a time) or ONNX Runtime's
 ``quantize_gather``, and the graph passes after quantization (``share_tied_int4_table``,
-``fold_float_zero_points``) are today's functions with the few tensors they read
+``fold_zero_points``) are today's functions with the few tensors they read
 brought inline. tests/parity/test_streaming_quant.py checks byte-identical initializers
 and equal logits against ``quantize_model`` on every architecture.
 
@@ -48,7 +48,7 @@ from .core import QuantReport, nbits_levels, quiet_ort_logging, weight_only_tabl
 from .external_data import (
     INLINE_BELOW, DataFileWriter, TensorSource, is_external, load_graph, tensor_nbytes,
 )
-from .fold_zero_points import fold_float_zero_points
+from .fold_zero_points import fold_and_say
 from .gguf_blocks import NBitsBlocks, concat_blocks, narrow_wider_blocks
 from .graph import GraphFacts, _module_and_layer, analyze
 from .hqq import hqq_quantize
@@ -693,7 +693,6 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             precision[facts.lm_head] = "int4"
     head_output = next((n.output[0] for n in model.graph.node if n.name == facts.lm_head), None)
     data_path = dst.with_name(dst.name + ".data")
-    zero_points = None
     with DataFileWriter(data_path) as data:
         out = _Writer(data)
         bits = 4 if recipe.scheme is QuantScheme.int4 else 8
@@ -751,11 +750,9 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             done = _embedding_int8(model, lazy, gathers, recipe.block_size, out)
             precision.update({g: "int8" for g in done})
         phase = _phase(say, "embedding / tied table", phase)
-        n_folded = fold_float_zero_points(model)
-        if n_folded:
-            zero_points = "folded"
-            say(f"{n_folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
-                "correction (fast integer kernels)")
+        # a source's own blocks (Q4_K) keep fp32 M: the file's values to fp32 rounding
+        fold = fold_and_say(model, recipe.zero_point_storage.code_bits, say,
+                            keep_exact={f"{n}_Q4" for n in kept_exact})
         phase = _phase(say, "zero points folded", phase)
         _finish(model, lazy, out, say)
     onnx.save_model(model, str(dst))
@@ -777,7 +774,8 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         calibration=None,
         seconds=round(time.perf_counter() - t0, 2),
         ort_tools=["onnxruntime.quantization.matmul_nbits_quantizer (per tensor, streamed)"],
-        zero_points=zero_points,
+        zero_points=fold.label,
+        zero_point_error=round(fold.max_zero_point_error, 4) if fold.compact else None,
         accuracy_levels=nbits_levels(model),
     )
 

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader
 from slmedge.exporter.quantize.core import quantize_model
+from slmedge.exporter.quantize.fold_zero_points import materialize_corrections
 from slmedge.exporter.quantize.graph import analyze, fold_weight_transposes, split_gemms
 from slmedge.exporter.quantize.pack_matmuls import pack_shared_input_matmuls
 from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
@@ -120,6 +121,7 @@ def test_int4_equals_fp32_graph_with_the_same_quantized_weights(llama, tmp_path,
     out, report = _quantize(llama, tmp_path, scheme="int4", block_size=block, symmetric=symmetric,
                             accuracy_level=1, **extra)
     q = onnx.load(str(out))
+    materialize_corrections(q)  # zero-point codes -> the fp32 M that ORT folds them to
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     deq = {}
     for node in q.graph.node:

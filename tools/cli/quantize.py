@@ -68,6 +68,9 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
                    help="int4: bits of a large embedding table tied to the lm_head (8, default: "
                    "the head int8 and the lookup reads its table; 4: table and head int4 RTN, "
                    "GenAI's layout, half the bytes, less faithful)")
+    g.add_argument("--zero-point-storage", choices=["uint12", "uint8", "float32"],
+                   help="int4 with float zero points (HQQ): the folded correction stored as a "
+                   "12-bit code per block (default), an 8-bit one (smaller, less faithful) or fp32")
     g.add_argument("--keep-layers", type=lambda s: [int(x) for x in s.split(",") if x],
                    metavar="I,J", help="decoder layers kept one precision step up")
     q = p.add_argument_group("quality card and gate")
@@ -96,7 +99,8 @@ def quant_fields(args) -> dict:
                       ("accuracy_level", "accuracy_level"), ("int8_format", "int8_format"),
                       ("lm_head", "lm_head"), ("embedding", "embedding"),
                       ("keep_layers", "keep_layers"), ("lm_head_int8_tokens", "lm_head_int8_tokens"),
-                      ("large_table_bits", "large_table_bits")):
+                      ("large_table_bits", "large_table_bits"),
+                      ("zero_point_storage", "zero_point_storage")):
         value = getattr(args, flag, None)
         if value is not None:
             recipe[key] = value
