@@ -237,7 +237,8 @@ class QuantRecipe(BaseModel):
         So after HQQ each node is rewritten (fold_zero_points.py) as the same weights with
         the default zero point plus ``blocksum(x) @ M``, ``M = scale * (default - zp)`` per
         block: the fast kernels run, the weights and the result are unchanged (up to the
-        int8 activations of ``accuracy_level`` 4). The report says ``zero_points: folded``.
+        int8 activations of ``accuracy_level`` 4). The report says ``zero_points: folded``
+        (``folded-u12`` by default: ``M`` stored as 12-bit codes, ``zero_point_storage``).
         The correction's small nodes cost decode speed (SmolLM2: ~0.67x GenAI's int4);
         ``gptq-act`` (needs calibration text) keeps integer zero points and no correction
         at a similar quality (tools/bench/bench_quant.py's ``int4``)."""
