@@ -56,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = TextTokenizer(args.artifact)
     ids, _ = eval_token_ids(tokenizer, settings)
     prompts = [tokenizer.encode(p) for p in settings.prompts]
-    out: dict = {"artifact": str(args.artifact), "prompts": len(prompts),
-                 "new_tokens": args.new_tokens, "loadavg_start": os.getloadavg()}
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or None
+    out: dict = {"artifact": str(args.artifact), "slmedge_commit": commit,
+                 "prompts": len(prompts), "new_tokens": args.new_tokens,
+                 "loadavg_start": os.getloadavg()}
     t0 = time.perf_counter()
     decoder = OnnxDecoder(args.artifact / "model.onnx",
                           session_options=verification_session_options())
