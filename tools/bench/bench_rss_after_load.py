@@ -1,0 +1,79 @@
+"""RSS after load and decode speed of artifacts, each `slmedge bench` in its own process,
+the artifacts alternating round after round (issue 15, "Runtime memory").
+
+    python tools/bench/bench_rss_after_load.py --rounds 3 \\
+        --artifact before=/tmp/gemma-int4-one-file --artifact after=/tmp/gemma-int4 \\
+        --json tools/bench/results/bench_rss_after_load.json
+
+Per run: the bench JSON's ``rss_before_load_mb``, ``rss_after_load_mb``, ``peak_rss_mb``
+(this process's own, from the OS: not affected by the machine's load), the artifact's model
+files' size, decode tok/s and the load average before the run (the machine is shared: seconds
+are inflated by it, ratios between artifacts come from the same rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+SLMEDGE = Path(sys.executable).with_name("slmedge")
+
+
+def model_mb(artifact: Path) -> float:
+    return sum(p.stat().st_size for p in artifact.glob("model.onnx*")) / 1e6
+
+
+def bench(artifact: Path, args) -> dict:
+    load = os.getloadavg()
+    done = subprocess.run(
+        [str(SLMEDGE), "bench", str(artifact), "--json", "--no-record", "--no-store",
+         "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+         "--repeats", str(args.repeats), "--warmup", "1", "--threads", str(args.threads)],
+        capture_output=True, text=True, check=True)
+    d = json.loads(done.stdout)
+    return {"file_mb": round(model_mb(artifact), 1),
+            "rss_before_load_mb": d["rss_before_load_mb"],
+            "rss_after_load_mb": d["rss_after_load_mb"],
+            "over_file_mb": round(d["rss_after_load_mb"] - model_mb(artifact), 1),
+            "peak_rss_mb": d["peak_rss_mb"], "decode_tokens_per_s": d["decode_tokens_per_s"],
+            "load_avg_before": [round(x, 2) for x in load]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", action="append", required=True, help="NAME=DIR")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    arts = dict(a.split("=", 1) for a in args.artifact)
+    runs = {name: [] for name in arts}
+    for r in range(args.rounds):
+        for name, path in arts.items():
+            runs[name].append(bench(Path(path), args))
+            print(name, r, runs[name][-1], file=sys.stderr)
+    summary = {name: {"rss_after_load_mb_median": statistics.median(x["rss_after_load_mb"] for x in rs),
+                      "decode_tokens_per_s_median": statistics.median(x["decode_tokens_per_s"] for x in rs),
+                      "file_mb": rs[0]["file_mb"]} for name, rs in runs.items()}
+    first = next(iter(arts))
+    for name in arts:
+        summary[name]["decode_ratio_vs_" + first] = round(
+            summary[name]["decode_tokens_per_s_median"] / summary[first]["decode_tokens_per_s_median"], 3)
+    doc = {"artifacts": arts, "config": vars(args) | {"json": str(args.json)},
+           "summary": summary, "runs": runs}
+    text = json.dumps(doc, indent=1, default=str)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
