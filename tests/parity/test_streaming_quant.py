@@ -32,6 +32,7 @@ CORE_RECIPES = {
 #: the other settings the streaming path takes, on a tied (gemma3) and an untied (llama) model
 MORE_RECIPES = {
     "int4-hqq-folded": dict(scheme="int4"),  # the default int4: HQQ + fold_float_zero_points
+    "int4-hqq-u12": dict(scheme="int4", zero_point_storage="uint12"),  # M as 12-bit codes
     "int4-sym-mlp64-head4-emb4": dict(scheme="int4", symmetric=True, mlp_block_size=64,
                                       lm_head="int4", embedding="int4"),  # tied: one shared table
     "int4-keep1-headf-emb8": dict(scheme="int4", algorithm="rtn", keep_layers=[1], lm_head="float",
@@ -114,7 +115,9 @@ def test_streamed_equals_in_memory_other_settings(model_type, name, tiny_artifac
     assert report.weight_precision == mem_report.weight_precision
     assert report.zero_points == mem_report.zero_points
     if name == "int4-hqq-folded":
-        assert report.zero_points == "folded-u12"  # QuantRecipe.zero_point_storage uint12
+        assert report.zero_points == "folded"  # QuantRecipe.zero_point_storage float32
+    if name == "int4-hqq-u12":
+        assert report.zero_points == "folded-u12" and 0 < report.zero_point_error < 1 / 256
     if name.startswith("int4-sym-mlp64") and model_type == "gemma3_text":
         ops = [n.op_type for n in onnx.load(str(streamed), load_external_data=False).graph.node]
         assert "GatherBlockQuantized" in ops and ops.count("Reshape") >= 1

@@ -61,9 +61,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
                         "--embedding", "int4"), "int4"),
     # the quantizer's default int4 recipe: lm_head int8
     "int4-head8": (("--quant", "int4"), "int4"),
-    # the same with the folded correction's M in fp32 (the default before 2026-12-07: now
-    # 12-bit zero-point codes, fold_zero_points.py) or in 8-bit codes
+    # the same with the folded correction's M named fp32 (the default) or stored as 12-bit /
+    # 8-bit zero-point codes (fold_zero_points.py)
     "int4-head8-zpf32": (("--quant", "int4", "--zero-point-storage", "float32"), "int4"),
+    "int4-head8-zpu12": (("--quant", "int4", "--zero-point-storage", "uint12"), "int4"),
     "int4-head8-zpu8": (("--quant", "int4", "--zero-point-storage", "uint8"), "int4"),
     # GenAI's own int4 recipe in slmedge (symmetric RTN everywhere, lm_head and embedding
     # int4, block 32, accuracy level 4): the same graph class at the same (poor) quality on

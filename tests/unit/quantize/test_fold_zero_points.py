@@ -182,7 +182,7 @@ def test_integer_zero_points_are_left_alone(k, block, zp_kind):
 def test_hqq_int4_of_tiny_llama_is_folded_and_unchanged(tiny_artifact, tmp_path, monkeypatch,
                                                         storage):
     """fp32 M: the logits of the unfolded graph (float zero points) to fp32 rounding. 12-bit
-    codes (the default): the zero points rounded by ~1/500 step, so close but not equal."""
+    codes: the zero points rounded by ~1/500 step, so close but not equal."""
     from slmedge.exporter.quantize import core
     from slmedge.exporter.quantize.core import quantize_model
     from slmedge.exporter.quantize.recipe import QuantRecipe
@@ -193,16 +193,16 @@ def test_hqq_int4_of_tiny_llama_is_folded_and_unchanged(tiny_artifact, tmp_path,
     recipe = QuantRecipe(scheme="int4", block_size=32, accuracy_level=1, lm_head="float",
                          zero_point_storage=storage)
     assert recipe.int4_algorithm.value == "hqq"
-    assert QuantRecipe(scheme="int4").zero_point_storage.value == "uint12"  # the default
+    assert QuantRecipe(scheme="int4").zero_point_storage.value == "float32"  # the default
     folded, plain = tmp_path / "folded.onnx", tmp_path / "plain.onnx"
     report = quantize_model(art / "model.onnx", folded, recipe, tokenizer_dir=art)
     monkeypatch.setattr(core, "fold_and_say", lambda *_a, **_k: FoldReport())
     quantize_model(art / "model.onnx", plain, recipe, tokenizer_dir=art)
     if storage == "float32":
         assert (report.zero_points, report.zero_point_error) == ("folded", None)
-        assert report.label.endswith("-zpf32")
+        assert not report.label.endswith("-zpu12")
     else:
-        assert report.zero_points == "folded-u12"
+        assert report.zero_points == "folded-u12" and report.label.endswith("-zpu12")
         assert 0 < report.zero_point_error <= 1 / 256
 
     def float_zps(path):
