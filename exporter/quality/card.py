@@ -180,8 +180,9 @@ def _decode_rows(decoder: Decoder, prompts: Sequence[Sequence[int]], new_tokens:
     """Each prompt's ``new_tokens`` tokens (greedy, or ``forced[b]``: fed whatever the logits
     say) and the logits before each (``[new_tokens, vocab]`` float32). All prompts as one
     batch where the decoder batches rows of different lengths (``OnnxDecoder.decode_batch``:
-    the same tokens and logits, each decode step's weights read once for all prompts; SmolLM2
-    int4, 6 prompts x 64 steps: 6.4 vs 25.3 s), else one prompt at a time."""
+    the same tokens, the same logits up to fp32 rounding, each decode step's weights read once
+    for all prompts; SmolLM2 int4, 6 prompts x 64 steps: 6.4 vs 25.3 s), else one prompt at a
+    time."""
     say = progress or (lambda _m: None)
     if getattr(decoder, "batches_rows", False):
         say(f"{what}s: {len(prompts)} as one batch")

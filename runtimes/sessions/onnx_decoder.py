@@ -321,9 +321,11 @@ class OnnxDecoder:
         Each prompt is prefilled on its own row of a ``[B, ...]`` cache; then every decode step
         feeds ``[B, 1]`` with row ``b``'s mask covering its own length, right-padded, and GQA
         writes its token at that length (``seqlens_k = sum(attention_mask) - 1`` per row).
-        Each row's matrix products are its own, so the logits are those of one prompt at a time
-        (SmolLM2 int4 and fp32, Qwen2.5-0.5B int4, 6 prompts: bit-identical); the batch reads
-        each weight once per step for all rows instead of once per row. The decoder's own
+        Each row's matrix products are its own, so the tokens are those of one prompt at a time
+        and so are the logits: bit-identical for int4 (SmolLM2, Qwen2.5-0.5B), within fp32
+        rounding for an fp32 graph (a 6-row product rounds differently from a 1-row one:
+        SmolLM2 fp32 up to 1.7e-5). The batch reads each weight once per step for all rows
+        instead of once per row. The decoder's own
         cache is untouched (its length is reset to 0)."""
         if not self.batches_rows:
             raise UsageError(

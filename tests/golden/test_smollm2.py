@@ -40,6 +40,28 @@ def test_128_greedy_tokens_identical_to_pytorch(smollm2_artifact, smollm2_torch)
     assert got == ref, f"first divergence at token {first_diff}"
 
 
+def test_card_prompts_as_one_batch_equal_one_at_a_time(smollm2_artifact):
+    """The quality card's 6 prompts decoded as one right-padded batch (decode_batch): each
+    row's greedy tokens and logits are those of its prompt decoded alone."""
+    from slmedge.exporter.quality.card import DEFAULT_PROMPTS
+
+    decoder = OnnxDecoder(smollm2_artifact / "model.onnx", threads=2)
+    assert decoder.batches_rows
+    tok = TextTokenizer(smollm2_artifact)
+    prompts = [tok.encode(p) for p in DEFAULT_PROMPTS]
+    assert len({len(p) for p in prompts}) > 2  # rows of different lengths
+    tokens, rows = decoder.decode_batch(prompts, 32)
+    for prompt, got_tokens, got_rows in zip(prompts, tokens, rows, strict=True):
+        decoder.reset()
+        logits, want = decoder.step(prompt), []
+        for pos in range(32):
+            # fp32: a 6-row matrix product rounds differently from a 1-row one (~2e-5 here)
+            np.testing.assert_allclose(got_rows[pos], logits, atol=1e-4, rtol=0)
+            want.append(int(np.argmax(logits)))
+            logits = decoder.step([want[-1]])
+        assert got_tokens == want
+
+
 def test_perplexity_within_half_a_percent_of_pytorch(smollm2_artifact, smollm2_torch, capsys):
     model, tokenizer = smollm2_torch
     code = main(["eval", str(smollm2_artifact), "--text", str(EVAL_TEXT), "--max-tokens", "4096",
