@@ -21,7 +21,8 @@ from slmedge.exporter.manifest import graph_io, onnx_facts
 from slmedge.exporter.onnx.convert import DEFAULT_OPSET, weights_bytes
 from slmedge.exporter.quality.parity import check_parity
 from slmedge.exporter.passes import FusionOptions
-from slmedge.exporter.quality.card import decoder_card, release_memory, verification_session_options
+from slmedge.exporter.quality.card import decoder_card
+from slmedge.exporter.quality.memory import release_memory, verification_session_options
 from slmedge.exporter.quantize.pipeline import (
     QualityConfig, check_quant_texts, quantize_in_stage, quantize_unwritten,
 )

@@ -17,7 +17,7 @@ import torch
 from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 from .compare import FP16_RTOL_OF_SCALE, ParityResult, Tolerance, compare_decoders, step_logits
-from slmedge.exporter.quality.card import release_memory
+from slmedge.exporter.quality.memory import release_memory
 
 __all__ = ["FP16_RTOL_OF_SCALE", "ParityResult", "TorchDecoder", "check_parity", "torch_step_logits"]
 

@@ -32,10 +32,9 @@ from slmedge.exporter.quality.card import (
     QualitySettings,
     RecordedReference,
     eval_token_ids,
-    fixed_mmap_threshold,
-    release_memory,
     replay_reference_calls,
 )
+from slmedge.exporter.quality.memory import fixed_mmap_threshold, release_memory
 from slmedge.exporter.onnx.streaming import decoder_layers
 
 Progress = Callable[[str], None]

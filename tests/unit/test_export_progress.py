@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from slmedge.exporter.pipeline import ExportConfig, run_export
@@ -50,14 +51,40 @@ def test_write_and_quantize_report_each_layer_with_an_eta(int4_run):
     assert re.search(r", ~\d+ s left$", quantized[-1].string)
 
 
-def test_card_reports_greedy_prompts_with_an_eta(int4_run):
+def test_card_reports_its_greedy_prompts(int4_run):
+    """The fused graph batches rows (``slmedge.batch_padding: right``), so each side of the
+    card decodes its prompts as one batch and says so; one prompt at a time (a graph that does
+    not batch) each prompt after the first has an ETA (test_card_progress_one_at_a_time)."""
     manifest, messages = int4_run
     prompts = manifest["quality"]["greedy"]["prompts"]
-    for who in ("quality reference", "quality"):
-        found = _matching(messages, rf"^{who}: greedy prompt (\d+)/{prompts}(, ETA \d+ s)?$")
-        assert [int(m.group(1)) for m in found] == list(range(1, prompts + 1))
-        # every prompt after the first has an ETA from the prompts done (the first has none)
-        assert found[0].group(2) is None and all(m.group(2) for m in found[1:])
+    steps = manifest["quality"]["greedy"]["new_tokens"]
+    for who in ("reference", "candidate"):
+        found = _matching(messages, rf"^quality: greedy prompts \({who}\): (\d+) as one batch, "
+                          rf"(\d+) steps$")
+        assert [(int(m.group(1)), int(m.group(2))) for m in found] == [(prompts, steps)]
+    assert not _matching(messages, r"greedy prompt \(\w+\) \d+/")
+
+
+def test_card_progress_one_at_a_time():
+    from slmedge.exporter.quality.card import _decode_rows
+
+    class OneAtATime:  # a decoder that does not batch rows: logits favour token (last + 1) % 5
+        def reset(self):
+            pass
+
+        def step(self, tokens):
+            logits = np.zeros(5, dtype=np.float32)
+            logits[(tokens[-1] + 1) % 5] = 1.0
+            return logits
+
+    messages: list[str] = []
+    tokens, rows = _decode_rows(OneAtATime(), [[0], [1, 2], [3]], 3, progress=messages.append,
+                                what="quality: greedy prompt (candidate)")
+    assert tokens == [[1, 2, 3], [3, 4, 0], [4, 0, 1]]
+    assert [r.shape for r in rows] == [(3, 5)] * 3
+    found = _matching(messages, r"^quality: greedy prompt \(candidate\) (\d+)/3(, ETA \d+ s)?$")
+    assert [int(m.group(1)) for m in found] == [1, 2, 3]
+    assert found[0].group(2) is None  # no ETA before a prompt is done
 
 
 def test_manifest_splits_quantize_and_card(int4_run):

@@ -193,7 +193,7 @@ def test_fp16_session_plan_keeps_fp16_weights_when_fp32_copy_passes_the_headroom
 
 
 def test_keep_fp16_session_gives_the_same_logits(tiny_artifact):
-    from slmedge.exporter.quality.card import FP16_TO_FP32_FOLD, verification_session_options
+    from slmedge.exporter.quality.memory import FP16_TO_FP32_FOLD, verification_session_options
 
     graph = tiny_artifact("llama", dtype="fp16") / "model.onnx"
     opts = verification_session_options(keep_fp16=True)

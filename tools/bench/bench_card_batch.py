@@ -41,7 +41,8 @@ class _OneAtATime:
 
 def main(argv: list[str] | None = None) -> int:
     from slmedge.exporter.quality.card import (QualitySettings, _all_logits, _decode_rows,
-                                               eval_token_ids, verification_session_options)
+                                               eval_token_ids)
+    from slmedge.exporter.quality.memory import verification_session_options
     from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
     from slmedge.runtimes.tokenizer import TextTokenizer
 

@@ -26,7 +26,7 @@ from pathlib import Path
 _CHILD = r"""
 import json, sys, time
 import numpy as np
-from slmedge.exporter.quality.card import verification_session_options
+from slmedge.exporter.quality.memory import verification_session_options
 from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 def status(key):

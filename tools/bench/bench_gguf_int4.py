@@ -105,8 +105,8 @@ def main(argv=None) -> int:
 
     from slmedge.exporter.sources.gguf import open_gguf_streamed
     from slmedge.exporter.quality.card import (QualitySettings, decoder_card, finish_greedy,
-                                          record_reference, release_memory,
-                                          verification_session_options)
+                                               record_reference)
+    from slmedge.exporter.quality.memory import release_memory, verification_session_options
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
     from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
