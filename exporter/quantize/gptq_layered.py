@@ -123,6 +123,21 @@ def plan_segments(model: onnx.ModelProto, targets: Iterable[str]) -> list[Segmen
     return segments
 
 
+def segment_walk(graph: onnx.GraphProto, samples: Iterable[dict], segments: list[Segment]):
+    """What a walk over ``segments`` starts from: the samples' feeds as the running state
+    (one dict per sample), the graph inputs' element types, and for each tensor the last
+    segment that reads it (it is dropped from the state after that one)."""
+    state = [dict(feed) for feed in samples]
+    if not state:
+        raise ValueError("the calibration reader gave no samples")
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    last_read: dict[str, int] = {}
+    for s, seg in enumerate(segments):
+        for t in seg.reads:
+            last_read[t] = s
+    return state, types, last_read
+
+
 def _segment_model(model: onnx.ModelProto, seg: Segment, inits: dict[str, onnx.TensorProto],
                    types: dict[str, int], weights: list[str]) -> bytes:
     """One segment as a serialized model: its nodes, the initializers they read except
@@ -186,14 +201,7 @@ def gptq_layered(
             raise ValueError(f"{name}: gptq-act quantizes MatMuls with a constant weight, "
                              f"not {nodes[i].op_type}")
     segments = plan_segments(model, targets)
-    state = [dict(feed) for feed in samples]
-    if not state:
-        raise ValueError("the calibration reader gave no samples")
-    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
-    last_read = {}
-    for s, seg in enumerate(segments):
-        for t in seg.reads:
-            last_read[t] = s
+    state, types, last_read = segment_walk(graph, samples, segments)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

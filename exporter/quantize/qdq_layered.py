@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 
-from .gptq_layered import Segment, plan_segments
+from .gptq_layered import Segment, plan_segments, segment_walk
 
 Say = Callable[[str], None]
 
@@ -167,21 +167,14 @@ def calibrate_minmax_layered(
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     wanted = tensors_to_calibrate(model, op_types)
-    state = [dict(feed) for feed in samples]
-    if not state:
-        raise ValueError("the calibration reader gave no samples")
+    segments = calibration_segments(model)
+    state, types, last_read = segment_walk(graph, samples, segments)
     stats = _MinMax()
     for i in graph.input:  # graph inputs: their ranges straight from the feeds
         if i.name in wanted:
             for sample in state:
                 if i.name in sample:
                     stats.add(i.name, np.asarray(sample[i.name]))
-    segments = calibration_segments(model)
-    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
-    last_read = {}
-    for s, seg in enumerate(segments):
-        for t in seg.reads:
-            last_read[t] = s
     opts = ort.SessionOptions()
     # as ORT's calibrator runs the augmented graph: no fusion, the same kernels as unfused
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

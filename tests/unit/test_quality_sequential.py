@@ -97,19 +97,12 @@ def test_token_nll_in_chunks_is_the_whole_window_formula():
     np.testing.assert_array_equal(token_nll(logits, targets), whole)
 
 
-class _OneAtATime:
-    """A decoder seen without ``decode_batch`` (as a LiteRT or static-shape one is)."""
+def _one_at_a_time(decoder):
+    """The decoder as the card sees one without ``decode_batch`` (a LiteRT or static-shape
+    one): the wrapper of tools/bench/bench_card_batch.py, which measures the same two ways."""
+    from helpers.bench_scripts import load_bench_script
 
-    batches_rows = False
-
-    def __init__(self, decoder):
-        self._decoder = decoder
-
-    def reset(self):
-        self._decoder.reset()
-
-    def step(self, token_ids, all_logits=False):
-        return self._decoder.step(token_ids, all_logits=all_logits)
+    return load_bench_script("bench_card_batch")._OneAtATime(decoder)
 
 
 def test_card_with_batched_greedy_prompts_equals_one_prompt_at_a_time(tiny_artifact, tmp_path):
@@ -126,13 +119,13 @@ def test_card_with_batched_greedy_prompts_equals_one_prompt_at_a_time(tiny_artif
     candidate = OnnxDecoder(tmp_path / "model.onnx")
     assert reference.batches_rows and candidate.batches_rows
     batched = decoder_card(candidate, artifact, settings, reference=reference).to_dict()
-    single = decoder_card(_OneAtATime(candidate), artifact, settings,
-                          reference=_OneAtATime(reference)).to_dict()
+    single = decoder_card(_one_at_a_time(candidate), artifact, settings,
+                          reference=_one_at_a_time(reference)).to_dict()
     batched.pop("seconds"), single.pop("seconds")
     assert 0.0 < batched["greedy"]["top1_agreement"] < 1.0  # the int4 copy leaves the text
     assert batched == single
     # one batched, the other one at a time: the same card too
-    mixed = decoder_card(_OneAtATime(candidate), artifact, settings, reference=reference).to_dict()
+    mixed = decoder_card(_one_at_a_time(candidate), artifact, settings, reference=reference).to_dict()
     mixed.pop("seconds")
     assert mixed == single
 
