@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     rounds, results = [], {}
     for r in range(args.rounds):
         order = ("batched", "one_at_a_time") if r % 2 == 0 else ("one_at_a_time", "batched")
-        row = {}
+        row, seconds = {}, {}
         for mode in order:
             target = decoder if mode == "batched" else _OneAtATime(decoder)
             t0 = time.perf_counter()
             results[mode] = _decode_rows(target, prompts, args.new_tokens)
-            row[mode + "_s"] = round(time.perf_counter() - t0, 2)
-        row["ratio"] = round(row["one_at_a_time_s"] / row["batched_s"], 2)
+            seconds[mode] = time.perf_counter() - t0
+            row[mode + "_s"] = round(seconds[mode], 2)
+        # from the unrounded times (a tiny model's batch can round to 0.00 s)
+        row["ratio"] = (round(seconds["one_at_a_time"] / seconds["batched"], 2)
+                        if seconds["batched"] > 0 else None)
         rounds.append(row)
         print(json.dumps(row), flush=True)
     (bt, br), (st, sr) = results["batched"], results["one_at_a_time"]
