@@ -264,13 +264,9 @@ class OnnxDecoder:
             raise ValueError("step() needs at least one token")
         total = self._length + n
         io = self._io
-        io.bind_cpu_input("input_ids", np.asarray(token_ids, dtype=np.int64).reshape(1, n))
-        io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        if self.has_position_ids:
-            pos = np.arange(self._length, total, dtype=np.int64).reshape(1, n)
-            io.bind_cpu_input("position_ids", pos)
-        if self.has_logits_to_keep:
-            io.bind_cpu_input("logits_to_keep", np.array(0 if all_logits else 1, dtype=np.int64))
+        self._bind_feeds(io, np.asarray(token_ids, dtype=np.int64).reshape(1, n),
+                         np.ones((1, total), dtype=np.int64),
+                         np.arange(self._length, total, dtype=np.int64).reshape(1, n), all_logits)
         own_logits = self._shared is not None and self.vocab_size is not None
         if own_logits:
             # Logits land in an array of ours: no io.get_outputs(), which wraps every output
@@ -376,14 +372,19 @@ class OnnxDecoder:
         self.reset()
         return tokens, list(kept)
 
-    def _run_batch(self, io: ort.IOBinding, ids: np.ndarray, mask: np.ndarray,
-                   positions: np.ndarray, all_logits: bool) -> np.ndarray:
+    def _bind_feeds(self, io: ort.IOBinding, ids: np.ndarray, mask: np.ndarray,
+                    positions: np.ndarray, all_logits: bool) -> None:
+        """The graph's inputs other than the KV cache, for :meth:`step` and a batch."""
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         if self.has_position_ids:
             io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         if self.has_logits_to_keep:
             io.bind_cpu_input("logits_to_keep", np.array(0 if all_logits else 1, dtype=np.int64))
+
+    def _run_batch(self, io: ort.IOBinding, ids: np.ndarray, mask: np.ndarray,
+                   positions: np.ndarray, all_logits: bool) -> np.ndarray:
+        self._bind_feeds(io, ids, mask, positions, all_logits)
         keep = ids.shape[1] if all_logits or not self.has_logits_to_keep else 1
         out = np.empty((ids.shape[0], keep, self.vocab_size), dtype=self._logits_dtype)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
