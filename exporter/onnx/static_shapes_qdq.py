@@ -304,8 +304,10 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
                 say(f"calibrating the {kind} graph on {len(feeds[kind])} samples "
                     f"({cal.method.value})")
                 if layered_calibration(recipe):  # one decoder layer at a time (issue 15)
-                    data[kind] = calibrate_layered(root / file, FeedReader(feeds[kind]), recipe,
-                                                   op_types, say=say)
+                    facts, keep = plans[kind]
+                    data[kind] = calibrate_layered(
+                        root / file, FeedReader(feeds[kind]), recipe, op_types,
+                        nodes=plan_static(models[kind], facts, recipe, keep)[0], say=say)
                 else:
                     data[kind] = calibrate_ranges(root / file, FeedReader(feeds[kind]), recipe,
                                                   op_types, work)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphFacts
-from .recipe import CalibrationMethod, QuantRecipe, QuantScheme, TensorPrecision
+from .recipe import CalibrationMethod, CalibrationPrefix, QuantRecipe, QuantScheme, TensorPrecision
 
 Say = Callable[[str], None]
 
@@ -133,11 +133,44 @@ def quantize_static_qdq(
 
     ``ranges``: a calibration cache (:func:`save_ranges`) used instead of calibrating on
     ``reader`` (which may then be None)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
     nodes, table = plan_static(model, facts, recipe, keep_float)
     del model
+    a16 = recipe.scheme is QuantScheme.a16w8
+    op_types = sorted({op for op, row in table.items() if row["quantized"]})
+    layered_dir = None
+    if ranges is None and layered_calibration(recipe):
+        import tempfile
+
+        through = recipe.calibration.prefix is CalibrationPrefix.quantized
+        say(f"calibrating {len(op_types)} op types layer by layer on {len(reader)} samples "
+            f"(minmax{', through the QDQ prefix' if through else ''}), then QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes")
+        layered_dir = tempfile.TemporaryDirectory(prefix="slmedge-qdq-")
+        data = calibrate_layered(src, reader, recipe, op_types, nodes=nodes, say=say)
+        ranges = save_ranges(data, Path(layered_dir.name) / "ranges.json")
+        reader = None
+    elif ranges is None:
+        say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
+            f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
+    else:
+        say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
+    cache = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
+    try:
+        quantize_static(str(src), str(dst), reader, op_types_to_quantize=op_types,
+                        nodes_to_quantize=nodes, **_static_options(recipe), **cache)
+    finally:
+        if layered_dir is not None:
+            layered_dir.cleanup()
+    return table
+
+
+def _static_options(recipe: QuantRecipe) -> dict:
+    """``quantize_static``'s arguments for ``recipe`` beyond the graph, the op types / nodes
+    and the calibration (the same for the whole graph and a prefix segment)."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
     a16 = recipe.scheme is QuantScheme.a16w8
     extra = {
         # Weight MatMuls: DQ(act) + DQ(weight) -> MatMul with a float output, which ORT's CPU
@@ -152,40 +185,40 @@ def quantize_static_qdq(
         "WeightSymmetric": True,
         **_calib_extra(recipe),
     }
-    op_types = sorted({op for op, row in table.items() if row["quantized"]})
-    layered_dir = None
-    if ranges is None and layered_calibration(recipe):
-        import tempfile
+    return {"quant_format": QuantFormat.QDQ, "per_channel": recipe.per_channel,
+            "activation_type": QuantType.QUInt16 if a16 else QuantType.QUInt8,
+            "weight_type": QuantType.QInt8,
+            "calibrate_method": _calib_method(recipe.calibration.method),
+            "extra_options": extra}
 
-        say(f"calibrating {len(op_types)} op types layer by layer on {len(reader)} samples "
-            f"(minmax), then QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes")
-        layered_dir = tempfile.TemporaryDirectory(prefix="slmedge-qdq-")
-        data = calibrate_layered(src, reader, recipe, op_types, say=say)
-        ranges = save_ranges(data, Path(layered_dir.name) / "ranges.json")
-        reader = None
-    elif ranges is None:
-        say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
-            f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
-    else:
-        say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
-    cache = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
-    try:
-        quantize_static(
-            str(src), str(dst), reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=op_types,
-            nodes_to_quantize=nodes,
-            per_channel=recipe.per_channel,
-            activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=_calib_method(recipe.calibration.method),
-            extra_options=extra,
-            **cache,
-        )
-    finally:
-        if layered_dir is not None:
-            layered_dir.cleanup()
-    return table
+
+def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str], work: Path):
+    """The ``prefix`` of :func:`.qdq_layered.calibrate_minmax_layered`: one segment (a model,
+    serialized) QDQ'd by ``quantize_static`` exactly as the whole graph will be (``recipe``'s
+    options, the same ``op_types`` and chosen ``nodes``), with the ranges calibrated so far
+    as its cache; the files go to ``work`` and are overwritten per segment."""
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    def quantize(segment: bytes, ranges) -> bytes:
+        src, dst = work / "segment.onnx", work / "segment.qdq.onnx"
+        src.write_bytes(segment)
+        model = onnx.load_from_string(segment)
+        names = {n.name for n in model.graph.node}
+        tensors = {t for n in model.graph.node for t in [*n.input, *n.output]}
+        del model
+        mine = TensorsData(ranges.calibration_method,
+                           {k: v for k, v in ranges.data.items() if k in tensors})
+        cache = save_ranges(mine, work / "segment.ranges.json")
+        quantize_static(str(src), str(dst), None, op_types_to_quantize=op_types,
+                        nodes_to_quantize=[n for n in nodes if n in names],
+                        calibration_cache_path=str(cache), **_static_options(recipe))
+        out = dst.read_bytes()
+        for p in (src, dst, cache):
+            p.unlink()
+        return out
+
+    return quantize
 
 
 def layered_calibration(recipe: QuantRecipe) -> bool:
@@ -210,20 +243,34 @@ def reader_samples(reader) -> list[dict]:
 
 
 def calibrate_layered(src: Path, reader, recipe: QuantRecipe, op_types: list[str], *,
-                      say: Say = lambda _m: None):
+                      nodes: list[str] | None = None, say: Say = lambda _m: None):
     """MinMax ranges of ``src``'s ``op_types`` tensors, one decoder layer at a time
     (:func:`.qdq_layered.calibrate_minmax_layered`); the same ``TensorsData`` as
-    :func:`calibrate_ranges` with ORT's MinMax calibrator."""
+    :func:`calibrate_ranges` with ORT's MinMax calibrator.
+
+    With ``recipe.calibration.prefix`` quantized, each layer's ranges come from the earlier
+    layers QDQ'd (:func:`prefix_quantizer`; ``nodes``, the nodes the graph will have
+    quantized, is then needed)."""
+    import tempfile
+
     from .qdq_layered import calibrate_minmax_layered
 
+    through = recipe.calibration.prefix is CalibrationPrefix.quantized
+    if through and nodes is None:
+        raise ValueError("calibration prefix quantized needs the nodes to quantize "
+                         "(plan_static's list) to QDQ each segment as the whole graph")
     samples = reader_samples(reader)
     # weights in a .data file are read one segment at a time (a graph above 2 GB has one)
     model = onnx.load(str(src), load_external_data=False)
+    work = tempfile.TemporaryDirectory(prefix="slmedge-qdq-prefix-") if through else None
     try:
-        return calibrate_minmax_layered(model, samples, op_types,
+        prefix = prefix_quantizer(recipe, op_types, nodes, Path(work.name)) if through else None
+        return calibrate_minmax_layered(model, samples, op_types, prefix=prefix,
                                         external_dir=str(Path(src).parent), say=say)
     finally:
         del model, samples
+        if work is not None:
+            work.cleanup()
 
 
 def supports_range_cache() -> bool:

@@ -21,6 +21,19 @@ graph optimizations off as in ORT's augmented session, so the ranges are ORT's: 
 ``TensorsData`` (tests compare them and the quantized graphs on tiny models and SmolLM2).
 The ranges go to ``quantize_static`` as its calibration cache (``calibration_cache_path``).
 
+With a ``prefix`` quantizer (recipe ``calibration.prefix: quantized``) the samples move
+through the *quantized* segments instead: each segment's ranges come from what the earlier
+segments, already QDQ'd, hand it, as GPTQ's sequential variant does for weights (issue 15)::
+
+    frontier (through the QDQ prefix) --> [segment s, float] --> ranges of segment s
+                     \--> [segment s QDQ'd with those ranges] --> next frontier
+
+The QDQ form of a segment is the quantizer's own (``prefix`` is called with the segment as
+a model and the ranges so far), so the prefix carries the fake-quantized weights and
+activations the final graph will have; a tensor crossing a segment border gets its Q/DQ
+from the segment that makes it (where the whole graph would put it for its consumer, the
+same range: the final graph is quantized with the same cache).
+
 MinMax only: the entropy and percentile calibrators build histograms over all samples with
 bin edges that grow as data arrives; those still use ORT's whole-graph calibrator.
 """
@@ -97,6 +110,10 @@ def _loaded(tensor: onnx.TensorProto, external_dir: str | None) -> onnx.TensorPr
     return copy
 
 
+#: ``prefix(segment_model_bytes, ranges_so_far) -> the same segment QDQ'd`` (serialized)
+PrefixQuantizer = Callable[[bytes, object], bytes]
+
+
 def _segment_bytes(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict[str, int],
                    outputs: list[str], external_dir: str | None = None) -> bytes:
     graph = model.graph
@@ -146,6 +163,30 @@ class _MinMax:
         return TensorsData(CalibrationMethod.MinMax, data)
 
 
+def _run_segment(model, seg: Segment, inits: dict, types: dict[str, int], outputs: list[str],
+                 external_dir: str | None, opts, state: list[dict], stats: _MinMax,
+                 wanted: set[str], keep: set[str], body: bytes | None = None) -> None:
+    """Run one segment (``body``, else its float form from ``model``) on every sample:
+    the ``wanted`` outputs' ranges into ``stats``, the ``keep`` ones into the sample."""
+    import onnxruntime as ort
+
+    if not outputs:
+        return
+    if body is None:
+        body = _segment_bytes(model, seg, inits, types, outputs, external_dir)
+    session = ort.InferenceSession(body, opts, providers=["CPUExecutionProvider"])
+    del body
+    feeds_of = [t for t in seg.reads if t not in inits]
+    for sample in state:
+        values = session.run(outputs, {t: sample[t] for t in feeds_of})
+        for name, value in zip(outputs, values, strict=True):
+            if name in wanted:
+                stats.add(name, value)
+            if name in keep:
+                sample[name] = value
+        del values
+
+
 def calibrate_minmax_layered(
     model: onnx.ModelProto,
     samples: Iterable[dict],
@@ -154,6 +195,7 @@ def calibrate_minmax_layered(
     symmetric: bool = False,
     threads: int | None = None,
     external_dir: str | None = None,
+    prefix: PrefixQuantizer | None = None,
     say: Say = lambda _m: None,
 ):
     """MinMax ranges (``onnxruntime.quantization.calibrate.TensorsData``) of every tensor of
@@ -161,7 +203,10 @@ def calibrate_minmax_layered(
     docstring). ``samples`` are feeds of the whole graph, read once. ``model`` is not
     changed. Weights in external data are read from ``external_dir`` one segment at a time
     (load ``model`` with ``load_external_data=False``: only one segment's weights are then
-    in memory)."""
+    in memory).
+
+    ``prefix``: each segment's frontier is computed by the segment as ``prefix`` quantizes
+    it with the ranges so far (module docstring), not by the float segment."""
     import onnxruntime as ort
 
     graph = model.graph
@@ -186,26 +231,21 @@ def calibrate_minmax_layered(
                 types[t] = onnx.helper.np_dtype_to_tensor_dtype(state[0][t].dtype)
         made = [o for i in seg.nodes for o in graph.node[i].output if o]
         calibrated = [t for t in made if t in wanted]
-        outputs = list(dict.fromkeys(calibrated + seg.frontier))
-        if not outputs:
-            continue
-        session = ort.InferenceSession(
-            _segment_bytes(model, seg, inits, types, outputs, external_dir), opts,
-            providers=["CPUExecutionProvider"])
-        feeds_of = [t for t in seg.reads if t not in inits]
-        keep = set(seg.frontier)
-        for sample in state:
-            values = session.run(outputs, {t: sample[t] for t in feeds_of})
-            for name, value in zip(outputs, values, strict=True):
-                if name in wanted:
-                    stats.add(name, value)
-                if name in keep:
-                    sample[name] = value
-            del values
+        if prefix is None:
+            outputs = list(dict.fromkeys(calibrated + seg.frontier))
+            _run_segment(model, seg, inits, types, outputs, external_dir, opts, state,
+                         stats, wanted, set(seg.frontier))
+        else:
+            _run_segment(model, seg, inits, types, calibrated, external_dir, opts, state,
+                         stats, wanted, set())
+            if seg.frontier:  # what later segments read, through this segment's QDQ form
+                quantized = prefix(_segment_bytes(model, seg, inits, types, seg.frontier,
+                                                  external_dir), stats.tensors_data(symmetric))
+                _run_segment(None, seg, inits, types, seg.frontier, None, opts, state,
+                             stats, set(), set(seg.frontier), body=quantized)
         for sample in state:  # nothing later reads these
             for t in [t for t in sample if last_read.get(t, -1) <= s]:
                 del sample[t]
-        del session
         say(f"calibration: segment {s + 1}/{len(segments)} "
             f"(layer {seg.layer if seg.layer is not None else '-'}, {len(calibrated)} tensors)")
     return stats.tensors_data(symmetric)

@@ -78,6 +78,13 @@ class CalibrationMethod(str, Enum):
     percentile = "percentile"
 
 
+class CalibrationPrefix(str, Enum):
+    """What the layered MinMax calibration (qdq_layered.py) feeds each decoder layer."""
+
+    float = "float"  # the float graph's activations (ORT's calibrator's ranges, bit for bit)
+    quantized = "quantized"  # the activations of the earlier layers already QDQ'd (issue 15)
+
+
 class CalibrationConfig(BaseModel):
     """Calibration text and how much of it the reader feeds (static QDQ and GPTQ)."""
 
@@ -91,6 +98,18 @@ class CalibrationConfig(BaseModel):
     prefill_tokens: int = Field(128, ge=2, description="length of each prompt chunk")
     max_past: int = Field(384, ge=1, description="longest KV cache a decode sample carries")
     seed: int = Field(0, description="picks the text offsets and cache lengths")
+    prefix: CalibrationPrefix = Field(
+        CalibrationPrefix.float,
+        description="static QDQ, minmax: each layer's ranges from the float graph's activations "
+        "(float) or from those of the earlier layers already quantized, weights and activations "
+        "fake-quantized by the same QDQ (quantized)")
+
+    @model_validator(mode="after")
+    def _check_prefix(self):
+        if self.prefix is CalibrationPrefix.quantized and self.method is not CalibrationMethod.minmax:
+            raise ValueError("prefix quantized calibrates layer by layer, which is minmax only; "
+                             f"got method {self.method.value} (use minmax or prefix float)")
+        return self
 
 
 class QuantRecipe(BaseModel):
@@ -304,6 +323,8 @@ class QuantRecipe(BaseModel):
             parts.append(self.int8_format.value)
         else:
             parts.append(self.calibration.method.value)
+            if self.calibration.prefix is CalibrationPrefix.quantized:
+                parts[-1] += "-qprefix"
         head = self.lm_head_precision
         parts.append({"float": "headf", "int8": "head8", "int4": "head4"}[head.value])
         if self.tied_head_int4:  # a large tied table (and its head) goes to 4 bits

@@ -18,6 +18,7 @@ from pathlib import Path
 from slmedge.device_profiles.schema import ONNX_SCHEMES
 from slmedge.exporter.quantize.recipe import (
     CalibrationMethod,
+    CalibrationPrefix,
     Int4Algorithm,
     Int8Format,
     TensorPrecision,
@@ -41,6 +42,10 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
                    "default: the packaged calib_emma.txt (Emma)")
     g.add_argument("--calib-method", choices=[m.value for m in CalibrationMethod],
                    help="static range estimator (default minmax)")
+    g.add_argument("--calib-prefix", choices=[p.value for p in CalibrationPrefix],
+                   help="static QDQ, minmax: each layer's ranges from the float graph's "
+                   "activations (float, default) or through the earlier layers already QDQ'd "
+                   "(quantized)")
     g.add_argument("--calib-samples", type=int, metavar="N",
                    help="calibration samples (a quarter prefill, the rest decode steps; default 32)")
     g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256],
@@ -112,6 +117,8 @@ def quant_fields(args) -> dict:
         calib["text"] = str(args.calibration)
     if getattr(args, "calib_method", None):
         calib["method"] = args.calib_method
+    if getattr(args, "calib_prefix", None):
+        calib["prefix"] = args.calib_prefix
     if getattr(args, "calib_samples", None):
         n = args.calib_samples
         calib["decode_samples"] = n - max(n // 4, 1)

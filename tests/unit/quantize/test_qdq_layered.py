@@ -141,3 +141,119 @@ def test_static_shape_graphs_quantize_to_the_same_files(tmp_path_factory, tiny_d
     assert files[False].keys() == files[True].keys() and len(files[True]) >= 3
     differ = [name for name in files[True] if files[True][name] != files[False][name]]
     assert not differ, differ
+
+
+def test_prefix_is_float_unless_asked():
+    """Today's calibration (the float graph's activations: the files above, ORT's bytes)
+    stays the default; the quantized prefix is minmax only, as the layered walk is."""
+    assert _recipe().calibration.prefix.value == "float"
+    assert _recipe(prefix="quantized").label() != _recipe().label()
+    with pytest.raises(ValueError, match="minmax"):
+        _recipe(method="entropy", prefix="quantized")
+
+
+def _layer_nodes(model, segment):
+    return [model.graph.node[i].name for i in segment.nodes]
+
+
+@pytest.mark.parametrize("scheme", ["int8-static", "a16w8"])
+def test_prefix_quantized_ranges_are_those_behind_the_qdq_prefix(tiny_artifact, tmp_path, scheme):
+    """Through the quantized prefix, segment 0 (nothing quantized before it) has the float
+    ranges; segment 1's are the min / max of the graph whose segment-0 nodes are QDQ'd by
+    quantize_static with those ranges (an independent run of the whole graph), and differ
+    from the float ones."""
+    from onnxruntime.quantization import quantize_static
+
+    from slmedge.exporter.quantize.graph import analyze
+    from slmedge.exporter.quantize.qdq import _static_options, plan_static, save_ranges
+    from slmedge.exporter.quantize.qdq_layered import _MinMax
+
+    path = tiny_artifact("llama", fuse=False) / "model.onnx"
+    model = onnx.load(str(path))
+    recipe, through = _recipe(scheme), _recipe(scheme, prefix="quantized")
+    nodes, table = plan_static(model, analyze(model), recipe)
+    op_types = sorted(op for op, row in table.items() if row["quantized"])
+    samples = list(KVCacheCalibrationReader(path, IDS, CALIB).samples())
+    plain = calibrate_layered(path, ListCalibrationReader(samples), recipe, op_types)
+    got = calibrate_layered(path, ListCalibrationReader(samples), through, op_types, nodes=nodes)
+    assert got.data.keys() == plain.data.keys()
+    segments = calibration_segments(model)
+    made = [{o for i in seg.nodes for o in model.graph.node[i].output} for seg in segments]
+    first = [t for t in got.data if t in made[0]]
+    second = [t for t in got.data if t in made[1]]
+    assert first and second
+    for t in first + [i.name for i in model.graph.input if i.name in got.data]:
+        np.testing.assert_array_equal(got.data[t].range_value, plain.data[t].range_value,
+                                      err_msg=t)
+    changed = [t for t in second
+               if not np.array_equal(got.data[t].range_value, plain.data[t].range_value)]
+    assert len(changed) > len(second) // 2, (len(changed), len(second))
+    # the reference: the whole graph, segment 0's chosen nodes QDQ'd, the rest float
+    ranges = save_ranges(got, tmp_path / "ranges.json")
+    partial = tmp_path / "partial.onnx"
+    chosen0 = [n for n in nodes if n in set(_layer_nodes(model, segments[0]))]
+    quantize_static(str(path), str(partial), None, op_types_to_quantize=op_types,
+                    nodes_to_quantize=chosen0, calibration_cache_path=str(ranges),
+                    **_static_options(recipe))
+    ref = onnx.load(str(partial))
+    del ref.graph.output[:]
+    ref.graph.output.extend(onnx.ValueInfoProto(name=t) for t in second)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ref.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    feeds = {i.name for i in session.get_inputs()}
+    stats = _MinMax()
+    for sample in samples:
+        for t, v in zip(second, session.run(second, {k: sample[k] for k in feeds}), strict=True):
+            stats.add(t, v)
+    want = stats.tensors_data()
+    assert want.data.keys() == set(second)
+    for t in second:
+        np.testing.assert_allclose(got.data[t].range_value, want.data[t].range_value,
+                                       rtol=1e-6, atol=1e-7, err_msg=t)
+
+
+@pytest.mark.parametrize("scheme, floor", [("int8-static", 0.93), ("a16w8", 0.98)])
+def test_prefix_quantized_graph_is_valid_and_close(tiny_artifact, tmp_path, scheme, floor):
+    """The graph quantized with ranges through the quantized prefix: a valid QDQ file of the
+    same structure as today's (only scales / zero points differ), its logits as close to the
+    fp32 graph's as the static tests require (tests/parity/test_quant_structure.py)."""
+    from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
+
+    art = tiny_artifact("llama", fuse=False)
+    outs = {}
+    for prefix in ("float", "quantized"):
+        outs[prefix] = tmp_path / f"{prefix}.onnx"
+        report = quantize_model(art / "model.onnx", outs[prefix], _recipe(scheme, prefix=prefix),
+                                calibration_ids=IDS)
+    assert report.recipe["calibration"]["prefix"] == "quantized"
+    onnx.checker.check_model(onnx.load(str(outs["quantized"])), full_check=True)
+    plain, through = _quantized_bytes(outs["float"]), _quantized_bytes(outs["quantized"])
+    assert [onnx.NodeProto.FromString(n).op_type for n in plain[0]] == \
+        [onnx.NodeProto.FromString(n).op_type for n in through[0]]
+    assert plain[1].keys() == through[1].keys()
+    assert any(plain[1][k] != through[1][k] for k in plain[1])  # other scales somewhere
+    ids = IDS[:48]
+    want = OnnxDecoder(art / "model.onnx").logits(ids)
+    for prefix, out in outs.items():
+        got = OnnxDecoder(out).logits(ids)
+        cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+        assert cos > floor, (prefix, cos)
+
+
+def test_cli_flag_sets_the_recipe_field():
+    import argparse
+
+    from slmedge.tools.cli.quantize import add_quant_flags, quant_fields
+
+    p = argparse.ArgumentParser()
+    add_quant_flags(p)
+    fields = quant_fields(p.parse_args(["--quant", "a16w8", "--calib-prefix", "quantized"]))
+    recipe = QuantRecipe(**fields["quant"])
+    assert recipe.calibration.prefix.value == "quantized"
+    assert "qprefix" in recipe.label()
+    fields = quant_fields(p.parse_args(["--quant", "a16w8"]))
+    assert QuantRecipe(**fields["quant"]).calibration.prefix.value == "float"
