@@ -22,6 +22,9 @@ class Decoder(Protocol):
 
     def step(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
 
+    # optional: ``check_length(total)`` raises when the graph covers fewer than ``total``
+    # positions (OnnxDecoder: a fused graph's slmedge.max_sequence_length)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -107,6 +110,11 @@ def generate(
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_length = getattr(decoder, "check_length", None)
+    if check_length is not None:
+        # Before the prefill: the last generated token is sampled, never fed, hence the -1.
+        # Refused up front rather than after some tokens were streamed.
+        check_length(len(prompt_ids) + max_new_tokens - 1)
     sample = Sampler(sampling)
     stream = tokenizer.stream() if tokenizer is not None else None
     pieces: list[str] = []

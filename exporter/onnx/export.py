@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmedge.device_profiles.schema import QDQ_SCHEMES
-from slmedge.runtimes.errors import QualityGateFailed
+from slmedge.runtimes.errors import QualityGateFailed, UsageError
 from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
 
 from slmedge.exporter.manifest import graph_io, onnx_facts
@@ -86,6 +86,13 @@ class ExportConfig(BaseModel):
         "GroupQueryAttention so left-padded batches stay exact (~0.7 ms/token slower decode on "
         "SmolLM2-135M). Default: GQA masks from sum(attention_mask), exact for one sequence or "
         "right-padded rows, as ONNX Runtime GenAI's graphs"
+    )
+    max_context: int | None = Field(
+        None, ge=2, description="fused graphs: the longest sequence (prompt + generated tokens) "
+        "the artifact runs, at most the model's maximum. ONNX Runtime computes the rotary tables "
+        "at load for every position the graph covers (Gemma 3 270M: 67 MB at its 32,768); the "
+        "runtime refuses longer sequences with an error naming the cap. None: the model's "
+        "maximum (max_position_embeddings). Recorded in the manifest (fusion)"
     )
     parity_reference_max_mb: float | None = Field(
         None, gt=0, description="largest PyTorch reference model (MB, in the export's dtype) the "
@@ -332,8 +339,15 @@ class OnnxSteps(ExportSteps):
         static_qdq = config.quant is not None and config.quant.scheme in QDQ_SCHEMES
         fuse_options = None
         if config.fuse and config.dtype is DType.fp32 and not static_qdq:
-            fuse_options = FusionOptions.from_hf_config(model.config,
+            fuse_options = FusionOptions.from_hf_config(model.config, config.max_context,
                                                         padding_mask=config.padding_mask)
+        elif config.max_context is not None:
+            why = ("--no-fuse" if not config.fuse else f"dtype {config.dtype.value}"
+                   if config.dtype is not DType.fp32 else f"--quant {config.quant.scheme.value}")
+            raise UsageError(
+                f"--max-context {config.max_context} caps the rotary tables of a fused graph, but "
+                f"this export is not fused ({why}): its rotary is computed per position from "
+                "position_ids, with no table to cap. Leave --max-context out")
         say(f"exporting {spec.family} ({layers} layers) to ONNX, {config.dtype.value}")
         self.on_write = _quantize_on_write(config, streamed)
         self.unwritten = None

@@ -81,6 +81,12 @@ def run_profile_export(config, progress=None, command: str | None = None) -> dic
         f"{derived.dtype.value}, quantization {derived.quant.scheme.value if derived.quant else 'none'}")
     extras = (ProfileExtra(profile),)
     if profile.shapes.policy is ShapePolicy.static:
+        if derived.max_context is not None:
+            raise UsageError(
+                f"--max-context {derived.max_context} applies to dynamic-shape exports; profile "
+                f"{profile.name} has static shapes whose context is its shapes.context_length "
+                f"({profile.shapes.context_length}). Leave --max-context out, or copy the profile "
+                "with another context_length")
         return run_steps(StaticSteps(derived, profile), derived.output, derived.overwrite, say,
                          command=command, extras=extras)
     # pipeline.run_export has quieted the libraries

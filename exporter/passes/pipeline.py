@@ -14,6 +14,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from slmedge.runtimes.errors import UsageError
+
 from .attention_gqa import GroupQueryAttentionFusion
 from .cleanup import CleanupPass
 from .gelu import GeluFusion
@@ -24,6 +26,10 @@ from .skip_layer_norm import SkipLayerNormFusion
 from .skip_rms_norm import SkipRmsNormFusion
 from .tied_head import TiedHeadOnce
 
+#: graph metadata: the model's own maximum positions when the export capped them below it
+#: (``--max-context``; the runtime's ``slmedge.max_sequence_length`` error names both)
+MODEL_MAX_LENGTH_METADATA = "slmedge.model_max_sequence_length"
+
 
 @dataclass
 class FusionOptions:
@@ -31,6 +37,10 @@ class FusionOptions:
 
     #: positions covered by the rotary caches = longest sequence the fused graph runs
     max_sequence_length: int = 4096
+    #: the model's own maximum (``max_position_embeddings``) when ``max_sequence_length`` is
+    #: capped below it (``--max-context``): recorded so that the runtime's error can say how
+    #: far a re-export could go. None: not capped
+    model_max_sequence_length: int | None = None
     #: layer index -> sliding window (tokens a query attends to, itself included)
     sliding_windows: dict[int, int] = field(default_factory=dict)
     #: add the ``logits_to_keep`` input (last-position logits during generation)
@@ -46,11 +56,23 @@ class FusionOptions:
     tied_head_once: bool = True
 
     @classmethod
-    def from_hf_config(cls, config, **overrides) -> "FusionOptions":
-        """From a transformers config object or a config.json dict."""
+    def from_hf_config(cls, config, max_context: int | None = None, **overrides) -> "FusionOptions":
+        """From a transformers config object or a config.json dict. ``max_context`` caps the
+        positions the fused graph covers below the model's maximum: its rotary tables, which
+        ONNX Runtime computes at load for every position (Gemma 3 270M: 67 MB at 32,768), and
+        the KV cache the runtime may grow to."""
         get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
             (lambda k, d=None: getattr(config, k, d))
         max_len = int(get("max_position_embeddings", None) or get("n_positions", None) or 4096)
+        model_max = None
+        if max_context is not None:
+            if max_context > max_len:
+                raise UsageError(
+                    f"--max-context {max_context} is more than this model's maximum of {max_len} "
+                    "positions (max_position_embeddings); give at most "
+                    f"{max_len}, or leave it out for the model's maximum")
+            if max_context < max_len:
+                max_len, model_max = int(max_context), max_len
         windows: dict[int, int] = {}
         window = get("sliding_window", None)
         layer_types = get("layer_types", None)
@@ -58,7 +80,8 @@ class FusionOptions:
             windows = {i: int(window) for i, t in enumerate(layer_types) if t == "sliding_attention"}
         elif window and get("use_sliding_window", False):
             windows = {i: int(window) for i in range(int(get("num_hidden_layers", 0)))}
-        return cls(max_sequence_length=max_len, sliding_windows=windows, **overrides)
+        return cls(max_sequence_length=max_len, model_max_sequence_length=model_max,
+                   sliding_windows=windows, **overrides)
 
 
 @dataclass
@@ -70,6 +93,10 @@ class FusionReport:
     ops_after: int
     #: which padded batches the fused attention is exact for (FusionOptions.padding_mask)
     padding: str = "one sequence or right-padded rows (GQA masks from sum(attention_mask))"
+    #: positions the fused attention's rotary tables and KV cache cover (None: not fused)
+    max_sequence_length: int | None = None
+    #: the model's own maximum when max_sequence_length is capped below it (--max-context)
+    model_max_sequence_length: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +138,11 @@ def fuse_model(model: ir.Model, options: FusionOptions | None = None) -> FusionR
                           ops_before, sum(1 for _ in model.graph))
     if options.padding_mask:
         report.padding = "left- or right-padded rows (exporter's mask as attention_bias)"
+    if counts.get(gqa.name):
+        report.max_sequence_length = options.max_sequence_length
+        if options.model_max_sequence_length is not None:
+            report.model_max_sequence_length = options.model_max_sequence_length
+            model.metadata_props[MODEL_MAX_LENGTH_METADATA] = str(options.model_max_sequence_length)
     return report
 
 

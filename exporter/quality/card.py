@@ -380,13 +380,21 @@ def decoder_card(
         return None
     ids, info = found
     prompts = [tokenizer.encode(p) for p in settings.prompts] if reference else []
+    window, stride, new_tokens = settings.window, settings.stride, settings.new_tokens
+    # A fused graph capped below the card's sizes (--max-context): the windows, prompts and
+    # greedy tokens fit inside the cap (the runtime refuses longer sequences)
+    cap = getattr(candidate, "max_sequence_length", None)
+    if cap and cap < max(window, max((len(p) for p in prompts), default=0) + new_tokens):
+        window, stride = min(window, cap), min(stride, max(1, min(window, cap) // 2))
+        prompts = [p[: cap // 2] for p in prompts]
+        new_tokens = min(new_tokens, cap - max((len(p) for p in prompts), default=0) + 1)
     if not getattr(candidate, "context", None):  # the replay window is ids[:REPLAY_WINDOW]
-        window = list(ids)[:REPLAY_WINDOW]
-        candidate = KeepPrefill(candidate, window)
-        reference = KeepPrefill(reference, window) if reference is not None else None
+        kept = list(ids)[: min(REPLAY_WINDOW, cap or REPLAY_WINDOW)]
+        candidate = KeepPrefill(candidate, kept)
+        reference = KeepPrefill(reference, kept) if reference is not None else None
     card = quality_card(candidate, ids, reference=reference, prompt_ids=[p for p in prompts if p],
-                        window=settings.window, stride=settings.stride,
-                        new_tokens=settings.new_tokens, eval_info=info, progress=progress,
+                        window=window, stride=stride,
+                        new_tokens=new_tokens, eval_info=info, progress=progress,
                         defer_scoring=True)
     card.replay = replay_record(candidate, tokenizer.encode(REPLAY_PROMPT), ids,
                                 reference=reference)
@@ -451,7 +459,8 @@ def replay_record(candidate: Decoder, prompt_ids: Sequence[int], eval_ids: Seque
     # A static-shape decoder holds `context` tokens (prompt + generated, or one window): the
     # replay fits inside it (a 32-token test export cannot take 16 tokens after a 20-token
     # prompt, nor a 256-token window).
-    context = getattr(candidate, "context", None)
+    # (or a fused graph's positions, capped at export by --max-context)
+    context = getattr(candidate, "context", None) or getattr(candidate, "max_sequence_length", None)
     window, new_tokens = REPLAY_WINDOW, REPLAY_NEW_TOKENS
     if context:
         if len(prompt_ids) >= int(context):

@@ -22,6 +22,8 @@ from slmedge.runtimes.errors import UsageError
 
 SHARED_KV_METADATA = "slmedge.kv_cache"
 MAX_LENGTH_METADATA = "slmedge.max_sequence_length"
+#: the model's own maximum when the export capped the graph below it (``--max-context``)
+MODEL_MAX_LENGTH_METADATA = "slmedge.model_max_sequence_length"
 #: "right": the graph's attention masks itself from ``sum(attention_mask) - 1`` per row, exact
 #: for right-padded rows of a batch (``OnnxDecoder.decode_batch``); "mask": the exporter's mask
 #: goes in as GQA's attention_bias (left padding); absent: an older export, batch 1 only
@@ -37,13 +39,39 @@ def shared_kv_max_length(session: ort.InferenceSession) -> int | None:
     return int(meta.get(MAX_LENGTH_METADATA, "4096"))
 
 
+def model_max_length(session: ort.InferenceSession) -> int | None:
+    """The model's own maximum positions when the export capped the graph below it."""
+    value = session.get_modelmeta().custom_metadata_map.get(MODEL_MAX_LENGTH_METADATA)
+    return int(value) if value else None
+
+
+def check_sequence_length(total: int, max_length: int, model_max: int | None = None) -> None:
+    """Refuse a sequence of ``total`` tokens longer than the graph covers: its rotary tables
+    hold ``max_length`` positions (GroupQueryAttention would read past them)."""
+    if total <= max_length:
+        return
+    if model_max is not None and model_max > max_length:
+        why = (f"the export capped it with --max-context {max_length}; the model allows "
+               f"{model_max}")
+        fix = (f"shorten the prompt, generate fewer tokens, or export again with a larger "
+               f"--max-context (at most {model_max})")
+    else:
+        why = "the model's maximum"
+        fix = "shorten the prompt or generate fewer tokens"
+    raise UsageError(
+        f"the sequence would be {total} tokens long (prompt + generated), but this artifact "
+        f"covers at most {max_length} positions (slmedge.max_sequence_length: its rotary tables "
+        f"and KV cache; {why}); {fix}")
+
+
 class SharedKVBuffer:
     """Per-layer key/value buffers bound as both past input and present output."""
 
     def __init__(self, past_names: list[str], present_names: list[str], kv_heads: int,
                  head_dim: int, dtype, max_length: int, initial_capacity: int = INITIAL_CAPACITY,
-                 batch: int = 1):
+                 batch: int = 1, model_max_length: int | None = None):
         self.batch = batch
+        self.model_max_length = model_max_length
         self.past_names = past_names
         self.present_names = present_names
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
@@ -71,12 +99,7 @@ class SharedKVBuffer:
 
     def ensure(self, total: int, length: int) -> None:
         """Make room for ``total`` tokens, keeping the first ``length`` cached ones."""
-        if total > self.max_length:
-            raise UsageError(
-                f"the sequence would be {total} tokens long, but this model's KV cache holds at "
-                f"most {self.max_length} (slmedge.max_sequence_length); shorten the prompt or "
-                "generate fewer tokens"
-            )
+        check_sequence_length(total, self.max_length, self.model_max_length)
         if total > self.capacity:
             capacity = self.capacity or INITIAL_CAPACITY
             while capacity < total:

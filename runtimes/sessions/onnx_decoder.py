@@ -31,7 +31,8 @@ import numpy as np
 import onnxruntime as ort
 
 from slmedge.runtimes.errors import ArtifactError, UsageError
-from .kv_buffer import BATCH_PADDING_METADATA, SharedKVBuffer, shared_kv_max_length
+from .kv_buffer import (BATCH_PADDING_METADATA, SharedKVBuffer, check_sequence_length,
+                        model_max_length, shared_kv_max_length)
 from .providers import create_session, placement_of
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -231,7 +232,8 @@ class OnnxDecoder:
         max_length = shared_kv_max_length(self.session) if self.past_names else None
         if max_length is not None:
             self._shared = SharedKVBuffer(self.past_names, self.present_names, self.kv.kv_heads,
-                                          self.kv.head_dim, self.kv.dtype, max_length)
+                                          self.kv.head_dim, self.kv.dtype, max_length,
+                                          model_max_length=model_max_length(self.session))
         meta = self.session.get_modelmeta().custom_metadata_map
         #: rows of different lengths decode as one batch (:meth:`decode_batch`): a fused graph
         #: whose attention masks each row from its own length (right padding exact)
@@ -246,6 +248,19 @@ class OnnxDecoder:
 
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """Positions a fused graph covers (``slmedge.max_sequence_length``: its rotary
+        tables and KV cache; capped at export by ``--max-context``); None for a plain graph."""
+        return self._shared.max_length if self._shared is not None else None
+
+    def check_length(self, total: int) -> None:
+        """Refuse (UsageError naming the cap and the fix) a sequence of ``total`` tokens
+        longer than a fused graph covers (``slmedge.max_sequence_length``: its rotary tables
+        and KV cache); a plain graph has no such limit."""
+        if self._shared is not None:
+            check_sequence_length(total, self._shared.max_length, self._shared.model_max_length)
 
     def reset(self) -> None:
         """Forget the cached sequence; the next :meth:`step` starts a new one."""
@@ -338,7 +353,8 @@ class OnnxDecoder:
         longest = int(lengths.max())
         cache = SharedKVBuffer(self.past_names, self.present_names, self.kv.kv_heads,
                                self.kv.head_dim, self.kv.dtype, self._shared.max_length,
-                               initial_capacity=longest + new_tokens - 1, batch=rows)
+                               initial_capacity=longest + new_tokens - 1, batch=rows,
+                               model_max_length=self._shared.model_max_length)
         cache.ensure(longest + new_tokens - 1, 0)  # the same error as step() past the maximum
         # Each prompt's prefill on its own row of the cache (a view: the batch axis is the
         # outermost), keeping its last position's logits only: a padded [rows, longest] prefill

@@ -68,10 +68,11 @@ def test_export_json_is_one_document_with_hashes_and_versions(capsys, tiny_dir, 
 
 def test_dry_run_config_round_trips_through_config(capsys, tiny_dir, tmp_path):
     code, stdout, _ = run(capsys, "export", "--model", tiny_dir("llama"), "--output",
-                          tmp_path / "x", "--dtype", "fp16", "--dry-run")
+                          tmp_path / "x", "--dtype", "fp16", "--max-context", "64", "--dry-run")
     assert code == 0
     config = json.loads(stdout)
     assert config["dtype"] == "fp16" and config["model"] == str(tiny_dir("llama"))
+    assert config["max_context"] == 64
     path = tmp_path / "config.json"
     path.write_text(stdout)
     code, again, _ = run(capsys, "export", "--config", path, "--dry-run")

@@ -197,3 +197,81 @@ def test_no_fuse_export_keeps_standard_ops(tiny_artifact):
     prompt = [9, 44, 3, 17, 60, 21]
     fused = OnnxDecoder(tiny_artifact("llama") / "model.onnx")
     assert generate(decoder, prompt, 12).tokens == generate(fused, prompt, 12).tokens
+
+
+def _folded_rotary_tables(path) -> list[tuple[int, ...]]:
+    """Shapes of the cos/sin caches GroupQueryAttention reads once ONNX Runtime has folded
+    them at load (what the session holds), from its optimized graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path.with_name("folded.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    inits = {t.name: tuple(t.dims) for t in graph.initializer}
+    caches = {n.input[i] for n in graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)}
+    return sorted(inits[name] for name in caches)
+
+
+def test_max_context_sizes_the_rotary_tables_and_keeps_the_logits(tiny_artifact, tmp_path):
+    """--max-context 48 (the tiny Gemma 3 allows 512): the rotary tables ONNX Runtime computes
+    at load hold 48 positions (both RoPE bases), the manifest and the graph say so, and the
+    logits of a sequence within the cap equal the uncapped graph's."""
+    full = tiny_artifact("gemma3_text")
+    capped = tiny_artifact("gemma3_text", max_context=48)
+    fusion = json.loads((capped / "manifest.json").read_text())["fusion"]
+    assert (fusion["max_sequence_length"], fusion["model_max_sequence_length"]) == (48, 512)
+    uncapped = json.loads((full / "manifest.json").read_text())["fusion"]
+    assert (uncapped["max_sequence_length"], uncapped["model_max_sequence_length"]) == (512, None)
+    meta = {p.key: p.value for p in onnx.load(str(capped / "model.onnx"),
+                                              load_external_data=False).metadata_props}
+    assert meta["slmedge.max_sequence_length"] == "48"
+    assert meta["slmedge.model_max_sequence_length"] == "512"
+    half = tiny_config("gemma3_text").head_dim // 2
+    for artifact, positions in ((capped, 48), (full, 512)):
+        (tmp_path / artifact.parent.name).mkdir()
+        copy = tmp_path / artifact.parent.name / "model.onnx"
+        copy.write_bytes((artifact / "model.onnx").read_bytes())
+        assert _folded_rotary_tables(copy) == [(positions, half)] * 4  # cos, sin x 2 bases
+    ids = list(range(5, 45))
+    want = OnnxDecoder(full / "model.onnx")
+    got = OnnxDecoder(capped / "model.onnx")
+    np.testing.assert_array_equal(got.step(ids[:30], all_logits=True),
+                                  want.step(ids[:30], all_logits=True))
+    for i in ids[30:]:
+        np.testing.assert_array_equal(got.step([i]), want.step([i]))
+    assert got.length == 40
+
+
+def test_a_sequence_past_max_context_is_refused_naming_the_cap(tiny_artifact):
+    """generate() refuses before the prefill when prompt + new tokens would pass the cap
+    (the error names the cap, the model's maximum and the flag); exactly at the cap it runs."""
+    from slmedge.runtimes.errors import UsageError
+
+    decoder = OnnxDecoder(tiny_artifact("gemma3_text", max_context=48) / "model.onnx")
+    prompt = list(range(5, 45))  # 40 tokens: 40 + 8 new = 48 positions fed (the last is not)
+    assert len(generate(decoder, prompt, 9).tokens) == 9
+    with pytest.raises(UsageError) as e:
+        generate(decoder, prompt, 10)
+    message = str(e.value)
+    assert "49 tokens long" in message and "at most 48 positions" in message
+    assert "--max-context 48" in message and "the model allows 512" in message
+    assert "larger --max-context (at most 512)" in message
+    assert decoder.length == 40 + 8  # the refused call did not touch the cache
+    with pytest.raises(UsageError, match="at most 48 positions"):
+        decoder.step([1] * 9)  # step() past the cap: the same error
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"max_context": 513}, "more than this model's maximum of 512"),
+    ({"max_context": 48, "fuse": False}, "not fused \\(--no-fuse\\)"),
+    ({"max_context": 48, "profile": "android-qnn-htp"}, "static shapes whose context is its "
+     "shapes.context_length \\(512\\)"),
+])
+def test_max_context_refuses_what_it_cannot_do(case, message, tiny_dir, tmp_path):
+    from slmedge.exporter.pipeline import ExportConfig, run_export
+    from slmedge.runtimes.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        run_export(ExportConfig(model=str(tiny_dir("gemma3_text")), output=tmp_path / "a", **case))

@@ -71,7 +71,8 @@ def cmd_export(args) -> int:
             fields = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"--config {args.config}: cannot read it as JSON ({e})") from None
-    for name in ("model", "output", "dtype", "opset", "parity_atol", "profile", "device_card"):
+    for name in ("model", "output", "dtype", "opset", "parity_atol", "profile", "device_card",
+                 "max_context"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -340,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused graphs: keep the attention mask inside GroupQueryAttention so "
                    "left-padded batches stay exact (slower decode); default: exact for one "
                    "sequence or right-padded rows, as ONNX Runtime GenAI")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="fused graphs: the longest sequence (prompt + generated tokens) the "
+                   "artifact runs; its rotary tables, which ONNX Runtime computes at load, cover "
+                   "N positions instead of the model's maximum (Gemma 3 270M: 67 MB at 32768). "
+                   "Longer sequences are refused at run time. Default: the model's maximum")
     p.add_argument("--profile", help="device profile (name or YAML): its recipe sets dtype, "
                    "quantization, static shapes, formats (slmedge profiles list)")
     p.add_argument("--device-card", choices=["full", "short", "off"],
