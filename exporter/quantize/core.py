@@ -72,8 +72,8 @@ class QuantReport:
     # "folded": HQQ's float zero points rewritten as default zero point + blocksum(x) @ M
     # (fold_zero_points.py), so MatMulNBits runs its fast kernels; None: nothing to fold
     zero_points: str | None = None
-    # "folded-u12" / "folded-u8" only: the largest rounding of a zero point by its code, in
-    # quantization steps of its block (QuantRecipe.zero_point_storage)
+    # "folded-f16" / "folded-u12" / "folded-u8" only: the largest rounding of a zero point by
+    # its fp16 M or code, in quantization steps of its block (QuantRecipe.zero_point_storage)
     zero_point_error: float | None = None
     # MatMulNBits nodes per (bits, accuracy_level) as written (nbits_levels): what runs. The
     # int4 scheme's 8-bit nodes are level 4 whatever the recipe's level (QuantRecipe.level_for)

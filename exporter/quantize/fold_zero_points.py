@@ -16,7 +16,16 @@ So ``y = x @ W`` is the same node without ``zero_points`` plus
 matrix, shared by the nodes that read the same ``x``; so the correction costs two small
 MatMuls and an Add per node, with no shape ops (every op is a kernel launch per decode step).
 
-Stored compactly (``code_bits`` 12 or 8, :class:`QuantRecipe.zero_point_storage`): ``M`` is
+Stored as fp16 (``code_bits`` 16, :class:`QuantRecipe.zero_point_storage`'s default): ``M``
+written as fp16 behind one ``Cast`` to the graph's float type, which ONNX Runtime's constant
+folding turns back into the fp32 ``M`` at load: 2 bytes per block instead of 4, the decode graph
+the fp32 one's, and (one op per matrix, no intermediates) the load peak and RSS after load of
+fp32 ``M`` (SmolLM2-135M, plain session: +2 MB; ``tools/bench/bench_zero_point_load.py``).
+fp16's rounding of ``M = scale * d`` moves the zero point by at most ``|d| * 2**-11`` steps
+(HQQ's ``|d| <= ~8``: <= ~0.004; reported as the largest, in steps); a node whose ``M`` leaves
+fp16's range or moves more than :data:`MAX_CODE_ERROR` keeps fp32 ``M``.
+
+Stored as codes (``code_bits`` 12 or 8): ``M`` is
 not written as fp32 but as ``M = scale^T * (lo + step * codes)``, ``codes`` one 12- or 8-bit
 integer per block (``[N, K / bs]``) on one affine grid per matrix for ``z0 - zp`` (HQQ's lie
 in about +-7.5 steps: SmolLM2's 120 matrices), reusing the node's own ``scales``. 12 bits are
@@ -31,9 +40,10 @@ fp32 rounding). The rounding is the same for every weight of a block, so its eff
 ``x @ W`` grows with ``blocksum(x)`` rather than averaging out as the 4-bit rounding does:
 SmolLM2's card moved from KL 0.0033 to 0.0038 with 8-bit codes (README int4 ablation). The
 cost is at load: ORT's folding of these ops frees heap that glibc keeps until ``malloc_trim``
-(Qwen2.5-0.5B-shaped int4, 12 bits: peak RSS 1155 vs 791 MB), so fp32 ``M`` stays the
-recipe's default. ::
+(Qwen2.5-0.5B-shaped int4, 12 bits: peak RSS 1155 vs 791 MB): each of the ~15 folded ops
+allocates an ``M``-sized intermediate, which is why fp16 (one op) is the default. ::
 
+    fp16:  M16[B,N] -Cast-> M[B,N]                                     (folded at session load)
     codes[N,B] u8 -Cast-Mul(step)-Add(lo)-Mul-Transpose-> M[B,N]    (folded at session load)
     scales ------------(Reshape [N,B])----'
     12 bits: codes = Cast(high u8) * 16 + low nibbles (Floor/Sub of Cast(packed) / 16, Concat)
@@ -62,8 +72,8 @@ MAX_CODE_ERROR = 1 / 16
 @dataclass
 class FoldReport:
     """What :func:`fold_zero_points` did: ``folded`` nodes, of which ``compact`` store ``M``
-    as ``code_bits`` codes (the rest fp32), and the largest zero-point rounding of those in
-    quantization steps (0.0: none rounded)."""
+    as ``code_bits`` codes (16: as fp16; the rest fp32), and the largest zero-point rounding
+    of those in quantization steps (0.0: none rounded)."""
 
     folded: int = 0
     compact: int = 0
@@ -73,11 +83,13 @@ class FoldReport:
     @property
     def label(self) -> str | None:
         """The manifest's ``zero_points``: ``folded`` (fp32 ``M``: the same weights),
-        ``folded-u12`` / ``folded-u8`` (zero points rounded, ``max_zero_point_error``), None:
-        nothing folded."""
+        ``folded-f16`` / ``folded-u12`` / ``folded-u8`` (zero points rounded,
+        ``max_zero_point_error``), None: nothing folded."""
         if not self.folded:
             return None
-        return f"folded-u{self.code_bits}" if self.compact else "folded"
+        if not self.compact:
+            return "folded"
+        return "folded-f16" if self.code_bits == 16 else f"folded-u{self.code_bits}"
 
 
 def _codes(d: np.ndarray, bits: int) -> tuple[np.ndarray, float, float, float]:
@@ -89,6 +101,21 @@ def _codes(d: np.ndarray, bits: int) -> tuple[np.ndarray, float, float, float]:
     return codes, lo, step, float(np.abs(codes * step + lo - d).max())
 
 
+def _half(corr: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """``M`` (``[B, N]``) as fp16 and the largest change of a zero point that makes, in steps
+    of its block (``scales`` ``[N, B]``, float64); None when over :data:`MAX_CODE_ERROR` (or
+    not finite: an ``M`` beyond fp16's range)."""
+    with np.errstate(over="ignore"):
+        half = corr.astype(np.float16)
+    moved = np.abs(half.astype(np.float64) - corr.astype(np.float64)).T  # [N, B]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        steps = np.where(moved > 0, moved / np.abs(scales), 0.0)
+    err = float(steps.max()) if steps.size else 0.0
+    if not np.isfinite(half).all() or not np.isfinite(err) or err > MAX_CODE_ERROR:
+        return None
+    return half, err
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -98,8 +125,9 @@ def fold_and_say(model: onnx.ModelProto, code_bits: int, say, keep_exact: Collec
     """:func:`fold_zero_points` with the progress line the quantizers print."""
     report = fold_zero_points(model, code_bits=code_bits, keep_exact=keep_exact)
     if report.folded:
-        how = (f"; M of {report.compact} as {code_bits}-bit codes (zero points rounded by <= "
-               f"{report.max_zero_point_error:.3f} step)" if report.compact else "")
+        kind = "fp16" if code_bits == 16 else f"{code_bits}-bit codes"
+        how = (f"; M of {report.compact} as {kind} (zero points rounded by <= "
+               f"{report.max_zero_point_error:.4f} step)" if report.compact else "")
         say(f"{report.folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
             f"correction (fast integer kernels){how}")
     return report
@@ -117,9 +145,10 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
     Nodes are left unchanged when their zero points are not a float initializer, their
     scales are not an initializer, or they carry a ``g_idx`` input. A ``K`` that is not a
     multiple of ``block_size`` is folded too (the last block holds the rows that exist).
-    ``code_bits`` 12 or 8: ``M`` as codes (module docstring; 0: fp32) except for the nodes in
-    ``keep_exact`` and those whose codes would round a zero point by more than
-    :data:`MAX_CODE_ERROR` steps.
+    ``code_bits`` 16 (fp16 ``M``), 12 or 8 (``M`` as codes; module docstring; 0: fp32) except
+    for the nodes in ``keep_exact`` and those whose storage would round a zero point by more
+    than :data:`MAX_CODE_ERROR` steps (fp16: also an ``M`` out of its range). A graph whose
+    scales are fp16 already stores ``M`` as fp16 (its own type) whatever ``code_bits`` 16 says.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -150,13 +179,15 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
         dtype = numpy_helper.to_array(sc_t).dtype
         corr = (scales * (z0 - zp)).T.astype(dtype)  # [blocks, N]
         packed = None
-        if code_bits and node.name not in keep_exact:
+        if code_bits == 16 and node.name not in keep_exact and dtype != np.float16:
+            packed = _half(corr, scales)
+        elif code_bits in (8, 12) and node.name not in keep_exact:
             codes, lo, step, err = _codes(z0 - zp, code_bits)
             if err <= MAX_CODE_ERROR:
                 packed = (codes, lo, step, err, sc_t, code_bits)
         plans[idx] = (blocks, bs, corr, packed)
-    if code_bits not in (0, 8, 12):
-        raise ValueError(f"code_bits is 0 (fp32 M), 8 or 12, not {code_bits}")
+    if code_bits not in (0, 8, 12, 16):
+        raise ValueError(f"code_bits is 0 (fp32 M), 16 (fp16 M), 8 or 12 (codes), not {code_bits}")
     report = FoldReport(folded=len(plans), code_bits=code_bits)
     if not plans:
         return report
@@ -198,6 +229,13 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
         m_name = unique_name(f"{base}/zp_fold/correction", names)
         if packed is None:
             graph.initializer.append(numpy_helper.from_array(corr, m_name))
+        elif code_bits == 16:  # one Cast, folded at load
+            half = unique_name(f"{m_name}/fp16", names)
+            graph.initializer.append(numpy_helper.from_array(packed[0], half))
+            new_nodes.append(helper.make_node("Cast", [half], [m_name], name=m_name,
+                                              to=helper.np_dtype_to_tensor_dtype(corr.dtype)))
+            report.compact += 1
+            report.max_zero_point_error = max(report.max_zero_point_error, packed[1])
         else:
             new_nodes.extend(_rebuild_correction(graph, m_name, packed, corr.dtype, names))
             report.compact += 1

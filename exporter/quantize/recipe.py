@@ -50,14 +50,15 @@ SOURCE_INT8_BLOCK = 128
 class ZeroPointStorage(str, Enum):
     """How the folded float zero points' correction ``M`` is stored (fold_zero_points.py)."""
 
-    float32 = "float32"  # fp32 M: the zero points as computed, 4 bytes per block (default)
+    float16 = "float16"  # fp16 M (2 bytes per block), one Cast folded at load (default)
+    float32 = "float32"  # fp32 M: the zero points as computed, 4 bytes per block
     uint12 = "uint12"  # a 12-bit code per block (1.5 bytes), rebuilt (and folded by ORT) at load
     uint8 = "uint8"  # an 8-bit code per block: smaller, SmolLM2's KL 0.0033 -> 0.0038
 
     @property
     def code_bits(self) -> int:
-        """fold_zero_points' ``code_bits``: 0 for fp32 ``M``."""
-        return {"uint12": 12, "uint8": 8, "float32": 0}[self.value]
+        """fold_zero_points' ``code_bits``: 0 for fp32 ``M``, 16 for fp16 ``M``."""
+        return {"uint12": 12, "uint8": 8, "float16": 16, "float32": 0}[self.value]
 
 
 class WeightKind(str, Enum):
@@ -171,15 +172,17 @@ class QuantRecipe(BaseModel):
         "table's bytes (Qwen2.5-0.5B: 85 instead of 157 MB). An untied table stays int8",
     )
     zero_point_storage: ZeroPointStorage = Field(
-        ZeroPointStorage.float32, description="int4 with float zero points (HQQ, a Q4_K "
-        "source): the folded correction's M per block as a 12-bit (uint12, 1.5 bytes) or 8-bit "
-        "(uint8) code of the zero point on one grid per matrix, rebuilt from the node's scales "
-        "by ops ONNX Runtime folds at load (the manifest's quantization.zero_points says "
-        "folded-u12 / folded-u8, zero_point_error the largest rounding in steps), or float32 "
-        "(4 bytes, the zero points as computed; the default). A source's own blocks (Q4_K) "
-        "keep float32. uint12 makes Qwen2.5-0.5B's int4 331.6 instead of 359.3 MB but ORT's "
-        "folding at load raises the loading process's peak RSS (1155 vs 791 MB; the heap it "
-        "frees goes back only with malloc_trim, which slmedge's runtime calls)",
+        ZeroPointStorage.float16, description="int4 with float zero points (HQQ, a Q4_K "
+        "source): the folded correction's M per block as float16 (2 bytes, one Cast ONNX "
+        "Runtime folds at load: the load peak and RSS of float32's; zero points moved by "
+        "|8 - zp| * 2**-11 <= ~0.004 step; the default), float32 (4 bytes, the zero points "
+        "as computed), or a 12-bit (uint12, 1.5 bytes) or 8-bit (uint8) code of the zero "
+        "point on one grid per matrix, rebuilt from the node's scales by ~15 ops ORT folds at "
+        "load (the manifest's quantization.zero_points says folded-f16 / folded-u12 / "
+        "folded-u8, zero_point_error the largest rounding in steps). A source's own blocks "
+        "(Q4_K) keep float32. uint12's folding raises the loading process's peak RSS "
+        "(Qwen2.5-0.5B-shaped int4: 1155 vs 791 MB; the heap it frees goes back only with "
+        "malloc_trim)",
     )
     keep_source_bits: bool = Field(
         True, description="int4: a weight the source holds in exact integer blocks of more "
@@ -259,8 +262,9 @@ class QuantRecipe(BaseModel):
         So after HQQ each node is rewritten (fold_zero_points.py) as the same weights with
         the default zero point plus ``blocksum(x) @ M``, ``M = scale * (default - zp)`` per
         block: the fast kernels run, the weights and the result are unchanged (up to the
-        int8 activations of ``accuracy_level`` 4). The report says ``zero_points: folded``
-        (``folded-u12`` / ``folded-u8`` when ``zero_point_storage`` stores ``M`` as codes).
+        int8 activations of ``accuracy_level`` 4). The report says ``zero_points:
+        folded-f16`` (the default's fp16 ``M``), ``folded`` (fp32 ``M``) or ``folded-u12`` /
+        ``folded-u8`` (``M`` as codes).
         The correction's small nodes cost decode speed (SmolLM2: ~0.67x GenAI's int4);
         ``gptq-act`` (needs calibration text) keeps integer zero points and no correction
         at a similar quality (tools/bench/bench_quant.py's ``int4``)."""
@@ -337,8 +341,9 @@ class QuantRecipe(BaseModel):
             parts.append("keep" + "_".join(map(str, self.keep_layers)))
         if self.int8_block_size and self.int8_block_size != self.block_size:
             parts.append(f"i8b{self.int8_block_size}")
-        if self.zero_point_storage is not ZeroPointStorage.float32:
-            parts.append({"uint8": "zpu8", "uint12": "zpu12"}[self.zero_point_storage.value])
+        if self.zero_point_storage is not ZeroPointStorage.float16:
+            parts.append({"uint8": "zpu8", "uint12": "zpu12",
+                          "float32": "zpf32"}[self.zero_point_storage.value])
         if set(self.keep_source_bits_kinds) != set(WeightKind):
             parts.append("src8" + "".join(sorted(k.value for k in self.keep_source_bits_kinds)))
         return "-".join(parts)

@@ -135,6 +135,57 @@ def test_compact_correction_rounds_zero_points_within_the_bound(tmp_path, bits, 
     np.testing.assert_allclose(_run(plain, x), got, rtol=1e-5, atol=1e-6 * np.abs(got).max())
 
 
+def test_fp16_correction_is_one_cast_folded_at_load(tmp_path):
+    """The default storage: M as fp16 behind one Cast (2 bytes per block). The zero points
+    move by M's fp16 rounding, at most |8 - zp| * 2**-11 <= 0.004 step here, as reported; ONNX
+    Runtime folds the Cast at load (the decode graph is the fp32 one's) and
+    materialize_corrections gives back the fp32 M the session runs."""
+    k, n, block = 128, 48, 32
+    model = _nbits_model(k, n, block)
+    x = np.random.default_rng(5).normal(size=(1, 4, k)).astype(np.float32)
+    half = _copy(model)
+    report = fold_zero_points(half, code_bits=16)
+    assert (report.folded, report.compact, report.label) == (1, 1, "folded-f16")
+    assert 0 < report.max_zero_point_error <= 8 * 2.0**-11 + 1e-9
+    inits = {t.name: t for t in half.graph.initializer}
+    stored = [t for name, t in inits.items() if "/zp_fold/correction/" in name]
+    assert [(t.data_type, list(t.dims)) for t in stored] == [(TensorProto.FLOAT16,
+                                                              [k // block, n])]
+    assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [k // block, n]
+                   for t in inits.values())  # no fp32 M in the file
+    # the reported error bounds the difference to the float64 weights
+    scales = numpy_helper.to_array(inits["scales"]).astype(np.float64).reshape(n, -1)
+    bound = np.abs(x.astype(np.float64)).reshape(-1, k // block, block).sum(-1) @ (
+        scales.T * report.max_zero_point_error)
+    got = _run(half, x, optimized=tmp_path / "opt.onnx")
+    want = x.astype(np.float64) @ _dequantized(model)
+    assert (np.abs(got - want) <= bound.reshape(got.shape) + 1e-4 * np.abs(want).max()).all()
+    exact = _copy(model)
+    fold_zero_points(exact)
+    assert np.abs(got - _run(exact, x)).max() > 1e-7  # rounded: not the fp32 M's result
+    ran = onnx.load(str(tmp_path / "opt.onnx"))
+    assert sorted(nd.op_type for nd in ran.graph.node) == ["Add", "MatMul", "MatMul",
+                                                           "MatMulNBits"]
+    plain = _copy(half)
+    assert materialize_corrections(plain) == 1
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in plain.graph.initializer)
+    np.testing.assert_array_equal(_run(plain, x), got)
+
+
+def test_fp16_keeps_fp32_where_asked_or_out_of_range():
+    """keep_exact (a source's own Q4_K blocks) and an M beyond fp16's range keep fp32 M."""
+    model = _nbits_model(64, 16, 32)
+    kept = _copy(model)
+    assert fold_zero_points(kept, code_bits=16, keep_exact={"proj"}) == FoldReport(1, 0, 0.0, 16)
+    huge = _copy(model)
+    sc = next(t for t in huge.graph.initializer if t.name == "scales")
+    sc.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(sc) * 1e6, "scales"))
+    report = fold_zero_points(huge, code_bits=16)
+    assert (report.compact, report.label) == (0, "folded")
+    assert any(t.data_type == TensorProto.FLOAT and t.name.endswith("/zp_fold/correction")
+               for t in huge.graph.initializer)
+
+
 def test_compact_keeps_fp32_where_asked_or_too_coarse():
     """keep_exact names a node that keeps fp32 M; a zero-point span over 255 * 2 *
     MAX_CODE_ERROR steps (one outlier block) keeps it too, rather than round all its
@@ -178,11 +229,12 @@ def test_integer_zero_points_are_left_alone(k, block, zp_kind):
     assert model.SerializeToString() == before
 
 
-@pytest.mark.parametrize("storage", ["float32", "uint12"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "uint12"])
 def test_hqq_int4_of_tiny_llama_is_folded_and_unchanged(tiny_artifact, tmp_path, monkeypatch,
                                                         storage):
-    """fp32 M: the logits of the unfolded graph (float zero points) to fp32 rounding. 12-bit
-    codes: the zero points rounded by ~1/500 step, so close but not equal."""
+    """fp32 M: the logits of the unfolded graph (float zero points) to fp32 rounding. fp16 M
+    (the default) and 12-bit codes: the zero points rounded by ~1/300 step, so close but not
+    equal."""
     from slmedge.exporter.quantize import core
     from slmedge.exporter.quantize.core import quantize_model
     from slmedge.exporter.quantize.recipe import QuantRecipe
@@ -193,14 +245,18 @@ def test_hqq_int4_of_tiny_llama_is_folded_and_unchanged(tiny_artifact, tmp_path,
     recipe = QuantRecipe(scheme="int4", block_size=32, accuracy_level=1, lm_head="float",
                          zero_point_storage=storage)
     assert recipe.int4_algorithm.value == "hqq"
-    assert QuantRecipe(scheme="int4").zero_point_storage.value == "float32"  # the default
+    assert QuantRecipe(scheme="int4").zero_point_storage.value == "float16"  # the default
     folded, plain = tmp_path / "folded.onnx", tmp_path / "plain.onnx"
     report = quantize_model(art / "model.onnx", folded, recipe, tokenizer_dir=art)
     monkeypatch.setattr(core, "fold_and_say", lambda *_a, **_k: FoldReport())
     quantize_model(art / "model.onnx", plain, recipe, tokenizer_dir=art)
     if storage == "float32":
         assert (report.zero_points, report.zero_point_error) == ("folded", None)
-        assert not report.label.endswith("-zpu12")
+        assert report.label.endswith("-zpf32")
+    elif storage == "float16":
+        assert report.zero_points == "folded-f16" and not report.label.endswith(("-zpf32",
+                                                                                   "-zpu12"))
+        assert 0 < report.zero_point_error <= 1 / 128  # |8 - zp| * 2**-11
     else:
         assert report.zero_points == "folded-u12" and report.label.endswith("-zpu12")
         assert 0 < report.zero_point_error <= 1 / 256
