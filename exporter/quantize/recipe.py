@@ -160,8 +160,8 @@ class QuantRecipe(BaseModel):
     large_table: bool = Field(
         True, description="int4/int8 weight-only with the embedding float: a table of at least "
         "64M values (Qwen2.5-0.5B's, Llama-3.2-1B's; not SmolLM2's) is not kept float: tied to "
-        "an 8-bit lm_head it is looked up in the lm_head's int8 table (GatherBlockQuantized "
-        "over its bytes, stored once), else it is int8 of its own (as --embedding int8) "
+        "an 8-bit lm_head it is looked up in the lm_head's int8 table (Gathers of its bytes, "
+        "scales and zero points as stored: held once), else it is int8 of its own (as --embedding int8) "
         "(streaming quantizer)",
     )
     large_table_bits: int = Field(

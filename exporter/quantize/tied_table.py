@@ -135,10 +135,10 @@ def tied_gathers(model: onnx.ModelProto, gathers: list[str], head: str | None,
 
 
 def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str) -> bool:
-    """The ``Gather`` named ``gather`` becomes a ``GatherBlockQuantized`` reading the 8-bit
-    or 4-bit ``MatMulNBits`` that produces ``head_output`` (the tied ``lm_head``: its
-    ``[N, K]`` weight is the table): its bytes, scales and integer zero points through
-    ``Reshape`` nodes, no copy. The lookup gives the rows the ``lm_head`` computes with
+    """The ``Gather`` named ``gather`` becomes a lookup (8 bits: plain ``Gather`` nodes, 4 bits:
+    a ``GatherBlockQuantized``) reading the 8-bit or 4-bit ``MatMulNBits`` that produces
+    ``head_output`` (the tied ``lm_head``: its ``[N, K]`` weight is the table): its bytes,
+    scales and integer zero points, no second table. The lookup gives the rows the ``lm_head`` computes with
     (dequantized exactly as ``MatMulNBits`` does: ``GatherBlockQuantized`` with ``bits=4``
     over uint8 data reads two values a byte, low nibble first, and packed 4-bit zero points,
     8 when there are none, as ``MatMulNBits`` does; checked against ORT 1.32's kernels).
@@ -146,14 +146,15 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
     HQQ's, folded later; a ``g_idx``; a 4-bit head with an odd number of blocks per row,
     whose packed zero points would straddle rows).
 
-    An 8-bit table is read as the head stores it, ``[N, K / bs, bs]`` (``quantize_axis=2``,
-    then a ``Reshape`` of the looked-up rows to ``[..., K]``), not through a ``Reshape`` of
-    the table: ONNX Runtime constant-folds a ``Reshape`` of an initializer into a new tensor,
-    so the session held the table twice (that copy, and ``MatMulNBits``' pre-packed one);
-    read directly, the lookup's table is the file's own bytes, memory-mapped from
-    ``model.onnx.data`` (Gemma 3 270M int4: 168 MB less after load with the runtime's
-    ``release_mapped_weights``). Only the small scales and zero points go through a
-    ``Reshape`` (``MatMulNBits`` takes its scales only as ``[N, K / bs]`` or flat)."""
+    An 8-bit table is read as the head stores it, ``[N, K / bs, bs]``, with its scales and
+    zero points, by plain ``Gather`` nodes (:func:`_gather_blocks`), not through a
+    ``Reshape`` of the table: ONNX Runtime constant-folds a ``Reshape`` of an initializer
+    into a new tensor, so the session held the table twice (that copy, and ``MatMulNBits``'
+    pre-packed one); read directly, the lookup's inputs are the file's own bytes,
+    memory-mapped from ``model.onnx.data`` (Gemma 3 270M int4: 168 MB less after load with
+    the runtime's ``release_mapped_weights``; the scales' and zero points' Reshapes, another
+    21-26 MB, went on 2026-12-07). A 4-bit table still goes through ``Reshape`` nodes (its
+    packed rows and zero points are not the head's layout)."""
     graph = model.graph
     head = next((n for n in graph.node if n.op_type == "MatMulNBits"
                  and n.output[0] == head_output), None)
@@ -225,54 +226,75 @@ def _rank(graph, name: str) -> int | None:
 
 def _gather_blocks(model: onnx.ModelProto, node: onnx.NodeProto, head: onnx.NodeProto,
                    rank: int) -> None:
-    """``node`` (a ``Gather`` of ``rank``-D indices) becomes a ``GatherBlockQuantized`` over the
-    8-bit head's ``[N, K / bs, bs]`` bytes as they are, and a ``Reshape`` of its
-    ``[..., K / bs, bs]`` rows to ``[..., K]``::
+    """``node`` (a ``Gather`` of ``rank``-D indices) becomes a lookup of the 8-bit head's
+    ``[N, K / bs, bs]`` bytes, ``[N, K / bs]`` scales and zero points as they are stored,
+    dequantized as ``MatMulNBits`` does (``(q - zp) * scale``, zp 128 when there are none)::
 
-        head bytes [N, nb, bs] ------------------------------+--> MatMulNBits (lm_head)
-        scales [N, nb] --+-> Reshape [N, nb, 1] --+           |
-        zero points -----+-> Reshape [N, nb, 1] --+--> GatherBlockQuantized(quantize_axis=2)
-        input_ids [..] --------------------------------------+    -> [.., nb, bs]
-                                                                  -> Reshape [.., K]
-    """
+        head bytes [N, nb, bs] u8 --+--------------------------------------> MatMulNBits
+        scales [N, nb] -------------+--------------------------------------> (lm_head)
+        zero points [N, nb] u8 -----+-------------------------------------->
+                                    |
+        input_ids [..] --> Gather(bytes) [.., nb, bs] -> Cast ----------------.
+                      \--> Gather(zero points) [.., nb] -> Cast -> Unsqueeze -> Sub
+                       \-> Gather(scales) [.., nb] ---------------> Unsqueeze -> Mul
+                                                                    -> Reshape [.., K]
+
+    Plain ``Gather`` nodes because every input of the lookup is then an initializer read as
+    stored: ``GatherBlockQuantized`` needs its scales with the data's rank (``[N, nb, 1]``)
+    and ``MatMulNBits`` refuses that shape ("scales initializer shape {N,nb,1} does not match
+    attribute-derived shape", ORT 1.32), so they went through ``Reshape`` nodes, which ONNX
+    Runtime constant-folds into private copies at load (Qwen2.5-0.5B: 17 MB of scales and 4
+    MB of zero points; Gemma 3 270M: 26 MB). Read as stored, the lookup's inputs are the
+    file's memory-mapped pages, of which it touches the rows it reads. Same numbers: the
+    difference of two integers is exact in float, then one product."""
     graph = model.graph
     a = _attrs(head)
-    n, k, bs = a["N"], a["K"], a["block_size"]
+    k = a["K"]
     base = node.name or node.output[0]
-    block_shape = numpy_helper.from_array(np.array([n, k // bs, 1], np.int64),
-                                          f"{base}/tied_block_shape")
+    scales = next(t for t in graph.initializer if t.name == head.input[2])
+    to = scales.data_type
+    last = numpy_helper.from_array(np.array([-1], np.int64), f"{base}/tied_last_axis")
     row_shape = numpy_helper.from_array(np.array([0] * rank + [k], np.int64),
                                         f"{base}/tied_row_shape")
-    graph.initializer.extend([block_shape, row_shape])
-    inputs = [head.input[1], node.input[1], f"{base}/tied_scales"]
-    reshapes = [helper.make_node("Reshape", [head.input[2], block_shape.name], [inputs[2]],
-                                 name=f"{base}/tied_scales_reshape")]
+    graph.initializer.extend([last, row_shape])
+    ids = node.input[1]
+
+    def op(kind, inputs, suffix, **attrs):
+        return helper.make_node(kind, inputs, [f"{base}/{suffix}"], name=f"{base}/{suffix}",
+                                **attrs)
+
+    nodes = [op("Gather", [head.input[1], ids], "tied_blocks", axis=0),
+             op("Cast", [f"{base}/tied_blocks"], "tied_codes", to=to)]
     if len(head.input) > 3 and head.input[3]:
-        inputs.append(f"{base}/tied_zero_points")
-        reshapes.append(helper.make_node("Reshape", [head.input[3], block_shape.name],
-                                         [inputs[3]], name=f"{base}/tied_zero_points_reshape"))
-    blocks = f"{base}/tied_blocks"
-    gbq = helper.make_node("GatherBlockQuantized", inputs, [blocks], name=node.name,
-                           domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                           block_size=bs, bits=8)
-    gbq.metadata_props.extend(node.metadata_props)
-    rows = helper.make_node("Reshape", [blocks, row_shape.name], list(node.output),
-                            name=f"{base}/tied_rows")
+        nodes += [op("Gather", [head.input[3], ids], "tied_zero_points", axis=0),
+                  op("Cast", [f"{base}/tied_zero_points"], "tied_zero_points_f", to=to),
+                  op("Unsqueeze", [f"{base}/tied_zero_points_f", last.name], "tied_zero_points_b")]
+        zero = f"{base}/tied_zero_points_b"
+    else:  # MatMulNBits' implied zero point of unsigned 8-bit codes
+        zero = numpy_helper.from_array(
+            np.array(128, helper.tensor_dtype_to_np_dtype(to)), f"{base}/tied_zero_point")
+        graph.initializer.append(zero)
+        zero = zero.name
+    nodes += [op("Sub", [f"{base}/tied_codes", zero], "tied_centered"),
+              op("Gather", [head.input[2], ids], "tied_scales", axis=0),
+              op("Unsqueeze", [f"{base}/tied_scales", last.name], "tied_scales_b"),
+              op("Mul", [f"{base}/tied_centered", f"{base}/tied_scales_b"], "tied_dequantized")]
+    nodes.append(helper.make_node("Reshape", [f"{base}/tied_dequantized", row_shape.name],
+                                  list(node.output), name=f"{base}/tied_rows"))
+    for n in nodes[:1]:
+        n.metadata_props.extend(node.metadata_props)
     idx = list(graph.node).index(node)
     graph.node.remove(node)
-    graph.node.insert(idx, rows)
-    graph.node.insert(idx, gbq)
-    for r in reversed(reshapes):
-        graph.node.insert(0, r)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    for n in reversed(nodes):
+        graph.node.insert(idx, n)
 
 
 def looks_up_head_bytes(model: onnx.ModelProto) -> bool:
-    """Whether a ``GatherBlockQuantized`` reads a ``MatMulNBits``' weight bytes as they are
+    """Whether a lookup (``Gather``, or ``GatherBlockQuantized``) reads a ``MatMulNBits``'
+    weight bytes as they are
     (:func:`_gather_blocks`): the graph then keeps its weights in ``model.onnx.data``, which
     ONNX Runtime memory-maps, so the session's lookup table is the file's pages and not a
     second private copy beside the head's pre-packed weights."""
     heads = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
-    return any(n.op_type == "GatherBlockQuantized" and n.input[0] in heads
+    return any(n.op_type in ("Gather", "GatherBlockQuantized") and n.input[0] in heads
                for n in model.graph.node)

@@ -264,20 +264,22 @@ def test_a_large_tied_table_is_looked_up_in_the_lm_heads_int8_table(recipe, tiny
     assert report.embedding == "int8-tied" and old.embedding == "float"
     assert report.lm_head == "int8"
     a, b = onnx.load(str(shared)), onnx.load(str(separate))
-    gbq = [n for n in a.graph.node if n.op_type == "GatherBlockQuantized"]
-    assert len(gbq) == 1 and not any(n.op_type == "Gather" for n in a.graph.node
-                                     if n.name == gbq[0].name)
-    head = next(n for n in a.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"
-                or n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
-    reshape = {n.output[0]: n.input[0] for n in a.graph.node if n.op_type == "Reshape"}
-    # the head's [N, K / bs, bs] bytes as they are (a Reshape of them ORT would fold into a
-    # copy), its scales and zero points through Reshapes
-    assert gbq[0].input[0] == head.input[1]
-    assert [reshape[i] for i in gbq[0].input if i in reshape] == head.input[2:4]
-    rows_node = next(n for n in a.graph.node if n.input[:1] == [gbq[0].output[0]])
     inits_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
     inits_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
-    gather = next(n for n in b.graph.node if n.name == gbq[0].name)
+    gather = next(n for n in b.graph.node if n.op_type == "Gather" and n.input[0] in inits_b
+                  and inits_b[n.input[0]].ndim == 2)  # the float table's lookup
+    head = next(n for n in a.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"
+                or n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
+    lookup = [n for n in a.graph.node if n.name.startswith(f"{gather.name}/tied")]
+    assert "GatherBlockQuantized" not in {n.op_type for n in a.graph.node}
+    # the head's [N, K / bs, bs] bytes, scales and zero points read as they are stored by
+    # Gathers of the ids: no node computes from initializers alone (ORT would fold it into
+    # a private copy at load: a Reshape of the scales did)
+    read = {n.input[0] for n in lookup if n.op_type == "Gather"}
+    assert read == {i for i in head.input[1:4] if i} and all(
+        n.input[1] == gather.input[1] for n in lookup if n.op_type == "Gather")
+    assert not [n.name for n in lookup if all(i in inits_a for i in n.input if i)]
+    rows_node = next(n for n in lookup if n.output[0] == gather.output[0])
     table = inits_b[gather.input[0]]
     assert table.dtype == np.float32 and gather.input[0] not in inits_a  # the float table: gone
     for name, value in inits_b.items():
@@ -289,8 +291,7 @@ def test_a_large_tied_table_is_looked_up_in_the_lm_heads_int8_table(recipe, tiny
     # the lookup's rows == the lm_head's dequantized weight rows, exactly (ORT's kernels)
     vocab, k = table.shape
     sub = onnx.helper.make_graph(
-        [n for n in a.graph.node if n.op_type == "Reshape" and n.output[0] in gbq[0].input]
-        + [gbq[0], rows_node]
+        lookup
         + [onnx.helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"], domain="com.microsoft",
                                  **{x.name: onnx.helper.get_attribute_value(x) for x in head.attribute
                                     if x.name != "accuracy_level"})],

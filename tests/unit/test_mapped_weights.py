@@ -98,8 +98,13 @@ def _tied_model(n: int, k: int, bs: int = 128) -> onnx.ModelProto:
 
 def test_the_8bit_lookup_reads_the_heads_bytes_as_stored():
     model = _tied_model(64, 256, bs=32)
-    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    assert gbq.input[0] == "head_q" and looks_up_head_bytes(model)
+    assert looks_up_head_bytes(model)
+    # the head's bytes, scales and zero points are read as stored: no node computes from
+    # initializers alone (ONNX Runtime would fold it into a private copy at load)
+    inits = {t.name for t in model.graph.initializer}
+    assert not [n.name for n in model.graph.node if all(i in inits for i in n.input if i)]
+    read = {i for n in model.graph.node if n.op_type == "Gather" for i in n.input}
+    assert {"head_q", "head_scales", "head_zp"} <= read
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -138,3 +143,52 @@ def test_a_tied_8bit_table_is_resident_once_after_load(tmp_path):
     got = _run(_LOAD, tmp_path / "model.onnx")
     session_mb = got["after"] - got["before"]
     assert session_mb <= 1.3 * table_mb, (session_mb, table_mb)
+
+
+def _through_reshapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The lookup as it was until 2026-12-07: GatherBlockQuantized over the head's bytes with
+    the scales and zero points through Reshapes to [N, nb, 1] (its rank rule)."""
+    graph = model.graph
+    n, nb, bs = next(t.dims for t in graph.initializer if t.name == "head_q")
+    k = nb * bs
+    del graph.node[:]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([n, nb, 1], np.int64), "block_shape"),
+        numpy_helper.from_array(np.array([0, 0, k], np.int64), "row_shape")])
+    graph.node.extend([
+        helper.make_node("Reshape", ["head_scales", "block_shape"], ["s3"]),
+        helper.make_node("Reshape", ["head_zp", "block_shape"], ["z3"]),
+        helper.make_node("GatherBlockQuantized", ["head_q", "input_ids", "s3", "z3"], ["blocks"],
+                         domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=bs,
+                         bits=8),
+        helper.make_node("Reshape", ["blocks", "row_shape"], ["embeds"]),
+        helper.make_node("MatMulNBits", ["hidden", "head_q", "head_scales", "head_zp"],
+                         ["logits"], name="lm_head", domain="com.microsoft", K=k, N=n, bits=8,
+                         block_size=bs, accuracy_level=4)])
+    return model
+
+
+def test_the_lookups_scales_and_zero_points_are_not_copied_at_load(tmp_path):
+    """Block 32 (Qwen2.5-0.5B's head: 17 MB of scales, 4 MB of zero points): read as stored
+    by plain Gathers, they stay the file's mapped pages; through Reshapes (what the lookup did
+    before, GatherBlockQuantized wants them as [N, nb, 1]) ORT folds them into private copies
+    at load, ~their size more RSS. Same rows both ways."""
+    n, k, bs = 131072, 1024, 32
+    sizes = n * (k // bs) * (4 + 1) / 1e6  # fp32 scales + uint8 zero points, as rss_mb counts
+    session = {}
+    for name, model in (("now", _tied_model(n, k, bs)),
+                        ("reshaped", _through_reshapes(_tied_model(n, k, bs)))):
+        (tmp_path / name).mkdir()
+        onnx.save_model(model, str(tmp_path / name / "model.onnx"), save_as_external_data=True,
+                        location="model.onnx.data", size_threshold=1024)
+        got = _run(_LOAD, tmp_path / name / "model.onnx")
+        session[name] = got["after"] - got["before"]
+    assert session["now"] <= session["reshaped"] - 0.75 * sizes, (session, sizes)
+    import onnxruntime as ort
+
+    ids = np.array([[0, 5, n - 1]], np.int64)
+    hidden = np.zeros((1, 3, k), np.float32)
+    rows = [ort.InferenceSession(str(tmp_path / name / "model.onnx"),
+                                 providers=["CPUExecutionProvider"]).run(
+        ["embeds"], {"input_ids": ids, "hidden": hidden})[0] for name in ("now", "reshaped")]
+    np.testing.assert_array_equal(rows[0], rows[1])
