@@ -73,10 +73,16 @@ def _model_config(artifact: Artifact) -> dict:
         return {}
 
 
-def _max_positions(artifact: Artifact) -> int | None:
+def _max_positions(artifact: Artifact) -> tuple[int | None, str]:
+    """The longest sequence the artifact runs and what says so: a fused graph capped at
+    export (``--max-context``: the manifest's ``fusion.model_max_sequence_length`` is set),
+    else the model's own maximum."""
+    fusion = getattr(artifact.info, "fusion", None) or {}
+    if fusion.get("model_max_sequence_length") and fusion.get("max_sequence_length"):
+        return int(fusion["max_sequence_length"]), "export's --max-context"
     config = _model_config(artifact)
     value = config.get("max_position_embeddings") or config.get("n_positions")
-    return int(value) if value else None
+    return (int(value) if value else None), "model maximum"
 
 
 def kv_bytes_per_token(artifact: Artifact) -> int:
@@ -104,10 +110,10 @@ def estimate_memory(artifact: Artifact, profile, context: int | None = None) -> 
     elif static:
         tokens, why = int(static), "the static export's context_length"
     else:
-        limit = _max_positions(artifact)
+        limit, what = _max_positions(artifact)
         tokens = min(DEFAULT_DYNAMIC_CONTEXT, limit) if limit else DEFAULT_DYNAMIC_CONTEXT
         why = (f"dynamic shapes: default {DEFAULT_DYNAMIC_CONTEXT}"
-               + (f", model maximum {limit}" if limit and limit < DEFAULT_DYNAMIC_CONTEXT else ""))
+               + (f", {what} {limit}" if limit and limit < DEFAULT_DYNAMIC_CONTEXT else ""))
     per_token = kv_bytes_per_token(artifact)
     return MemoryEstimate(
         profile=profile.name,

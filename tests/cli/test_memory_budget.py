@@ -119,3 +119,11 @@ def test_check_counts_the_weights_of_a_static_export_with_ort_files_once(
                       if rel in ort or meta["role"] != "model"}
     assert only_ort.file_size_mb() == pytest.approx(
         sum(size[rel] for rel in ort) / 1e6)
+
+
+def test_a_capped_export_is_estimated_at_its_cap(tiny_artifact, tmp_path):
+    """An export capped with --max-context (below the dynamic default and the model's 512) is
+    estimated at the cap: it runs no longer sequence."""
+    art = open_artifact(tiny_artifact("llama", max_context=48))
+    est = estimate_memory(art, load_profile(_profile(tmp_path, 4000)))
+    assert est.context == 48 and "--max-context 48" in est.context_from
