@@ -420,7 +420,9 @@ def run_bench(
     run = _Run(path, config)
     # a static artifact's window is fixed (ONNX static shapes, or a TFLite KV cache)
     static = run.artifact.manifest.get("static") or run.artifact.manifest.get("tflite") or {}
-    run.plan(static.get("context_length") or max_context(run.artifact.root))
+    # a fused graph's cap (export --max-context; fusion.max_sequence_length) is its maximum
+    fused = (run.artifact.manifest.get("fusion") or {}).get("max_sequence_length")
+    run.plan(static.get("context_length") or fused or max_context(run.artifact.root))
     say = progress or (lambda _msg: None)
     rss_before = rss_mb()
     say(f"loading {run.artifact.model_path.name}")

@@ -117,6 +117,18 @@ def test_lengths_beyond_the_models_context_are_skipped_with_a_warning(tiny):
         run_bench(tiny, BenchConfig(prompt_tokens=500, new_tokens=20))
 
 
+def test_a_capped_export_skips_lengths_past_its_cap(tiny_artifact):
+    """export --max-context 48: the bench plans within the cap (the runtime would refuse)."""
+    capped = tiny_artifact("llama", max_context=48)
+    r = run_bench(capped, BenchConfig(prompt_tokens=8, new_tokens=2, warmup=0, repeats=1,
+                                      prompt_buckets=(40, 64), decode_depths=(60,), depth_tokens=4))
+    assert [b["prompt_tokens"] for b in r["ttft"]] == [8, 40]
+    assert any("64 skipped" in w for w in r["warnings"])
+    assert any("60 skipped" in w for w in r["warnings"])
+    with pytest.raises(UsageError, match="exceeds the model's context of 48"):
+        run_bench(capped, BenchConfig(prompt_tokens=40, new_tokens=9))
+
+
 # -- the spread verdict, on a decoder with known timings -------------------------------------
 
 
