@@ -20,7 +20,8 @@ Stored as fp16 (``code_bits`` 16, :class:`QuantRecipe.zero_point_storage`'s defa
 written as fp16 behind one ``Cast`` to the graph's float type, which ONNX Runtime's constant
 folding turns back into the fp32 ``M`` at load: 2 bytes per block instead of 4, the decode graph
 the fp32 one's, and (one op per matrix, no intermediates) the load peak and RSS after load of
-fp32 ``M`` (SmolLM2-135M, plain session: +2 MB; ``tools/bench/bench_zero_point_load.py``).
+fp32 ``M`` within 4 MB (plain session, same run: SmolLM2-135M 380 vs 386 MB peak, the
+Qwen2.5-0.5B-shaped int4 767 vs 763; ``tools/bench/bench_zero_point_load.py``).
 fp16's rounding of ``M = scale * d`` moves the zero point by at most ``|d| * 2**-11`` steps
 (HQQ's ``|d| <= ~8``: <= ~0.004; reported as the largest, in steps); a node whose ``M`` leaves
 fp16's range or moves more than :data:`MAX_CODE_ERROR` keeps fp32 ``M``.
