@@ -157,13 +157,45 @@ def quantize_static_qdq(
     else:
         say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
     cache = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
+    converted = opset_for_16_bit(src) if a16 else src
     try:
-        quantize_static(str(src), str(dst), reader, op_types_to_quantize=op_types,
+        quantize_static(str(converted), str(dst), reader, op_types_to_quantize=op_types,
                         nodes_to_quantize=nodes, **_static_options(recipe), **cache)
     finally:
         if layered_dir is not None:
             layered_dir.cleanup()
+        if converted != src:
+            converted.unlink()
     return table
+
+
+#: ONNX's first opset with 16-bit QuantizeLinear / DequantizeLinear
+OPSET_16_BIT = 21
+
+
+def opset_for_16_bit(src: Path) -> Path:
+    """``src`` itself, or for a graph whose weights are in external data (above 2 GB) and
+    whose opset is below 21, a copy converted to opset 21 beside it (reading the same data
+    file), to be deleted by the caller.
+
+    ``quantize_static`` with 16-bit activations converts an older graph itself
+    (``onnx.version_converter.convert_version`` on the loaded model, weights included), which
+    serializes it: above 2 GB that fails (Qwen2.5-0.5B a16w8: ``google.protobuf.message.
+    EncodeError: Failed to serialize proto`` after the calibration). The same converter on the
+    graph without its weights (external references only) is small. Graphs below 2 GB keep
+    ORT's own conversion (their QDQ files stay the bytes they were)."""
+    from onnx import version_converter
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if (opset is None or opset >= OPSET_16_BIT
+            or not any(uses_external_data(t) for t in model.graph.initializer)):
+        return src
+    converted = version_converter.convert_version(model, OPSET_16_BIT)
+    out = src.with_name(f"{src.stem}.opset{OPSET_16_BIT}.onnx")
+    onnx.save_model(converted, str(out))
+    return out
 
 
 def _static_options(recipe: QuantRecipe) -> dict:

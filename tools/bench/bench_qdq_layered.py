@@ -8,8 +8,14 @@ times are inflated, the load average is recorded per row). Peak RSS is the child
 ``--cap-gb``). The child reports the QDQ file's sha256, so the two modes' files can be
 compared byte for byte.
 
+Mode ``prefix`` is ``layered`` with each layer's ranges calibrated through the earlier layers
+already QDQ'd (``calibration.prefix: quantized``). ``--quality N`` keeps each row's QDQ
+artifact and scores it after the child ends (outside the measured RSS) against the fp32
+artifact: perplexity, KL and top-1 agreement on the first N tokens of the evaluation
+(tuning) text and of the held-out text (``bench_quant.heldout_quality``).
+
     .venv/bin/python tools/bench/bench_qdq_layered.py --artifact /tmp/smol-fp32 \\
-        --name smollm2-135m --scheme int8-static
+        --name smollm2-135m --scheme int8-static [--modes layered,prefix --quality 4096]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,25 +34,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import run_measured  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qdq_layered.json"
+MODES = ("whole", "layered", "prefix")
 
 
-def child(artifact: Path, scheme: str, layered: bool) -> dict:
+def child(artifact: Path, scheme: str, mode: str, keep: Path | None = None) -> dict:
     from slmedge.exporter.quantize import qdq
-    from slmedge.exporter.quantize.core import quantize_model
+    from slmedge.exporter.quantize.core import copy_support_files, quantize_model
     from slmedge.exporter.quantize.recipe import QuantRecipe
 
-    qdq.QDQ_LAYERED = layered
+    qdq.QDQ_LAYERED = mode != "whole"
+    recipe = QuantRecipe(scheme=scheme, calibration={
+        "prefix": "quantized" if mode == "prefix" else "float"})
     with tempfile.TemporaryDirectory(prefix="bench-qdq-") as tmp:
         dst = Path(tmp) / "model.onnx"
         t0 = time.perf_counter()
-        report = quantize_model(artifact / "model.onnx", dst, QuantRecipe(scheme=scheme),
+        report = quantize_model(artifact / "model.onnx", dst, recipe,
                                 tokenizer_dir=artifact, say=lambda m: print(m, file=sys.stderr))
         wall = time.perf_counter() - t0
         digest = hashlib.sha256()
         for p in sorted(Path(tmp).iterdir()):
             digest.update(p.read_bytes())
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for p in Path(tmp).iterdir():
+                p.replace(keep / p.name)
+            copy_support_files(artifact, keep, skip={"model.onnx", "model.onnx.data",
+                                                     "manifest.json"})
     return {"quantize_s": round(wall, 1), "samples": report.calibration["samples"],
-            "qdq_sha256": digest.hexdigest()}
+            "label": report.label, "qdq_sha256": digest.hexdigest()}
+
+
+def scores(artifact: Path, fp32: Path, eval_tokens: int) -> dict:
+    """The row's quality: tuning (evaluation) text and held-out text, no greedy prompts."""
+    from bench_quant import HELDOUT_TEXT, heldout_quality
+
+    from slmedge.exporter.quality.card import QualitySettings, artifact_card
+
+    card = artifact_card(artifact / "model.onnx", fp32,
+                         QualitySettings(eval_tokens=eval_tokens, prompts=()),
+                         reference_model=fp32 / "model.onnx", threads=2)
+    return {"eval_tokens": eval_tokens, "perplexity": round(card.perplexity, 3),
+            "reference_perplexity": round(card.reference_perplexity, 3),
+            "ppl_increase_pct": round(card.ppl_increase_pct, 2),
+            "kl_mean": round(card.kl_mean, 4), "top1_agreement": round(card.top1_agreement_eval, 4),
+            **heldout_quality(artifact / "model.onnx", fp32 / "model.onnx", fp32, HELDOUT_TEXT,
+                              eval_tokens)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,33 +86,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", type=Path, required=True, help="fp32 --no-fuse artifact dir")
     ap.add_argument("--name", required=True, help="row label (model)")
     ap.add_argument("--scheme", default="int8-static", choices=["int8-static", "a16w8"])
-    ap.add_argument("--modes", default="whole,layered", help="order of the rows")
+    ap.add_argument("--modes", default="whole,layered", help=f"order of the rows ({', '.join(MODES)})")
     ap.add_argument("--cap-gb", type=float, default=12.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--child", choices=["whole", "layered"], help=argparse.SUPPRESS)
+    ap.add_argument("--quality", type=int, metavar="N", default=0,
+                    help="score each row on N tokens of the tuning and held-out texts")
+    ap.add_argument("--run", help="label of this run: rows replace only rows of the same label")
+    ap.add_argument("--lock", type=Path, help="run each child under `flock LOCK` (the shared "
+                    "machine's big-memory lock): held for the quantization only, not the scoring; "
+                    "wall_s then includes the wait, quantize_s does not")
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--keep", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.artifact, args.scheme, args.child == "layered")))
+        print(json.dumps(child(args.artifact, args.scheme, args.child, args.keep)))
         return 0
     for mode in args.modes.split(","):
+        if mode not in MODES:
+            ap.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
         log = Path(tempfile.gettempdir()) / f"bench_qdq_{args.name}_{args.scheme}_{mode}.log"
+        keep = (Path(tempfile.mkdtemp(prefix=f"bench-qdq-{mode}-")) / "artifact"
+                if args.quality else None)
         load = [round(x, 2) for x in os.getloadavg()]
-        res = run_measured([sys.executable, __file__, "--artifact", str(args.artifact),
-                            "--name", args.name, "--scheme", args.scheme, "--child", mode],
+        res = run_measured([*(["flock", str(args.lock)] if args.lock else []),
+                            sys.executable, __file__, "--artifact", str(args.artifact),
+                            "--name", args.name, "--scheme", args.scheme, "--child", mode,
+                            *(["--keep", str(keep)] if keep else [])],
                            log, cap_gb=args.cap_gb)
         lines = log.read_text().strip().splitlines()
         try:
             out = json.loads(lines[-1]) if lines else {}
         except json.JSONDecodeError:
             out = {}
-        row = {"model": args.name, "scheme": args.scheme, "calibration": mode, **res, **out,
+        row = {"model": args.name, "scheme": args.scheme, "calibration": mode,
+               **({"run": args.run} if args.run else {}),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **res, **out,
                "loadavg_start": load, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "model_bytes": sum(p.stat().st_size for p in args.artifact.glob("model.onnx*"))}
+        if keep is not None:
+            if res["exit_code"] == 0:
+                row.update(scores(keep, args.artifact, args.quality))
+            shutil.rmtree(keep.parent)
         print(json.dumps(row), file=sys.stderr)
         # read again before writing: another run of this script may have added rows since
         rows = json.loads(args.out.read_text()) if args.out.is_file() else []
-        rows = [r for r in rows if (r["model"], r["scheme"], r["calibration"])
-                != (row["model"], row["scheme"], row["calibration"])] + [row]
+        rows = [r for r in rows if (r["model"], r["scheme"], r["calibration"], r.get("run"))
+                != (row["model"], row["scheme"], row["calibration"], row.get("run"))] + [row]
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 

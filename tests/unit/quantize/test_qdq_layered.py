@@ -257,3 +257,37 @@ def test_cli_flag_sets_the_recipe_field():
     assert "qprefix" in recipe.label()
     fields = quant_fields(p.parse_args(["--quant", "a16w8"]))
     assert QuantRecipe(**fields["quant"]).calibration.prefix.value == "float"
+
+
+
+def test_a16w8_of_external_weights_converts_the_opset_without_loading_them(tiny_artifact,
+                                                                          tmp_path):
+    """16-bit Q/DQ needs opset 21; ORT converts an older graph with its weights loaded, which
+    fails above 2 GB (Qwen2.5-0.5B: EncodeError). A graph in external data is converted
+    without its weights beside the original: the same QDQ graph as the inline one."""
+    from slmedge.exporter.quantize.graph import analyze
+    from slmedge.exporter.quantize.qdq import opset_for_16_bit, quantize_static_qdq
+
+    path = tiny_artifact("llama", fuse=False) / "model.onnx"
+    assert opset_for_16_bit(path) == path  # inline weights: ORT's own conversion, as before
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version < 21
+    onnx.save_model(model, str(external), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    converted = opset_for_16_bit(external)
+    assert converted != external and converted.parent == external.parent
+    assert {o.domain: o.version for o in onnx.load(str(converted)).opset_import}[""] == 21
+    converted.unlink()
+    samples = list(KVCacheCalibrationReader(path, IDS, CALIB).samples())
+    facts, recipe, outs = analyze(model), _recipe("a16w8"), {}
+    for name, src in (("inline", path), ("external", external)):
+        outs[name] = tmp_path / f"{name}.onnx"
+        quantize_static_qdq(src, outs[name], facts, recipe, ListCalibrationReader(samples))
+    assert sorted(p.name for p in external.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    inline, ext = onnx.load(str(outs["inline"])), onnx.load(str(outs["external"]))
+    assert [n.op_type for n in inline.graph.node] == [n.op_type for n in ext.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in ext.graph.initializer}
+    for t in inline.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), weights[t.name], t.name)
