@@ -48,7 +48,8 @@ def estimate_bytes(recipe: QuantRecipe, facts: GraphFacts) -> float:
             prec = recipe.lm_head_precision.value
         else:
             prec = kept if w.layer in keep else body
-        block = w.k if static else recipe.block_size  # per-channel: one scale per column
+        # per-channel: one scale per column; int8 nbits: the block of the weight's kind
+        block = w.k if static else recipe.block_for(w.kinds, w.node == facts.lm_head)
         total += _matmul_bytes(w.k, w.n, prec, block, recipe.symmetric or static)
     emb = facts.embedding_params
     total += emb * (0.5 + 4.0 / recipe.block_size) if recipe.embedding is TensorPrecision.int4 else 4.0 * emb

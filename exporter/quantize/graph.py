@@ -49,6 +49,15 @@ class WeightMatMul:
         """An MLP input projection (gate/up, also packed): the largest weights of a layer."""
         return self.module.rsplit(".", 1)[-1] in MLP_INPUT_MODULES
 
+    @property
+    def kinds(self) -> tuple[str, ...] | None:
+        """The weight's roles (recipe.WeightKind values), several for a packed MatMul; None
+        when unknown. An MLP input projection is gate and up: a packed gate/up MatMul keeps
+        the module name of its first part (pack_matmuls.py)."""
+        from .gguf_blocks import module_kinds
+
+        return ("gate", "up") if self.mlp_input else module_kinds(self.module)
+
 
 @dataclass
 class GraphFacts:

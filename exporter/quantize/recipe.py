@@ -73,6 +73,27 @@ class WeightKind(str, Enum):
     down = "down"
 
 
+class BlockKind(str, Enum):
+    """A weight MatMul by role, for a block size of its own (QuantRecipe.block_sizes)."""
+
+    q = "q"
+    k = "k"
+    v = "v"
+    o = "o"
+    gate = "gate"
+    up = "up"
+    down = "down"
+    lm_head = "lm_head"
+
+
+#: the int8 scheme's default block sizes by kind (the others: ``block_size``, 32): none. On
+#: SmolLM2-135M (README "int8 block size per kind"; tools/bench/results/bench_int8_blocks.json)
+#: block 64 costs KL per kind (4096 tuning tokens vs fp32: o +0.0001, down +0.0004, gate/up,
+#: q/k/v +0.0006, lm_head +0.0007 over block 32's 0.0036) and no mix measured both decoded
+#: >= 1.1x GenAI int8 and stayed within +0.5% perplexity on the tuning text
+INT8_BLOCK_SIZES: dict[BlockKind, int] = {}
+
+
 class CalibrationMethod(str, Enum):
     minmax = "minmax"
     entropy = "entropy"
@@ -144,6 +165,12 @@ class QuantRecipe(BaseModel):
     )
     # int8
     int8_format: Int8Format = Field(Int8Format.nbits, description="int8 kernel family")
+    block_sizes: dict[BlockKind, int] | None = Field(
+        None, description="int8 nbits: a block size per weight kind (q/k/v/o/gate/up/down, "
+        "lm_head), the others at block_size; a packed MatMul (q/k/v, gate/up) takes the "
+        "smallest of its kinds'. Default: INT8_BLOCK_SIZES unless block_size is given; {}: "
+        "block_size everywhere",
+    )
     # tensors chosen separately
     lm_head: TensorPrecision | None = Field(
         None, description="lm_head weight precision; default: int8 (int4/int8), float (static)"
@@ -231,6 +258,21 @@ class QuantRecipe(BaseModel):
             value = getattr(self, name)
             if value is not None and value not in (16, 32, 64, 128, 256):
                 raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {value}")
+        nbits8 = self.scheme is QuantScheme.int8 and self.int8_format is Int8Format.nbits
+        if self.block_sizes is None:
+            # resolved here, so that the manifest's recipe (model_dump) reloads as the same
+            # recipe; a block_size given explicitly means that block everywhere
+            explicit = "block_size" in self.model_fields_set
+            self.block_sizes = dict(INT8_BLOCK_SIZES) if nbits8 and not explicit else {}
+        elif self.block_sizes and not nbits8:
+            raise ValueError("block_sizes applies to the int8 scheme's MatMulNBits (int8_format "
+                             f"nbits), not {self.scheme.value}"
+                             + (f" {self.int8_format.value}" if self.scheme is QuantScheme.int8 else "")
+                             + ": use block_size / mlp_block_size / int8_block_size")
+        for kind, value in self.block_sizes.items():
+            if value not in (16, 32, 64, 128, 256):
+                raise ValueError(f"block_sizes[{kind.value}] must be one of 16, 32, 64, 128, "
+                                 f"256, got {value}")
         if self.large_table_bits not in (4, 8):
             raise ValueError(f"large_table_bits must be 4 or 8, got {self.large_table_bits}")
         if self.mlp_block_size is not None and self.scheme is not QuantScheme.int4:
@@ -286,6 +328,17 @@ class QuantRecipe(BaseModel):
             return 4
         return self.accuracy_level
 
+    def block_for(self, kinds: tuple[str, ...] | None, lm_head: bool = False) -> int:
+        """The block size of a MatMulNBits of the scheme's own bits whose weight has the roles
+        ``kinds`` (WeightKind values; several for a packed MatMul, None when unknown) or is
+        the ``lm_head``: the smallest of ``block_sizes`` over them, else ``block_size``."""
+        blocks = self.block_sizes or {}
+        if lm_head:
+            return blocks.get(BlockKind.lm_head, self.block_size)
+        if not kinds:
+            return self.block_size
+        return min(blocks.get(BlockKind(k), self.block_size) for k in kinds)
+
     @property
     def tied_head_int4(self) -> bool:
         """Whether a large tied table (and so the lm_head it is shared with) goes to 4 bits:
@@ -325,6 +378,14 @@ class QuantRecipe(BaseModel):
                 parts.insert(-1, f"mlp{self.mlp_block_size}")
         elif self.scheme is QuantScheme.int8:
             parts.append(self.int8_format.value)
+            if self.int8_format is Int8Format.nbits:
+                parts.append(f"b{self.block_size}")
+                by_size: dict[int, list[str]] = {}
+                for kind in BlockKind:  # e.g. b32-gate_up64: gate and up at 64, the rest 32
+                    size = (self.block_sizes or {}).get(kind, self.block_size)
+                    if size != self.block_size:
+                        by_size.setdefault(size, []).append(kind.value)
+                parts += [f"{'_'.join(kinds)}{size}" for size, kinds in sorted(by_size.items())]
         else:
             parts.append(self.calibration.method.value)
             if self.calibration.prefix is CalibrationPrefix.quantized:

@@ -131,9 +131,15 @@ def plan(facts: GraphFacts, recipe: QuantRecipe) -> tuple[dict[str, tuple], dict
     mlp = set()
     if bits == 4 and recipe.mlp_block_size and recipe.mlp_block_size != recipe.block_size:
         mlp = {w.node for w in facts.weight_matmuls if w.mlp_input and w.node in first}
+    by_node = {w.node: w for w in facts.weight_matmuls}
     todo: dict[str, tuple] = {}
     for n in first:
-        block = recipe.mlp_block_size if n in mlp else recipe.block_size
+        if n in mlp:
+            block = recipe.mlp_block_size
+        elif bits == 8:  # the int8 scheme's block per kind (QuantRecipe.block_sizes)
+            block = recipe.block_for(by_node[n].kinds, lm_head=n == head)
+        else:
+            block = recipe.block_size
         todo[n] = (bits, block, recipe.symmetric, algorithm)
     second = set(kept) if bits == 4 else set()
     if head and recipe.lm_head_precision is TensorPrecision.int8 and head not in first:

@@ -302,6 +302,12 @@ def quantize_weight_only(
         if mlp:
             say(f"{len(mlp)} MLP input projections at block size {recipe.mlp_block_size}")
             by_block = {recipe.block_size: first - mlp, recipe.mlp_block_size: mlp}
+    elif body_bits == 8:  # the int8 scheme's block per kind (QuantRecipe.block_sizes)
+        by_block = {}
+        for w in facts.weight_matmuls:
+            if w.node in first:
+                by_block.setdefault(recipe.block_for(w.kinds, lm_head=w.node == head),
+                                    set()).add(w.node)
     if algorithm is Int4Algorithm.gptq_act:
         model = _gptq_act(model, by_block, hessians, recipe, say)
     else:

@@ -108,7 +108,7 @@ def test_export_with_quant_writes_card_recipe_and_decisions(tiny_dir, tmp_path):
         model=str(tiny_dir("qwen2")), output=out,
         quant={"scheme": "int8"}, quality={"eval_tokens": 600, "max_ppl_increase": 50},
     ))
-    assert manifest["recipe"]["quant"] == "int8-nbits-head8"
+    assert manifest["recipe"]["quant"] == "int8-nbits-b32-head8"
     q = manifest["quality"]
     for key in ("perplexity", "reference_perplexity", "ppl_increase_pct", "kl_mean",
                 "top1_agreement_eval", "greedy"):

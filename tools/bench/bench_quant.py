@@ -75,7 +75,16 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     # MatMulNBits 8-bit at block 64: +0.46% perplexity (GenAI's int8: +0.59%); in A/Bs of one
     # session block 32 (+0.25%) ran at 0.94x GenAI, block 64 at 1.04x (README)
     "int8": (("--quant", "int8", "--block-size", "64"), "int8"),
-    "int8-b32": (("--quant", "int8"), "int8"),
+    "int8-b32": (("--quant", "int8", "--block-size", "32"), "int8"),
+    # block 64 for some kinds, the rest 32 (issue 16, README "int8 block size per kind": block
+    # 64 costs KL per kind): o + the MLP, the MLP, gate/up, gate/up + lm_head, q/k/v + lm_head
+    "int8-mlpo64": (("--quant", "int8", "--block-sizes", "o=64,gate=64,up=64,down=64"), "int8"),
+    "int8-mlp64": (("--quant", "int8", "--block-sizes", "gate=64,up=64,down=64"), "int8"),
+    "int8-qkvhead64": (("--quant", "int8", "--block-sizes", "q=64,k=64,v=64,lm_head=64"),
+                       "int8"),
+    "int8-gu64": (("--quant", "int8", "--block-sizes", "gate=64,up=64"), "int8"),
+    "int8-gu64-head64": (("--quant", "int8", "--block-sizes", "gate=64,up=64,lm_head=64"),
+                         "int8"),
     # int8 without zero points, as GenAI's int8 (+0.60% perplexity vs +0.25%)
     "int8-sym": (("--quant", "int8", "--symmetric"), "int8"),
     # -- the ablation of the fast recipe (issue 16; quality only: --skip-speed --no-genai). Each

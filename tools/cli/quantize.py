@@ -53,6 +53,10 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
     g.add_argument("--mlp-block-size", type=int, choices=[16, 32, 64, 128, 256],
                    help="int4: block size of the MLP input projections (gate/up; default: "
                    "--block-size)")
+    g.add_argument("--block-sizes", type=_kind_blocks, metavar="KIND=N,...",
+                   help="int8 (nbits): a block size per weight kind (q, k, v, o, gate, up, down, "
+                   "lm_head), the others at --block-size (default: none, --block-size "
+                   "everywhere; e.g. o=64,gate=64,up=64,down=64)")
     g.add_argument("--symmetric", action="store_true", help="int4/nbits: no zero points")
     g.add_argument("--algorithm", choices=[a.value for a in Int4Algorithm],
                    help="int4 rounding: hqq (default; rtn with --symmetric), rtn, k_quant, gptq "
@@ -97,11 +101,26 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
     q.add_argument("--eval-tokens", type=int, metavar="N", help="score the first N tokens (4096)")
 
 
+def _kind_blocks(text: str) -> dict[str, int]:
+    """``--block-sizes``: ``down=32,lm_head=64`` -> ``{"down": 32, "lm_head": 64}`` (the recipe
+    checks the kinds and sizes); ``none`` -> ``{}``."""
+    if text.strip().lower() == "none":
+        return {}
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        kind, sep, size = item.partition("=")
+        if not sep or not size.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"'{item}' is not KIND=N (e.g. down=32,lm_head=64)")
+        out[kind.strip()] = int(size)
+    return out
+
+
 def quant_fields(args) -> dict:
     """The ``quant`` (recipe) and ``quality`` dicts for the config objects, from the flags."""
     out: dict = {}
     recipe: dict = {}
     for flag, key in (("block_size", "block_size"), ("mlp_block_size", "mlp_block_size"),
+                      ("block_sizes", "block_sizes"),
                       ("algorithm", "algorithm"),
                       ("accuracy_level", "accuracy_level"), ("int8_format", "int8_format"),
                       ("lm_head", "lm_head"), ("embedding", "embedding"),
