@@ -291,3 +291,32 @@ def test_a16w8_of_external_weights_converts_the_opset_without_loading_them(tiny_
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in ext.graph.initializer}
     for t in inline.graph.initializer:
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), weights[t.name], t.name)
+
+
+def test_static_shape_graphs_calibrate_through_the_quantized_prefix(tmp_path_factory, tiny_dir,
+                                                                   tmp_path):
+    """The NPU flow passes each graph's chosen nodes, so the prefix option works there too:
+    other scales than the float prefix's, the same QDQ structure."""
+    import json
+    import shutil
+
+    from helpers.static_fixtures import static_artifact_path
+
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs
+
+    art = static_artifact_path(tmp_path_factory, tiny_dir)
+    static = json.loads((art / "manifest.json").read_text())["static"]
+    graphs = {}
+    for prefix in ("float", "quantized"):
+        work = tmp_path / prefix
+        shutil.copytree(art, work)
+        quantize_static_graphs(work, static, _recipe("a16w8", prefix=prefix), IDS,
+                               float_ops=["Softmax"])
+        graphs[prefix] = {p.name: onnx.load(str(p)) for p in sorted(work.glob("*.onnx"))}
+    assert graphs["float"].keys() == graphs["quantized"].keys() and graphs["float"]
+    for name, model in graphs["quantized"].items():
+        plain = graphs["float"][name]
+        assert [n.op_type for n in model.graph.node] == [n.op_type for n in plain.graph.node]
+    scales = [{t.name: t.SerializeToString() for t in g.graph.initializer if "scale" in t.name}
+              for g in (graphs["float"]["decode.onnx"], graphs["quantized"]["decode.onnx"])]
+    assert scales[0].keys() == scales[1].keys() and scales[0] != scales[1]
