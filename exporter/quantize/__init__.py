@@ -59,8 +59,9 @@ def quantize_a16w8(
 ) -> QuantReport:
     """QDQ with uint16 activations and int8 weights, for NPUs (QNN HTP).
 
-    Weight MatMuls, norms, residual adds and data movement get 16-bit activations; the
-    attention-mask path (mask arithmetic, the mask Add, Softmax) stays float — see
+    Weight MatMuls, the norms' weight Mul, gating and data movement get 16-bit activations;
+    the residual stream (residual Adds, the norms reading it and their statistics), the rotary
+    angle and the attention-mask path (mask arithmetic, the mask Add, Softmax) stay float — see
     ``static.OP_POLICY``; the report's ``op_decisions`` lists every op type. Calibration:
     ``calibration_ids``, or ``calibration_text`` (default: the packaged calibration book)
     tokenized with the tokenizer in ``tokenizer_dir`` (default: the model's directory).
