@@ -82,14 +82,16 @@ def test_int4_recorded_behaviour(arm64_target, artifacts):
     # (test_matmulnbits_arm.py): another model, slightly. Measured on this tiny llama (qemu
     # 7.2, CPU "max", onnxruntime 1.32.0): the 16 greedy tokens equal x86's (its logits are far
     # apart: a random model), window perplexity 159.842 vs 160.066 on x86 (-0.14%), where fp32
-    # and int8 agree to < 0.05%. SmolLM2-135M, whose tokens are close calls, leaves x86's
-    # greedy text after 8 tokens (issue 18).
+    # and int8 agree to < 0.05%; with the correction M stored fp16 (e0e94c2) the same window
+    # differs by -0.02%: how far the kernels part depends on the graph, so only the bound is
+    # asserted here (the kernels' difference itself: test_matmulnbits_arm.py). SmolLM2-135M,
+    # whose tokens are close calls, left x86's greedy text after 8 tokens (issue 18).
     art = artifacts["int4"]
     recorded, _gate = recorded_replay(art)
     measured = run_remote_card(arm64_target.url, art, manifest_spec(art))
     report = compare(recorded, measured)
     assert report["tokens_equal"], report
-    assert 0.05 < abs(report["ppl_diff_pct"]) < 0.5, report
+    assert abs(report["ppl_diff_pct"]) < 0.5, report
 
 
 def test_check_target_replays_the_card(arm64_target, artifacts, capsys):
