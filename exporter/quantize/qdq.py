@@ -30,7 +30,9 @@ OP_POLICY: dict[str, tuple[str, str, str]] = {
                "int8: weight MatMuls (per-channel weights, uint8 activations); attention "
                "MatMuls stay float. a16w8: every MatMul, 16-bit activations"),
     "Gather": ("float", "quantize", "int8: embedding stays float (lookup, no compute to save)"),
-    "Add": ("float", "quantize", "residual/bias adds: 16-bit in a16w8; the mask Add is on the mask path"),
+    "Add": ("float", "quantize", "bias and other adds: 16-bit in a16w8; the residual stream's "
+            "Adds are kept float per node (keep_float: core._a16w8_kept_float, static_shapes_qdq); "
+            "the mask Add is on the mask path"),
     "Mul": ("float", "quantize", "norm scale, rotary, gating: 16-bit in a16w8"),
     "Sub": ("float", "quantize", ""),
     "Div": ("float", "quantize", ""),
@@ -58,6 +60,9 @@ MASK_PATH_REASON = "on the attention-mask path (mask arithmetic, mask Add, Softm
 #: quantize_static as its calibration cache; False: ORT's calibrator on the whole augmented
 #: graph (kept for comparison; entropy / percentile always take it)
 QDQ_LAYERED = True
+#: write the QDQ graph one calibration segment at a time (qdq_writer.py: quantize_static per
+#: segment, the segments joined) instead of quantize_static on the whole graph; minmax only
+QDQ_WRITER = False
 
 
 def _calib_method(method: CalibrationMethod):
@@ -140,7 +145,7 @@ def quantize_static_qdq(
     del model
     a16 = recipe.scheme is QuantScheme.a16w8
     op_types = sorted({op for op, row in table.items() if row["quantized"]})
-    layered_dir = None
+    layered_dir, data = None, None
     if ranges is None and layered_calibration(recipe):
         import tempfile
 
@@ -156,6 +161,20 @@ def quantize_static_qdq(
             f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
     else:
         say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
+    if QDQ_WRITER and recipe.calibration.method is CalibrationMethod.minmax and reader is None:
+        from .qdq_writer import write_qdq_layered
+
+        try:
+            if data is None:
+                from onnxruntime.quantization.calibrate import load_tensors_data
+
+                data = load_tensors_data(ranges)
+            say(f"writing the QDQ graph segment by segment ({len(nodes)} nodes to quantize)")
+            write_qdq_layered(src, dst, recipe, op_types, nodes, data, say=say)
+        finally:
+            if layered_dir is not None:
+                layered_dir.cleanup()
+        return table
     cache = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
     converted = opset_for_16_bit(src) if a16 else src
     try:
@@ -224,6 +243,10 @@ def _static_options(recipe: QuantRecipe) -> dict:
             "extra_options": extra}
 
 
+#: a node name no graph has (``nodes_to_quantize`` for a segment with nothing to quantize)
+NO_NODE = "slmedge:no-node-to-quantize"
+
+
 def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str], work: Path):
     """The ``prefix`` of :func:`.qdq_layered.calibrate_minmax_layered`: one segment (a model,
     serialized) QDQ'd by ``quantize_static`` exactly as the whole graph will be (``recipe``'s
@@ -242,8 +265,10 @@ def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str],
         mine = TensorsData(ranges.calibration_method,
                            {k: v for k, v in ranges.data.items() if k in tensors})
         cache = save_ranges(mine, work / "segment.ranges.json")
+        # an empty list would mean "every node" to quantize_static: a segment with none of
+        # the chosen nodes (e.g. a float lm_head's) names one that is not there
         quantize_static(str(src), str(dst), None, op_types_to_quantize=op_types,
-                        nodes_to_quantize=[n for n in nodes if n in names],
+                        nodes_to_quantize=[n for n in nodes if n in names] or [NO_NODE],
                         calibration_cache_path=str(cache), **_static_options(recipe))
         out = dst.read_bytes()
         for p in (src, dst, cache):

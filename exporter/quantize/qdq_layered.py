@@ -115,13 +115,20 @@ PrefixQuantizer = Callable[[bytes, object], bytes]
 
 
 def _segment_bytes(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict[str, int],
-                   outputs: list[str], external_dir: str | None = None) -> bytes:
+                   outputs: list[str], external_dir: str | None = None,
+                   typed: dict[str, onnx.ValueInfoProto] | None = None) -> bytes:
+    """``seg`` as a model of its own (its reads as inputs, ``outputs`` as outputs, its
+    initializers' bytes read from ``external_dir``). ``typed``: the whole graph's inferred
+    value infos, given to the segment's inputs and outputs (the QDQ writer: ORT's quantizer
+    quantizes only tensors it sees typed float); else inputs carry ``types``' element type
+    and outputs no type."""
     graph = model.graph
-    feeds = [onnx.helper.make_tensor_value_info(t, types[t], None)
+    typed = typed or {}
+    feeds = [typed[t] if t in typed else onnx.helper.make_tensor_value_info(t, types[t], None)
              for t in seg.reads if t not in inits]
     sub = onnx.helper.make_graph(
         [graph.node[i] for i in seg.nodes], f"calibration_segment_{seg.layer}", feeds,
-        [onnx.ValueInfoProto(name=t) for t in outputs],
+        [typed.get(t) or onnx.ValueInfoProto(name=t) for t in outputs],
         initializer=[_loaded(inits[t], external_dir) for t in seg.reads if t in inits])
     out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import),
                                  ir_version=model.ir_version)

@@ -8,6 +8,12 @@ times are inflated, the load average is recorded per row). Peak RSS is the child
 ``--cap-gb``). The child reports the QDQ file's sha256, so the two modes' files can be
 compared byte for byte.
 
+Mode ``writer`` is ``layered`` with the QDQ graph written one segment at a time
+(exporter/quantize/qdq_writer.py) instead of ``quantize_static`` on the whole graph; its file
+is not ORT's byte for byte (node order), so each row also records ``qdq_graph_sha256``, a
+digest of the node multiset and the initializer values computed by the parent after the child
+ends (outside the measured RSS): equal digests are the same graph.
+
 Mode ``prefix`` is ``layered`` with each layer's ranges calibrated through the earlier layers
 already QDQ'd (``calibration.prefix: quantized``). ``--quality N`` keeps each row's QDQ
 artifact and scores it after the child ends (outside the measured RSS) against the fp32
@@ -34,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import run_measured  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qdq_layered.json"
-MODES = ("whole", "layered", "prefix")
+MODES = ("whole", "layered", "prefix", "writer")
 
 
 def child(artifact: Path, scheme: str, mode: str, keep: Path | None = None) -> dict:
@@ -43,6 +49,7 @@ def child(artifact: Path, scheme: str, mode: str, keep: Path | None = None) -> d
     from slmedge.exporter.quantize.recipe import QuantRecipe
 
     qdq.QDQ_LAYERED = mode != "whole"
+    qdq.QDQ_WRITER = mode == "writer"
     recipe = QuantRecipe(scheme=scheme, calibration={
         "prefix": "quantized" if mode == "prefix" else "float"})
     with tempfile.TemporaryDirectory(prefix="bench-qdq-") as tmp:
@@ -62,6 +69,21 @@ def child(artifact: Path, scheme: str, mode: str, keep: Path | None = None) -> d
                                                      "manifest.json"})
     return {"quantize_s": round(wall, 1), "samples": report.calibration["samples"],
             "label": report.label, "qdq_sha256": digest.hexdigest()}
+
+
+def graph_digest(path: Path) -> str:
+    """sha256 of a QDQ graph as a node multiset and initializer values (order free)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    digest = hashlib.sha256()
+    for blob in sorted(n.SerializeToString() for n in model.graph.node):
+        digest.update(blob)
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        digest.update(t.name.encode())
+        digest.update(numpy_helper.to_array(t).tobytes())
+    return digest.hexdigest()
 
 
 def scores(artifact: Path, fp32: Path, eval_tokens: int) -> dict:
@@ -105,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode not in MODES:
             ap.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
         log = Path(tempfile.gettempdir()) / f"bench_qdq_{args.name}_{args.scheme}_{mode}.log"
-        keep = (Path(tempfile.mkdtemp(prefix=f"bench-qdq-{mode}-")) / "artifact"
-                if args.quality else None)
+        keep = Path(tempfile.mkdtemp(prefix=f"bench-qdq-{mode}-")) / "artifact"
         load = [round(x, 2) for x in os.getloadavg()]
         res = run_measured([*(["flock", str(args.lock)] if args.lock else []),
                             sys.executable, __file__, "--artifact", str(args.artifact),
@@ -123,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **res, **out,
                "loadavg_start": load, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "model_bytes": sum(p.stat().st_size for p in args.artifact.glob("model.onnx*"))}
-        if keep is not None:
-            if res["exit_code"] == 0:
+        if res["exit_code"] == 0:
+            row["qdq_graph_sha256"] = graph_digest(keep / "model.onnx")
+            if args.quality:
                 row.update(scores(keep, args.artifact, args.quality))
-            shutil.rmtree(keep.parent)
+        shutil.rmtree(keep.parent)
         print(json.dumps(row), file=sys.stderr)
         # read again before writing: another run of this script may have added rows since
         rows = json.loads(args.out.read_text()) if args.out.is_file() else []

@@ -1,0 +1,119 @@
+"""The QDQ graph written one segment at a time (qdq_writer.py) against quantize_static on the
+whole graph: the same nodes (as a multiset), the same initializer values, the same logits."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from slmedge.exporter.quantize import qdq
+from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader
+from slmedge.exporter.quantize.core import quantize_model
+from slmedge.exporter.quantize.qdq_writer import neutral_form, same_graph, whole_graph_form
+from slmedge.exporter.quantize.recipe import CalibrationConfig, QuantRecipe
+
+CALIB = CalibrationConfig(prefill_samples=2, decode_samples=4, prefill_tokens=32, max_past=64)
+IDS = [int(x) for x in np.random.default_rng(0).integers(6, 128, 400)]
+
+
+def _both(src, tmp_path, monkeypatch, scheme):
+    recipe = QuantRecipe(scheme=scheme, calibration=CALIB.model_dump())
+    outs = {}
+    for writer in (False, True):
+        monkeypatch.setattr(qdq, "QDQ_WRITER", writer)
+        outs[writer] = tmp_path / f"writer{writer}" / "model.onnx"
+        outs[writer].parent.mkdir()
+        quantize_model(src, outs[writer], recipe, calibration_ids=IDS)
+    return outs[False], outs[True]
+
+
+def _logits(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("scheme", ["int8-static", "a16w8"])
+def test_writer_equals_quantize_static(tiny_artifact, tmp_path, monkeypatch, model_type, scheme):
+    src = tiny_artifact(model_type, fuse=False) / "model.onnx"
+    whole, layered = _both(src, tmp_path, monkeypatch, scheme)
+    a, b = onnx.load(str(whole)), onnx.load(str(layered))
+    assert not same_graph(a, b), same_graph(a, b)
+    assert sum(n.op_type == "QuantizeLinear" for n in b.graph.node) > 0  # a QDQ graph at all
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    assert a.opset_import == b.opset_import
+    onnx.checker.check_model(b)
+    for feeds in list(KVCacheCalibrationReader(src, IDS, CALIB).samples())[::2]:
+        np.testing.assert_array_equal(_logits(layered, feeds), _logits(whole, feeds))
+
+
+def test_same_graph_sees_a_changed_scale(tiny_artifact, tmp_path, monkeypatch):
+    """The comparison itself can fail: one scale moved by one ulp is reported."""
+    src = tiny_artifact("llama", fuse=False) / "model.onnx"
+    whole, _ = _both(src, tmp_path, monkeypatch, "int8-static")
+    a, b = onnx.load(str(whole)), onnx.load(str(whole))
+    scale = next(t for t in b.graph.initializer if t.name.endswith("_scale"))
+    value = onnx.numpy_helper.to_array(scale).copy()
+    value.flat[0] = np.nextafter(value.flat[0], np.float32(1))
+    scale.CopyFrom(onnx.numpy_helper.from_array(value, scale.name))
+    assert same_graph(a, b) == [f"initializer {scale.name} differs"]
+    b.graph.node.pop()
+    assert any("nodes differ" in d for d in same_graph(a, b))
+
+
+def _pair(t, q_input, dq_output):
+    h = onnx.helper
+    return [h.make_node("QuantizeLinear", [q_input, "s", "z"], [f"{t}_QuantizeLinear_Output"],
+                        f"{t}_QuantizeLinear"),
+            h.make_node("DequantizeLinear", [f"{t}_QuantizeLinear_Output", "s", "z"], [dq_output],
+                        f"{t}_DequantizeLinear")]
+
+
+def test_border_pairs_join_to_the_whole_graph_form():
+    """Segment A made x as its output (ORT's graph-output form: producer -> x_QuantizeLinear_Input,
+    DQ -> x); segment B read x as an input (plain form) and a float node of B reads x too:
+    joined, every reader reads x's DQ output and the producer writes x; a model output y keeps
+    its name on the DQ side."""
+    h = onnx.helper
+    seg_a = [h.make_node("Relu", ["in"], ["x_QuantizeLinear_Input"], "producer"),
+             *_pair("x", "x_QuantizeLinear_Input", "x"), h.make_node("Neg", ["x"], ["a1"], "inner")]
+    seg_b = [*_pair("x", "x", "x_DequantizeLinear_Output"),
+             h.make_node("Abs", ["x_DequantizeLinear_Output"], ["y"], "quantized_reader"),
+             h.make_node("Sqrt", ["x"], ["b1"], "float_reader"), *_pair("y", "y", "y_DequantizeLinear_Output")]
+    pairs = neutral_form(seg_a) | neutral_form(seg_b)
+    assert pairs == {"x", "y"}
+    assert [list(n.input) for n in seg_a[1:2]] == [["x", "s", "z"]]
+    nodes = seg_a + seg_b[2:]  # B's pair for x is A's, dropped by the join
+    whole_graph_form(nodes, pairs, {"y"})
+    by = {n.name: n for n in nodes}
+    assert list(by["producer"].output) == ["x"]
+    assert by["inner"].input[0] == by["float_reader"].input[0] == "x_DequantizeLinear_Output"
+    assert list(by["quantized_reader"].output) == ["y_QuantizeLinear_Input"]
+    assert by["y_QuantizeLinear"].input[0] == "y_QuantizeLinear_Input"
+    assert list(by["y_DequantizeLinear"].output) == ["y"]
+
+
+def test_static_shape_graphs_written_by_segment(tmp_path_factory, tiny_dir, tmp_path, monkeypatch):
+    """The NPU flow (prefill and decode graphs on one external weights file, ranges merged
+    across them, handed as a cache file): the writer gives each the same graph."""
+    import json
+    import shutil
+
+    from helpers.static_fixtures import static_artifact_path
+
+    from slmedge.exporter.onnx.static_shapes_qdq import quantize_static_graphs
+
+    art = static_artifact_path(tmp_path_factory, tiny_dir)
+    static = json.loads((art / "manifest.json").read_text())["static"]
+    graphs = {}
+    for writer in (False, True):
+        monkeypatch.setattr(qdq, "QDQ_WRITER", writer)
+        work = tmp_path / str(writer)
+        shutil.copytree(art, work)
+        quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), IDS,
+                               float_ops=["Softmax"])
+        graphs[writer] = {p.name: onnx.load(str(p)) for p in sorted(work.glob("*.onnx"))}
+    assert graphs[False].keys() == graphs[True].keys() and len(graphs[True]) >= 2
+    for name, model in graphs[True].items():
+        assert not same_graph(graphs[False][name], model), (name, same_graph(graphs[False][name], model))
