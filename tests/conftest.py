@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
 
 REPO = Path(__file__).resolve().parents[1]
 
+from helpers.built_once import built_once  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
@@ -42,7 +45,8 @@ def tiny_dir(tmp_path_factory):
 
     def make(model_type: str) -> Path:
         if model_type not in cache:
-            cache[model_type] = save_tiny(model_type, tmp_path_factory.mktemp(f"hf-{model_type}"))
+            cache[model_type] = built_once(tmp_path_factory, f"hf-{model_type}",
+                                           lambda out: save_tiny(model_type, out))
         return cache[model_type]
 
     return make
@@ -59,10 +63,12 @@ def tiny_artifact(tmp_path_factory, tiny_dir):
     def make(model_type: str, dtype: str = "fp32", **options) -> Path:
         key = (model_type, dtype, tuple(sorted(options.items())))
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"onnx-{model_type}-{dtype}") / "artifact"
-            run_export(ExportConfig(model=str(tiny_dir(model_type)), output=out, dtype=dtype,
-                                    **options))
-            cache[key] = out
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+            source = tiny_dir(model_type)
+            cache[key] = built_once(
+                tmp_path_factory, f"onnx-{model_type}-{dtype}-{digest}",
+                lambda out: run_export(ExportConfig(model=str(source), output=out, dtype=dtype,
+                                                    **options)))
         return cache[key]
 
     return make
@@ -80,10 +86,11 @@ def smollm2_artifact(tmp_path_factory):
         return Path(reuse)
     from slmedge.exporter.pipeline import ExportConfig, run_export
 
-    out = tmp_path_factory.mktemp("smollm2") / "fp32"
-    run_export(ExportConfig(model="embedded:smollm2-135m-instruct", output=out,
-                            quality={"eval_tokens": 256}))
-    return out
+    def build(out: Path) -> None:
+        run_export(ExportConfig(model="embedded:smollm2-135m-instruct", output=out,
+                                quality={"eval_tokens": 256}))
+
+    return built_once(tmp_path_factory, "smollm2-fp32", build)
 
 
 @pytest.fixture(scope="session")

@@ -230,8 +230,8 @@ def test_max_context_sizes_the_rotary_tables_and_keeps_the_logits(tiny_artifact,
     assert meta["slmedge.model_max_sequence_length"] == "512"
     half = tiny_config("gemma3_text").head_dim // 2
     for artifact, positions in ((capped, 48), (full, 512)):
-        (tmp_path / artifact.parent.name).mkdir()
-        copy = tmp_path / artifact.parent.name / "model.onnx"
+        (tmp_path / str(positions)).mkdir()
+        copy = tmp_path / str(positions) / "model.onnx"
         copy.write_bytes((artifact / "model.onnx").read_bytes())
         assert _folded_rotary_tables(copy) == [(positions, half)] * 4  # cos, sin x 2 bases
     ids = list(range(5, 45))
