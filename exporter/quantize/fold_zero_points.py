@@ -48,6 +48,16 @@ allocates an ``M``-sized intermediate, which is why fp16 (one op) is the default
     codes[N,B] u8 -Cast-Mul(step)-Add(lo)-Mul-Transpose-> M[B,N]    (folded at session load)
     scales ------------(Reshape [N,B])----'
     12 bits: codes = Cast(high u8) * 16 + low nibbles (Floor/Sub of Cast(packed) / 16, Concat)
+
+Applied by an 8-bit MatMulNBits (``code_bits`` -1 or -4: its accuracy level; labels
+``folded-i8`` / ``folded-i8a8``): ``blocksum(x) @ M`` is one ``MatMulNBits`` with ``K`` =
+the blocks, ``M^T`` int8 in blocks of :data:`NBITS8_BLOCK` along them (symmetric, an fp32
+scale each: ~1.25 bytes per block with the padding of the last), which ONNX Runtime keeps
+packed as int8 instead of folding to fp32 ``M`` (a probe of 60 ``[152, 4864]`` ``M``: RSS after
+load 89 MB at level 4 vs 179 for fp32; level 1 dequantizes per call, 5-15x slower than the
+fp32 MatMul, level 4 quantizes the block sums to int8 too and was faster). The rounding is
+per 16 blocks of a column, so a block whose scale is small beside its neighbours' moves by
+more steps (reported, not bounded): SmolLM2's held-out perplexity +0.4% (README).
 """
 
 from __future__ import annotations
@@ -68,6 +78,12 @@ _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Te
 #: make; a matrix whose ``z0 - zp`` spans more than ``(2**bits - 1) / 8`` steps (8 bits: ~32)
 #: keeps fp32 ``M``.
 MAX_CODE_ERROR = 1 / 16
+
+#: ``code_bits`` of ``M`` as the weights of an 8-bit MatMulNBits (``blocksum(x) @ M`` one
+#: node): ``-level``, its accuracy_level (1: fp32 compute, 4: the block sums int8 too)
+NBITS8_LEVELS = (-1, -4)
+#: its blocks along ``K / block_size`` (MatMulNBits' smallest)
+NBITS8_BLOCK = 16
 
 
 @dataclass
@@ -90,6 +106,8 @@ class FoldReport:
             return None
         if not self.compact:
             return "folded"
+        if self.code_bits in NBITS8_LEVELS:
+            return "folded-i8" if self.code_bits == -1 else "folded-i8a8"
         return "folded-f16" if self.code_bits == 16 else f"folded-u{self.code_bits}"
 
 
@@ -126,7 +144,8 @@ def fold_and_say(model: onnx.ModelProto, code_bits: int, say, keep_exact: Collec
     """:func:`fold_zero_points` with the progress line the quantizers print."""
     report = fold_zero_points(model, code_bits=code_bits, keep_exact=keep_exact)
     if report.folded:
-        kind = "fp16" if code_bits == 16 else f"{code_bits}-bit codes"
+        kind = ("fp16" if code_bits == 16 else f"{code_bits}-bit codes" if code_bits > 0 else
+                f"8-bit MatMulNBits weights (accuracy level {-code_bits})")
         how = (f"; M of {report.compact} as {kind} (zero points rounded by <= "
                f"{report.max_zero_point_error:.4f} step)" if report.compact else "")
         say(f"{report.folded} MatMulNBits: float zero points folded into a blocksum(x) @ M "
@@ -186,9 +205,13 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
             codes, lo, step, err = _codes(z0 - zp, code_bits)
             if err <= MAX_CODE_ERROR:
                 packed = (codes, lo, step, err, sc_t, code_bits)
+        elif code_bits in NBITS8_LEVELS and node.name not in keep_exact:
+            packed = _int8_blocks(corr, scales)
         plans[idx] = (blocks, bs, corr, packed)
-    if code_bits not in (0, 8, 12, 16):
-        raise ValueError(f"code_bits is 0 (fp32 M), 16 (fp16 M), 8 or 12 (codes), not {code_bits}")
+    if code_bits not in (0, 8, 12, 16, *NBITS8_LEVELS):
+        raise ValueError(f"code_bits is 0 (fp32 M), 16 (fp16 M), 8 or 12 (codes), "
+                         f"{' or '.join(map(str, NBITS8_LEVELS))} (8-bit MatMulNBits), "
+                         f"not {code_bits}")
     report = FoldReport(folded=len(plans), code_bits=code_bits)
     if not plans:
         return report
@@ -228,7 +251,9 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
         y_main = unique_name(f"{y}/zp_fold/main", names)
         node.output[0] = y_main
         m_name = unique_name(f"{base}/zp_fold/correction", names)
-        if packed is None:
+        if code_bits in NBITS8_LEVELS and packed is not None:
+            pass  # M is the 8-bit MatMulNBits' weights, written below
+        elif packed is None:
             graph.initializer.append(numpy_helper.from_array(corr, m_name))
         elif code_bits == 16:  # one Cast, folded at load
             half = unique_name(f"{m_name}/fp16", names)
@@ -243,7 +268,14 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
             report.max_zero_point_error = max(report.max_zero_point_error, packed[3])
         delta = unique_name(f"{base}/zp_fold/delta", names)
         new_nodes.append(node)
-        new_nodes.append(helper.make_node("MatMul", [sums[key], m_name], [delta], name=delta))
+        if code_bits in NBITS8_LEVELS and packed is not None:
+            new_nodes.append(_int8_correction(graph, m_name, packed, sums[key], delta,
+                                              -code_bits, names))
+            report.compact += 1
+            report.max_zero_point_error = max(report.max_zero_point_error, packed[2])
+        else:
+            new_nodes.append(helper.make_node("MatMul", [sums[key], m_name], [delta],
+                                              name=delta))
         new_nodes.append(helper.make_node("Add", [y_main, delta], [y],
                                           name=unique_name(f"{base}/zp_fold/add", names)))
 
@@ -256,6 +288,43 @@ def fold_zero_points(model: onnx.ModelProto, *, code_bits: int = 0,
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return report
+
+
+def _int8_blocks(corr: np.ndarray, scales: np.ndarray | None) -> tuple:
+    """``M`` (``[B, N]``) as 8-bit ``MatMulNBits`` weights: ``M^T`` in blocks of
+    :data:`NBITS8_BLOCK` along ``B``, symmetric (one scale per block, the default zero point
+    128). Returns (packed ``[N, B', blk]`` uint8, scales ``[N, B']``, the largest change of a
+    zero point in steps of its block, ``B``)."""
+    m_t = corr.T.astype(np.float64)  # [N, B]
+    n, b = m_t.shape
+    nb = -(-b // NBITS8_BLOCK)
+    pad = np.zeros((n, nb * NBITS8_BLOCK), np.float64)
+    pad[:, :b] = m_t
+    pad = pad.reshape(n, nb, NBITS8_BLOCK)
+    sc = (np.abs(pad).max(-1) / 127).astype(corr.dtype)  # [N, B']
+    safe = np.where(sc > 0, sc, 1).astype(np.float64)[..., None]
+    q = np.clip(np.rint(pad / safe), -127, 127)
+    moved = np.abs(q * sc.astype(np.float64)[..., None] - pad).reshape(n, -1)[:, :b]
+    err = float("nan")  # no scales: M alone, the change in steps unknown
+    if scales is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            steps = np.where(moved > 0, moved / np.abs(scales), 0.0)
+        err = float(steps.max()) if steps.size else 0.0
+    return (q + 128).astype(np.uint8), sc, err, b
+
+
+def _int8_correction(graph: onnx.GraphProto, m_name: str, packed: tuple, blocksum: str,
+                     out: str, level: int, names: set[str]) -> onnx.NodeProto:
+    """``blocksum @ M`` as one 8-bit MatMulNBits (``K`` = the blocks), its initializers added."""
+    q, sc, _err, k = packed
+    n, _nb, blk = q.shape
+    b_name = unique_name(f"{m_name}/q8", names)
+    s_name = unique_name(f"{m_name}/scales", names)
+    graph.initializer.append(numpy_helper.from_array(q, b_name))
+    graph.initializer.append(numpy_helper.from_array(sc.reshape(-1), s_name))
+    return helper.make_node("MatMulNBits", [blocksum, b_name, s_name], [out], name=out,
+                            domain="com.microsoft", K=k, N=n, bits=8, block_size=blk,
+                            accuracy_level=level)
 
 
 def _rebuild_correction(graph: onnx.GraphProto, m_name: str, packed: tuple, dtype,
@@ -356,6 +425,35 @@ def materialize_corrections(model: onnx.ModelProto) -> int:
     graph.node.extend(kept)
     stale = {t.name for t in graph.initializer if "/zp_fold/correction/" in t.name} - read
     keep = [t for t in graph.initializer if t.name not in stale]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return done
+
+
+def corrections_as_int8(model: onnx.ModelProto, level: int) -> int:
+    """Rewrite a folded graph's ``blocksum @ M`` MatMuls (fp32, fp16 or codes ``M``) as the
+    8-bit MatMulNBits of accuracy ``level`` that ``code_bits=-level`` writes, in place (for
+    benchmarks of an artifact already written: ``M`` is the stored one, rounded once more).
+    Returns the number rewritten."""
+    materialize_corrections(model)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    names = set(inits) | {o for nd in graph.node for o in nd.output} | {
+        nd.name for nd in graph.node if nd.name}
+    out, done, dropped = [], 0, set()
+    for nd in graph.node:
+        m_t = inits.get(nd.input[1]) if nd.op_type == "MatMul" and len(nd.input) == 2 else None
+        if m_t is None or "/zp_fold/delta" not in nd.name:
+            out.append(nd)
+            continue
+        packed = _int8_blocks(numpy_helper.to_array(m_t), None)
+        out.append(_int8_correction(graph, nd.input[1], packed, nd.input[0], nd.output[0],
+                                    level, names))
+        dropped.add(nd.input[1])
+        done += 1
+    del graph.node[:]
+    graph.node.extend(out)
+    keep = [t for t in graph.initializer if t.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return done

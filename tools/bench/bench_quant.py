@@ -66,6 +66,9 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "int4-head8-zpf32": (("--quant", "int4", "--zero-point-storage", "float32"), "int4"),
     "int4-head8-zpu12": (("--quant", "int4", "--zero-point-storage", "uint12"), "int4"),
     "int4-head8-zpu8": (("--quant", "int4", "--zero-point-storage", "uint8"), "int4"),
+    # blocksum(x) @ M as an 8-bit MatMulNBits (M int8 in memory too), accuracy level 1 / 4
+    "int4-head8-zpq8": (("--quant", "int4", "--zero-point-storage", "int8"), "int4"),
+    "int4-head8-zpq8a8": (("--quant", "int4", "--zero-point-storage", "int8-a8"), "int4"),
     # GenAI's own int4 recipe in slmedge (symmetric RTN everywhere, lm_head and embedding
     # int4, block 32, accuracy level 4): the same graph class at the same (poor) quality on
     # Q4_1-sourced weights, i.e. what the zero-point correction of "int4-hqq-split" costs

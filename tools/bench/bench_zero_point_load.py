@@ -1,7 +1,8 @@
 """Load peak and RSS after load of an int4 artifact's zero-point correction storages (issue 16).
 
     python tools/bench/bench_zero_point_load.py --artifact f16=/tmp/smollm2-int4 \\
-        [--artifact u12=/tmp/smollm2-int4-u12] [--fp32-twin] --rounds 3 \\
+        [--artifact u12=/tmp/smollm2-int4-u12] [--fp32-twin DIR] [--int8-twin 4=DIR] \\
+        [--twins-only] --rounds 3 \\
         --json tools/bench/results/bench_zero_point_load.json
 
 ``--fp32-twin`` adds, for the first artifact, a copy whose compact corrections (fp16 ``M`` or
@@ -64,16 +65,31 @@ def model_mb(art: Path) -> float:
 
 def fp32_twin(art: Path, out: Path) -> Path:
     """``art`` with its compact corrections materialized as fp32 ``M`` (model files only)."""
-    import onnx
-
     from slmedge.exporter.quantize.fold_zero_points import materialize_corrections
+
+    return _twin(art, out, materialize_corrections, "fp32 twin: materialized",
+                 "no compact zero-point correction to materialize (fp32 M already, or nothing "
+                 "folded); pass an fp16 / uint12 artifact")
+
+
+def int8_twin(art: Path, out: Path, level: int) -> Path:
+    """``art`` with its corrections applied by 8-bit MatMulNBits of accuracy ``level``
+    (``corrections_as_int8``: ``M`` as stored, rounded to int8: the ``int8`` / ``int8-a8``
+    storages' graph without quantizing again)."""
+    from slmedge.exporter.quantize.fold_zero_points import corrections_as_int8
+
+    return _twin(art, out, lambda m: corrections_as_int8(m, level),
+                 f"int8 twin (level {level}): rewritten", "no folded correction to rewrite")
+
+
+def _twin(art: Path, out: Path, rewrite, done_msg: str, none_msg: str) -> Path:
+    import onnx
 
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(art / "model.onnx"))
-    done = materialize_corrections(model)
+    done = rewrite(model)
     if not done:
-        raise SystemExit(f"{art}: no compact zero-point correction to materialize (fp32 M "
-                         "already, or nothing folded); pass an fp16 / uint12 artifact")
+        raise SystemExit(f"{art}: {none_msg}")
     external = any(True for _ in art.glob("model.onnx.data"))
     for old in out.glob("model.onnx*"):
         old.unlink()
@@ -83,7 +99,7 @@ def fp32_twin(art: Path, out: Path) -> Path:
     for p in art.iterdir():  # tokenizer, config: OnnxDecoder reads only the graph, but keep
         if not p.name.startswith("model.onnx") and p.is_file():
             shutil.copy2(p, out / p.name)
-    print(f"fp32 twin: {done} corrections materialized -> {out}", file=sys.stderr)
+    print(f"{done_msg} {done} corrections -> {out}", file=sys.stderr)
     return out
 
 
@@ -98,13 +114,22 @@ def main() -> None:
     p.add_argument("--artifact", action="append", required=True, help="NAME=DIR")
     p.add_argument("--fp32-twin", type=Path, metavar="DIR",
                    help="build the first artifact's fp32-M twin here and measure it too")
+    p.add_argument("--int8-twin", action="append", default=[], metavar="LEVEL=DIR",
+                   help="build the first artifact's twin with its corrections as 8-bit "
+                   "MatMulNBits of accuracy LEVEL (1 or 4) in DIR, and measure it too")
+    p.add_argument("--twins-only", action="store_true", help="build the twins, measure nothing")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     arts = {k: Path(v) for k, v in (a.split("=", 1) for a in args.artifact)}
+    first = next(iter(arts.values()))
+    for spec in args.int8_twin:
+        level, where = spec.split("=", 1)
+        arts[f"int8-l{level}-twin"] = int8_twin(first, Path(where), int(level))
     if args.fp32_twin:
-        first = next(iter(arts.values()))
         arts["f32-twin"] = fp32_twin(first, args.fp32_twin)
+    if args.twins_only:
+        return
     runs = {name: {"plain": [], "runtime": []} for name in arts}
     loads = []
     for r in range(args.rounds):

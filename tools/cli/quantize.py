@@ -77,11 +77,13 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
                    help="int4: bits of a large embedding table tied to the lm_head (8, default: "
                    "the head int8 and the lookup reads its table; 4: table and head int4 RTN, "
                    "GenAI's layout, half the bytes, less faithful)")
-    g.add_argument("--zero-point-storage", choices=["float16", "float32", "uint12", "uint8"],
+    g.add_argument("--zero-point-storage", choices=["float16", "float32", "uint12", "uint8",
+                                                    "int8", "int8-a8"],
                    help="int4 with float zero points (HQQ): the folded correction stored as fp16 "
                    "(default: 2 bytes per block, zero points moved by <= ~0.004 step), fp32 (4 "
                    "bytes, exact), a 12-bit code per block (1.5 bytes, higher peak RSS while ORT "
-                   "loads it) or an 8-bit one (less faithful)")
+                   "loads it) or an 8-bit one (less faithful); int8 / int8-a8: applied by an "
+                   "8-bit MatMulNBits (1 byte per block in memory too; a8: its inputs int8)")
     g.add_argument("--keep-layers", type=lambda s: [int(x) for x in s.split(",") if x],
                    metavar="I,J", help="decoder layers kept one precision step up")
     q = p.add_argument_group("quality card and gate")
