@@ -210,3 +210,84 @@ def test_large_table_bits_flag_reaches_the_recipe_and_its_label():
     assert QuantRecipe(scheme="int4", large_table_bits=4, lm_head="int8").label().endswith("head8")
     with pytest.raises(SystemExit):
         p.parse_args(["--quant", "int4", "--large-table-bits", "2"])
+
+
+@pytest.mark.parametrize("frequent", [[], [3, 1, 40, 7]])
+def test_a_split_tied_table_reads_int8_and_int4_rows_as_numpy_dequantizes_them(
+        frequent, tiny_artifact, tmp_path):
+    """``tied_split.split_tied_table``: the frequent tokens' rows 8-bit, the rest 4-bit, in
+    the lm_head (two MatMulNBits, logits put back in vocabulary order) and in the lookup
+    (a token -> row map, both parts' bytes read as stored, no table of its own). The rows
+    looked up are exactly numpy's dequantized rows of each part, and the logits are those
+    of the graph with the dequantized table as float weights (the heads at accuracy level 0:
+    fp32 activations)."""
+    from slmedge.exporter.quantize import tied_split
+    from slmedge.exporter.quantize.gptq import dequantize
+
+    source = external_copy(tiny_artifact("gemma3_text") / "model.onnx", tmp_path / "src")
+    base = tmp_path / "base" / "model.onnx"
+    base.parent.mkdir()
+    quantize_file_streaming(source, base, QuantRecipe(scheme="int4", large_table=False))
+    model = onnx.load(str(base))
+    inits = {t.name: t for t in model.graph.initializer}
+    look = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    vocab, k = inits[look.input[0]].dims
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                and any(a.name == "N" and a.i == vocab for a in n.attribute))
+    w = numpy_helper.to_array(inits[look.input[0]]).T.astype(np.float32)  # [K, V]
+    lo = np.setdiff1d(np.arange(vocab), frequent)
+    rest = tied_split.quantize_rows(w[:, lo], 4, 16, "rtn")
+    want = np.empty_like(w)  # float32 scales, as stored; (j - zero) * scale rounded once
+    j, scale, zero = rest
+    want[:, lo] = dequantize(j, scale.astype(np.float32), zero, 16)
+    if frequent:
+        j, scale, zero = tied_split.quantize_rows(w[:, frequent], 8, 16)
+        want[:, frequent] = dequantize(j, scale.astype(np.float32), zero, 16)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    counts = tied_split.split_tied_table(model, head.name, look.name, w, frequent, rest, 16)
+    assert counts == {"int8_rows": len(frequent), "int4_rows": vocab - len(frequent)}
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits"
+             and n.input[0] == head.input[0]]
+    assert sorted(helper.get_attribute_value(a) for n in heads for a in n.attribute
+                  if a.name == "bits") == ([4, 8] if frequent else [4])
+    assert look.input[0] not in {t.name for t in model.graph.initializer}  # no table of its own
+    for n in heads:  # fp32 activations: the reference's float MatMul computes the same
+        next(a for a in n.attribute if a.name == "accuracy_level").i = 0
+    # the reference: the dequantized table as the float lookup table and head weight
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    ref_inits[look.input[0]].CopyFrom(numpy_helper.from_array(
+        np.ascontiguousarray(want.T.astype(np.float32)), look.input[0]))
+    ref_head = next(n for n in reference.graph.node if n.name == head.name)
+    reference.graph.initializer.append(numpy_helper.from_array(want.astype(np.float32), "w_deq"))
+    i = list(reference.graph.node).index(ref_head)
+    reference.graph.node.remove(ref_head)
+    reference.graph.node.insert(i, helper.make_node("MatMul", [head.input[0], "w_deq"],
+                                                    list(head.output), name=head.name))
+    paths = {}
+    for name, m in (("split", model), ("reference", reference)):
+        value = helper.make_tensor_value_info(look.output[0], onnx.TensorProto.FLOAT, None)
+        m.graph.output.append(value)
+        paths[name] = tmp_path / name / "model.onnx"
+        paths[name].parent.mkdir()
+        onnx.save_model(m, str(paths[name]), save_as_external_data=True, location="model.onnx.data")
+    ids = np.array([0, *frequent, 2, vocab // 2, vocab - 1, *frequent[:2]], np.int64)
+    got = {}
+    for name, path in paths.items():
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in session.get_inputs():
+            if i.name == "input_ids":
+                feeds[i.name] = ids[None, :]
+            elif i.name == "attention_mask":
+                feeds[i.name] = np.ones((1, len(ids)), np.int64)
+            elif i.name == "position_ids":
+                feeds[i.name] = np.arange(len(ids), dtype=np.int64)[None, :]
+            else:  # empty past
+                shape = [d if isinstance(d, int) else 0 if "past" in str(d) or "seq" in str(d)
+                         else 1 for d in i.shape]
+                feeds[i.name] = np.zeros(shape, np.float32 if "float" in i.type else np.int64)
+        got[name] = session.run(None, feeds)
+    np.testing.assert_array_equal(got["split"][-1][0], want.T[ids])
+    np.testing.assert_array_equal(got["reference"][-1][0], want.T[ids])
+    np.testing.assert_allclose(got["split"][0], got["reference"][0], rtol=1e-4, atol=1e-4)
