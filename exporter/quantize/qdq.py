@@ -247,31 +247,46 @@ def _static_options(recipe: QuantRecipe) -> dict:
 NO_NODE = "slmedge:no-node-to-quantize"
 
 
-def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str], work: Path):
-    """The ``prefix`` of :func:`.qdq_layered.calibrate_minmax_layered`: one segment (a model,
-    serialized) QDQ'd by ``quantize_static`` exactly as the whole graph will be (``recipe``'s
-    options, the same ``op_types`` and chosen ``nodes``), with the ranges calibrated so far
-    as its cache; the files go to ``work`` and are overwritten per segment."""
+def quantize_segment_file(src: Path, dst: Path, names: set[str], tensors: set[str], ranges,
+                          recipe: QuantRecipe, op_types: list[str], nodes: list[str],
+                          work: Path) -> None:
+    """``quantize_static`` of one segment's model file ``src`` into ``dst`` exactly as the
+    whole graph is quantized (``recipe``'s options, the same ``op_types``, the chosen
+    ``nodes`` among the segment's node ``names``), with the ``ranges`` of the segment's
+    ``tensors`` as its calibration cache (written to ``work``, then deleted)."""
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.calibrate import TensorsData
+
+    mine = TensorsData(ranges.calibration_method,
+                       {k: v for k, v in ranges.data.items() if k in tensors})
+    cache = save_ranges(mine, work / "segment.ranges.json")
+    # an empty list would mean "every node" to quantize_static: a segment with none of
+    # the chosen nodes (e.g. a float lm_head's) names one that is not there
+    quantize_static(str(src), str(dst), None, op_types_to_quantize=op_types,
+                    nodes_to_quantize=[n for n in nodes if n in names] or [NO_NODE],
+                    calibration_cache_path=str(cache), **_static_options(recipe))
+    cache.unlink()
+
+
+def segment_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """A segment model's node names and the tensors its nodes read or write."""
+    names = {n.name for n in model.graph.node}
+    return names, {t for n in model.graph.node for t in [*n.input, *n.output]}
+
+
+def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str], work: Path):
+    """The ``prefix`` of :func:`.qdq_layered.calibrate_minmax_layered`: one segment (a model,
+    serialized) QDQ'd by ``quantize_static`` exactly as the whole graph will be
+    (:func:`quantize_segment_file`), with the ranges calibrated so far as its cache; the files
+    go to ``work`` and are overwritten per segment."""
 
     def quantize(segment: bytes, ranges) -> bytes:
         src, dst = work / "segment.onnx", work / "segment.qdq.onnx"
         src.write_bytes(segment)
-        model = onnx.load_from_string(segment)
-        names = {n.name for n in model.graph.node}
-        tensors = {t for n in model.graph.node for t in [*n.input, *n.output]}
-        del model
-        mine = TensorsData(ranges.calibration_method,
-                           {k: v for k, v in ranges.data.items() if k in tensors})
-        cache = save_ranges(mine, work / "segment.ranges.json")
-        # an empty list would mean "every node" to quantize_static: a segment with none of
-        # the chosen nodes (e.g. a float lm_head's) names one that is not there
-        quantize_static(str(src), str(dst), None, op_types_to_quantize=op_types,
-                        nodes_to_quantize=[n for n in nodes if n in names] or [NO_NODE],
-                        calibration_cache_path=str(cache), **_static_options(recipe))
+        names, tensors = segment_names(onnx.load_from_string(segment))
+        quantize_segment_file(src, dst, names, tensors, ranges, recipe, op_types, nodes, work)
         out = dst.read_bytes()
-        for p in (src, dst, cache):
+        for p in (src, dst):
             p.unlink()
         return out
 

@@ -115,8 +115,13 @@ PrefixQuantizer = Callable[[bytes, object], bytes]
 
 
 def _segment_bytes(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict[str, int],
-                   outputs: list[str], external_dir: str | None = None,
-                   typed: dict[str, onnx.ValueInfoProto] | None = None) -> bytes:
+                   outputs: list[str], external_dir: str | None = None) -> bytes:
+    return segment_model(model, seg, inits, types, outputs, external_dir).SerializeToString()
+
+
+def segment_model(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict[str, int],
+                  outputs: list[str], external_dir: str | None = None,
+                  typed: dict[str, onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
     """``seg`` as a model of its own (its reads as inputs, ``outputs`` as outputs, its
     initializers' bytes read from ``external_dir``). ``typed``: the whole graph's inferred
     value infos, given to the segment's inputs and outputs (the QDQ writer: ORT's quantizer
@@ -133,7 +138,7 @@ def _segment_bytes(model: onnx.ModelProto, seg: Segment, inits: dict, types: dic
     out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import),
                                  ir_version=model.ir_version)
     out.functions.extend(model.functions)
-    return out.SerializeToString()
+    return out
 
 
 class _MinMax:

@@ -216,18 +216,35 @@ class _Initializers:
 
 
 def _typed_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """The whole graph's inferred value infos (the graph without its weights' bytes)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    return {v.name: v for v in [*g.value_info, *g.output, *g.input] if v.type.HasField("tensor_type")}
+    """The whole graph's inferred value infos, inferred on a copy without the weights' bytes
+    (shape inference reads an initializer's type and dims only; a graph stored inline would
+    otherwise be copied twice), copied out so the inferred proto is freed."""
+    graph = model.graph
+    # small constants (shapes, axes) keep their values: shape inference folds them
+    stubs = [t if t.ByteSize() < 4096 else
+             onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))
+             for t in graph.initializer]
+    bare = onnx.helper.make_model(
+        onnx.helper.make_graph(list(graph.node), graph.name, list(graph.input),
+                               list(graph.output), initializer=stubs,
+                               value_info=list(graph.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    bare.functions.extend(model.functions)
+    g = onnx.shape_inference.infer_shapes(bare).graph
+    out = {}
+    for v in [*g.value_info, *g.output, *g.input]:
+        if v.type.HasField("tensor_type"):
+            out[v.name] = onnx.ValueInfoProto()
+            out[v.name].CopyFrom(v)
+    return out
 
 
 def write_qdq_layered(src: Path, dst: Path, recipe, op_types: list[str], nodes: list[str],
                       ranges, *, say: Say = lambda _m: None) -> dict:
     """``quantize_static``'s QDQ graph of ``src`` into ``dst``, one segment at a time (module
     docstring); ``ranges``: the calibration's ``TensorsData``. Returns counts for the log."""
-    from .qdq import prefix_quantizer
-    from .qdq_layered import _segment_bytes, calibration_segments
+    from .qdq import quantize_segment_file, segment_names
+    from .qdq_layered import calibration_segments, segment_model
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
@@ -242,14 +259,18 @@ def write_qdq_layered(src: Path, dst: Path, recipe, op_types: list[str], nodes: 
     versions: dict[str, list[tuple[onnx.NodeProto, onnx.NodeProto]]] = {}
     header = None
     with tempfile.TemporaryDirectory(prefix="slmedge-qdq-writer-") as work:
-        quantize = prefix_quantizer(recipe, op_types, nodes, Path(work))
+        seg_src, seg_dst = Path(work) / "segment.onnx", Path(work) / "segment.qdq.onnx"
         try:
             for s, seg in enumerate(segments):
                 made = {o for i in seg.nodes for o in graph.node[i].output if o}
                 outs = list(dict.fromkeys([*seg.frontier, *(o for o in outputs if o in made)]))
-                body = _segment_bytes(model, seg, inits, {}, outs, str(Path(src).parent), typed)
-                part = onnx.load_from_string(quantize(body, ranges))
+                body = segment_model(model, seg, inits, {}, outs, str(Path(src).parent), typed)
+                names, tensors = segment_names(body)
+                onnx.save_model(body, str(seg_src))
                 del body
+                quantize_segment_file(seg_src, seg_dst, names, tensors, ranges, recipe,
+                                      op_types, nodes, Path(work))
+                part = onnx.load(str(seg_dst))
                 if header is None:
                     header = (list(part.opset_import), part.ir_version, part.producer_name,
                               part.producer_version)
@@ -285,13 +306,71 @@ def write_qdq_layered(src: Path, dst: Path, recipe, op_types: list[str], nodes: 
     out.metadata_props.extend(model.metadata_props)
     out.functions.extend(model.functions)
     if written <= INLINE_LIMIT:  # one file, as quantize_static writes below 2 GB
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(out, str(dst.parent))
+        save_inline_streamed(out, dst, store.path)
         store.path.unlink()
-    onnx.save_model(out, str(dst))
+    else:
+        onnx.save_model(out, str(dst))
     return {"segments": len(segments), "nodes": len(joined), "pairs": len(pairs),
             "external_bytes": written if written > INLINE_LIMIT else 0}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+#: protobuf keys (field number << 3 | length-delimited): ModelProto.graph, GraphProto.initializer
+_GRAPH_KEY, _INITIALIZER_KEY = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
+
+
+def save_inline_streamed(model: onnx.ModelProto, dst: Path, data: Path) -> None:
+    """``model`` (its large initializers in ``data``, external references) saved as one file
+    with every initializer inline, one tensor in memory at a time: the graph's bytes without
+    initializers, then each initializer as a further ``initializer`` field (protobuf merges
+    repeated fields wherever they occur, so the file loads as ``onnx.save_model``'s would).
+    Loading them all into the proto and serializing it held the output twice."""
+    from onnx.external_data_helper import uses_external_data
+
+    tensors = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    graph = model.graph.SerializeToString()
+    model.ClearField("graph")
+    head = model.SerializeToString()
+
+    def inline(t: onnx.TensorProto, raw: bytes | None) -> onnx.TensorProto:
+        if not uses_external_data(t):
+            return t
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        del copy.external_data[:]
+        copy.data_location = onnx.TensorProto.DEFAULT
+        if raw is not None:
+            copy.raw_data = raw
+        return copy
+
+    sizes = []
+    for t in tensors:
+        base = inline(t, None).ByteSize()
+        length = dict((e.key, e.value) for e in t.external_data).get("length")
+        n = int(length) if uses_external_data(t) else 0
+        sizes.append(base + (1 + len(_varint(n)) + n if uses_external_data(t) else 0))
+    graph_len = len(graph) + sum(1 + len(_varint(n)) + n for n in sizes)
+    with open(data, "rb") as src, open(dst, "wb") as out:
+        out.write(head + _GRAPH_KEY + _varint(graph_len) + graph)
+        for t, n in zip(tensors, sizes, strict=True):
+            raw = None
+            if uses_external_data(t):
+                where = dict((e.key, e.value) for e in t.external_data)
+                src.seek(int(where.get("offset", 0)))
+                raw = src.read(int(where["length"]))
+            blob = inline(t, raw).SerializeToString()
+            if len(blob) != n:
+                raise AssertionError(f"initializer {t.name}: {len(blob)} bytes, {n} planned")
+            out.write(_INITIALIZER_KEY + _varint(n) + blob)
 
 
 def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:

@@ -117,3 +117,39 @@ def test_static_shape_graphs_written_by_segment(tmp_path_factory, tiny_dir, tmp_
     assert graphs[False].keys() == graphs[True].keys() and len(graphs[True]) >= 2
     for name, model in graphs[True].items():
         assert not same_graph(graphs[False][name], model), (name, same_graph(graphs[False][name], model))
+
+
+def test_streamed_inline_save_loads_as_save_model(tmp_path):
+    """Initializers from the external-data file written inline one at a time: the file loads
+    to the same model as onnx.save_model's, and ONNX Runtime runs it."""
+    from onnx import helper, numpy_helper
+
+    from slmedge.exporter.quantize.qdq_writer import _Initializers, save_inline_streamed
+
+    rng = np.random.default_rng(1)
+    weights = {"w": rng.standard_normal((64, 300)).astype(np.float32),
+               "small": np.arange(8, dtype=np.float32),
+               "q": rng.integers(-128, 127, (300, 8), dtype=np.int8)}
+    store = _Initializers(tmp_path / "m.onnx.data")
+    for name, value in weights.items():
+        store.add(numpy_helper.from_array(value, name))
+    store.close()
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0  # the large ones went out
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Cast", ["q"], ["qf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("MatMul", ["h", "qf"], ["y0"]), helper.make_node("Add", ["y0", "small"], ["y1"]),
+             helper.make_node("ReduceSum", ["y1"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 64])],
+                              [helper.make_tensor_value_info("y", 1, [])], initializer=store.tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.metadata_props.add(key="k", value="v")
+    save_inline_streamed(model, tmp_path / "m.onnx", tmp_path / "m.onnx.data")
+    (tmp_path / "m.onnx.data").unlink()  # nothing may still point at it
+    got = onnx.load(str(tmp_path / "m.onnx"))
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in got.graph.initializer} == \
+        {k: v.tobytes() for k, v in weights.items()}
+    assert got.metadata_props[0].value == "v" and len(got.graph.node) == 5
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = ((x @ weights["w"]) @ weights["q"].astype(np.float32) + weights["small"]).sum()
+    np.testing.assert_allclose(y, want, rtol=1e-4)
