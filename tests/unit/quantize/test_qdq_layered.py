@@ -96,6 +96,7 @@ def test_quantized_graph_is_the_same_file(tiny_artifact, tmp_path, monkeypatch, 
     art = tiny_artifact("llama", fuse=False)
     recipe = _recipe(scheme)
     outs = {}
+    monkeypatch.setattr(qdq, "QDQ_WRITER", False)  # ORT's writer both ways: test_qdq_writer's
     for layered in (False, True):
         monkeypatch.setattr(qdq, "QDQ_LAYERED", layered)
         outs[layered] = tmp_path / f"{layered}.onnx"
@@ -128,6 +129,7 @@ def test_static_shape_graphs_quantize_to_the_same_files(tmp_path_factory, tiny_d
     art = static_artifact_path(tmp_path_factory, tiny_dir)
     static = json.loads((art / "manifest.json").read_text())["static"]
     files, calls = {}, []
+    monkeypatch.setattr(qdq, "QDQ_WRITER", False)  # ORT's writer both ways: test_qdq_writer's
     real = qdq.calibrate_layered
     monkeypatch.setattr(qdq, "calibrate_layered", lambda *a, **k: calls.append(1) or real(*a, **k))
     for layered in (False, True):
@@ -261,7 +263,7 @@ def test_cli_flag_sets_the_recipe_field():
 
 
 def test_a16w8_of_external_weights_converts_the_opset_without_loading_them(tiny_artifact,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
     """16-bit Q/DQ needs opset 21; ORT converts an older graph with its weights loaded, which
     fails above 2 GB (Qwen2.5-0.5B: EncodeError). A graph in external data is converted
     without its weights beside the original: the same QDQ graph as the inline one."""
@@ -282,6 +284,7 @@ def test_a16w8_of_external_weights_converts_the_opset_without_loading_them(tiny_
     converted.unlink()
     samples = list(KVCacheCalibrationReader(path, IDS, CALIB).samples())
     facts, recipe, outs = analyze(model), _recipe("a16w8"), {}
+    monkeypatch.setattr(qdq, "QDQ_WRITER", False)  # ORT's whole-graph pass converts the opset
     for name, src in (("inline", path), ("external", external)):
         outs[name] = tmp_path / f"{name}.onnx"
         quantize_static_qdq(src, outs[name], facts, recipe, ListCalibrationReader(samples))
