@@ -88,13 +88,14 @@ def nbits_matmul(model: onnx.ModelProto, name: str, x: str, out: str, q: tuple, 
 
 def split_tied_table(model: onnx.ModelProto, head: str, gather: str, w: np.ndarray,
                      frequent: Sequence[int], rest: tuple, block_size: int,
-                     high_block_size: int | None = None) -> dict:
+                     high_block_size: int | None = None, lookup: bool = True) -> dict:
     """Rewrite (in place) the ``lm_head`` node ``head`` (a MatMul or MatMulNBits with output
     ``[.., V]``) and the embedding ``Gather`` named ``gather`` (``[V, K]`` table, ids) of a
     tied table whose float weight is ``w`` (``[K, V]``): the ``frequent`` token ids' rows
     as 8-bit RTN (blocks of ``high_block_size``, default ``block_size``), the others from
     ``rest``, ``(j, scale, zero)`` of ``w[:, others]`` at 4 bits (:func:`quantize_rows`, the
-    others in increasing id order). ``frequent`` empty: one 4-bit table. Returns counts."""
+    others in increasing id order). ``frequent`` empty: one 4-bit table. ``lookup`` False:
+    the lookup keeps its float table (to measure what the head alone costs). Returns counts."""
     graph = model.graph
     vocab = w.shape[1]
     node = next((n for n in graph.node if n.name == head), None)
@@ -117,7 +118,8 @@ def split_tied_table(model: onnx.ModelProto, head: str, gather: str, w: np.ndarr
     if not hi:
         graph.node.remove(matmul)
         graph.node.insert(idx, nbits_matmul(model, head, x, y, rest, 4, block_size))
-        _swap_lookup(model, look, [(y, None)], names)
+        if lookup:
+            _swap_lookup(model, look, [(y, None)], names)
         _drop_unused(model)
         return {"int8_rows": 0, "int4_rows": vocab}
     # split_lm_head reads the weight's shape only through the initializer; give it a view
@@ -135,7 +137,8 @@ def split_tied_table(model: onnx.ModelProto, head: str, gather: str, w: np.ndarr
     outs = [next(n.output[0] for n in graph.node if n.name == p) for p in parts]
     position = np.empty(vocab, np.int32)
     position[np.concatenate([np.asarray(hi, np.int64), lo])] = np.arange(vocab, dtype=np.int32)
-    _swap_lookup(model, look, [(outs[0], len(hi)), (outs[1], None)], names, position)
+    if lookup:
+        _swap_lookup(model, look, [(outs[0], len(hi)), (outs[1], None)], names, position)
     _drop_unused(model)
     return {"int8_rows": len(hi), "int4_rows": len(lo)}
 

@@ -22,7 +22,8 @@ int4 (HQQ body, zero points folded) quantized with it:
   ``tied_split.split_tied_table``: the N most frequent calibration tokens' rows int8 (in
   aligned groups of 64 ids), the rest int4 rounded by RTN, HQQ's grid with integer zero
   points, or GPTQ on the fp32 graph's final hidden states over the packaged calibration
-  text; the lookup reads both parts. ``--high-block`` sets the int8 rows' block size;
+  text; the lookup reads both parts (``-headonly``: the lookup keeps the float table, the
+  head's share of the cost). ``--high-block`` sets the int8 rows' block size;
   ``--gguf FILE``: the fp32 artifact is that GGUF's, whose blocks the base keeps (Gemma 3 270M);
 - ``--table-bytes V K [--rows N ...]``: no cards, the bytes of a V x K tied table + head one
   int4 table and split (Qwen2.5-0.5B's 151936 x 896).
@@ -137,7 +138,7 @@ def _run_one(args, name: str, cards, threshold: int) -> None:
 
 
 def _variant(name: str) -> str:
-    if name in VARIANTS or re.fullmatch(r"split\d+-(rtn|hqq|gptq)", name):
+    if name in VARIANTS or re.fullmatch(r"split\d+-(rtn|hqq|gptq)(-headonly)?", name):
         return name
     raise argparse.ArgumentTypeError(f"{name!r}: one of {', '.join(VARIANTS)} or "
                                      "split<N>-<rtn|hqq|gptq>")
@@ -208,7 +209,8 @@ def _run_split(args, name: str, cards) -> None:
     from slmedge.exporter.quantize.recipe import QuantRecipe
     from slmedge.exporter.quantize.streaming import quantize_file_streaming
 
-    rows, method = re.fullmatch(r"split(\d+)-(\w+)", name).groups()
+    rows, method, head_only = re.fullmatch(r"split(\d+)-(rtn|hqq|gptq)(-headonly)?",
+                                           name).groups()
     rows = int(rows)
     base = args.workdir / "float-base"
     recipe = QuantRecipe(scheme="int4")
@@ -240,7 +242,8 @@ def _run_split(args, name: str, cards) -> None:
     hessian = _head_hessian(args, head.input[0], k) if method == "gptq" else None
     rest = tied_split.quantize_rows(w[:, ~hi], 4, recipe.block_size, method, hessian)
     counts = tied_split.split_tied_table(model, head.name, look.name, w, frequent, rest,
-                                         recipe.block_size, args.high_block)
+                                         recipe.block_size, args.high_block,
+                                         lookup=not head_only)
     out = args.workdir / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
