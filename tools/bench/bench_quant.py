@@ -139,6 +139,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "int4-b128": (("--quant", "int4", "--block-size", "128", *OPEN_GATE), "int4"),
     # MatMulNBits accuracy level 1 (fp32 compute; the ARM profiles') instead of 4 (int8)
     "int4-acc1": (("--quant", "int4", "--accuracy-level", "1", *OPEN_GATE), "int4"),
+    # the same with M as an 8-bit MatMulNBits at level 1: fp32 compute everywhere, so its
+    # difference to int4-acc1 is the storage's, not int8 activations' re-drawn rounding
+    "int4-acc1-zpq8": (("--quant", "int4", "--accuracy-level", "1", "--zero-point-storage",
+                        "int8", *OPEN_GATE), "int4"),
     # lm_head float / int4 / split (the 8192 most frequent calibration tokens' rows int8)
     "int4-head-float": (("--quant", "int4", "--lm-head", "float", *OPEN_GATE), "int4"),
     "int4-head4": (("--quant", "int4", "--lm-head", "int4", *OPEN_GATE), "int4"),

@@ -99,8 +99,24 @@ def _twin(art: Path, out: Path, rewrite, done_msg: str, none_msg: str) -> Path:
     for p in art.iterdir():  # tokenizer, config: OnnxDecoder reads only the graph, but keep
         if not p.name.startswith("model.onnx") and p.is_file():
             shutil.copy2(p, out / p.name)
+    _restamp(out)
     print(f"{done_msg} {done} corrections -> {out}", file=sys.stderr)
     return out
+
+
+def _restamp(art: Path) -> None:
+    """The twin's manifest records its own model files (the runtime checks size and hash)."""
+    import hashlib
+
+    path = art / "manifest.json"
+    if not path.exists():
+        return
+    manifest = json.loads(path.read_text())
+    for name, meta in manifest.get("files", {}).items():
+        if name.startswith("model.onnx") and (art / name).exists():
+            meta["size"] = (art / name).stat().st_size
+            meta["sha256"] = hashlib.sha256((art / name).read_bytes()).hexdigest()
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def measure(how: str, art: Path) -> dict:
