@@ -299,7 +299,9 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A protobuf base-128 varint (field keys and lengths of the files written here and in
+    qdq_writer)."""
     out = bytearray()
     while True:
         b = value & 0x7F
@@ -334,7 +336,7 @@ def _fields(buf, start: int, end: int):
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload
 
 
 def load_graph(path: Path, inline_below: int = INLINE_BELOW) -> onnx.ModelProto:

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .external_data import encode_varint
+
 Say = Callable[[str], None]
 
 Q_SUFFIX, DQ_SUFFIX = "_QuantizeLinear", "_DequantizeLinear"
@@ -314,15 +316,6 @@ def write_qdq_layered(src: Path, dst: Path, recipe, op_types: list[str], nodes: 
             "external_bytes": written if written > INLINE_LIMIT else 0}
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 #: protobuf keys (field number << 3 | length-delimited): ModelProto.graph, GraphProto.initializer
 _GRAPH_KEY, _INITIALIZER_KEY = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
 
@@ -357,10 +350,10 @@ def save_inline_streamed(model: onnx.ModelProto, dst: Path, data: Path) -> None:
         base = inline(t, None).ByteSize()
         length = dict((e.key, e.value) for e in t.external_data).get("length")
         n = int(length) if uses_external_data(t) else 0
-        sizes.append(base + (1 + len(_varint(n)) + n if uses_external_data(t) else 0))
-    graph_len = len(graph) + sum(1 + len(_varint(n)) + n for n in sizes)
+        sizes.append(base + (1 + len(encode_varint(n)) + n if uses_external_data(t) else 0))
+    graph_len = len(graph) + sum(1 + len(encode_varint(n)) + n for n in sizes)
     with open(data, "rb") as src, open(dst, "wb") as out:
-        out.write(head + _GRAPH_KEY + _varint(graph_len) + graph)
+        out.write(head + _GRAPH_KEY + encode_varint(graph_len) + graph)
         for t, n in zip(tensors, sizes, strict=True):
             raw = None
             if uses_external_data(t):
@@ -370,7 +363,7 @@ def save_inline_streamed(model: onnx.ModelProto, dst: Path, data: Path) -> None:
             blob = inline(t, raw).SerializeToString()
             if len(blob) != n:
                 raise AssertionError(f"initializer {t.name}: {len(blob)} bytes, {n} planned")
-            out.write(_INITIALIZER_KEY + _varint(n) + blob)
+            out.write(_INITIALIZER_KEY + encode_varint(n) + blob)
 
 
 def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
