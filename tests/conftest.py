@@ -66,7 +66,8 @@ def tiny_artifact(tmp_path_factory, tiny_dir):
             digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
             source = tiny_dir(model_type)
             cache[key] = built_once(
-                tmp_path_factory, f"onnx-{model_type}-{dtype}-{digest}",
+                # no dtype in the name: reports label a run by it and add "(fp32)" when absent
+                tmp_path_factory, f"onnx-{model_type}-{digest}",
                 lambda out: run_export(ExportConfig(model=str(source), output=out, dtype=dtype,
                                                     **options)))
         return cache[key]

@@ -174,7 +174,11 @@ def quantize_static_qdq(
 
                 data = load_tensors_data(ranges)
             say(f"writing the QDQ graph segment by segment ({len(nodes)} nodes to quantize)")
-            write_qdq_layered(src, dst, recipe, op_types, nodes, data, say=say)
+            def segment(seg_src, seg_dst, names, tensors, seg_ranges, work):
+                quantize_segment_file(seg_src, seg_dst, names, tensors, seg_ranges, recipe,
+                                      op_types, nodes, work)
+
+            write_qdq_layered(src, dst, data, segment, say=say)
         finally:
             if layered_dir is not None:
                 layered_dir.cleanup()
@@ -272,17 +276,13 @@ def quantize_segment_file(src: Path, dst: Path, names: set[str], tensors: set[st
     cache.unlink()
 
 
-def segment_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """A segment model's node names and the tensors its nodes read or write."""
-    names = {n.name for n in model.graph.node}
-    return names, {t for n in model.graph.node for t in [*n.input, *n.output]}
-
-
 def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str], work: Path):
     """The ``prefix`` of :func:`.qdq_layered.calibrate_minmax_layered`: one segment (a model,
     serialized) QDQ'd by ``quantize_static`` exactly as the whole graph will be
     (:func:`quantize_segment_file`), with the ranges calibrated so far as its cache; the files
     go to ``work`` and are overwritten per segment."""
+
+    from .qdq_layered import segment_names
 
     def quantize(segment: bytes, ranges) -> bytes:
         src, dst = work / "segment.onnx", work / "segment.qdq.onnx"

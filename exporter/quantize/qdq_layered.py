@@ -141,6 +141,12 @@ def segment_model(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict
     return out
 
 
+def segment_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """A segment model's node names and the tensors its nodes read or write."""
+    names = {n.name for n in model.graph.node}
+    return names, {t for n in model.graph.node for t in [*n.input, *n.output]}
+
+
 class _MinMax:
     """Running min / max per tensor over samples, as ORT's MinMaxCalibrater computes them
     (per sample ReduceMin / ReduceMax over the whole tensor, then nanmin / nanmax over

@@ -241,12 +241,16 @@ def _typed_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return out
 
 
-def write_qdq_layered(src: Path, dst: Path, recipe, op_types: list[str], nodes: list[str],
-                      ranges, *, say: Say = lambda _m: None) -> dict:
+#: ``quantize_segment(src, dst, names, tensors, ranges, work)``: one segment's model file QDQ'd
+#: as the whole graph would be (qdq.quantize_segment_file with the recipe's options bound)
+SegmentQuantizer = Callable[[Path, Path, set, set, object, Path], None]
+
+
+def write_qdq_layered(src: Path, dst: Path, ranges, quantize_segment: SegmentQuantizer, *,
+                      say: Say = lambda _m: None) -> dict:
     """``quantize_static``'s QDQ graph of ``src`` into ``dst``, one segment at a time (module
     docstring); ``ranges``: the calibration's ``TensorsData``. Returns counts for the log."""
-    from .qdq import quantize_segment_file, segment_names
-    from .qdq_layered import calibration_segments, segment_model
+    from .qdq_layered import calibration_segments, segment_model, segment_names
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
@@ -270,8 +274,7 @@ def write_qdq_layered(src: Path, dst: Path, recipe, op_types: list[str], nodes: 
                 names, tensors = segment_names(body)
                 onnx.save_model(body, str(seg_src))
                 del body
-                quantize_segment_file(seg_src, seg_dst, names, tensors, ranges, recipe,
-                                      op_types, nodes, Path(work))
+                quantize_segment(seg_src, seg_dst, names, tensors, ranges, Path(work))
                 part = onnx.load(str(seg_dst))
                 if header is None:
                     header = (list(part.opset_import), part.ir_version, part.producer_name,
