@@ -36,7 +36,7 @@ status=0
 # once): much of a test's time is single-threaded Python (tracing, serializing graphs), so on the
 # 2-core CI machine two workers are faster than one (tests/cli, 2026-12-07: 618 s in one
 # process at load ~4, 210 s in two at load ~2; the whole main step on a quiet machine: 24.9 min
-# for 927 tests in one process, 21.5 min for 952 in two, 14.5 min for 985 once the
+# for 927 tests in one process, 21.5 min for 952 in two, 15.1 min for 985 once the
 # session fixtures were shared by the workers: tests/helpers/built_once.py). SLMEDGE_TEST_WORKERS=0 runs in one
 # process (a debugger, or output in order).
 workers=${SLMEDGE_TEST_WORKERS:-2}
