@@ -159,6 +159,12 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, lazy: LazyWeights) -> list
     return _pack(model, pack_weights=placeholder)
 
 
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Initializers nothing reads (no node, no graph output) leave the graph (as ORT's
+    quantizer's clean_initializers)."""
+    _drop_unused(model.graph, {o.name for o in model.graph.output})
+
+
 def _drop_unused(graph: onnx.GraphProto, extra_used: set[str]) -> None:
     used = {i for n in graph.node for i in n.input} | extra_used
     keep = [t for t in graph.initializer if t.name in used]

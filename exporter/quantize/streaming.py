@@ -52,7 +52,8 @@ from .fold_zero_points import fold_and_say
 from .gguf_blocks import NBitsBlocks, concat_blocks, narrow_wider_blocks
 from .graph import GraphFacts, _module_and_layer, analyze
 from .hqq import hqq_quantize
-from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
+from .lazy_graph import (LazyWeights, drop_unused_initializers, fold_weight_transposes,
+                         pack_shared_input_matmuls, split_gemms)
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
 from . import tied_table
 from .tied_table import share_tied_int4_table, share_tied_nbits_table, tied_gathers
@@ -728,12 +729,12 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             say(f"{n} source tensors not kept as they are: {reason}")
         if count:
             _set_opset(model, "com.microsoft", 1)
-            _drop_unused(model)
+            drop_unused_initializers(model)
         gathers = facts.embedding_gathers
         shared = [g for g in tied if share_tied_nbits_table(model, g, head_output)]
         tied_bits = precision.get(facts.lm_head, "int8")
         if shared:
-            _drop_unused(model)
+            drop_unused_initializers(model)
             precision.update({g: tied_bits for g in shared})
             say(f"embedding lookup reads the tied lm_head's {tied_bits} table (stored once: "
                 "the table is large; QuantRecipe.large_table)")
@@ -746,7 +747,7 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         if recipe.embedding is TensorPrecision.int4 and gathers:
             say(f"embedding -> GatherBlockQuantized int4 (block {recipe.block_size})")
             done = _embedding_int4(model, lazy, gathers, recipe)
-            _drop_unused(model)
+            drop_unused_initializers(model)
             precision.update({g: "int4" for g in done})
             data.flush()
             if _share_tied_table(model, data_path):
@@ -791,13 +792,3 @@ def _phase(say: Say, what: str, since: float) -> float:
     now = time.perf_counter()
     say(f"{what} in {now - since:.1f} s")
     return now
-
-
-def _drop_unused(model) -> None:
-    """Initializers nothing reads leave the graph (as the quantizer's clean_initializers)."""
-    graph = model.graph
-    used = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)

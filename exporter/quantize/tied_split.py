@@ -34,7 +34,7 @@ from .gptq import _pack_nibbles, block_grid, gptq_quantize
 from .graph import unique_name
 from .head_split import group_size, split_lm_head
 from .int_zero import from_hqq
-from .lazy_graph import _drop_unused as drop_unused
+from .lazy_graph import drop_unused_initializers
 from .tied_table import share_tied_nbits_table
 
 #: how the int4 rows are rounded (quantize_rows)
@@ -120,7 +120,7 @@ def split_tied_table(model: onnx.ModelProto, head: str, gather: str, w: np.ndarr
         graph.node.insert(idx, nbits_matmul(model, head, x, y, rest, 4, block_size))
         if lookup:
             _swap_lookup(model, look, [(y, None)], names)
-        _drop_unused(model)
+        drop_unused_initializers(model)
         return {"int8_rows": 0, "int4_rows": vocab}
     # split_lm_head reads the weight's shape only through the initializer; give it a view
     graph.initializer.remove(next(t for t in graph.initializer if t.name == placeholder))
@@ -133,13 +133,13 @@ def split_tied_table(model: onnx.ModelProto, head: str, gather: str, w: np.ndarr
         i = list(graph.node).index(mm)
         graph.node.remove(mm)
         graph.node.insert(i, nbits_matmul(model, part, mm.input[0], mm.output[0], q, bits, bs))
-    _drop_unused(model)
+    drop_unused_initializers(model)
     outs = [next(n.output[0] for n in graph.node if n.name == p) for p in parts]
     position = np.empty(vocab, np.int32)
     position[np.concatenate([np.asarray(hi, np.int64), lo])] = np.arange(vocab, dtype=np.int32)
     if lookup:
         _swap_lookup(model, look, [(outs[0], len(hi)), (outs[1], None)], names, position)
-    _drop_unused(model)
+    drop_unused_initializers(model)
     return {"int8_rows": len(hi), "int4_rows": len(lo)}
 
 
@@ -186,7 +186,3 @@ def _swap_lookup(model, look, heads, names, position=None) -> None:
     for g, (head_out, _) in zip((g_hi, g_lo), heads, strict=True):
         if not share_tied_nbits_table(model, g, head_out):
             raise ValueError(f"{g}: the lookup cannot read the head part's table")
-
-
-def _drop_unused(model: onnx.ModelProto) -> None:
-    drop_unused(model.graph, {o.name for o in model.graph.output})
