@@ -120,7 +120,7 @@ def needs_calibration_text(recipe: QuantRecipe, auto: bool = False) -> bool:
     if recipe.scheme is not QuantScheme.int4:
         return False
     return (recipe.int4_algorithm in (Int4Algorithm.gptq, Int4Algorithm.gptq_act)
-            or recipe.lm_head_int8_tokens > 0 or auto)
+            or recipe.lm_head_int8_tokens > 0 or recipe.large_table_int8_tokens > 0 or auto)
 
 
 def check_quant_texts(recipe: QuantRecipe | None, quality: QualityConfig) -> None:
@@ -174,7 +174,7 @@ def quantize_candidate(reference: Path | None, out: Path, recipe: QuantRecipe,
     if graph is None and streaming_unsupported(recipe) is not None:
         return quantize_model(reference, out, recipe, tokenizer_dir=tokenizer_dir, say=say)
     report = quantize_file_streaming(reference, out, recipe, progress=say, exact=exact,
-                                     graph=graph)
+                                     graph=graph, tokenizer_dir=tokenizer_dir)
     data = out.with_name(out.name + ".data")
     # A lookup reading the lm_head's bytes keeps them in the data file, which ORT maps: in one
     # file the session would hold the table beside the head's pre-packed copy

@@ -204,6 +204,16 @@ class QuantRecipe(BaseModel):
         "symmetric) and the lookup reads those bytes: ONNX Runtime GenAI's layout, half the "
         "table's bytes (Qwen2.5-0.5B: 85 instead of 157 MB). An untied table stays int8",
     )
+    large_table_int8_tokens: int = Field(
+        0, ge=0, description="with large_table_bits 4 (int4 scheme, the lm_head's precision not "
+        "named): the large tied table is split by token frequency (tied_split.py): the rows of "
+        "up to this many tokens, the most frequent in the calibration text (in aligned groups "
+        "of 64 ids), stay 8-bit RTN and the others are 4-bit, rounded by GPTQ on the lm_head "
+        "input's Hessian (the fp32 graph's final hidden states over the calibration text; "
+        "quantizing on write, with no fp32 graph, RTN); the "
+        "lm_head and the lookup read the same bytes. 0: one int4 table. A table below the "
+        "large-table threshold (SmolLM2's) is not touched (streaming quantizer)",
+    )
     zero_point_storage: ZeroPointStorage = Field(
         ZeroPointStorage.float16, description="int4 with float zero points (HQQ, a Q4_K "
         "source): the folded correction's M per block as float16 (2 bytes, one Cast ONNX "
@@ -284,6 +294,12 @@ class QuantRecipe(BaseModel):
                                  f"256, got {value}")
         if self.large_table_bits not in (4, 8):
             raise ValueError(f"large_table_bits must be 4 or 8, got {self.large_table_bits}")
+        if self.large_table_int8_tokens and not self.tied_head_int4:
+            raise ValueError(
+                "large_table_int8_tokens splits the 4-bit large tied table: it needs scheme "
+                "int4, large_table_bits 4 and no lm_head precision named, got scheme "
+                f"{self.scheme.value}, large_table_bits {self.large_table_bits}, lm_head "
+                f"{self.lm_head.value if self.lm_head else 'the default'}")
         if self.mlp_block_size is not None and self.scheme is not QuantScheme.int4:
             raise ValueError(f"mlp_block_size applies to int4 only, not {self.scheme.value}")
         if self.int8_block_size is not None and self.scheme is not QuantScheme.int4:
@@ -403,6 +419,8 @@ class QuantRecipe(BaseModel):
         parts.append({"float": "headf", "int8": "head8", "int4": "head4"}[head.value])
         if self.tied_head_int4:  # a large tied table (and its head) goes to 4 bits
             parts[-1] += "tab4"
+            if self.large_table_int8_tokens:  # its frequent tokens' rows at 8 bits
+                parts[-1] += f"s{self.large_table_int8_tokens}"
         if self.lm_head_int8_tokens:
             parts[-1] += f"x8top{self.lm_head_int8_tokens}"
         if self.embedding is not TensorPrecision.float:

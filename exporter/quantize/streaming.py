@@ -27,6 +27,11 @@ the report's ``gguf_exact`` names those tensors and says why any others were qua
 
 Not streamed (they need every weight, calibration activations, or ``quantize_dynamic``):
 k_quant, gptq, gptq-act, int8 qoperator, int8-static, a16w8, the split ``lm_head``.
+
+A large tied table split by token frequency (``large_table_int8_tokens``, tied_split.py) is
+streamed: one calibration pass before the weights (the calibration text's token counts, and
+the lm_head input's Hessian from the fp32 graph), the body quantized with the head left
+float, then the head's weight read once and the head and lookup rewritten.
 """
 
 from __future__ import annotations
@@ -635,19 +640,97 @@ class StreamedReport(QuantReport):
     exact_blocks: list[str] = field(default_factory=list)  # node names, no requantization
     #: with a source of blocks (``exact``): the manifest's ``gguf_exact`` (ExactRecord.to_dict)
     gguf_exact: dict | None = None
+    #: a large tied table split by token frequency (QuantRecipe.large_table_int8_tokens): its
+    #: rows per precision, how the 4-bit rows were rounded and from what
+    large_table_split: dict | None = None
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         del d["exact_blocks"]  # the node names are in gguf_exact
-        if d["gguf_exact"] is None:
-            del d["gguf_exact"]
+        for key in ("gguf_exact", "large_table_split"):
+            if d[key] is None:
+                del d[key]
         return d
+
+
+@dataclass
+class _SplitPlan:
+    """What a split tied table needs before the weights are written: the frequent token ids
+    (the calibration text's, in aligned groups) and the lm_head input's Hessian (None: the
+    4-bit rows RTN)."""
+
+    frequent: list[int]
+    hessian: np.ndarray | None
+    record: dict
+
+
+def _plan_split(model, facts: GraphFacts, lazy: LazyWeights, recipe: QuantRecipe,
+                src: Path | None, tokenizer_dir: Path | None, say: Say) -> _SplitPlan:
+    """The calibration pass of a split tied table (tied_split.py): the calibration text's
+    token counts give the rows kept 8-bit; the fp32 graph ``src`` run over the same text
+    (KVCacheCalibrationReader's prefill and decode samples, gptq.collect_hessians) gives
+    ``E[x^T x]`` of the lm_head's input (its final norm's output), ``K x K``. With no fp32
+    graph (quantize on write) there is no Hessian: the 4-bit rows are RTN (min/max grid)."""
+    from .calibration import KVCacheCalibrationReader
+    from .core import _tokens_for_calibration
+    from .gptq import collect_hessians
+    from .head_split import frequent_tokens, group_size
+
+    if tokenizer_dir is None:
+        raise UnsupportedOp("the split tied table (large_table_int8_tokens) reads the calibration "
+                            "text: it needs the model's tokenizer directory")
+    head = next(n for n in model.graph.node if n.name == facts.lm_head)
+    k, vocab = (int(d) for d in lazy.protos[head.input[1]].dims)
+    ids = _tokens_for_calibration(tokenizer_dir, recipe.calibration, None)
+    limit = min(recipe.large_table_int8_tokens, vocab - 1)
+    frequent = frequent_tokens(ids, limit, vocab, group_size(vocab, limit))
+    record = {"int8_tokens": recipe.large_table_int8_tokens, "calibration_tokens": len(ids)}
+    hessian = None
+    if src is not None:
+        say(f"split tied table: the lm_head input's Hessian ({k} x {k}) from the fp32 graph "
+            "over the calibration text")
+        reader = KVCacheCalibrationReader(src, ids, recipe.calibration, threads=2)
+        try:
+            hessian = collect_hessians(src, {head.input[0]: k}, reader.samples)[head.input[0]]
+        finally:
+            del reader
+        record.update(int4_rounding="gptq", hessian="fp32 graph, lm_head input, calibration text")
+    else:
+        # RTN, not HQQ's grid: int_zero.from_hqq over a large table's columns took 10.8 GB
+        # on Gemma 3 270M's (bench_large_table.json), and on write the models are the large ones
+        record.update(int4_rounding="rtn", hessian="none (quantized on write: no fp32 graph)")
+    return _SplitPlan(frequent, hessian, record)
+
+
+def _split_table(model, lazy: LazyWeights, head: str, gather: str, plan_: _SplitPlan,
+                 recipe: QuantRecipe, high_block: int | None, say: Say) -> dict:
+    """tied_split.split_tied_table on the streamed graph: the head's float weight read from
+    the source once (``[K, V]``), the 4-bit rows rounded, head and lookup rewritten in place
+    (their new tensors inline until ``_finish`` moves them to the data file). The 8-bit rows
+    in blocks of ``high_block`` (the scheme's 8-bit block: QuantRecipe.int8_block_for; None:
+    ``block_size``)."""
+    from . import tied_split
+
+    node = next(n for n in model.graph.node if n.name == head)
+    w = np.asarray(lazy.array(node.input[1]), np.float32)
+    vocab = w.shape[1]
+    is_high = np.zeros(vocab, bool)
+    is_high[plan_.frequent] = True
+    method = plan_.record["int4_rounding"]
+    say(f"split tied table: {len(plan_.frequent)} rows 8-bit, {vocab - len(plan_.frequent)} "
+        f"4-bit ({method})")
+    rest = tied_split.quantize_columns(w, np.flatnonzero(~is_high), 4, recipe.block_size,
+                                       method, plan_.hessian)
+    counts = tied_split.split_tied_table(model, head, gather, w, plan_.frequent, rest,
+                                         recipe.block_size, high_block)
+    return {**counts, **plan_.record, "int8_block_size": high_block or recipe.block_size}
 
 
 def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: QuantRecipe, *,
                             progress: Say | None = None,
                             exact: ExactBlocks | None = None,
-                            graph: tuple[onnx.ModelProto, TensorSource] | None = None
+                            graph: tuple[onnx.ModelProto, TensorSource] | None = None,
+                            tokenizer_dir: str | Path | None = None
                             ) -> StreamedReport:
     """Quantize the decoder graph ``src`` into ``dst`` + ``<dst>.data`` (external data,
     any size), one weight in memory at a time. Raises :class:`UnsupportedOp` for the
@@ -662,7 +745,10 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
     ``graph``: instead of the file ``src`` (then None), a graph that was never written and
     the source of its weights (quantize on write: ``graph_writer.graph_without_weights``,
     the weights read from the export's checkpoint one at a time). The graph is not modified
-    (a copy is quantized)."""
+    (a copy is quantized).
+
+    ``tokenizer_dir``: where the calibration text's tokenizer is (a split tied table,
+    ``large_table_int8_tokens``); default: ``src``'s directory."""
     say = progress or (lambda _m: None)
     check_streamable(recipe)
     dst = Path(dst)
@@ -681,6 +767,7 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         src = Path(src)
         model = load_graph(src)  # large inline weights become references into src itself
         source = TensorSource(src.parent)
+        tokenizer_dir = src.parent if tokenizer_dir is None else tokenizer_dir
     lazy = LazyWeights(model, source)
     facts = prepare(model, lazy, recipe, say)
     todo, precision = plan(facts, recipe)
@@ -698,6 +785,14 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             # folded into a correction the lookup cannot read)
             todo[facts.lm_head] = (4, recipe.block_size, recipe.symmetric, Int4Algorithm.rtn)
             precision[facts.lm_head] = "int4"
+    split_plan = None
+    if tied and recipe.tied_head_int4 and recipe.large_table_int8_tokens:
+        # the head stays a float MatMul through the body's pass; split after it
+        split_plan = _plan_split(model, facts, lazy, recipe,
+                                 None if graph is not None else src,
+                                 Path(tokenizer_dir) if tokenizer_dir else None, say)
+        del todo[facts.lm_head]
+        precision[facts.lm_head] = "int4+int8"
     head_output = next((n.output[0] for n in model.graph.node if n.name == facts.lm_head), None)
     data_path = dst.with_name(dst.name + ".data")
     with DataFileWriter(data_path) as data:
@@ -731,7 +826,14 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
             _set_opset(model, "com.microsoft", 1)
             drop_unused_initializers(model)
         gathers = facts.embedding_gathers
-        shared = [g for g in tied if share_tied_nbits_table(model, g, head_output)]
+        split_record = None
+        if split_plan is not None:
+            split_record = _split_table(model, lazy, facts.lm_head, tied[0], split_plan,
+                                        recipe, wide_block, say)
+            precision.update({g: "int4+int8" for g in tied[:1]})
+            phase = _phase(say, "tied table split", phase)
+        shared = [g for g in (tied if split_plan is None else [])
+                  if share_tied_nbits_table(model, g, head_output)]
         tied_bits = precision.get(facts.lm_head, "int8")
         if shared:
             drop_unused_initializers(model)
@@ -769,10 +871,11 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
     return StreamedReport(
         exact_blocks=kept_exact,
         gguf_exact=record.to_dict(kept_exact) if exact is not None else None,
+        large_table_split=split_record,
         recipe=recipe.model_dump(mode="json"),
         label=recipe.label(),
         weight_precision=dict(Counter(precision.get(w.node, "float") for w in facts.weight_matmuls)),
-        embedding=(f"{tied_bits}-tied" if shared else "int8" if large_done
+        embedding=(f"{tied_bits}-tied" if shared or split_record else "int8" if large_done
                    else recipe.embedding.value)
         if facts.embedding_gathers else "none",
         lm_head=precision.get(facts.lm_head, "none") if facts.lm_head else "none",

@@ -291,3 +291,118 @@ def test_a_split_tied_table_reads_int8_and_int4_rows_as_numpy_dequantizes_them(
     np.testing.assert_array_equal(got["split"][-1][0], want.T[ids])
     np.testing.assert_array_equal(got["reference"][-1][0], want.T[ids])
     np.testing.assert_allclose(got["split"][0], got["reference"][0], rtol=1e-4, atol=1e-4)
+
+
+def _split_parts(model: onnx.ModelProto) -> dict:
+    """The split head's and lookup's tensors by role: the two MatMulNBits' bytes, scales and
+    zero points (by bits), and the lookup's token -> row map."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits" and (".frequent" in n.name or ".rest" in n.name):
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            out.update({f"{bits}.{i}": inits[x] for i, x in enumerate(n.input[1:4])})
+    position = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                and inits[n.input[0]].dtype == np.int32 and inits[n.input[0]].ndim == 1]
+    out["position"] = inits[position[0].input[0]]
+    return out
+
+
+def test_the_split_tied_table_is_wired_into_the_streaming_quantizer(tiny_artifact, tmp_path,
+                                                                    monkeypatch):
+    """``large_table_int8_tokens``: the streaming quantizer writes the split table
+    (tied_split.py) itself: the calibration text's most frequent tokens' rows 8-bit, the rest
+    4-bit GPTQ on the lm_head input's Hessian from the fp32 graph. Its head and lookup are
+    byte for byte those of ``split_tied_table`` applied in memory to the same body with the
+    same tokens and Hessian, the logits equal, and the manifest's report says so."""
+    from slmedge.exporter.quantize import tied_split
+    from slmedge.exporter.quantize.calibration import KVCacheCalibrationReader
+    from slmedge.exporter.quantize.core import _tokens_for_calibration
+    from slmedge.exporter.quantize.gptq import collect_hessians
+    from slmedge.exporter.quantize.head_split import frequent_tokens, group_size
+
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    artifact = tiny_artifact("gemma3_text")
+    source = external_copy(artifact / "model.onnx", tmp_path / "src")
+    for f in artifact.iterdir():  # the tokenizer, for the calibration text
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name.endswith(".model"):
+            (source.parent / f.name).write_bytes(f.read_bytes())
+    recipe = QuantRecipe(scheme="int4", large_table_bits=4, large_table_int8_tokens=24)
+    assert recipe.label().endswith("head8tab4s24")
+    wired = tmp_path / "wired" / "model.onnx"
+    wired.parent.mkdir()
+    report = quantize_file_streaming(source, wired, recipe)
+    split = report.to_dict()["large_table_split"]
+    assert split["int4_rounding"] == "gptq" and split["hessian"].startswith("fp32 graph")
+    assert report.lm_head == "int4+int8" and report.embedding == "int4+int8-tied"
+
+    # the in-memory path: the float-table body, split by tied_split with the same inputs
+    base = tmp_path / "base" / "model.onnx"
+    base.parent.mkdir()
+    quantize_file_streaming(source, base, QuantRecipe(scheme="int4", large_table=False))
+    model = onnx.load(str(base))
+    inits = {t.name: t for t in model.graph.initializer}
+    look = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    vocab, k = inits[look.input[0]].dims
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                and any(a.name == "N" and a.i == vocab for a in n.attribute))
+    w = numpy_helper.to_array(inits[look.input[0]]).T.astype(np.float32)
+    ids = _tokens_for_calibration(source.parent, recipe.calibration, None)
+    frequent = frequent_tokens(ids, 24, vocab, group_size(vocab, 24))
+    assert split["int8_rows"] == len(frequent) > 0
+    assert split["int4_rows"] == vocab - len(frequent)
+    reader = KVCacheCalibrationReader(source, ids, recipe.calibration, threads=2)
+    hessian = collect_hessians(source, {head.input[0]: k}, reader.samples)[head.input[0]]
+    hi = np.zeros(vocab, bool)
+    hi[frequent] = True
+    rest = tied_split.quantize_rows(w[:, ~hi], 4, recipe.block_size, "gptq", hessian)
+    tied_split.split_tied_table(model, head.name, look.name, w, frequent, rest,
+                                recipe.block_size)
+    memory = tmp_path / "memory" / "model.onnx"
+    memory.parent.mkdir()
+    onnx.save_model(model, str(memory), save_as_external_data=True, location="model.onnx.data")
+    got, want = _split_parts(onnx.load(str(wired))), _split_parts(onnx.load(str(memory)))
+    assert sorted(got) == sorted(want) and len(got) == 7  # 8-bit and 4-bit B, scales, zp; map
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_array_equal(OnnxDecoder(wired).logits(IDS), OnnxDecoder(memory).logits(IDS))
+
+
+def test_the_split_tied_table_flag_and_its_checks():
+    """``--large-table-int8-tokens N`` reaches the recipe; without ``large_table_bits`` 4 (or
+    with an lm_head precision named) the recipe says what it needs."""
+    import argparse
+
+    from slmedge.tools.cli.quantize import add_quant_flags, quant_fields
+
+    p = argparse.ArgumentParser()
+    add_quant_flags(p)
+    fields = quant_fields(p.parse_args(["--quant", "int4", "--large-table-bits", "4",
+                                        "--large-table-int8-tokens", "8192"]))
+    assert fields["quant"]["large_table_int8_tokens"] == 8192
+    assert QuantRecipe(**fields["quant"]).label().endswith("head8tab4s8192")
+    for bad in (dict(large_table_int8_tokens=8192),
+                dict(large_table_bits=4, lm_head="int8", large_table_int8_tokens=8192)):
+        with pytest.raises(ValueError, match="large_table_int8_tokens splits the 4-bit large "
+                           "tied table: it needs scheme int4, large_table_bits 4"):
+            QuantRecipe(scheme="int4", **bad)
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        QuantRecipe(scheme="int4", large_table_bits=4, large_table_int8_tokens=-1)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_large_tables_columns_are_rounded_a_slice_at_a_time_as_all_at_once(method):
+    """``tied_split.quantize_columns`` (the streamed split's rounding, a slice of columns per
+    call to bound memory) gives what one ``quantize_rows`` call on the selected columns gives:
+    each column's rounding depends on its values and the shared Hessian only."""
+    from slmedge.exporter.quantize import tied_split
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 300)).astype(np.float32)
+    x = rng.standard_normal((500, 64))
+    hessian = x.T @ x / len(x)
+    columns = np.flatnonzero(rng.random(300) < 0.7)
+    whole = tied_split.quantize_rows(np.ascontiguousarray(w[:, columns]), 4, 32, method, hessian)
+    sliced = tied_split.quantize_columns(w, columns, 4, 32, method, hessian, per_call=50)
+    for a, b in zip(whole, sliced, strict=True):
+        np.testing.assert_array_equal(a, b)

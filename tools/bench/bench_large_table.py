@@ -25,6 +25,9 @@ int4 (HQQ body, zero points folded) quantized with it:
   text; the lookup reads both parts (``-headonly``: the lookup keeps the float table, the
   head's share of the cost). ``--high-block`` sets the int8 rows' block size;
   ``--gguf FILE``: the fp32 artifact is that GGUF's, whose blocks the base keeps (Gemma 3 270M);
+- ``wired<N>`` (e.g. ``wired8192``): the quantizer's own split, ``large_table_bits=4`` with
+  ``large_table_int8_tokens=N`` (the calibration pass and GPTQ inside the streaming
+  quantizer; a GGUF source's 8-bit rows on its 8-bit block, 128);
 - ``--table-bytes V K [--rows N ...]``: no cards, the bytes of a V x K tied table + head one
   int4 table and split (Qwen2.5-0.5B's 151936 x 896).
 
@@ -133,11 +136,20 @@ def _run_one(args, name: str, cards, threshold: int) -> None:
         _int_zero_head(out / "model.onnx", args.fp32 / "model.onnx")
     row.update(label=recipe.label(), quantize_s=round(time.perf_counter() - t0, 1),
                size_mb=round(sum(p.stat().st_size for p in out.glob("model.onnx*")) / 1e6, 2),
-               embedding=report.embedding, lm_head=report.lm_head)
+               embedding=report.embedding, lm_head=report.lm_head,
+               quantize_peak_rss_mb=round(
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    if report.large_table_split:
+        row["large_table_split"] = report.large_table_split
     cards(out, row)
 
 
 def _variant(name: str) -> str:
+    wired = re.fullmatch(r"wired(\d+)", name)
+    if wired:  # the quantizer's own split (QuantRecipe.large_table_int8_tokens)
+        VARIANTS[name] = dict(large=True, recipe={"large_table_bits": 4,
+                                                  "large_table_int8_tokens": int(wired[1])})
+        return name
     if name in VARIANTS or re.fullmatch(r"split\d+-(rtn|hqq|gptq)(-headonly)?", name):
         return name
     raise argparse.ArgumentTypeError(f"{name!r}: one of {', '.join(VARIANTS)} or "

@@ -77,6 +77,10 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
                    help="int4: bits of a large embedding table tied to the lm_head (8, default: "
                    "the head int8 and the lookup reads its table; 4: table and head int4 RTN, "
                    "GenAI's layout, half the bytes, less faithful)")
+    g.add_argument("--large-table-int8-tokens", type=int, metavar="N",
+                   help="with --large-table-bits 4: the N most frequent tokens of the calibration "
+                   "text keep 8-bit rows of the large tied table (head and lookup), the rest 4-bit "
+                   "rounded by GPTQ (a split table; 0: none)")
     g.add_argument("--zero-point-storage", choices=["float16", "float32", "uint12", "uint8",
                                                     "int8", "int8-a8"],
                    help="int4 with float zero points (HQQ): the folded correction stored as fp16 "
@@ -128,6 +132,7 @@ def quant_fields(args) -> dict:
                       ("lm_head", "lm_head"), ("embedding", "embedding"),
                       ("keep_layers", "keep_layers"), ("lm_head_int8_tokens", "lm_head_int8_tokens"),
                       ("large_table_bits", "large_table_bits"),
+                      ("large_table_int8_tokens", "large_table_int8_tokens"),
                       ("zero_point_storage", "zero_point_storage")):
         value = getattr(args, flag, None)
         if value is not None:
