@@ -18,21 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from slmedge.exporter.quantize.external_data import encode_varint
+
 Say = Callable[[str], None]
 
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 _INITIALIZER_TAG = bytes([(5 << 3) | 2])  # GraphProto.initializer, length-delimited
 _GRAPH_TAG = bytes([(7 << 3) | 2])  # ModelProto.graph
 _RAW_DATA_TAG = bytes([(9 << 3) | 2])  # TensorProto.raw_data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _nbytes(tensor: ir.TensorProtocol) -> int:
@@ -236,12 +229,12 @@ def _save_single_file(model: ir.Model, path: Path, progress: WriteProgress) -> N
         header = onnx.TensorProto(name=value.name, dims=[int(d) for d in tensor.shape],
                                   data_type=tensor.dtype.value).SerializeToString()
         n = _nbytes(tensor)
-        headers.append((tensor, header, n, len(header) + 1 + len(_varint(n)) + n))
-    graph_len = len(graph_bytes) + sum(1 + len(_varint(size)) + size for *_, size in headers)
+        headers.append((tensor, header, n, len(header) + 1 + len(encode_varint(n)) + n))
+    graph_len = len(graph_bytes) + sum(1 + len(encode_varint(size)) + size for *_, size in headers)
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(model_bytes)
-        f.write(_GRAPH_TAG + _varint(graph_len))
+        f.write(_GRAPH_TAG + encode_varint(graph_len))
         f.write(graph_bytes)
         for tensor, header, n, size in headers:
             array = tensor.numpy()  # written from its buffer: no second copy as bytes
@@ -250,7 +243,7 @@ def _save_single_file(model: ir.Model, path: Path, progress: WriteProgress) -> N
             if len(data) != n:
                 raise ValueError(f"tensor {tensor.name}: {len(data)} bytes, its shape and type "
                                  f"imply {n}")
-            f.write(_INITIALIZER_TAG + _varint(size) + header + _RAW_DATA_TAG + _varint(n))
+            f.write(_INITIALIZER_TAG + encode_varint(size) + header + _RAW_DATA_TAG + encode_varint(n))
             f.write(data)
             del data, array
             progress(tensor)

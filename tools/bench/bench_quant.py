@@ -32,6 +32,10 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where it is used (the script starts without it)
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "artifacts" / "bench"
@@ -180,7 +184,7 @@ def prepare_slmedge(fp32: Path, name: str, flags: tuple[str, ...], max_ppl: floa
     return out
 
 
-def _nbits_weight(node, inits) -> "np.ndarray":
+def _nbits_weight(node, inits) -> np.ndarray:
     """The ``[K, N]`` weights a 4-bit MatMulNBits with zero points computes with."""
     import numpy as np
     import onnx
