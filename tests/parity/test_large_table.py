@@ -406,3 +406,29 @@ def test_a_large_tables_columns_are_rounded_a_slice_at_a_time_as_all_at_once(met
     sliced = tied_split.quantize_columns(w, columns, 4, 32, method, hessian, per_call=50)
     for a, b in zip(whole, sliced, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_split_tied_table_on_write_rounds_by_rtn_and_needs_a_tokenizer(tiny_dir, tmp_path,
+                                                                            monkeypatch):
+    """Quantizing on write there is no fp32 graph to run for the lm_head input's Hessian: the
+    split's 4-bit rows are RTN and the report says why; the frequent tokens still come from
+    the calibration text, so a graph with no tokenizer directory is refused by name."""
+    from test_quant_on_write import fp32_graph
+
+    from slmedge.exporter.onnx.graph_writer import graph_without_weights
+    from slmedge.runtimes.errors import UnsupportedOp
+
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    model_dir = tiny_dir("gemma3_text")
+    graph, _, _ = fp32_graph(str(model_dir), tmp_path, external=True)
+    recipe = QuantRecipe(scheme="int4", large_table_bits=4, large_table_int8_tokens=24)
+    out = tmp_path / "on_write" / "model.onnx"
+    out.parent.mkdir()
+    with pytest.raises(UnsupportedOp, match="large_table_int8_tokens.*tokenizer directory"):
+        quantize_file_streaming(None, out, recipe, graph=graph_without_weights(graph))
+    report = quantize_file_streaming(None, out, recipe, graph=graph_without_weights(graph),
+                                     tokenizer_dir=model_dir)
+    split = report.to_dict()["large_table_split"]
+    assert split["int4_rounding"] == "rtn" and split["hessian"].startswith("none (quantized on")
+    assert split["int8_rows"] > 0 and report.lm_head == "int4+int8"
+    assert np.isfinite(OnnxDecoder(out).logits(IDS)).all()

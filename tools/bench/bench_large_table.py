@@ -81,6 +81,18 @@ def main(argv=None) -> int:
                     help="the GGUF the fp32 artifact came from: its blocks are kept as the "
                     "export from it keeps them (Gemma 3 270M's Q4_K_M), and its table is "
                     "large already (the threshold is not lowered)")
+    ap.add_argument("--recipe", type=json.loads, default={},
+                    help="extra recipe fields for every variant (JSON), e.g. "
+                    "'{\"zero_point_storage\": \"int8-a8\"}'")
+    ap.add_argument("--size-only", action="store_true",
+                    help="no cards: quantize, record size, peak RSS and the split's report")
+    ap.add_argument("--force-rows", action="store_true",
+                    help="wired<N>: the split's 8-bit rows are token ids 0..N-1 (a random-weight "
+                    "checkpoint's toy tokenizer sees fewer than N distinct tokens; sizes do not "
+                    "depend on which rows)")
+    ap.add_argument("--no-hessian", action="store_true",
+                    help="wired<N>: the 4-bit rows RTN, no calibration pass over the fp32 graph "
+                    "(the quantize-on-write rounding; same sizes)")
     args = ap.parse_args(argv)
     if args.table_bytes:
         return _table_bytes(*args.table_bytes, args.rows, [args.high_block or 32])
@@ -120,17 +132,19 @@ def _run_one(args, name: str, cards, threshold: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     tied_table.TIED_TABLE_MIN_VALUES = 1 if spec["large"] and not args.gguf else threshold
-    recipe = QuantRecipe(scheme="int4", **spec["recipe"])
-    row = {"name": name, "model": args.fp32.name, "recipe": spec["recipe"],
+    recipe = QuantRecipe(scheme="int4", **spec["recipe"], **args.recipe)
+    row = {"name": name, "model": args.fp32.name, "recipe": {**spec["recipe"], **args.recipe},
            "table_forced_large": spec["large"], "tokens": args.tokens,
            "load_start": os.getloadavg()}
     t0 = time.perf_counter()
+    undo = _patch_split(args)
     try:
         report = quantize_file_streaming(
             args.fp32 / "model.onnx", out / "model.onnx", recipe, exact=args.exact,
             progress=lambda m: print(f"[bench_large_table] {m}", file=sys.stderr, flush=True))
     finally:
         tied_table.TIED_TABLE_MIN_VALUES = threshold
+        undo()
     if spec.get("int_zero_head"):
         row["head_rounding"] = "int_zero.from_hqq"
         _int_zero_head(out / "model.onnx", args.fp32 / "model.onnx")
@@ -141,7 +155,34 @@ def _run_one(args, name: str, cards, threshold: int) -> None:
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     if report.large_table_split:
         row["large_table_split"] = report.large_table_split
+        row["forced_rows"] = args.force_rows
+    if args.size_only:
+        row["load_end"] = os.getloadavg()
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        return
     cards(out, row)
+
+
+def _patch_split(args):
+    """``--force-rows`` / ``--no-hessian`` on the streaming quantizer's split; returns undo."""
+    from slmedge.exporter.quantize import head_split, streaming
+
+    saved = head_split.frequent_tokens, streaming._plan_split
+    if args.force_rows:
+        head_split.frequent_tokens = lambda ids, limit, vocab, group=1: list(range(limit // group
+                                                                                   * group))
+    if args.no_hessian:
+        plan = saved[1]
+        streaming._plan_split = lambda model, facts, lazy, recipe, src, tok, say: plan(
+            model, facts, lazy, recipe, None, tok, say)
+
+    def undo():
+        head_split.frequent_tokens, streaming._plan_split = saved
+    return undo
 
 
 def _variant(name: str) -> str:
