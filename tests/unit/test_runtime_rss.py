@@ -90,3 +90,31 @@ def test_smollm2_fp32_rss_after_load_within_file_plus_150_mb(smollm2_artifact):
     """The tied table is stored once as [1, hidden, vocab] (passes/tied_head.py): held once
     (~620 MB for a 541 MB file; ~735 MB when the lm_head read it through a Transpose)."""
     assert_within_file_plus_limit(_run(_PROBE, smollm2_artifact))
+
+
+# What `slmedge generate|eval|bench` imports before it loads a model (its RSS before load):
+# the parser of a run command leaves out export and quantize, whose flags import pydantic, the
+# schemas and the recipes (~13 MB resident); the run commands' flags stay the same.
+_RUN_PARSER_PROBE = """
+import json, sys
+from slmedge.tools.cli.app import RUN_COMMANDS, build_parser
+parser = build_parser(for_run_command=True)
+heavy = sorted(m for m in ("pydantic", "yaml", "torch", "transformers", "onnx", "onnxscript",
+                           "slmedge.exporter", "slmedge.device_profiles",
+                           "slmedge.runtimes.manifest_schema") if m in sys.modules)
+sub = next(a for a in parser._actions if a.dest == "command")
+lean = {c: sorted(o for a in sub.choices[c]._actions for o in a.option_strings)
+        for c in RUN_COMMANDS}
+sub = next(a for a in build_parser()._actions if a.dest == "command")
+full = {c: sorted(o for a in sub.choices[c]._actions for o in a.option_strings)
+        for c in RUN_COMMANDS}
+print(json.dumps({"heavy": heavy, "lean": lean, "full": full, "commands": sorted(sub.choices)}))
+"""
+
+
+def test_run_command_parser_imports_no_schemas_and_keeps_the_flags():
+    figures = _run(_RUN_PARSER_PROBE)
+    assert figures["heavy"] == [], figures["heavy"]
+    assert figures["lean"] == figures["full"]
+    assert "--no-store" in figures["lean"]["bench"] and "--fleet" in figures["lean"]["bench"]
+    assert {"export", "quantize", "bench"} <= set(figures["commands"])

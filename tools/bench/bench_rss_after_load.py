@@ -5,6 +5,12 @@ the artifacts alternating round after round (issue 15, "Runtime memory").
         --artifact before=/tmp/gemma-int4-one-file --artifact after=/tmp/gemma-int4 \\
         --json tools/bench/results/bench_rss_after_load.json
 
+``--source NAME=COMMIT`` runs artifact NAME's bench with the slmedge packages committed at
+COMMIT (``git archive`` unpacked under ``--workdir``, as ``bench_scale.py`` does), the others
+with the working tree: the same artifact twice compares two trees' runtimes, e.g. ::
+
+    --artifact before=DIR --artifact after=DIR --source before=HEAD~1
+
 Per run: the bench JSON's ``rss_before_load_mb``, ``rss_after_load_mb``, ``peak_rss_mb``
 (this process's own, from the OS: not affected by the machine's load), the artifact's model
 files' size, decode tok/s and the load average before the run (the machine is shared: seconds
@@ -28,13 +34,15 @@ def model_mb(artifact: Path) -> float:
     return sum(p.stat().st_size for p in artifact.glob("model.onnx*")) / 1e6
 
 
-def bench(artifact: Path, args) -> dict:
+def bench(artifact: Path, args, env: dict | None = None) -> dict:
     load = os.getloadavg()
+    # the working tree's console script, or a snapshot's packages first on PYTHONPATH
+    command = [str(SLMEDGE)] if env is None else [sys.executable, "-m", "slmedge.tools.cli"]
     done = subprocess.run(
-        [str(SLMEDGE), "bench", str(artifact), "--json", "--no-record", "--no-store",
+        [*command, "bench", str(artifact), "--json", "--no-record", "--no-store",
          "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
          "--repeats", str(args.repeats), "--warmup", "1", "--threads", str(args.threads)],
-        capture_output=True, text=True, check=True)
+        capture_output=True, text=True, check=True, env=env)
     d = json.loads(done.stdout)
     return {"file_mb": round(model_mb(artifact), 1),
             "rss_before_load_mb": d["rss_before_load_mb"],
@@ -52,13 +60,25 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--source", action="append", default=[], metavar="NAME=COMMIT",
+                   help="bench artifact NAME with the slmedge packages committed at COMMIT")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_rss_after_load"),
+                   help="where --source snapshots are unpacked")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     arts = dict(a.split("=", 1) for a in args.artifact)
+    envs, commits = {}, {}
+    for spec in args.source:
+        name, commit = spec.split("=", 1)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_scale import snapshot_env, source_snapshot
+
+        commits[name], root = source_snapshot(commit, args.workdir)
+        envs[name] = snapshot_env(root)
     runs = {name: [] for name in arts}
     for r in range(args.rounds):
         for name, path in arts.items():
-            runs[name].append(bench(Path(path), args))
+            runs[name].append(bench(Path(path), args, envs.get(name)))
             print(name, r, runs[name][-1], file=sys.stderr)
     summary = {name: {"rss_after_load_mb_median": statistics.median(x["rss_after_load_mb"] for x in rs),
                       "decode_tokens_per_s_median": statistics.median(x["decode_tokens_per_s"] for x in rs),
@@ -67,7 +87,8 @@ def main() -> None:
     for name in arts:
         summary[name]["decode_ratio_vs_" + first] = round(
             summary[name]["decode_tokens_per_s_median"] / summary[first]["decode_tokens_per_s_median"], 3)
-    doc = {"artifacts": arts, "config": vars(args) | {"json": str(args.json)},
+    doc = {"artifacts": arts, "sources": commits or None,
+           "config": vars(args) | {"json": str(args.json)},
            "summary": summary, "runs": runs}
     text = json.dumps(doc, indent=1, default=str)
     if args.json:

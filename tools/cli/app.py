@@ -317,12 +317,36 @@ def _record_last_bench(artifact: str, result: dict) -> None:
 COMMAND_MODULES: list[str] = ["slmedge.tools.cli.quantize", "slmedge.tools.cli.runner", "slmedge.tools.cli.profiles", "slmedge.tools.cli.bundle", "slmedge.tools.cli.fleet", "slmedge.tools.cli.results", "slmedge.tools.cli.sweep", "slmedge.tools.cli.fuse"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands that run an artifact: their process holds the model, so it imports only what a run
+#: needs (issue 15, RSS after load). ``export``'s and ``quantize``'s flags import pydantic, the
+#: schemas and the recipes (~20 MB resident), so :func:`main` leaves those two commands out of
+#: the parser when the command line runs one of these.
+RUN_COMMANDS = ("generate", "eval", "bench")
+
+#: What a parser for :data:`RUN_COMMANDS` leaves out: it adds only ``slmedge quantize``.
+_NOT_FOR_RUN_COMMANDS = ("slmedge.tools.cli.quantize",)
+
+
+def build_parser(for_run_command: bool = False) -> argparse.ArgumentParser:
+    """The ``slmedge`` parser; ``for_run_command``: without ``export`` and ``quantize`` (the
+    other commands' flags are the same)."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="slmedge", description=DESCRIPTION, epilog=EXIT_CODES_HELP,
                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if not for_run_command:
+        _add_export_parser(sub, fmt)
+    _add_run_parsers(sub, fmt)
+    import importlib
 
+    for module in COMMAND_MODULES:
+        if not (for_run_command and module in _NOT_FOR_RUN_COMMANDS):
+            importlib.import_module(module).register(sub)
+    _add_verbose(parser, sub)
+    return parser
+
+
+def _add_export_parser(sub, fmt) -> None:
     p = sub.add_parser("export", help="export a model to ONNX with KV cache",
                        epilog=EXIT_CODES_HELP, formatter_class=fmt)
     p.add_argument("--model", help="HF directory, hub id (owner/name), .gguf file, or "
@@ -365,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tflite_flags(p)  # --format, --context-length, --prefill-chunks, --from-artifact
     p.set_defaults(func=cmd_export)
 
+
+def _add_run_parsers(sub, fmt) -> None:
+    """generate, eval and bench."""
     def runtime_flags(p, threads_default=None):
         p.add_argument("artifact", help="artifact directory written by slmedge export")
         p.add_argument("--threads", type=int, default=threads_default,
@@ -419,13 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_context_flag(p)  # with --profile: weights + KV cache vs its ram_budget_mb
     p.set_defaults(func=cmd_bench)
 
-    import importlib
-
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
-    _add_verbose(parser, sub)
-    return parser
-
 
 def _add_verbose(parser: argparse.ArgumentParser, sub) -> None:
     """``-v/--verbose`` before or after the command: the dependencies' own warnings, logs and
@@ -440,9 +460,18 @@ def _add_verbose(parser: argparse.ArgumentParser, sub) -> None:
             pass
 
 
+def _runs_an_artifact(argv: list[str]) -> bool:
+    """Whether the command of ``argv`` is one of :data:`RUN_COMMANDS` (only ``-v`` before it:
+    ``slmedge -h``, another command or a typo get the whole parser)."""
+    for arg in argv:
+        if arg not in ("-v", "--verbose"):
+            return arg in RUN_COMMANDS
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(for_run_command=_runs_an_artifact(argv))
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["slmedge", *argv])
     if args.verbose:  # read by slmedge.exporter.quiet, here and in the processes it starts

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import sys
 
-import yaml
-
 from slmedge.runtimes.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_UNSUPPORTED
 
 
@@ -44,6 +42,8 @@ def cmd_profiles_show(args) -> int:
     if args.json:
         _print_json(doc)
     else:
+        import yaml
+
         sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
     return EXIT_OK
 
@@ -171,11 +171,11 @@ def runtime_kwargs(args, threads: int | None = None) -> dict:
     """Session settings for a decoder from ``--profile`` / ``--strict``: the profile's
     providers (with options) and CPU-fallback rule; ``threads`` (from ``--threads``) wins
     over the profile's."""
-    from slmedge.device_profiles import load_profile
-
     kwargs: dict = {"threads": threads}
     name = getattr(args, "profile", None)
-    if name:
+    if name:  # the profiles' schema (pydantic) only then: a run imports what it needs
+        from slmedge.device_profiles import load_profile
+
         profile = load_profile(name)
         kwargs["providers"] = profile.provider_specs()
         kwargs["allow_cpu_fallback"] = profile.runtime.allow_cpu_fallback
