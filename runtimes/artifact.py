@@ -15,7 +15,6 @@ pydantic). Both refuse a manifest of another major schema version (exit 2) throu
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib  # OpenSSL's libcrypto: ~3.6 MB resident, only when a file is hashed
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

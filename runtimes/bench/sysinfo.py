@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 SYS_CPU = Path("/sys/devices/system/cpu")
@@ -121,6 +120,8 @@ def android_properties() -> dict[str, str]:
 
 def package_version(*names: str) -> str | None:
     """The installed version of the first distribution found among ``names``, else ``None``."""
+    from importlib import metadata  # email, zipfile, csv ...: ~2 MB resident, after the load
+
     for name in names:
         try:
             return metadata.version(name)

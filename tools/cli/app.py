@@ -319,7 +319,7 @@ COMMAND_MODULES: list[str] = ["slmedge.tools.cli.quantize", "slmedge.tools.cli.r
 
 #: Commands that run an artifact: their process holds the model, so it imports only what a run
 #: needs (issue 15, RSS after load). ``export``'s and ``quantize``'s flags import pydantic, the
-#: schemas and the recipes (~20 MB resident), so :func:`main` leaves those two commands out of
+#: schemas and the recipes (~13 MB resident), so :func:`main` leaves those two commands out of
 #: the parser when the command line runs one of these.
 RUN_COMMANDS = ("generate", "eval", "bench")
 
