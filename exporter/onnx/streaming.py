@@ -111,6 +111,20 @@ def trace_streamed(model, spec, *, opset: int = DEFAULT_OPSET, say: Say | None =
     return graph, inputs, outputs, f"full ({reason})"
 
 
+def fp16_tied_head(graph, say: Say | None = None) -> int:
+    """An unfused graph's fp16 tied table stored once with its lm_head computed in vocabulary
+    chunks (passes/tied_head.py :class:`Fp16TiedHeadChunks`: no whole-table fp32 Cast per
+    forward in a session that keeps fp16 weights fp16); fused (fp32) graphs get
+    :class:`TiedHeadOnce` from the fusion pipeline. Returns how many heads were rewritten."""
+    from slmedge.exporter.passes.tied_head import Fp16TiedHeadChunks
+
+    chunks = Fp16TiedHeadChunks()
+    chunks(graph)
+    if chunks.count and say is not None:
+        say("fp16 tied lm_head: table stored once, computed in vocabulary chunks")
+    return chunks.count
+
+
 def build_streamed_graph(streamed, *, opset: int = DEFAULT_OPSET, fuse_options=None,
                          say: Say | None = None, phases: dict[str, float] | None = None,
                          details: dict | None = None, replicate: bool = True):
@@ -134,6 +148,8 @@ def build_streamed_graph(streamed, *, opset: int = DEFAULT_OPSET, fuse_options=N
     phases["trace"] = round(t1 - t0, 2)
     attach_weights(graph.graph, model, streamed.weights, torch_dtype)
     CleanupPass()(graph)
+    if fuse_options is None:
+        fp16_tied_head(graph, say)
     fusion = None
     if fuse_options is not None:
         from slmedge.exporter.passes import fuse_model

@@ -156,3 +156,127 @@ class TiedHeadOnce(FusionPass):
             graph.remove(gather, safe=False)
             out.name = f"{name}/replaced"
             squeeze.outputs[0].name = name
+
+
+#: fp32 bytes of one vocabulary chunk of an fp16 head (:class:`Fp16TiedHeadChunks`)
+CHUNK_BYTES = 64 << 20
+
+
+def vocabulary_chunks(v: int, k: int, chunk_bytes: int = CHUNK_BYTES) -> int | None:
+    """How many equal chunks an fp16 ``[V, K]`` head is computed in: the fewest (at least 2)
+    whose fp32 copy fits ``chunk_bytes``, among the divisors of ``V`` (a Loop's scan outputs
+    are all one shape) up to 4x that count; None when ``V`` has no such divisor."""
+    want = max(2, -(-v * k * 4 // chunk_bytes))
+    return next((n for n in range(want, 4 * want + 1) if v % n == 0), None)
+
+
+class Fp16TiedHeadChunks(FusionPass):
+    """An fp16 tied table stored once (:class:`TiedHeadOnce`) with its lm_head computed one
+    vocabulary chunk at a time, each chunk cast to fp32 explicitly.
+
+    ONNX Runtime's CPU MatMul has fp32 kernels only: an fp16 graph's MatMul gets a Cast of its
+    fp16 ``B`` inserted, and in a session that keeps fp16 weights fp16
+    (quality/memory.py: the export's verification) that Cast runs on every forward. For the
+    head it is the whole table: the Llama-3.2-3B-shaped export peaked 1.5 GiB above steady
+    state per forward (tools/bench/results/fp16_peak_3b_trace.json), plus the Transpose of the
+    table that ONNX Runtime folds into a second fp16 copy (0.78 GiB). Here one chunk of
+    ``V / N`` columns at a time (:data:`CHUNK_BYTES` of fp32) is sliced, cast and multiplied.
+    The Casts are in the graph: where they are left to ONNX Runtime, its cast insertion turns
+    the Slice fp32 too and casts the whole table before it, N times per forward. Each logit is
+    the same dot product (bit-identical logits measured on the 3B head shape)::
+
+        W_T [1,K,V] --> MatMul(h [B,S,K], .) --> logits [B,S,V] (fp16)
+                         =>
+        h --> Cast(fp32) --> h32
+        Loop i in 0..N-1:  Slice(W_T, i*C, (i+1)*C, axis 2) --> Cast(fp32)
+                           --> MatMul(h32, .) --> Cast(fp16) --> scan output [N,B,S,C]
+        --> Transpose(1,2,0,3) --> Reshape(0,0,-1) --> logits [B,S,V]
+    """
+
+    name = "fp16 tied lm_head in vocabulary chunks"
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__()
+        self.chunk_bytes = chunk_bytes
+
+    def fuse(self, model: ir.Model) -> int:
+        graph = model.graph
+        if not any(t.dtype == ir.DataType.FLOAT16 for t in
+                   (v.const_value for v in graph.initializers.values()) if t is not None):
+            return 0
+        once = TiedHeadOnce()
+        once(model)
+        self.reasons.extend(once.reasons)
+        count = 0
+        for table in list(graph.initializers.values()):
+            tensor = table.const_value
+            if (tensor is None or tensor.dtype != ir.DataType.FLOAT16 or len(tensor.shape) != 3
+                    or not table.name.endswith("_T")):
+                continue
+            heads = [n for n, i in table.uses() if n.op_type == "MatMul" and i == 1]
+            if not heads or not any(n.op_type == "Gather" for n, _ in table.uses()):
+                continue
+            _, k, v = (int(d) for d in tensor.shape)
+            chunks = vocabulary_chunks(v, k, self.chunk_bytes)
+            if chunks is None:
+                self.reasons.append(f"{table.name}: no divisor of the vocabulary {v} near the "
+                                    "chunk count (the head stays one MatMul)")
+                continue
+            for head in heads:
+                self._rewrite(graph, head, table, chunks, v // chunks)
+                count += 1
+        return count
+
+    @staticmethod
+    def _rewrite(graph: ir.Graph, head: ir.Node, table: ir.Value, chunks: int, size: int) -> None:
+        base = head.name or table.name
+        name = f"{table.name}.chunk"
+        trips = make_initializer(graph, f"{name}s", np.array(chunks, np.int64))
+        keep_going = make_initializer(graph, f"{name}_cond", np.array(True))
+        width = make_initializer(graph, f"{name}_size", np.array(size, np.int64))
+        axis0 = make_initializer(graph, f"{name}_axis0", np.array([0], np.int64))
+        axis2 = make_initializer(graph, f"{name}_axis2", np.array([2], np.int64))
+        shape = make_initializer(graph, f"{name}_logits_shape", np.array([0, 0, -1], np.int64))
+        h, logits = head.inputs[0], head.outputs[0]
+        f32, f16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+
+        cast_h = ir.node("Cast", [h], attributes={"to": f32}, name=f"{base}/h_fp32")
+        cast_h.outputs[0].name, cast_h.outputs[0].dtype = f"{base}/h_fp32", f32
+        i = ir.Value(name=f"{base}/chunk_index", type=ir.TensorType(ir.DataType.INT64),
+                     shape=ir.Shape([]))
+        cond_in = ir.Value(name=f"{base}/cond_in", type=ir.TensorType(ir.DataType.BOOL),
+                           shape=ir.Shape([]))
+        start = ir.node("Mul", [i, width], name=f"{base}/start")
+        end = ir.node("Add", [start.outputs[0], width], name=f"{base}/end")
+        start1 = ir.node("Unsqueeze", [start.outputs[0], axis0], name=f"{base}/start1")
+        end1 = ir.node("Unsqueeze", [end.outputs[0], axis0], name=f"{base}/end1")
+        piece = ir.node("Slice", [table, start1.outputs[0], end1.outputs[0], axis2],
+                        name=f"{base}/slice")
+        piece32 = ir.node("Cast", [piece.outputs[0]], attributes={"to": f32},
+                          name=f"{base}/slice_fp32")
+        part32 = ir.node("MatMul", [cast_h.outputs[0], piece32.outputs[0]], name=f"{base}/part")
+        part = ir.node("Cast", [part32.outputs[0]], attributes={"to": f16},
+                       name=f"{base}/part_fp16")
+        cond_out = ir.node("Identity", [cond_in], name=f"{base}/cond")
+        body_nodes = [start, end, start1, end1, piece, piece32, part32, part, cond_out]
+        for node in body_nodes:
+            node.outputs[0].name = node.name
+        piece.outputs[0].dtype, part.outputs[0].dtype = f16, f16
+        piece32.outputs[0].dtype = part32.outputs[0].dtype = f32
+        cond_out.outputs[0].dtype = ir.DataType.BOOL
+        body = ir.Graph([i, cond_in], [cond_out.outputs[0], part.outputs[0]], nodes=body_nodes,
+                        name=f"{base}/chunks")
+        loop = ir.node("Loop", [trips, keep_going], attributes={"body": body},
+                       name=f"{base}/loop")
+        loop.outputs[0].name, loop.outputs[0].dtype = f"{base}/parts", f16
+        perm = ir.node("Transpose", [loop.outputs[0]], attributes={"perm": [1, 2, 0, 3]},
+                       name=f"{base}/parts_transposed")
+        perm.outputs[0].name, perm.outputs[0].dtype = f"{base}/parts_transposed", f16
+        joined = ir.node("Reshape", [perm.outputs[0], shape], name=f"{base}/logits")
+        joined.outputs[0].dtype, joined.outputs[0].shape = logits.dtype, logits.shape
+        graph.insert_before(head, [cast_h, loop, perm, joined])
+        out_name = logits.name
+        logits.replace_all_uses_with(joined.outputs[0], replace_graph_outputs=True)
+        graph.remove(head, safe=False)
+        logits.name = f"{out_name}/replaced"
+        joined.outputs[0].name = out_name
