@@ -52,9 +52,45 @@ def bench(artifact: Path, args, env: dict | None = None) -> dict:
             "load_avg_before": [round(x, 2) for x in load]}
 
 
+# One session in a fresh process, created as the runtime creates it (make_session: the C heap's
+# freed pages and the mapped weights' pages released), without the artifact's manifest checks:
+# a graph rewritten by hand for a probe (tables stored, external data) loads too.
+_SESSION_PROBE = """
+import json, sys
+def status():
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) * 1024 / 1e6 for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmRSS", "RssAnon", "RssFile")}
+import numpy, onnxruntime
+from slmedge.runtimes.sessions.onnx_decoder import make_session
+before = status()
+session = make_session(sys.argv[1], threads=2)
+after = status()
+print(json.dumps({"before_mb": before, "after_mb": after,
+                  "session_mb": {k: round(after[k] - before[k], 1) for k in after}}))
+"""
+
+
+def session_probe(model: Path) -> dict:
+    """RSS (MB, 10^6 bytes) of the session alone: ``VmRSS``/``RssAnon``/``RssFile`` after
+    importing numpy and onnxruntime, and after the session is made."""
+    load = os.getloadavg()
+    done = subprocess.run([sys.executable, "-c", _SESSION_PROBE, str(model)], capture_output=True,
+                          text=True, check=True)
+    d = json.loads(done.stdout.strip().splitlines()[-1])
+    files = model.parent.glob(model.name + "*")
+    d["file_mb"] = round(sum(p.stat().st_size for p in files) / 1e6, 1)
+    d["session_over_file_mb"] = round(d["session_mb"]["VmRSS"] - d["file_mb"], 1)
+    d["load_avg_before"] = [round(x, 2) for x in load]
+    return d
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--artifact", action="append", required=True, help="NAME=DIR")
+    p.add_argument("--artifact", action="append", default=[], help="NAME=DIR")
+    p.add_argument("--session", action="append", default=[], metavar="NAME=MODEL.onnx",
+                   help="instead of artifacts: the session alone (MB over numpy + onnxruntime "
+                   "imported; RssAnon / RssFile), one fresh process per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -66,6 +102,28 @@ def main() -> None:
                    help="where --source snapshots are unpacked")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.session:
+        models = dict(a.split("=", 1) for a in args.session)
+        probes = {name: [] for name in models}
+        for r in range(args.rounds):
+            for name, path in models.items():
+                probes[name].append(session_probe(Path(path)))
+                print(name, r, probes[name][-1], file=sys.stderr)
+        doc = {"sessions": models, "config": vars(args) | {"json": str(args.json)},
+               "summary": {name: {"file_mb": rs[0]["file_mb"],
+                                  "session_mb_median": statistics.median(
+                                      x["session_mb"]["VmRSS"] for x in rs),
+                                  "session_over_file_mb_median": statistics.median(
+                                      x["session_over_file_mb"] for x in rs)}
+                           for name, rs in probes.items()},
+               "runs": probes}
+        text = json.dumps(doc, indent=1, default=str)
+        if args.json:
+            args.json.write_text(text + "\n")
+        print(text)
+        return
+    if not args.artifact:
+        p.error("--artifact NAME=DIR (or --session NAME=MODEL.onnx) is required")
     arts = dict(a.split("=", 1) for a in args.artifact)
     envs, commits = {}, {}
     for spec in args.source:
