@@ -275,6 +275,7 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
         plan_static,
         quantize_static_qdq,
         save_ranges,
+        static_writer,
         supports_range_cache,
     )
 
@@ -342,6 +343,7 @@ def quantize_static_graphs(root: Path, static: dict, recipe, token_ids: list[int
             "ranges": (f"one per tensor, shared by the prefill and decode graphs ({shared} "
                        "tensors in both: the union of their calibrated ranges)") if ranges
                       else "per graph (this onnxruntime takes no precomputed ranges)",
+            "writer": static_writer(recipe).value,  # the QDQ graphs' writer (segments / whole)
             "weights_bytes": written, "weights_bytes_saved_by_sharing": saved,
             "calibration_samples": {k: len(v) for k, v in feeds.items()}}
 

@@ -20,7 +20,14 @@ import numpy as np
 import onnx
 
 from .graph import GraphFacts
-from .recipe import CalibrationMethod, CalibrationPrefix, QuantRecipe, QuantScheme, TensorPrecision
+from .recipe import (
+    CalibrationMethod,
+    CalibrationPrefix,
+    QdqWriter,
+    QuantRecipe,
+    QuantScheme,
+    TensorPrecision,
+)
 
 Say = Callable[[str], None]
 
@@ -60,13 +67,6 @@ MASK_PATH_REASON = "on the attention-mask path (mask arithmetic, mask Add, Softm
 #: quantize_static as its calibration cache; False: ORT's calibrator on the whole augmented
 #: graph (kept for comparison; entropy / percentile always take it)
 QDQ_LAYERED = True
-#: write the QDQ graph one calibration segment at a time (qdq_writer.py: quantize_static per
-#: segment, the segments joined: the same nodes and initializers, README) instead of
-#: quantize_static on the whole graph, for minmax ranges (layered, or a cache). Opt-in: its
-#: Qwen2.5-0.5B-shaped int8-static write is 3.79 GB vs ORT's 5.92, but the NPU flow's static
-#: graphs it writes place 90% of their nodes on the QNN HTP emulator vs > 95% for ORT's file
-#: (tests/cli/test_qnn_export.py; 22 DequantizeLinear nodes fall back to CPU): not understood yet
-QDQ_WRITER = False
 
 
 def _calib_method(method: CalibrationMethod):
@@ -141,7 +141,9 @@ def quantize_static_qdq(
     """int8-static or a16w8 QDQ quantization of ``src`` into ``dst``; returns the op table.
 
     ``ranges``: a calibration cache (:func:`save_ranges`) used instead of calibrating on
-    ``reader`` (which may then be None)."""
+    ``reader`` (which may then be None). The graph is written by :func:`static_writer`'s
+    choice: one calibration segment at a time (qdq_writer.py), or ``quantize_static`` on the
+    whole graph; both give the same graph."""
     from onnxruntime.quantization import quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
@@ -149,15 +151,22 @@ def quantize_static_qdq(
     del model
     a16 = recipe.scheme is QuantScheme.a16w8
     op_types = sorted({op for op, row in table.items() if row["quantized"]})
+    segments = static_writer(recipe) is QdqWriter.segments
     layered_dir, data = None, None
-    if ranges is None and layered_calibration(recipe):
+    if ranges is None and (segments or layered_calibration(recipe)):
         import tempfile
 
-        through = recipe.calibration.prefix is CalibrationPrefix.quantized
-        say(f"calibrating {len(op_types)} op types layer by layer on {len(reader)} samples "
-            f"(minmax{', through the QDQ prefix' if through else ''}), then QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes")
         layered_dir = tempfile.TemporaryDirectory(prefix="slmedge-qdq-")
-        data = calibrate_layered(src, reader, recipe, op_types, nodes=nodes, say=say)
+        if layered_calibration(recipe):
+            through = recipe.calibration.prefix is CalibrationPrefix.quantized
+            say(f"calibrating {len(op_types)} op types layer by layer on {len(reader)} samples "
+                f"(minmax{', through the QDQ prefix' if through else ''}), then QDQ "
+                f"{'a16w8' if a16 else 'int8'} of {len(nodes)} nodes")
+            data = calibrate_layered(src, reader, recipe, op_types, nodes=nodes, say=say)
+        else:  # minmax by ORT's calibrator on the whole graph (QDQ_LAYERED off), then the writer
+            say(f"calibrating {len(nodes)} nodes on {len(reader)} samples "
+                f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
+            data = calibrate_ranges(src, reader, recipe, op_types, Path(layered_dir.name))
         ranges = save_ranges(data, Path(layered_dir.name) / "ranges.json")
         reader = None
     elif ranges is None:
@@ -165,7 +174,7 @@ def quantize_static_qdq(
             f"({recipe.calibration.method.value}), then QDQ {'a16w8' if a16 else 'int8'}")
     else:
         say(f"QDQ {'a16w8' if a16 else 'int8'} of {len(nodes)} nodes with the ranges in {ranges.name}")
-    if QDQ_WRITER and recipe.calibration.method is CalibrationMethod.minmax and reader is None:
+    if segments:
         from .qdq_writer import write_qdq_layered
 
         try:
@@ -174,6 +183,7 @@ def quantize_static_qdq(
 
                 data = load_tensors_data(ranges)
             say(f"writing the QDQ graph segment by segment ({len(nodes)} nodes to quantize)")
+
             def segment(seg_src, seg_dst, names, tensors, seg_ranges, work):
                 quantize_segment_file(seg_src, seg_dst, names, tensors, seg_ranges, recipe,
                                       op_types, nodes, work)
@@ -295,6 +305,15 @@ def prefix_quantizer(recipe: QuantRecipe, op_types: list[str], nodes: list[str],
         return out
 
     return quantize
+
+
+def static_writer(recipe: QuantRecipe) -> QdqWriter:
+    """Who writes ``recipe``'s QDQ graph: its ``calibration.writer``, except that the
+    segments' writer needs an onnxruntime whose quantize_static takes precomputed ranges
+    (each segment is quantized with its part of them); without one the whole graph is."""
+    if recipe.calibration.writer is QdqWriter.segments and not supports_range_cache():
+        return QdqWriter.whole
+    return recipe.calibration.writer
 
 
 def layered_calibration(recipe: QuantRecipe) -> bool:

@@ -124,17 +124,24 @@ def segment_model(model: onnx.ModelProto, seg: Segment, inits: dict, types: dict
                   typed: dict[str, onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
     """``seg`` as a model of its own (its reads as inputs, ``outputs`` as outputs, its
     initializers' bytes read from ``external_dir``). ``typed``: the whole graph's inferred
-    value infos, given to the segment's inputs and outputs (the QDQ writer: ORT's quantizer
-    quantizes only tensors it sees typed float); else inputs carry ``types``' element type
-    and outputs no type."""
+    value infos, given to the segment's inputs, outputs and inner tensors (the QDQ writer:
+    ORT's quantizer quantizes only tensors it sees typed float, and ONNX's shape inference,
+    which it runs on the segment, types nothing past an op it does not know, e.g. the fused
+    norms' SimplifiedLayerNormalization: the whole graph carries those types from the
+    export); else inputs carry ``types``' element type and outputs no type."""
     graph = model.graph
     typed = typed or {}
     feeds = [typed[t] if t in typed else onnx.helper.make_tensor_value_info(t, types[t], None)
              for t in seg.reads if t not in inits]
+    nodes = [graph.node[i] for i in seg.nodes]
+    ends = set(outputs)
+    inner = [typed[t] for t in dict.fromkeys(o for n in nodes for o in n.output)
+             if t in typed and t not in ends]
     sub = onnx.helper.make_graph(
-        [graph.node[i] for i in seg.nodes], f"calibration_segment_{seg.layer}", feeds,
+        nodes, f"calibration_segment_{seg.layer}", feeds,
         [typed.get(t) or onnx.ValueInfoProto(name=t) for t in outputs],
-        initializer=[_loaded(inits[t], external_dir) for t in seg.reads if t in inits])
+        initializer=[_loaded(inits[t], external_dir) for t in seg.reads if t in inits],
+        value_info=inner)
     out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import),
                                  ir_version=model.ir_version)
     out.functions.extend(model.functions)

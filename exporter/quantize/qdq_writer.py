@@ -196,7 +196,7 @@ class _Initializers:
                 raise ValueError(f"initializer {tensor.name!r} was quantized differently in two "
                                  "segments (a weight shared across layers with other quantization "
                                  "parameters per reader); quantize this graph with the whole-graph "
-                                 "quantizer (qdq.QDQ_WRITER = False)")
+                                 "quantizer (calibration writer whole, --calib-writer whole)")
             return
         self.digest[tensor.name] = key
         if len(tensor.raw_data) < self.threshold:

@@ -53,7 +53,9 @@ def child(mode: str, artifact: Path, work: Path, scheme: str) -> dict:
         _tokens_for_calibration, fold_weight_transposes, save_model, split_gemms)
     from slmedge.exporter.quantize.recipe import QuantRecipe
 
-    recipe = QuantRecipe(scheme=scheme)
+    # ort: quantize_static on the whole graph; writer: one segment at a time (the default)
+    recipe = QuantRecipe(scheme=scheme,
+                         calibration={"writer": "whole" if mode == "ort" else "segments"})
     prepared, ranges = work / "prepared.onnx", work / f"{scheme}.ranges.json"
     t0 = time.perf_counter()
     if mode == "ranges":
@@ -69,7 +71,6 @@ def child(mode: str, artifact: Path, work: Path, scheme: str) -> dict:
                         ranges)
     else:
         facts, keep, _, _ = _plan(prepared, recipe)
-        qdq.QDQ_WRITER = mode == "writer"
         dst = work / f"{mode}-{scheme}" / "model.onnx"
         dst.parent.mkdir(exist_ok=True)
         qdq.quantize_static_qdq(prepared, dst, facts, recipe, None, keep_float=keep, ranges=ranges)

@@ -21,6 +21,7 @@ from slmedge.exporter.quantize.recipe import (
     CalibrationPrefix,
     Int4Algorithm,
     Int8Format,
+    QdqWriter,
     TensorPrecision,
 )
 from slmedge.runtimes.manifest_schema import Manifest, validate_manifest
@@ -46,6 +47,10 @@ def add_quant_flags(p: argparse.ArgumentParser, *, required: bool = False,
                    help="static QDQ, minmax: each layer's ranges from the float graph's "
                    "activations (float, default) or through the earlier layers already QDQ'd "
                    "(quantized)")
+    g.add_argument("--calib-writer", choices=[w.value for w in QdqWriter],
+                   help="static QDQ: write the graph one calibration segment at a time (segments, "
+                   "default: the same graph in less memory) or with quantize_static on the whole "
+                   "graph (whole)")
     g.add_argument("--calib-samples", type=int, metavar="N",
                    help="calibration samples (a quarter prefill, the rest decode steps; default 32)")
     g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256],
@@ -146,6 +151,8 @@ def quant_fields(args) -> dict:
         calib["method"] = args.calib_method
     if getattr(args, "calib_prefix", None):
         calib["prefix"] = args.calib_prefix
+    if getattr(args, "calib_writer", None):
+        calib["writer"] = args.calib_writer
     if getattr(args, "calib_samples", None):
         n = args.calib_samples
         calib["decode_samples"] = n - max(n // 4, 1)

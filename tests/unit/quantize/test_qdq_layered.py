@@ -94,9 +94,8 @@ def _quantized_bytes(path):
 @pytest.mark.parametrize("scheme", ["int8-static", "a16w8"])
 def test_quantized_graph_is_the_same_file(tiny_artifact, tmp_path, monkeypatch, scheme):
     art = tiny_artifact("llama", fuse=False)
-    recipe = _recipe(scheme)
+    recipe = _recipe(scheme, writer="whole")  # ORT's writer both ways: test_qdq_writer's
     outs = {}
-    monkeypatch.setattr(qdq, "QDQ_WRITER", False)  # ORT's writer both ways: test_qdq_writer's
     for layered in (False, True):
         monkeypatch.setattr(qdq, "QDQ_LAYERED", layered)
         outs[layered] = tmp_path / f"{layered}.onnx"
@@ -129,14 +128,15 @@ def test_static_shape_graphs_quantize_to_the_same_files(tmp_path_factory, tiny_d
     art = static_artifact_path(tmp_path_factory, tiny_dir)
     static = json.loads((art / "manifest.json").read_text())["static"]
     files, calls = {}, []
-    monkeypatch.setattr(qdq, "QDQ_WRITER", False)  # ORT's writer both ways: test_qdq_writer's
     real = qdq.calibrate_layered
     monkeypatch.setattr(qdq, "calibrate_layered", lambda *a, **k: calls.append(1) or real(*a, **k))
     for layered in (False, True):
         monkeypatch.setattr(qdq, "QDQ_LAYERED", layered)
         work = tmp_path / str(layered)
         shutil.copytree(art, work)
-        quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), IDS,
+        # ORT's writer both ways: test_qdq_writer's
+        quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8",
+                                                         calibration={"writer": "whole"}), IDS,
                                float_ops=["Softmax"])
         files[layered] = {p.name: p.read_bytes() for p in sorted(work.glob("*.onnx*"))}
     assert len(calls) == 2  # the layered run calibrated both graphs layer by layer
@@ -283,8 +283,8 @@ def test_a16w8_of_external_weights_converts_the_opset_without_loading_them(tiny_
     assert {o.domain: o.version for o in onnx.load(str(converted)).opset_import}[""] == 21
     converted.unlink()
     samples = list(KVCacheCalibrationReader(path, IDS, CALIB).samples())
-    facts, recipe, outs = analyze(model), _recipe("a16w8"), {}
-    monkeypatch.setattr(qdq, "QDQ_WRITER", False)  # ORT's whole-graph pass converts the opset
+    # ORT's whole-graph pass converts the opset
+    facts, recipe, outs = analyze(model), _recipe("a16w8", writer="whole"), {}
     for name, src in (("inline", path), ("external", external)):
         outs[name] = tmp_path / f"{name}.onnx"
         quantize_static_qdq(src, outs[name], facts, recipe, ListCalibrationReader(samples))

@@ -16,15 +16,16 @@ CALIB = CalibrationConfig(prefill_samples=2, decode_samples=4, prefill_tokens=32
 IDS = [int(x) for x in np.random.default_rng(0).integers(6, 128, 400)]
 
 
-def _both(src, tmp_path, monkeypatch, scheme):
-    recipe = QuantRecipe(scheme=scheme, calibration=CALIB.model_dump())
+def _both(src, tmp_path, scheme, **calibration):
+    """``src`` quantized by ORT's whole-graph writer, then by the segments' (the default)."""
     outs = {}
-    for writer in (False, True):
-        monkeypatch.setattr(qdq, "QDQ_WRITER", writer)
-        outs[writer] = tmp_path / f"writer{writer}" / "model.onnx"
+    for writer in ("whole", "segments"):
+        recipe = QuantRecipe(scheme=scheme, calibration={**CALIB.model_dump(), **calibration,
+                                                         "writer": writer})
+        outs[writer] = tmp_path / writer / "model.onnx"
         outs[writer].parent.mkdir()
         quantize_model(src, outs[writer], recipe, calibration_ids=IDS)
-    return outs[False], outs[True]
+    return outs["whole"], outs["segments"]
 
 
 def _logits(path, feeds):
@@ -34,9 +35,9 @@ def _logits(path, feeds):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
 @pytest.mark.parametrize("scheme", ["int8-static", "a16w8"])
-def test_writer_equals_quantize_static(tiny_artifact, tmp_path, monkeypatch, model_type, scheme):
+def test_writer_equals_quantize_static(tiny_artifact, tmp_path, model_type, scheme):
     src = tiny_artifact(model_type, fuse=False) / "model.onnx"
-    whole, layered = _both(src, tmp_path, monkeypatch, scheme)
+    whole, layered = _both(src, tmp_path, scheme)
     a, b = onnx.load(str(whole)), onnx.load(str(layered))
     assert not same_graph(a, b), same_graph(a, b)
     assert sum(n.op_type == "QuantizeLinear" for n in b.graph.node) > 0  # a QDQ graph at all
@@ -48,10 +49,10 @@ def test_writer_equals_quantize_static(tiny_artifact, tmp_path, monkeypatch, mod
         np.testing.assert_array_equal(_logits(layered, feeds), _logits(whole, feeds))
 
 
-def test_same_graph_sees_a_changed_scale(tiny_artifact, tmp_path, monkeypatch):
+def test_same_graph_sees_a_changed_scale(tiny_artifact, tmp_path):
     """The comparison itself can fail: one scale moved by one ulp is reported."""
     src = tiny_artifact("llama", fuse=False) / "model.onnx"
-    whole, _ = _both(src, tmp_path, monkeypatch, "int8-static")
+    whole, _ = _both(src, tmp_path, "int8-static")
     a, b = onnx.load(str(whole)), onnx.load(str(whole))
     scale = next(t for t in b.graph.initializer if t.name.endswith("_scale"))
     value = onnx.numpy_helper.to_array(scale).copy()
@@ -94,9 +95,10 @@ def test_border_pairs_join_to_the_whole_graph_form():
     assert list(by["y_DequantizeLinear"].output) == ["y"]
 
 
-def test_static_shape_graphs_written_by_segment(tmp_path_factory, tiny_dir, tmp_path, monkeypatch):
+def test_static_shape_graphs_written_by_segment(tmp_path_factory, tiny_dir, tmp_path):
     """The NPU flow (prefill and decode graphs on one external weights file, ranges merged
-    across them, handed as a cache file): the writer gives each the same graph."""
+    across them, handed as a cache file): the writer gives each the same graph (with the
+    norms fused, QNN HTP's profiles: tests/cli/test_qnn_export.py)."""
     import json
     import shutil
 
@@ -107,16 +109,51 @@ def test_static_shape_graphs_written_by_segment(tmp_path_factory, tiny_dir, tmp_
     art = static_artifact_path(tmp_path_factory, tiny_dir)
     static = json.loads((art / "manifest.json").read_text())["static"]
     graphs = {}
-    for writer in (False, True):
-        monkeypatch.setattr(qdq, "QDQ_WRITER", writer)
-        work = tmp_path / str(writer)
+    for writer in ("whole", "segments"):
+        work = tmp_path / writer
         shutil.copytree(art, work)
-        quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8"), IDS,
+        quantize_static_graphs(work, static, QuantRecipe(scheme="a16w8",
+                                                         calibration={"writer": writer}), IDS,
                                float_ops=["Softmax"])
         graphs[writer] = {p.name: onnx.load(str(p)) for p in sorted(work.glob("*.onnx"))}
-    assert graphs[False].keys() == graphs[True].keys() and len(graphs[True]) >= 2
-    for name, model in graphs[True].items():
-        assert not same_graph(graphs[False][name], model), (name, same_graph(graphs[False][name], model))
+    assert graphs["whole"].keys() == graphs["segments"].keys() and len(graphs["segments"]) >= 2
+    for name, model in graphs["segments"].items():
+        assert not same_graph(graphs["whole"][name], model), (name, same_graph(graphs["whole"][name], model))
+
+
+def test_entropy_keeps_the_whole_graph_writer():
+    """Entropy / percentile ranges come from ORT's histogram calibrators inside
+    quantize_static: their recipes write the whole graph, and say so (also when a dumped
+    config with the default segments is read back with another method)."""
+    from slmedge.exporter.quantize.recipe import QdqWriter
+
+    for method in ("entropy", "percentile"):
+        recipe = QuantRecipe(scheme="int8-static", calibration={"method": method})
+        assert recipe.calibration.writer is QdqWriter.whole
+        assert qdq.static_writer(recipe) is QdqWriter.whole
+        dumped = {**QuantRecipe(scheme="int8-static").calibration.model_dump(), "method": method}
+        recipe = QuantRecipe(scheme="int8-static", calibration=dumped)
+        assert recipe.model_dump(mode="json")["calibration"]["writer"] == "whole"
+
+
+def test_writer_is_a_recipe_field_and_a_flag():
+    import argparse
+
+    from slmedge.exporter.quantize.recipe import QdqWriter
+    from slmedge.tools.cli.quantize import add_quant_flags, quant_fields
+
+    p = argparse.ArgumentParser()
+    add_quant_flags(p)
+    fields = quant_fields(p.parse_args(["--quant", "int8-static"]))
+    recipe = QuantRecipe(**fields["quant"])
+    assert recipe.calibration.writer is QdqWriter.segments  # the default
+    assert qdq.static_writer(recipe) is QdqWriter.segments
+    fields = quant_fields(p.parse_args(["--quant", "a16w8", "--calib-writer", "whole"]))
+    recipe = QuantRecipe(**fields["quant"])
+    assert recipe.calibration.writer is QdqWriter.whole
+    assert recipe.model_dump(mode="json")["calibration"]["writer"] == "whole"  # the manifest's
+    with pytest.raises(ValueError, match="segments.*whole|whole.*segments"):
+        QuantRecipe(scheme="a16w8", calibration={"writer": "layers"})
 
 
 def test_streamed_inline_save_loads_as_save_model(tmp_path):
