@@ -432,3 +432,25 @@ def test_the_split_tied_table_on_write_rounds_by_rtn_and_needs_a_tokenizer(tiny_
     assert split["int4_rounding"] == "rtn" and split["hessian"].startswith("none (quantized on")
     assert split["int8_rows"] > 0 and report.lm_head == "int4+int8"
     assert np.isfinite(OnnxDecoder(out).logits(IDS)).all()
+
+
+def test_the_split_tied_table_reaches_the_manifest_through_export(tiny_dir, tmp_path,
+                                                                  monkeypatch):
+    """``slmedge export --quant int4 --large-table-bits 4 --large-table-int8-tokens N``: the
+    exported artifact's manifest names the split (label, rows, GPTQ from the fp32 graph)."""
+    from slmedge.exporter.pipeline import ExportConfig, run_export
+
+    monkeypatch.setattr(tied_table, "TIED_TABLE_MIN_VALUES", 1)
+    out = tmp_path / "split"
+    run_export(ExportConfig(model=str(tiny_dir("gemma3_text")), output=out,
+                            quant={"scheme": "int4", "large_table_bits": 4,
+                                   "large_table_int8_tokens": 24},
+                            quality={"eval_tokens": 64, "new_tokens": 4,
+                                     "max_ppl_increase": 1000, "max_kl_mean": 100,
+                                     "min_top1_agreement": 0}))
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["label"].endswith("head8tab4s24")
+    assert q["lm_head"] == "int4+int8" and q["embedding"] == "int4+int8-tied"
+    split = q["large_table_split"]
+    assert split["int8_rows"] > 0 and split["int4_rounding"] == "gptq"
+    assert split["hessian"].startswith("fp32 graph")
