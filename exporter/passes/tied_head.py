@@ -268,6 +268,7 @@ class Fp16TiedHeadChunks(FusionPass):
                         name=f"{base}/chunks")
         loop = ir.node("Loop", [trips, keep_going], attributes={"body": body},
                        name=f"{base}/loop")
+        loop.metadata_props.update(head.metadata_props)  # module scope: quantizers read it
         loop.outputs[0].name, loop.outputs[0].dtype = f"{base}/parts", f16
         perm = ir.node("Transpose", [loop.outputs[0]], attributes={"perm": [1, 2, 0, 3]},
                        name=f"{base}/parts_transposed")

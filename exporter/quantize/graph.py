@@ -332,6 +332,55 @@ def untie_head_once(model: onnx.ModelProto, head: TiedHeadOnce, rows: onnx.Tenso
     graph.initializer.append(columns)
 
 
+def unchunk_tied_heads(model: onnx.ModelProto) -> int:
+    """An fp16 tied head computed in vocabulary chunks (passes/tied_head.py
+    ``Fp16TiedHeadChunks``: ``Cast(h)`` -> ``Loop`` of Slice / Cast / MatMul / Cast ->
+    ``Transpose`` -> ``Reshape``) back to ``MatMul(h, W_T)`` on its ``[1, K, V]`` table, the form
+    :func:`find_tied_heads_once` knows (in place, no tensor read: the same on placeholders).
+    Returns how many heads were put back."""
+    graph = model.graph
+    consts = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    count = 0
+    for loop in [n for n in graph.node if n.op_type == "Loop"]:
+        body = next((a.g for a in loop.attribute if a.name == "body"), None)
+        slices = [n for n in body.node if n.op_type == "Slice" and n.input[0] in consts] \
+            if body is not None else []
+        matmuls = [n for n in body.node if n.op_type == "MatMul"] if body is not None else []
+        if len(slices) != 1 or len(matmuls) != 1 or len(loop.output) != 1:
+            continue
+        cast_h = producer.get(matmuls[0].input[0])
+        after = readers.get(loop.output[0], [])
+        if cast_h is None or cast_h.op_type != "Cast" or len(after) != 1 \
+                or after[0].op_type != "Transpose":
+            continue
+        reshape = readers.get(after[0].output[0], [])
+        if len(reshape) != 1 or reshape[0].op_type != "Reshape":
+            continue
+        reshape = reshape[0]
+        head = onnx.helper.make_node("MatMul", [cast_h.input[0], slices[0].input[0]],
+                                     [reshape.output[0]], name=loop.name.removesuffix("/loop"))
+        head.metadata_props.extend(loop.metadata_props)
+        index = list(graph.node).index(reshape)
+        graph.node.insert(index, head)
+        gone = [loop, after[0], reshape] + ([cast_h] if not readers.get(cast_h.output[0]) else [])
+        for node in gone:
+            graph.node.remove(node)
+        count += 1
+    if count:  # the chunks' own constants (count, sizes, axes) are read by nothing now
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        used |= {i for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+                 for m in a.g.node for i in m.input}
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return count
+
+
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
     """Give ``MatMul(x, Transpose(W))`` its own constant ``W.T`` (in place).
 
@@ -340,8 +389,10 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     lm_head would stay fp32. Returns how many MatMuls now read a folded weight.
 
     A table the exporter stored once as ``[1, K, V]`` (passes/tied_head.py) becomes the same
-    two constants: ``W.T`` for the MatMuls, ``W`` for the embedding ``Gather``.
+    two constants: ``W.T`` for the MatMuls, ``W`` for the embedding ``Gather`` (an fp16 head
+    computed in vocabulary chunks is put back first: :func:`unchunk_tied_heads`).
     """
+    unchunk_tied_heads(model)
     untied = 0
     for head in find_tied_heads_once(model):
         arr = numpy_helper.to_array(head.table)

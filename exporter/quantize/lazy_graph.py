@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .external_data import TensorSource
-from .graph import _module_and_layer, find_tied_heads_once, untie_head_once
+from .graph import _module_and_layer, find_tied_heads_once, unchunk_tied_heads, untie_head_once
 from .pack_matmuls import pack_shared_input_matmuls as _pack
 
 
@@ -97,7 +97,9 @@ def split_gemms(model: onnx.ModelProto, lazy: LazyWeights) -> int:
 
 def fold_weight_transposes(model: onnx.ModelProto, lazy: LazyWeights) -> int:
     """:func:`graph.fold_weight_transposes` on placeholders (the tied ``lm_head``'s ``W.T``;
-    a ``[1, K, V]`` table stored once becomes ``W.T`` and ``W`` placeholders)."""
+    a ``[1, K, V]`` table stored once becomes ``W.T`` and ``W`` placeholders; an fp16 head in
+    vocabulary chunks is put back first: :func:`graph.unchunk_tied_heads`)."""
+    unchunk_tied_heads(model)
     untied = 0
     for head in find_tied_heads_once(model):
         name, (_, k, v), dtype = head.table.name, head.table.dims, head.table.data_type

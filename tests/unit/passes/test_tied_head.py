@@ -162,3 +162,37 @@ def test_tied_tiny_export_stores_its_table_once(tiny_artifact, model_type):
     assert copies == [heads[0].table.name]
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["fusion"]["counts"][TiedHeadOnce.name] == 1
+
+
+def test_quantizers_put_the_chunked_fp16_head_back(tmp_path):
+    """An fp16 head computed in vocabulary chunks reaches the quantizers as the one-MatMul
+    form: the same nodes and tables after folding, in memory and on placeholders."""
+    from slmedge.exporter.passes.tied_head import Fp16TiedHeadChunks
+    from slmedge.exporter.quantize.graph import unchunk_tied_heads
+
+    once, chunked = _tied(np.float16), _tied(np.float16)
+    TiedHeadOnce()(once)
+    chunks = Fp16TiedHeadChunks(chunk_bytes=64)  # 11 chunks of one column
+    chunks(chunked)
+    assert chunks.count == 1 and "Loop" in ops(chunked)
+    want = ir.to_proto(once)
+    fold_weight_transposes(want)
+    back = ir.to_proto(chunked)
+    assert unchunk_tied_heads(back) == 1 and unchunk_tied_heads(back) == 0
+    got = ir.to_proto(chunked)
+    fold_weight_transposes(got)
+    for proto in (back, got):
+        assert [n.op_type for n in proto.graph.node if n.op_type in ("Loop", "Slice")] == []
+    nodes_want, inits_want = _summary(want, numpy_helper.to_array)
+    nodes_got, inits_got = _summary(got, numpy_helper.to_array)
+    assert nodes_got == nodes_want
+    assert list(inits_got) == list(inits_want)
+    for name in inits_want:
+        np.testing.assert_array_equal(inits_got[name], inits_want[name])
+    lazy_proto = ir.to_proto(chunked)
+    lazy = LazyWeights(lazy_proto, TensorSource(tmp_path))
+    assert lazy_fold(lazy_proto, lazy) == 1
+    nodes_lazy, inits_lazy = _summary(lazy_proto, lambda t: lazy.array(t.name))
+    assert nodes_lazy == nodes_want
+    for name in inits_want:
+        np.testing.assert_array_equal(inits_lazy[name], inits_want[name])
