@@ -689,11 +689,14 @@ def _plan_split(model, facts: GraphFacts, lazy: LazyWeights, recipe: QuantRecipe
     if src is not None:
         say(f"split tied table: the lm_head input's Hessian ({k} x {k}) from the fp32 graph "
             "over the calibration text")
+        # the samples (prefill chunks, decode steps with their caches: ~0.3 GB at Gemma 3
+        # 270M's) made first and the reader's fp32 session closed, so that the Hessian's
+        # probe session is the only one open: the same feeds, one fp32 session at a time
         reader = KVCacheCalibrationReader(src, ids, recipe.calibration, threads=2)
-        try:
-            hessian = collect_hessians(src, {head.input[0]: k}, reader.samples)[head.input[0]]
-        finally:
-            del reader
+        samples = list(reader.samples())
+        del reader
+        hessian = collect_hessians(src, {head.input[0]: k}, lambda: iter(samples))[head.input[0]]
+        del samples
         record.update(int4_rounding="gptq", hessian="fp32 graph, lm_head input, calibration text")
     else:
         # RTN, not HQQ's grid: int_zero.from_hqq over a large table's columns took 10.8 GB
