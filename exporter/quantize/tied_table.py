@@ -153,8 +153,10 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
     pre-packed one); read directly, the lookup's inputs are the file's own bytes,
     memory-mapped from ``model.onnx.data`` (Gemma 3 270M int4: 168 MB less after load with
     the runtime's ``release_mapped_weights``; the scales' and zero points' Reshapes, another
-    21-26 MB, went on 2026-12-07). A 4-bit table still goes through ``Reshape`` nodes (its
-    packed rows and zero points are not the head's layout)."""
+    21-26 MB, went on 2026-12-07). A 4-bit table is read the same way, its nibbles unpacked
+    after the Gather (until 2026-12-08 it went through ``Reshape`` nodes to
+    ``GatherBlockQuantized``'s layout, which ORT folded into private copies: 87 MB at
+    Qwen2.5-0.5B's shapes with ``--large-table-bits 4``)."""
     graph = model.graph
     head = next((n for n in graph.node if n.op_type == "MatMulNBits"
                  and n.output[0] == head_output), None)
@@ -178,11 +180,12 @@ def share_tied_nbits_table(model: onnx.ModelProto, gather: str, head_output: str
     base = node.name or node.output[0]
     table = next((t for t in graph.initializer if t.name == head.input[1]), None)
     rank = _rank(graph, node.input[1])
-    if bits == 8 and rank and table is not None and list(table.dims) == [n, k // bs, bs]:
+    if rank and table is not None and list(table.dims) == [n, k // bs, bs * bits // 8]:
         _gather_blocks(model, node, head, rank)
         return True
-    # bits 4: two values a byte, so a row of the table is k / 2 bytes (and blocks / 2 of
-    # packed zero points)
+    # a table not in MatMulNBits' [N, K / bs, bs * bits / 8] layout or ids of unknown rank: a
+    # GatherBlockQuantized through Reshapes (two values a byte at 4 bits, so a row of the table
+    # is k / 2 bytes, and blocks / 2 of packed zero points)
     table_shape = numpy_helper.from_array(np.array([n, k * bits // 8], np.int64),
                                           f"{base}/tied_shape")
     block_shape = numpy_helper.from_array(np.array([n, k // bs], np.int64), f"{base}/tied_block_shape")
@@ -226,9 +229,12 @@ def _rank(graph, name: str) -> int | None:
 
 def _gather_blocks(model: onnx.ModelProto, node: onnx.NodeProto, head: onnx.NodeProto,
                    rank: int) -> None:
-    """``node`` (a ``Gather`` of ``rank``-D indices) becomes a lookup of the 8-bit head's
-    ``[N, K / bs, bs]`` bytes, ``[N, K / bs]`` scales and zero points as they are stored,
-    dequantized as ``MatMulNBits`` does (``(q - zp) * scale``, zp 128 when there are none)::
+    """``node`` (a ``Gather`` of ``rank``-D indices) becomes a lookup of the 8-bit or 4-bit
+    head's ``[N, K / bs, bs * bits / 8]`` bytes, ``[N, K / bs]`` scales and zero points
+    (``[N, ceil(K / bs / 2)]`` packed at 4 bits) as they are stored, dequantized as
+    ``MatMulNBits`` does (``(q - zp) * scale``, zp 128 / 8 when there are none). At 4 bits
+    the gathered bytes and zero points are unpacked, low nibble first
+    (``BitwiseAnd 15``, ``BitShift`` right by 4, interleaved by ``Concat`` + ``Reshape``)::
 
         head bytes [N, nb, bs] u8 --+--------------------------------------> MatMulNBits
         scales [N, nb] -------------+--------------------------------------> (lm_head)
@@ -249,7 +255,7 @@ def _gather_blocks(model: onnx.ModelProto, node: onnx.NodeProto, head: onnx.Node
     difference of two integers is exact in float, then one product."""
     graph = model.graph
     a = _attrs(head)
-    k = a["K"]
+    k, bits, bs = a["K"], a["bits"], a["block_size"]
     base = node.name or node.output[0]
     scales = next(t for t in graph.initializer if t.name == head.input[2])
     to = scales.data_type
@@ -263,16 +269,41 @@ def _gather_blocks(model: onnx.ModelProto, node: onnx.NodeProto, head: onnx.Node
         return helper.make_node(kind, inputs, [f"{base}/{suffix}"], name=f"{base}/{suffix}",
                                 **attrs)
 
-    nodes = [op("Gather", [head.input[1], ids], "tied_blocks", axis=0),
-             op("Cast", [f"{base}/tied_blocks"], "tied_codes", to=to)]
+    nodes = [op("Gather", [head.input[1], ids], "tied_blocks", axis=0)]
+    codes = f"{base}/tied_blocks"
+    if bits == 4:
+        low = numpy_helper.from_array(np.array(15, np.uint8), f"{base}/tied_low_nibble")
+        four = numpy_helper.from_array(np.array(4, np.uint8), f"{base}/tied_nibble_shift")
+        graph.initializer.extend([low, four])
+
+        def unpack(packed: str, suffix: str, shape: list[int]) -> str:
+            """``[.., m]`` bytes -> ``[.., 2m]`` values (low nibble first) -> ``shape``."""
+            target = numpy_helper.from_array(np.array(shape, np.int64), f"{base}/{suffix}_shape")
+            graph.initializer.append(target)
+            nodes.extend([
+                op("BitwiseAnd", [packed, low.name], f"{suffix}_low"),
+                op("BitShift", [packed, four.name], f"{suffix}_high", direction="RIGHT"),
+                op("Unsqueeze", [f"{base}/{suffix}_low", last.name], f"{suffix}_low_b"),
+                op("Unsqueeze", [f"{base}/{suffix}_high", last.name], f"{suffix}_high_b"),
+                op("Concat", [f"{base}/{suffix}_low_b", f"{base}/{suffix}_high_b"],
+                   f"{suffix}_pairs", axis=-1),
+                op("Reshape", [f"{base}/{suffix}_pairs", target.name], suffix)])
+            return f"{base}/{suffix}"
+
+        codes = unpack(codes, "tied_nibbles", [0] * (rank + 1) + [bs])
+    nodes.append(op("Cast", [codes], "tied_codes", to=to))
     if len(head.input) > 3 and head.input[3]:
-        nodes += [op("Gather", [head.input[3], ids], "tied_zero_points", axis=0),
-                  op("Cast", [f"{base}/tied_zero_points"], "tied_zero_points_f", to=to),
+        nodes.append(op("Gather", [head.input[3], ids], "tied_zero_points", axis=0))
+        zero_codes = f"{base}/tied_zero_points"
+        if bits == 4:  # two blocks' zero points a byte (share_tied_nbits_table: K / bs even)
+            zero_codes = unpack(zero_codes, "tied_zero_nibbles", [0] * rank + [k // bs])
+        nodes += [op("Cast", [zero_codes], "tied_zero_points_f", to=to),
                   op("Unsqueeze", [f"{base}/tied_zero_points_f", last.name], "tied_zero_points_b")]
         zero = f"{base}/tied_zero_points_b"
-    else:  # MatMulNBits' implied zero point of unsigned 8-bit codes
+    else:  # MatMulNBits' implied zero point of unsigned codes: 2 ** (bits - 1)
         zero = numpy_helper.from_array(
-            np.array(128, helper.tensor_dtype_to_np_dtype(to)), f"{base}/tied_zero_point")
+            np.array(1 << (bits - 1), helper.tensor_dtype_to_np_dtype(to)),
+            f"{base}/tied_zero_point")
         graph.initializer.append(zero)
         zero = zero.name
     nodes += [op("Sub", [f"{base}/tied_codes", zero], "tied_centered"),
