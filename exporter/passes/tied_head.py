@@ -161,6 +161,20 @@ class TiedHeadOnce(FusionPass):
 #: fp32 bytes of one vocabulary chunk of an fp16 head (:class:`Fp16TiedHeadChunks`)
 CHUNK_BYTES = 64 << 20
 
+#: an fp16 tied head is chunked only when its fp32 copy would be at least this large (the
+#: export's FP16_COPY_MAX_EXTRA): Llama-3.2-3B's (1.58 GB) and Llama-3.1-8B's (2.1 GB), not
+#: Llama-3.2-1B's (1.05 GB), Gemma 3 270M's (0.67 GB) or SmolLM2's (0.11 GB). Below it the
+#: plain head is kept: in ONNX Runtime's default x86 session it is folded to fp32 once at load
+#: and decodes faster (SmolLM2 fp16 chunked: 1.29x slower per step), and a device with fp16
+#: kernels computes it in fp16.
+CHUNKED_HEAD_MIN_BYTES = 1 << 30
+
+
+def chunks_head(v: int, k: int) -> bool:
+    """Whether an fp16 tied ``[V, K]`` head is computed in vocabulary chunks
+    (:data:`CHUNKED_HEAD_MIN_BYTES`, read when called)."""
+    return v * k * 4 >= CHUNKED_HEAD_MIN_BYTES
+
 
 def vocabulary_chunks(v: int, k: int, chunk_bytes: int = CHUNK_BYTES) -> int | None:
     """How many equal chunks an fp16 ``[V, K]`` head is computed in: the fewest (at least 2)
@@ -183,7 +197,9 @@ class Fp16TiedHeadChunks(FusionPass):
     ``V / N`` columns at a time (:data:`CHUNK_BYTES` of fp32) is sliced, cast and multiplied.
     The Casts are in the graph: where they are left to ONNX Runtime, its cast insertion turns
     the Slice fp32 too and casts the whole table before it, N times per forward. Each logit is
-    the same dot product (bit-identical logits measured on the 3B head shape)::
+    the same dot product (bit-identical logits measured on the 3B head shape). Only heads
+    whose fp32 copy reaches :data:`CHUNKED_HEAD_MIN_BYTES` (smaller ones keep the graph's own
+    head, faster at run time)::
 
         W_T [1,K,V] --> MatMul(h [B,S,K], .) --> logits [B,S,V] (fp16)
                          =>
@@ -204,6 +220,17 @@ class Fp16TiedHeadChunks(FusionPass):
         if not any(t.dtype == ir.DataType.FLOAT16 for t in
                    (v.const_value for v in graph.initializers.values()) if t is not None):
             return 0
+        tables = [(v.name, [int(d) for d in v.const_value.shape])
+                  for v in graph.initializers.values()
+                  if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16
+                  and len(v.const_value.shape) == 2
+                  and any(n.op_type == "Gather" for n, _ in v.uses())]
+        if not any(chunks_head(*shape) for _, shape in tables):
+            self.reasons.extend(
+                f"{name}: the head's fp32 copy ({shape[0] * shape[1] * 4 / 1e6:.0f} MB) is below "
+                f"{CHUNKED_HEAD_MIN_BYTES / 1e6:.0f} MB: the graph's own head, which ONNX "
+                "Runtime folds to fp32 at load" for name, shape in tables)
+            return 0
         once = TiedHeadOnce()
         once(model)
         self.reasons.extend(once.reasons)
@@ -217,6 +244,11 @@ class Fp16TiedHeadChunks(FusionPass):
             if not heads or not any(n.op_type == "Gather" for n, _ in table.uses()):
                 continue
             _, k, v = (int(d) for d in tensor.shape)
+            if not chunks_head(v, k):
+                self.reasons.append(f"{table.name}: the head's fp32 copy ({v * k * 4 / 1e6:.0f} "
+                                    f"MB) is below {CHUNKED_HEAD_MIN_BYTES / 1e6:.0f} MB: one "
+                                    "MatMul, which ONNX Runtime folds to fp32 at load")
+                continue
             chunks = vocabulary_chunks(v, k, self.chunk_bytes)
             if chunks is None:
                 self.reasons.append(f"{table.name}: no divisor of the vocabulary {v} near the "

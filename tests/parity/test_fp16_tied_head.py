@@ -16,7 +16,8 @@ from helpers.tiny_models import TINY_MODEL_TYPES
 
 from slmedge.exporter.onnx import streaming
 from slmedge.exporter.onnx.streaming import export_streamed
-from slmedge.exporter.passes.tied_head import vocabulary_chunks
+from slmedge.exporter.passes import tied_head
+from slmedge.exporter.passes.tied_head import chunks_head, vocabulary_chunks
 from slmedge.exporter.quality.memory import verification_session_options
 from slmedge.exporter.sources.load import open_source
 from slmedge.runtimes.sessions.onnx_decoder import OnnxDecoder
@@ -37,6 +38,7 @@ def test_fp16_head_in_chunks_gives_the_unchunked_logits(model_type, tiny_dir, tm
                                                         monkeypatch):
     source = tiny_dir(model_type)
     tied = json.loads((source / "config.json").read_text()).get("tie_word_embeddings", True)
+    monkeypatch.setattr(tied_head, "CHUNKED_HEAD_MIN_BYTES", 0)  # the tiny heads chunked too
     messages: list[str] = []
     export_streamed(open_source(str(source), dtype="fp16"), tmp_path / "chunked.onnx",
                     say=messages.append)
@@ -72,3 +74,16 @@ def test_chunk_counts_at_real_shapes():
     assert vocabulary_chunks(49152, 576) == 2  # SmolLM2-135M
     assert vocabulary_chunks(128, 64) == 2  # the tiny models
     assert vocabulary_chunks(7919, 4096) is None  # a prime vocabulary: one MatMul
+
+
+def test_only_heads_whose_fp32_copy_reaches_a_gib_are_chunked(tiny_dir, tmp_path):
+    """Below CHUNKED_HEAD_MIN_BYTES the graph keeps its own head (folded to fp32 once at load
+    in ONNX Runtime's default session: a chunked SmolLM2 fp16 head decoded 1.29x slower)."""
+    assert chunks_head(128256, 3072) and chunks_head(128256, 4096)  # Llama-3.2-3B, 3.1-8B
+    assert not chunks_head(128256, 2048)  # Llama-3.2-1B: 1.05 GB
+    assert not chunks_head(262144, 640) and not chunks_head(49152, 576)  # Gemma 3 270M, SmolLM2
+    messages: list[str] = []
+    export_streamed(open_source(str(tiny_dir("gpt2")), dtype="fp16"), tmp_path / "m.onnx",
+                    say=messages.append)
+    assert not [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Loop"]
+    assert not any("vocabulary chunks" in m for m in messages)

@@ -164,10 +164,13 @@ def test_tied_tiny_export_stores_its_table_once(tiny_artifact, model_type):
     assert manifest["fusion"]["counts"][TiedHeadOnce.name] == 1
 
 
-def test_quantizers_put_the_chunked_fp16_head_back(tmp_path):
+def test_quantizers_put_the_chunked_fp16_head_back(tmp_path, monkeypatch):
     """An fp16 head computed in vocabulary chunks reaches the quantizers as the one-MatMul
     form: the same nodes and tables after folding, in memory and on placeholders."""
+    from slmedge.exporter.passes import tied_head
     from slmedge.exporter.passes.tied_head import Fp16TiedHeadChunks
+
+    monkeypatch.setattr(tied_head, "CHUNKED_HEAD_MIN_BYTES", 0)  # a tiny head chunked too
     from slmedge.exporter.quantize.graph import unchunk_tied_heads
 
     once, chunked = _tied(np.float16), _tied(np.float16)
