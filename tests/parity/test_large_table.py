@@ -152,6 +152,21 @@ def _tied_lookup(model: onnx.ModelProto, head: onnx.NodeProto,
     got, w = session.run(None, {first.input[1]: ids[None, :]})
     return got[0], w
 
+
+def _float_table_body(source: Path, tmp_path: Path):
+    """The default int4 body with the tied table kept float (``large_table=False``): the
+    model, its table lookup, the lm_head reading it and the table as ``[K, V]`` fp32."""
+    base = tmp_path / "base" / "model.onnx"
+    base.parent.mkdir()
+    quantize_file_streaming(source, base, QuantRecipe(scheme="int4", large_table=False))
+    model = onnx.load(str(base))
+    inits = {t.name: t for t in model.graph.initializer}
+    look = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    vocab = inits[look.input[0]].dims[0]
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                and any(a.name == "N" and a.i == vocab for a in n.attribute))
+    return model, look, head, numpy_helper.to_array(inits[look.input[0]]).T.astype(np.float32)
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_a_large_tied_table_at_4_bits_is_the_lm_heads_int4_table(symmetric, tiny_artifact,
                                                                  tmp_path, monkeypatch):
@@ -263,16 +278,8 @@ def test_a_split_tied_table_reads_int8_and_int4_rows_as_numpy_dequantizes_them(
     from slmedge.exporter.quantize.gptq import dequantize
 
     source = external_copy(tiny_artifact("gemma3_text") / "model.onnx", tmp_path / "src")
-    base = tmp_path / "base" / "model.onnx"
-    base.parent.mkdir()
-    quantize_file_streaming(source, base, QuantRecipe(scheme="int4", large_table=False))
-    model = onnx.load(str(base))
-    inits = {t.name: t for t in model.graph.initializer}
-    look = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
-    vocab, k = inits[look.input[0]].dims
-    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
-                and any(a.name == "N" and a.i == vocab for a in n.attribute))
-    w = numpy_helper.to_array(inits[look.input[0]]).T.astype(np.float32)  # [K, V]
+    model, look, head, w = _float_table_body(source, tmp_path)
+    vocab = w.shape[1]
     lo = np.setdiff1d(np.arange(vocab), frequent)
     rest = tied_split.quantize_rows(w[:, lo], 4, 16, "rtn")
     want = np.empty_like(w)  # float32 scales, as stored; (j - zero) * scale rounded once
@@ -375,16 +382,8 @@ def test_the_split_tied_table_is_wired_into_the_streaming_quantizer(tiny_artifac
     assert report.lm_head == "int4+int8" and report.embedding == "int4+int8-tied"
 
     # the in-memory path: the float-table body, split by tied_split with the same inputs
-    base = tmp_path / "base" / "model.onnx"
-    base.parent.mkdir()
-    quantize_file_streaming(source, base, QuantRecipe(scheme="int4", large_table=False))
-    model = onnx.load(str(base))
-    inits = {t.name: t for t in model.graph.initializer}
-    look = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
-    vocab, k = inits[look.input[0]].dims
-    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
-                and any(a.name == "N" and a.i == vocab for a in n.attribute))
-    w = numpy_helper.to_array(inits[look.input[0]]).T.astype(np.float32)
+    model, look, head, w = _float_table_body(source, tmp_path)
+    vocab, k = w.shape[1], w.shape[0]
     ids = _tokens_for_calibration(source.parent, recipe.calibration, None)
     frequent = frequent_tokens(ids, 24, vocab, group_size(vocab, 24))
     assert split["int8_rows"] == len(frequent) > 0
