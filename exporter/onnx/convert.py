@@ -182,7 +182,7 @@ def export_decoder(
     from slmedge.exporter.passes.cleanup import CleanupPass
 
     CleanupPass()(graph)
-    from .streaming import fp16_tied_head
+    from slmedge.exporter.passes.tied_head import fp16_tied_head
 
     fp16_tied_head(graph)  # as the streamed export does (streaming.build_streamed_graph)
     use_external = weights_bytes(model) >= TWO_GB if external_data is None else external_data

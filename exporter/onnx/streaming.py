@@ -17,6 +17,7 @@ from .graph_writer import graph_without_weights, save_graph
 from .lazy_weights import attach_weights
 from slmedge.exporter.onnx.convert import DEFAULT_OPSET, OnnxExportInfo, trace_decoder
 from slmedge.exporter.passes.cleanup import CleanupPass
+from slmedge.exporter.passes.tied_head import fp16_tied_head
 
 Say = Callable[[str], None]
 
@@ -109,20 +110,6 @@ def trace_streamed(model, spec, *, opset: int = DEFAULT_OPSET, say: Say | None =
     with trace_progress(model, layers, say):
         graph, inputs, outputs = trace_decoder(model, spec, opset=opset)
     return graph, inputs, outputs, f"full ({reason})"
-
-
-def fp16_tied_head(graph, say: Say | None = None) -> int:
-    """An unfused graph's fp16 tied table stored once with its lm_head computed in vocabulary
-    chunks (passes/tied_head.py :class:`Fp16TiedHeadChunks`: no whole-table fp32 Cast per
-    forward in a session that keeps fp16 weights fp16); fused (fp32) graphs get
-    :class:`TiedHeadOnce` from the fusion pipeline. Returns how many heads were rewritten."""
-    from slmedge.exporter.passes.tied_head import Fp16TiedHeadChunks
-
-    chunks = Fp16TiedHeadChunks()
-    chunks(graph)
-    if chunks.count and say is not None:
-        say("fp16 tied lm_head: table stored once, computed in vocabulary chunks")
-    return chunks.count
 
 
 def build_streamed_graph(streamed, *, opset: int = DEFAULT_OPSET, fuse_options=None,

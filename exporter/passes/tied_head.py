@@ -313,3 +313,16 @@ class Fp16TiedHeadChunks(FusionPass):
         graph.remove(head, safe=False)
         logits.name = f"{out_name}/replaced"
         joined.outputs[0].name = out_name
+
+
+def fp16_tied_head(model: ir.Model, say=None) -> int:
+    """An unfused graph's fp16 tied table stored once with its lm_head computed in vocabulary
+    chunks (:class:`Fp16TiedHeadChunks`: no whole-table fp32 Cast per forward in a session
+    that keeps fp16 weights fp16), for the streamed export and the in-memory one alike; fused
+    (fp32) graphs get :class:`TiedHeadOnce` from the fusion pipeline. Returns how many heads
+    were rewritten."""
+    chunks = Fp16TiedHeadChunks()
+    chunks(model)
+    if chunks.count and say is not None:
+        say("fp16 tied lm_head: table stored once, computed in vocabulary chunks")
+    return chunks.count
