@@ -372,13 +372,30 @@ def unchunk_tied_heads(model: onnx.ModelProto) -> int:
             graph.node.remove(node)
         count += 1
     if count:  # the chunks' own constants (count, sizes, axes) are read by nothing now
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        used |= {i for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
-                 for m in a.g.node for i in m.input}
-        keep = [t for t in graph.initializer if t.name in used]
+        drop_unused_initializers(model)
+    return count
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    """The names ``graph``'s nodes read, those of their subgraphs (Loop / If bodies) too."""
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used |= _reads(sub)
+    return used
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Initializers nothing reads (no node, no subgraph's node, no graph output) leave the
+    graph (as ORT's quantizer's clean_initializers)."""
+    graph = model.graph
+    used = _reads(graph) | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(keep)
-    return count
 
 
 def fold_weight_transposes(model: onnx.ModelProto) -> int:

@@ -21,7 +21,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from .external_data import TensorSource
-from .graph import _module_and_layer, find_tied_heads_once, unchunk_tied_heads, untie_head_once
+from .graph import (_module_and_layer, drop_unused_initializers, find_tied_heads_once,
+                    unchunk_tied_heads, untie_head_once)
 from .pack_matmuls import pack_shared_input_matmuls as _pack
 
 
@@ -91,7 +92,7 @@ def split_gemms(model: onnx.ModelProto, lazy: LazyWeights) -> int:
     if count:
         del graph.node[:]
         graph.node.extend(new_nodes)
-        _drop_unused(graph, set())
+        drop_unused_initializers(model)
     return count
 
 
@@ -159,17 +160,3 @@ def pack_shared_input_matmuls(model: onnx.ModelProto, lazy: LazyWeights) -> list
             lambda ps=parts: np.concatenate([lazy.array(p) for p in ps], axis=1))
 
     return _pack(model, pack_weights=placeholder)
-
-
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Initializers nothing reads (no node, no graph output) leave the graph (as ORT's
-    quantizer's clean_initializers)."""
-    _drop_unused(model.graph, {o.name for o in model.graph.output})
-
-
-def _drop_unused(graph: onnx.GraphProto, extra_used: set[str]) -> None:
-    used = {i for n in graph.node for i in n.input} | extra_used
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)

@@ -55,10 +55,9 @@ from .external_data import (
 )
 from .fold_zero_points import fold_and_say
 from .gguf_blocks import NBitsBlocks, concat_blocks, narrow_wider_blocks
-from .graph import GraphFacts, _module_and_layer, analyze
+from .graph import GraphFacts, _module_and_layer, analyze, drop_unused_initializers
 from .hqq import hqq_quantize
-from .lazy_graph import (LazyWeights, drop_unused_initializers, fold_weight_transposes,
-                         pack_shared_input_matmuls, split_gemms)
+from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
 from . import tied_table
 from .tied_table import share_tied_int4_table, share_tied_nbits_table, tied_gathers

@@ -31,10 +31,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .gptq import _pack_nibbles, block_grid, gptq_quantize
-from .graph import unique_name
+from .graph import drop_unused_initializers, unique_name
 from .head_split import group_size, split_lm_head
 from .int_zero import from_hqq
-from .lazy_graph import drop_unused_initializers
 from .tied_table import share_tied_nbits_table
 
 #: how the int4 rows are rounded (quantize_rows)
