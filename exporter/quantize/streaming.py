@@ -60,6 +60,7 @@ from .hqq import hqq_quantize
 from .lazy_graph import LazyWeights, fold_weight_transposes, pack_shared_input_matmuls, split_gemms
 from .recipe import Int4Algorithm, Int8Format, QuantRecipe, QuantScheme, TensorPrecision
 from . import tied_table
+from .tied_split import plan_split, split_streamed
 from .tied_table import share_tied_int4_table, share_tied_nbits_table, tied_gathers
 from .weight_only import embedding_int8
 
@@ -652,82 +653,6 @@ class StreamedReport(QuantReport):
         return d
 
 
-@dataclass
-class _SplitPlan:
-    """What a split tied table needs before the weights are written: the frequent token ids
-    (the calibration text's, in aligned groups) and the lm_head input's Hessian (None: the
-    4-bit rows RTN)."""
-
-    frequent: list[int]
-    hessian: np.ndarray | None
-    record: dict
-
-
-def _plan_split(model, facts: GraphFacts, lazy: LazyWeights, recipe: QuantRecipe,
-                src: Path | None, tokenizer_dir: Path | None, say: Say) -> _SplitPlan:
-    """The calibration pass of a split tied table (tied_split.py): the calibration text's
-    token counts give the rows kept 8-bit; the fp32 graph ``src`` run over the same text
-    (KVCacheCalibrationReader's prefill and decode samples, gptq.collect_hessians) gives
-    ``E[x^T x]`` of the lm_head's input (its final norm's output), ``K x K``. With no fp32
-    graph (quantize on write) there is no Hessian: the 4-bit rows are RTN (min/max grid)."""
-    from .calibration import KVCacheCalibrationReader
-    from .core import _tokens_for_calibration
-    from .gptq import collect_hessians
-    from .head_split import frequent_tokens, group_size
-
-    if tokenizer_dir is None:
-        raise UnsupportedOp("the split tied table (large_table_int8_tokens) reads the calibration "
-                            "text: it needs the model's tokenizer directory")
-    head = next(n for n in model.graph.node if n.name == facts.lm_head)
-    k, vocab = (int(d) for d in lazy.protos[head.input[1]].dims)
-    ids = _tokens_for_calibration(tokenizer_dir, recipe.calibration, None)
-    limit = min(recipe.large_table_int8_tokens, vocab - 1)
-    frequent = frequent_tokens(ids, limit, vocab, group_size(vocab, limit))
-    record = {"int8_tokens": recipe.large_table_int8_tokens, "calibration_tokens": len(ids)}
-    hessian = None
-    if src is not None:
-        say(f"split tied table: the lm_head input's Hessian ({k} x {k}) from the fp32 graph "
-            "over the calibration text")
-        # the samples (prefill chunks, decode steps with their caches: ~0.3 GB at Gemma 3
-        # 270M's) made first and the reader's fp32 session closed, so that the Hessian's
-        # probe session is the only one open: the same feeds, one fp32 session at a time
-        reader = KVCacheCalibrationReader(src, ids, recipe.calibration, threads=2)
-        samples = list(reader.samples())
-        del reader
-        hessian = collect_hessians(src, {head.input[0]: k}, lambda: iter(samples))[head.input[0]]
-        del samples
-        record.update(int4_rounding="gptq", hessian="fp32 graph, lm_head input, calibration text")
-    else:
-        # RTN, not HQQ's grid: int_zero.from_hqq over a large table's columns took 10.8 GB
-        # on Gemma 3 270M's (bench_large_table.json), and on write the models are the large ones
-        record.update(int4_rounding="rtn", hessian="none (quantized on write: no fp32 graph)")
-    return _SplitPlan(frequent, hessian, record)
-
-
-def _split_table(model, lazy: LazyWeights, head: str, gather: str, plan_: _SplitPlan,
-                 recipe: QuantRecipe, high_block: int | None, say: Say) -> dict:
-    """tied_split.split_tied_table on the streamed graph: the head's float weight read from
-    the source once (``[K, V]``), the 4-bit rows rounded, head and lookup rewritten in place
-    (their new tensors inline until ``_finish`` moves them to the data file). The 8-bit rows
-    in blocks of ``high_block`` (the scheme's 8-bit block: QuantRecipe.int8_block_for; None:
-    ``block_size``)."""
-    from . import tied_split
-
-    node = next(n for n in model.graph.node if n.name == head)
-    w = np.asarray(lazy.array(node.input[1]), np.float32)
-    vocab = w.shape[1]
-    is_high = np.zeros(vocab, bool)
-    is_high[plan_.frequent] = True
-    method = plan_.record["int4_rounding"]
-    say(f"split tied table: {len(plan_.frequent)} rows 8-bit, {vocab - len(plan_.frequent)} "
-        f"4-bit ({method})")
-    rest = tied_split.quantize_columns(w, np.flatnonzero(~is_high), 4, recipe.block_size,
-                                       method, plan_.hessian)
-    counts = tied_split.split_tied_table(model, head, gather, w, plan_.frequent, rest,
-                                         recipe.block_size, high_block)
-    return {**counts, **plan_.record, "int8_block_size": high_block or recipe.block_size}
-
-
 def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: QuantRecipe, *,
                             progress: Say | None = None,
                             exact: ExactBlocks | None = None,
@@ -790,7 +715,7 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
     split_plan = None
     if tied and recipe.tied_head_int4 and recipe.large_table_int8_tokens:
         # the head stays a float MatMul through the body's pass; split after it
-        split_plan = _plan_split(model, facts, lazy, recipe,
+        split_plan = plan_split(model, facts.lm_head, lazy, recipe,
                                  None if graph is not None else src,
                                  Path(tokenizer_dir) if tokenizer_dir else None, say)
         del todo[facts.lm_head]
@@ -830,8 +755,8 @@ def quantize_file_streaming(src: str | Path | None, dst: str | Path, recipe: Qua
         gathers = facts.embedding_gathers
         split_record = None
         if split_plan is not None:
-            split_record = _split_table(model, lazy, facts.lm_head, tied[0], split_plan,
-                                        recipe, wide_block, say)
+            split_record = split_streamed(model, lazy, facts.lm_head, tied[0], split_plan,
+                                          recipe, wide_block, say)
             precision.update({g: "int4+int8" for g in tied[:1]})
             phase = _phase(say, "tied table split", phase)
         shared = [g for g in (tied if split_plan is None else [])

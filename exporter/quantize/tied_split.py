@@ -24,17 +24,25 @@ with integer zero points (int_zero.from_hqq), or GPTQ on the head's input statis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .gptq import _pack_nibbles, block_grid, gptq_quantize
+from slmedge.runtimes.errors import UnsupportedOp
+
+from .gptq import _pack_nibbles, block_grid, collect_hessians, gptq_quantize
 from .graph import drop_unused_initializers, unique_name
-from .head_split import group_size, split_lm_head
+from .head_split import frequent_tokens, group_size, split_lm_head
 from .int_zero import from_hqq
+from .lazy_graph import LazyWeights
+from .recipe import QuantRecipe
 from .tied_table import share_tied_nbits_table
+
+Say = Callable[[str], None]
 
 #: how the int4 rows are rounded (quantize_rows)
 METHODS = ("rtn", "hqq", "gptq")
@@ -207,3 +215,76 @@ def _swap_lookup(model, look, heads, names, position=None) -> None:
     for g, (head_out, _) in zip((g_hi, g_lo), heads, strict=True):
         if not share_tied_nbits_table(model, g, head_out):
             raise ValueError(f"{g}: the lookup cannot read the head part's table")
+
+
+@dataclass
+class SplitPlan:
+    """What a split tied table needs before the weights are written: the frequent token ids
+    (the calibration text's, in aligned groups) and the lm_head input's Hessian (None: the
+    4-bit rows RTN)."""
+
+    frequent: list[int]
+    hessian: np.ndarray | None
+    record: dict
+
+
+def plan_split(model, lm_head: str, lazy: LazyWeights, recipe: QuantRecipe,
+               src: Path | None, tokenizer_dir: Path | None, say: Say) -> SplitPlan:
+    """The streaming quantizer's calibration pass of a split tied table (before the weights
+    are written; ``lm_head``: the head's node name): the calibration text's token counts
+    give the rows kept 8-bit; the fp32 graph ``src`` run over the same text
+    (KVCacheCalibrationReader's prefill and decode samples, gptq.collect_hessians) gives
+    ``E[x^T x]`` of the lm_head's input (its final norm's output), ``K x K``. With no fp32
+    graph (quantize on write) there is no Hessian: the 4-bit rows are RTN (min/max grid)."""
+    from .calibration import KVCacheCalibrationReader
+    from .core import _tokens_for_calibration
+
+    if tokenizer_dir is None:
+        raise UnsupportedOp("the split tied table (large_table_int8_tokens) reads the calibration "
+                            "text: it needs the model's tokenizer directory")
+    head = next(n for n in model.graph.node if n.name == lm_head)
+    k, vocab = (int(d) for d in lazy.protos[head.input[1]].dims)
+    ids = _tokens_for_calibration(tokenizer_dir, recipe.calibration, None)
+    limit = min(recipe.large_table_int8_tokens, vocab - 1)
+    frequent = frequent_tokens(ids, limit, vocab, group_size(vocab, limit))
+    record = {"int8_tokens": recipe.large_table_int8_tokens, "calibration_tokens": len(ids)}
+    hessian = None
+    if src is not None:
+        say(f"split tied table: the lm_head input's Hessian ({k} x {k}) from the fp32 graph "
+            "over the calibration text")
+        # the samples (prefill chunks, decode steps with their caches: ~0.3 GB at Gemma 3
+        # 270M's) made first and the reader's fp32 session closed, so that the Hessian's
+        # probe session is the only one open: the same feeds, one fp32 session at a time
+        reader = KVCacheCalibrationReader(src, ids, recipe.calibration, threads=2)
+        samples = list(reader.samples())
+        del reader
+        hessian = collect_hessians(src, {head.input[0]: k}, lambda: iter(samples))[head.input[0]]
+        del samples
+        record.update(int4_rounding="gptq", hessian="fp32 graph, lm_head input, calibration text")
+    else:
+        # RTN, not HQQ's grid: int_zero.from_hqq over a large table's columns took 10.8 GB
+        # on Gemma 3 270M's (bench_large_table.json), and on write the models are the large ones
+        record.update(int4_rounding="rtn", hessian="none (quantized on write: no fp32 graph)")
+    return SplitPlan(frequent, hessian, record)
+
+
+def split_streamed(model, lazy: LazyWeights, head: str, gather: str, plan_: SplitPlan,
+                   recipe: QuantRecipe, high_block: int | None, say: Say) -> dict:
+    """:func:`split_tied_table` on the streamed graph: the head's float weight read from
+    the source once (``[K, V]``), the 4-bit rows rounded, head and lookup rewritten in place
+    (their new tensors inline until ``_finish`` moves them to the data file). The 8-bit rows
+    in blocks of ``high_block`` (the scheme's 8-bit block: QuantRecipe.int8_block_for; None:
+    ``block_size``)."""
+    node = next(n for n in model.graph.node if n.name == head)
+    w = np.asarray(lazy.array(node.input[1]), np.float32)
+    vocab = w.shape[1]
+    is_high = np.zeros(vocab, bool)
+    is_high[plan_.frequent] = True
+    method = plan_.record["int4_rounding"]
+    say(f"split tied table: {len(plan_.frequent)} rows 8-bit, {vocab - len(plan_.frequent)} "
+        f"4-bit ({method})")
+    rest = quantize_columns(w, np.flatnonzero(~is_high), 4, recipe.block_size, method,
+                            plan_.hessian)
+    counts = split_tied_table(model, head, gather, w, plan_.frequent, rest, recipe.block_size,
+                              high_block)
+    return {**counts, **plan_.record, "int8_block_size": high_block or recipe.block_size}
